@@ -1,0 +1,244 @@
+"""MAE pre-training: ``python main_pretrain.py ...`` on one process, ``torchrun ... main_pretrain.py ...`` on many.
+
+The flags, their defaults and the training behaviour (data order, augmentation, schedule, checkpoints, logs) are the
+reference's (facebookresearch/mae, main_pretrain.py); flags that are not in the reference are marked [new].
+"""
+import argparse
+import datetime
+import os
+import time
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+import torchvision.transforms as transforms
+from timm.optim import param_groups_weight_decay
+
+import models_mae
+import util.misc as misc
+from engine_pretrain import train_one_epoch
+from util.datasets import image_folder
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MAE pre-training', add_help=False)
+    parser.add_argument('--batch_size', default=64, type=int,
+                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
+    parser.add_argument('--epochs', default=400, type=int)
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
+                             'constraints)')
+
+    # Model parameters
+    parser.add_argument('--model', default='mae_vit_large_patch16', type=str, metavar='MODEL',
+                        help='Name of model to train: ' + ', '.join(models_mae.MODELS))
+    parser.add_argument('--input_size', default=224, type=int, help='images input size')
+    parser.add_argument('--mask_ratio', default=0.75, type=float,
+                        help='Masking ratio (percentage of removed patches).')
+    parser.add_argument('--norm_pix_loss', action='store_true',
+                        help='Use (per-patch) normalized pixels as targets for computing loss')
+    parser.set_defaults(norm_pix_loss=False)
+
+    # Optimizer parameters
+    parser.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
+    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
+    parser.add_argument('--blr', type=float, default=1e-3, metavar='LR',
+                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    parser.add_argument('--min_lr', type=float, default=0., metavar='LR',
+                        help='lower lr bound for cyclic schedulers that hit 0')
+    parser.add_argument('--warmup_epochs', type=int, default=40, metavar='N', help='epochs to warmup LR')
+
+    # Dataset parameters
+    parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str,
+                        help='dataset path (an ImageFolder tree with a train/ folder)')
+    parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
+    parser.add_argument('--log_dir', default='./output_dir', help='path where to tensorboard log')
+    parser.add_argument('--device', default='cuda', help='device to use for training / testing')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='', help='resume from checkpoint')
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--pin_mem', action='store_true',
+                        help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
+    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+
+    # distributed training parameters
+    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
+    parser.add_argument('--local_rank', default=-1, type=int)
+    parser.add_argument('--dist_on_itp', action='store_true')
+    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+
+    add_run_control_args(parser, save_freq=20)
+    parser.add_argument('--shuffle_every_epoch', action='store_true',
+                        help='[new] draw a new data order every epoch also on a single process (the reference '
+                             'reshuffles only when distributed, so one process sees the same order every epoch)')
+    return parser
+
+
+def add_run_control_args(parser, save_freq):
+    """[new] flags shared by the entry points: precision, checkpoint cadence, resuming, fault handling."""
+    parser.add_argument('--amp', default='fp16', choices=['fp16', 'bf16', 'none'],
+                        help='[new] mixed precision on CUDA: fp16 with loss scaling (the reference), bf16, or none '
+                             '(fp32). The CPU always runs fp32.')
+    parser.add_argument('--save_freq', default=save_freq, type=int,
+                        help=f'[new] keep checkpoint-<epoch>.pth every N epochs and at the end (default {save_freq}, '
+                             'as the reference); checkpoint-last.pth is rewritten every epoch regardless')
+    parser.add_argument('--auto_resume', action='store_true',
+                        help='[new] continue from the newest checkpoint in --output_dir if there is one (default on)')
+    parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume')
+    parser.set_defaults(auto_resume=True)
+    parser.add_argument('--skip_nonfinite', default=0, type=int, metavar='N',
+                        help='[new] skip up to N steps with a non-finite loss before stopping (default 0: stop)')
+
+
+def resolve_resume(args):
+    """With auto-resume, a checkpoint already in --output_dir wins over --resume (so a requeued or restarted job
+    continues where it stopped)."""
+    if args.auto_resume and args.output_dir:
+        found = misc.find_resume_checkpoint(args.output_dir)
+        if found:
+            print(f"Auto-resume: continuing from {found}")
+            args.resume = found
+
+
+def open_log_writer(args):
+    """TensorBoard writer on rank 0. When resuming, points at or after the resumed epoch (left by the run that
+    died) are purged, so no point appears twice."""
+    if not (misc.is_main_process() and args.log_dir):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    os.makedirs(args.log_dir, exist_ok=True)
+    purge_step = args.start_epoch * 1000 if args.start_epoch > 0 else None
+    return SummaryWriter(log_dir=args.log_dir, purge_step=purge_step)
+
+
+def build_model(args):
+    return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+
+
+def check_args(args):
+    if args.model not in models_mae.MODELS:
+        raise misc.UsageError(f"--model {args.model} is not a pre-training model; choose one of: "
+                              + ', '.join(models_mae.MODELS))
+    if not 0 <= args.mask_ratio < 1:
+        raise misc.UsageError(f"--mask_ratio {args.mask_ratio} must be in [0, 1)")
+    for flag in ('batch_size', 'accum_iter', 'epochs'):
+        if getattr(args, flag) < 1:
+            raise misc.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.save_freq < 1:
+        raise misc.UsageError(f"--save_freq must be at least 1, got {args.save_freq}")
+
+
+def check_batches(args, dataset, world_size):
+    per_rank = len(dataset) // world_size
+    if per_rank < args.batch_size:
+        raise misc.UsageError(
+            f"{len(dataset)} training images give {per_rank} per process over {world_size} process(es), fewer "
+            f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
+
+
+def main(args):
+    check_args(args)
+    misc.init_distributed_mode(args)
+    misc.check_output_dir(args.output_dir)
+
+    print('job dir: {}'.format(os.path.dirname(os.path.realpath(__file__))))
+    print("{}".format(args).replace(', ', ',\n'))
+
+    device = torch.device(args.device)
+
+    # fix the seed for reproducibility
+    seed = args.seed + misc.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+    cudnn.benchmark = True
+
+    # simple augmentation
+    transform_train = transforms.Compose([
+        transforms.RandomResizedCrop(args.input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    dataset_train = image_folder(args.data_path, 'train', transform_train)
+    print(dataset_train)
+
+    num_tasks = misc.get_world_size()
+    global_rank = misc.get_rank()
+    check_batches(args, dataset_train, num_tasks)
+    # a DistributedSampler also on one process: its fixed seed gives the reference's data order
+    sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
+                                                        shuffle=True)
+    print("Sampler_train = %s" % str(sampler_train))
+
+    data_loader_train = torch.utils.data.DataLoader(
+        dataset_train, sampler=sampler_train,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and device.type == 'cuda',
+        drop_last=True,
+    )
+
+    model = build_model(args)
+    model.to(device)
+    model_without_ddp = model
+    print("Model = %s" % str(model_without_ddp))
+
+    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    print("actual lr: %.2e" % args.lr)
+    print("accumulate grad iterations: %d" % args.accum_iter)
+    print("effective batch size: %d" % eff_batch_size)
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=True)
+        model_without_ddp = model.module
+
+    # no weight decay on biases and norm layers (timm's rule, as the reference)
+    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    print(optimizer)
+    loss_scaler = misc.loss_scaler_for(args)
+
+    resolve_resume(args)
+    checkpoint = misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                                 loss_scaler=loss_scaler)
+    if checkpoint is not None and args.start_epoch > 0:
+        misc.restore_rng(checkpoint)
+        if args.output_dir and misc.is_main_process():
+            misc.truncate_log(args.output_dir, args.start_epoch - 1)
+    del checkpoint
+    log_writer = open_log_writer(args)
+
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed or args.shuffle_every_epoch:
+            data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      log_writer=log_writer, args=args)
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+
+        # the log row goes first: a run that dies before the checkpoint below is complete resumes from the
+        # previous one, and drops this row (truncate_log) before writing it again
+        if args.output_dir and misc.is_main_process():
+            if log_writer is not None:
+                log_writer.flush()
+            misc.append_log(args.output_dir, log_stats)
+        if args.output_dir:
+            keep = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
+            misc.save_model(args=args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                            loss_scaler=loss_scaler, epoch=epoch, keep=keep)
+
+    if log_writer is not None:
+        log_writer.close()
+    total_time = time.time() - start_time
+    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
+
+
+if __name__ == '__main__':
+    misc.run_main(main, get_args_parser().parse_args())

@@ -1,0 +1,228 @@
+"""Masked Autoencoder with a Vision Transformer backbone (He et al., 2021).
+
+Parameter names, module order and initialisation follow the reference implementation (facebookresearch/mae), so that
+with the same seed the weights are bit-identical and the released checkpoints load as they are. The order in which
+sub-modules are created below is part of that contract: each ``nn.Linear``/``nn.Conv2d`` draws from the global RNG
+when it is built, and ``initialize_weights`` then draws again in module-registration order.
+"""
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block, PatchEmbed
+
+from util.pos_embed import get_2d_sincos_pos_embed
+
+
+class MaskedAutoencoderViT(nn.Module):
+    """MAE: a ViT encoder that sees only the visible patches, and a light decoder that reconstructs the pixels.
+
+    ``img_size`` may be an int or ``(height, width)``; both must be multiples of ``patch_size``. ``in_chans`` sets the
+    number of image channels for the input, the reconstruction and the loss (3 for RGB, 1 for grayscale, ...).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3,
+                 embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4., norm_layer=nn.LayerNorm, norm_pix_loss=False):
+        super().__init__()
+        img_h, img_w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if img_h % patch_size or img_w % patch_size:
+            raise ValueError(f"image size {img_h}x{img_w} is not a multiple of the patch size {patch_size}")
+        self.in_chans = in_chans
+
+        # encoder
+        self.patch_embed = PatchEmbed((img_h, img_w), patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # fixed sin-cos table: a parameter (so it is in the state dict, as in the released checkpoints) with no grad
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        # decoder
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+
+        self.norm_pix_loss = norm_pix_loss
+
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ initialisation
+    def initialize_weights(self):
+        grid = self.patch_embed.grid_size
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid, cls_token=True)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+        decoder_pos_embed = get_2d_sincos_pos_embed(self.decoder_pos_embed.shape[-1], grid, cls_token=True)
+        self.decoder_pos_embed.data.copy_(torch.from_numpy(decoder_pos_embed).float().unsqueeze(0))
+
+        # the patch projection is initialised like a Linear layer on the flattened patch (as in the JAX ViT)
+        w = self.patch_embed.proj.weight.data
+        torch.nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+
+        # timm's trunc_normal_(std=.02) with cutoff 2 is in effect normal(std=.02); the reference uses normal_
+        torch.nn.init.normal_(self.cls_token, std=.02)
+        torch.nn.init.normal_(self.mask_token, std=.02)
+
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    # ------------------------------------------------------------------ patches
+    @property
+    def patch_size(self):
+        return self.patch_embed.patch_size[0]
+
+    def patchify(self, imgs):
+        """(N, C, H, W) -> (N, L, p*p*C), patches in raster order, pixels within a patch as (row, col, channel)."""
+        p = self.patch_size
+        n, c, img_h, img_w = imgs.shape
+        if c != self.in_chans or img_h % p or img_w % p:
+            raise ValueError(f"patchify expects (N, {self.in_chans}, H, W) with H and W multiples of {p}, "
+                             f"got {tuple(imgs.shape)}")
+        h, w = img_h // p, img_w // p
+        x = imgs.reshape(n, c, h, p, w, p)
+        x = torch.einsum('nchpwq->nhwpqc', x)
+        return x.reshape(n, h * w, p * p * c)
+
+    def unpatchify(self, x):
+        """(N, L, p*p*C) -> (N, C, H, W), for the model's own patch grid."""
+        p = self.patch_size
+        h, w = self.patch_embed.grid_size
+        c = self.in_chans
+        if x.shape[1] != h * w or x.shape[2] != p * p * c:
+            raise ValueError(f"unpatchify expects (N, {h * w}, {p * p * c}), got {tuple(x.shape)}")
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum('nhwpqc->nchpwq', x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    # ------------------------------------------------------------------ masking
+    def random_masking(self, x, mask_ratio, noise=None):
+        """Keep a random subset of ``int(L * (1 - mask_ratio))`` tokens per sample.
+
+        The subset is the tokens with the smallest ``noise``; ``noise`` defaults to ``torch.rand(N, L)`` (the
+        reference's draw), and can be given to get a chosen or reproducible mask.
+        Returns the kept tokens, the binary mask (0 keep, 1 remove, in the original order) and ``ids_restore``.
+        """
+        n, length, dim = x.shape
+        len_keep = int(length * (1 - mask_ratio))
+
+        if noise is None:
+            noise = torch.rand(n, length, device=x.device)
+        elif noise.shape != (n, length):
+            raise ValueError(f"noise must have shape {(n, length)}, got {tuple(noise.shape)}")
+
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+
+        ids_keep = ids_shuffle[:, :len_keep]
+        x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, dim))
+
+        mask = torch.ones([n, length], device=x.device)
+        mask[:, :len_keep] = 0
+        mask = torch.gather(mask, dim=1, index=ids_restore)
+        return x_masked, mask, ids_restore
+
+    # ------------------------------------------------------------------ forward
+    def forward_encoder(self, x, mask_ratio, noise=None):
+        x = self.patch_embed(x)
+        x = x + self.pos_embed[:, 1:, :]
+
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x, mask, ids_restore
+
+    def forward_decoder(self, x, ids_restore):
+        x = self.decoder_embed(x)
+
+        # put mask tokens in the removed places and undo the shuffle (the class token stays in front)
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1)
+
+        x = x + self.decoder_pos_embed
+
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)
+        return x[:, 1:, :]
+
+    def forward_loss(self, imgs, pred, mask):
+        """Mean squared error on the removed patches only; with ``norm_pix_loss`` the target is each patch
+        normalised by its own mean and (unbiased) variance."""
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.e-6) ** .5
+
+        loss = (pred - target) ** 2
+        loss = loss.mean(dim=-1)  # per patch
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+def _mae(patch_size, embed_dim, depth, num_heads, **kwargs):
+    return MaskedAutoencoderViT(
+        patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+        decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
+def mae_vit_base_patch16_dec512d8b(**kwargs):
+    return _mae(16, 768, 12, 12, **kwargs)
+
+
+def mae_vit_large_patch16_dec512d8b(**kwargs):
+    return _mae(16, 1024, 24, 16, **kwargs)
+
+
+def mae_vit_huge_patch14_dec512d8b(**kwargs):
+    return _mae(14, 1280, 32, 16, **kwargs)
+
+
+# the recommended architectures: decoder of 512 dims and 8 blocks
+mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
+mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
+mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b
+
+MODELS = {
+    'mae_vit_base_patch16': mae_vit_base_patch16,
+    'mae_vit_large_patch16': mae_vit_large_patch16,
+    'mae_vit_huge_patch14': mae_vit_huge_patch14,
+    'mae_vit_base_patch16_dec512d8b': mae_vit_base_patch16_dec512d8b,
+    'mae_vit_large_patch16_dec512d8b': mae_vit_large_patch16_dec512d8b,
+    'mae_vit_huge_patch14_dec512d8b': mae_vit_huge_patch14_dec512d8b,
+}

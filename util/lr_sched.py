@@ -1,0 +1,19 @@
+"""Per-iteration learning-rate schedule: linear warm-up, then a half-cycle cosine down to ``min_lr``."""
+import math
+
+
+def lr_at(epoch, args):
+    """The schedule's lr at a fractional ``epoch`` (e.g. 3.25 is a quarter into the fourth epoch)."""
+    if epoch < args.warmup_epochs:
+        return args.lr * epoch / args.warmup_epochs
+    progress = (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
+    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1. + math.cos(math.pi * progress))
+
+
+def adjust_learning_rate(optimizer, epoch, args):
+    """Set every param group's lr for the fractional ``epoch``; a group's ``lr_scale`` (layer-wise decay)
+    multiplies it. Returns the unscaled lr."""
+    lr = lr_at(epoch, args)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr * param_group["lr_scale"] if "lr_scale" in param_group else lr
+    return lr
