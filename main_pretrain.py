@@ -17,7 +17,7 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.datasets import image_folder
+from util.image_folder import image_folder
 
 
 def get_args_parser():

@@ -213,6 +213,16 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs):
     return _mae(14, 1280, 32, 16, **kwargs)
 
 
+def mae_vit_tiny_patch4(**kwargs):
+    """[new] A very small MAE (64-d encoder of 2 blocks, 32-d decoder of 2 blocks) for demos and tests on the CPU;
+    not a model of the paper. Its encoder matches ``models_vit.vit_tiny_patch4``."""
+    kwargs.setdefault('img_size', 32)
+    return MaskedAutoencoderViT(
+        patch_size=4, embed_dim=64, depth=2, num_heads=4,
+        decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4,
+        mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6), **kwargs)
+
+
 # the recommended architectures: decoder of 512 dims and 8 blocks
 mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b
 mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b
@@ -225,4 +235,5 @@ MODELS = {
     'mae_vit_base_patch16_dec512d8b': mae_vit_base_patch16_dec512d8b,
     'mae_vit_large_patch16_dec512d8b': mae_vit_large_patch16_dec512d8b,
     'mae_vit_huge_patch14_dec512d8b': mae_vit_huge_patch14_dec512d8b,
+    'mae_vit_tiny_patch4': mae_vit_tiny_patch4,
 }

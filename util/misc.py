@@ -600,3 +600,28 @@ def check_output_dir(path, flag='--output_dir'):
         probe.unlink()
     except OSError as e:
         raise UsageError(f"{flag} {path} is not writable ({e.strerror or e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------- stop requests
+_stop = {'requested': False, 'signal': None}
+
+
+class RunInterrupted(Exception):
+    """Raised after a requested stop (SIGUSR1/SIGTERM, e.g. SLURM's warning before the time limit) once a
+    checkpoint from which the run can continue has been written."""
+
+
+def request_stop(signum=None, frame=None):
+    """Signal handler: ask the training loop to save and stop at the next step boundary."""
+    _stop['requested'] = True
+    _stop['signal'] = signum
+
+
+def install_stop_handlers(signals=None):
+    import signal
+    for sig in signals or (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+
+
+def stop_requested_locally():
+    return _stop['requested']

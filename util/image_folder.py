@@ -1,4 +1,4 @@
-"""Datasets: ImageFolder trees with clear errors, and the transforms of the entry points."""
+"""ImageFolder trees with clear errors for missing folders (and, later, bad image files)."""
 import os
 
 from torchvision import datasets
