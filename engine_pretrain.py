@@ -25,11 +25,33 @@ def nonfinite_guard(args, epoch, step, loss_value_reduce, skipped):
         + (" (--skip_nonfinite N skips up to N such steps)" if limit == 0 else ""))
 
 
-def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, loss_scaler, log_writer=None, args=None):
-    model.train(True)
+def start_batches(data_loader, resume):
+    """Start the epoch's batches; returns ``(iterator, start_iter, iters_per_epoch)``.
+
+    ``resume`` (a mid-epoch resume, else None) holds ``start_iter`` and ``restore_rng``. The random streams are
+    restored only after the loader's iterator exists, because creating it draws the workers' base seed from the
+    global generator, which the interrupted run did at the start of the epoch, not at the resume point."""
+    start_iter = resume['start_iter'] if resume else 0
+    iters_per_epoch = len(data_loader) + start_iter
+    batches = iter(data_loader)
+    if resume:
+        resume['restore_rng']()
+    return batches, start_iter, iters_per_epoch
+
+
+def new_metric_logger(resume):
     metric_logger = misc.MetricLogger(delimiter="  ")
     metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    if resume and resume.get('meters'):
+        metric_logger.load_state(resume['meters'])
+    return metric_logger
+
+
+def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, loss_scaler, log_writer=None, args=None,
+                    checkpointer=None, resume=None):
+    model.train(True)
+    metric_logger = new_metric_logger(resume)
     header = 'Epoch: [{}]'.format(epoch)
     print_freq = 20
     accum_iter = args.accum_iter
@@ -40,10 +62,12 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     if log_writer is not None:
         print('log_dir: {}'.format(log_writer.log_dir))
 
-    for data_iter_step, (samples, _) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    batches, start_iter, iters_per_epoch = start_batches(data_loader, resume)
+    logged = metric_logger.log_every(batches, print_freq, header, total=iters_per_epoch, start=start_iter)
+    for data_iter_step, (samples, _) in enumerate(logged, start=start_iter):
         # per-iteration (not per-epoch) lr schedule
         if data_iter_step % accum_iter == 0:
-            lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
+            lr_sched.adjust_learning_rate(optimizer, data_iter_step / iters_per_epoch + epoch, args)
 
         samples = samples.to(device, non_blocking=True)
         update = (data_iter_step + 1) % accum_iter == 0
@@ -76,9 +100,12 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
 
         if log_writer is not None and update:
             # x axis: 1000 x epoch, so that curves of runs with different batch sizes line up
-            epoch_1000x = int((data_iter_step / len(data_loader) + epoch) * 1000)
+            epoch_1000x = int((data_iter_step / iters_per_epoch + epoch) * 1000)
             log_writer.add_scalar('train_loss', loss_value_reduce, epoch_1000x)
             log_writer.add_scalar('lr', lr, epoch_1000x)
+
+        if checkpointer is not None and update:
+            checkpointer.after_step(epoch, data_iter_step + 1, iters_per_epoch, metric_logger)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)

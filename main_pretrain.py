@@ -88,6 +88,9 @@ def add_run_control_args(parser, save_freq):
                         help='[new] continue from the newest checkpoint in --output_dir if there is one (default on)')
     parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume')
     parser.set_defaults(auto_resume=True)
+    parser.add_argument('--save_every_iters', default=0, type=int, metavar='N',
+                        help='[new] also rewrite checkpoint-last.pth every N optimizer steps within an epoch '
+                             '(default 0: only at the end of each epoch)')
     parser.add_argument('--skip_nonfinite', default=0, type=int, metavar='N',
                         help='[new] skip up to N steps with a non-finite loss before stopping (default 0: stop)')
 
@@ -102,14 +105,13 @@ def resolve_resume(args):
             args.resume = found
 
 
-def open_log_writer(args):
-    """TensorBoard writer on rank 0. When resuming, points at or after the resumed epoch (left by the run that
-    died) are purged, so no point appears twice."""
+def open_log_writer(args, purge_step=None):
+    """TensorBoard writer on rank 0. When resuming, ``purge_step`` hides the points at or after the resume point
+    (left by the run that died), so that no point appears twice."""
     if not (misc.is_main_process() and args.log_dir):
         return None
     from torch.utils.tensorboard import SummaryWriter
     os.makedirs(args.log_dir, exist_ok=True)
-    purge_step = args.start_epoch * 1000 if args.start_epoch > 0 else None
     return SummaryWriter(log_dir=args.log_dir, purge_step=purge_step)
 
 
@@ -168,8 +170,8 @@ def main(args):
     global_rank = misc.get_rank()
     check_batches(args, dataset_train, num_tasks)
     # a DistributedSampler also on one process: its fixed seed gives the reference's data order
-    sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
-                                                        shuffle=True)
+    sampler_train = misc.SkippableSampler(torch.utils.data.DistributedSampler(
+        dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True))
     print("Sampler_train = %s" % str(sampler_train))
 
     data_loader_train = torch.utils.data.DataLoader(
@@ -207,12 +209,11 @@ def main(args):
     resolve_resume(args)
     checkpoint = misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
                                  loss_scaler=loss_scaler)
-    if checkpoint is not None and args.start_epoch > 0:
-        misc.restore_rng(checkpoint)
-        if args.output_dir and misc.is_main_process():
-            misc.truncate_log(args.output_dir, args.start_epoch - 1)
+    resume, purge_step = misc.prepare_resume(args, checkpoint, data_loader_train)
     del checkpoint
-    log_writer = open_log_writer(args)
+    log_writer = open_log_writer(args, purge_step)
+    checkpointer = misc.EpochCheckpointer(args, model, model_without_ddp, optimizer, loss_scaler)
+    misc.install_stop_handlers()
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
@@ -220,7 +221,8 @@ def main(args):
         if args.distributed or args.shuffle_every_epoch:
             data_loader_train.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      log_writer=log_writer, args=args)
+                                      log_writer=log_writer, args=args, checkpointer=checkpointer, resume=resume)
+        resume, data_loader_train.sampler.skip = None, 0
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
 
         # the log row goes first: a run that dies before the checkpoint below is complete resumes from the

@@ -40,8 +40,8 @@ def run_main(main, args):
     ``TrainingStopped`` one line and exit code 1."""
     try:
         main(args)
-    except (UsageError, TrainingStopped) as e:
-        sys.stderr.write(f"error: {_one_line(e)}\n")
+    except (UsageError, TrainingStopped, RunInterrupted) as e:
+        sys.stderr.write(f"{'stopped' if isinstance(e, RunInterrupted) else 'error'}: {_one_line(e)}\n")
         sys.stderr.flush()
         if is_dist_avail_and_initialized():
             dist.destroy_process_group()
@@ -129,9 +129,10 @@ class MetricLogger:
     def add_meter(self, name, meter):
         self.meters[name] = meter
 
-    def log_every(self, iterable, print_freq, header='', total=None):
+    def log_every(self, iterable, print_freq, header='', total=None, start=0):
         """Yield from ``iterable``, printing progress, ETA, the meters and the time per iteration every
-        ``print_freq`` iterations. ``total`` is the length to report when it differs from ``len(iterable)``."""
+        ``print_freq`` iterations. ``total`` is the epoch's length and ``start`` the iteration the iterable
+        begins at (both differ from the defaults only when an epoch is resumed in the middle)."""
         total = len(iterable) if total is None else total
         start_time = end = time.time()
         iter_time = SmoothedValue(fmt='{avg:.4f}')
@@ -141,7 +142,7 @@ class MetricLogger:
         if torch.cuda.is_available():
             parts.append('max mem: {memory:.0f}')
         log_msg = self.delimiter.join(parts)
-        i = 0
+        i = start
         for obj in iterable:
             data_time.update(time.time() - end)
             yield obj
@@ -155,7 +156,17 @@ class MetricLogger:
             end = time.time()
         total_time = time.time() - start_time
         print('{} Total time: {} ({:.4f} s / it)'.format(
-            header, str(datetime.timedelta(seconds=int(total_time))), total_time / max(i, 1)))
+            header, str(datetime.timedelta(seconds=int(total_time))), total_time / max(i - start, 1)))
+
+    def state(self):
+        """The meters' running sums, to continue an epoch's averages after a mid-epoch resume."""
+        return {name: {'total': m.total, 'count': m.count, 'deque': list(m.deque)} for name, m in self.meters.items()}
+
+    def load_state(self, state):
+        for name, st in state.items():
+            meter = self.meters[name]
+            meter.total, meter.count = st['total'], st['count']
+            meter.deque.extend(st['deque'])
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
@@ -381,6 +392,8 @@ def _atomic_torch_save(obj, path):
     """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``: a kill at any
     instant leaves either the old file or the new one, never a partial one."""
     path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed while writing
+        stale.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, 'wb') as f:
@@ -625,3 +638,100 @@ def install_stop_handlers(signals=None):
 
 def stop_requested_locally():
     return _stop['requested']
+
+
+def stop_requested():
+    """True on every rank once any rank has been asked to stop (collective: call on all ranks together)."""
+    flag = _stop['requested']
+    if get_world_size() > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=dist_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = t.item() > 0
+    return flag
+
+
+def all_gather(obj):
+    """``obj`` from every rank, as a list indexed by rank (call on all ranks)."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class SkippableSampler(torch.utils.data.Sampler):
+    """Wraps the training sampler so that an epoch resumed in the middle starts after the samples already
+    trained on (``skip``, this rank's count); otherwise it yields exactly the wrapped sampler's indices."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.skip = 0
+
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        indices = iter(self.sampler)
+        for _ in range(self.skip):
+            next(indices)
+        return indices
+
+    def __len__(self):
+        return len(self.sampler) - self.skip
+
+    def __repr__(self):
+        return repr(self.sampler)
+
+
+class EpochCheckpointer:
+    """Mid-epoch checkpoints: every ``--save_every_iters`` optimizer steps, and when a stop was requested (then
+    ``RunInterrupted`` is raised once the checkpoint is written). They are ``checkpoint-last.pth`` with
+    ``epoch`` = the last complete epoch (so the reference's loader would restart the epoch) plus ``resume_iter``,
+    the position in the current epoch, and every rank's running averages."""
+
+    def __init__(self, args, model, model_without_ddp, optimizer, loss_scaler):
+        self.args = args
+        self.model, self.model_without_ddp = model, model_without_ddp
+        self.optimizer, self.loss_scaler = optimizer, loss_scaler
+
+    def after_step(self, epoch, next_iter, iters_per_epoch, metric_logger):
+        every = getattr(self.args, 'save_every_iters', 0)
+        periodic = bool(every) and next_iter % every == 0 and next_iter < iters_per_epoch
+        stop = stop_requested()
+        if not (periodic or stop):
+            return
+        meters = all_gather(metric_logger.state())
+        if self.args.output_dir:
+            save_model(self.args, epoch - 1, self.model, self.model_without_ddp, self.optimizer, self.loss_scaler,
+                       keep=False, extra={'resume_iter': next_iter, 'resume_epoch': epoch, 'meters': meters})
+        if stop:
+            where = (f"saved {os.path.join(self.args.output_dir, CHECKPOINT_LAST)}; the same command continues "
+                     f"from it") if self.args.output_dir else "nothing was saved (no --output_dir)"
+            raise RunInterrupted(f"signal {_stop['signal']} received, stopped at epoch {epoch} iteration "
+                                 f"{next_iter}: {where}")
+
+
+def prepare_resume(args, checkpoint, data_loader):
+    """After ``load_model``: continue a run where its checkpoint left it.
+
+    Drops ``log.txt`` rows after the checkpoint's epoch, and either restores the random streams now (a checkpoint
+    at an epoch boundary) or sets up a resume in the middle of an epoch: the sampler skips what was trained on,
+    and the returned dict tells the engine where the epoch starts, the running averages so far, and how to
+    restore the random streams. Returns ``(resume or None, tensorboard purge_step or None)``."""
+    if checkpoint is None or 'optimizer' not in checkpoint or getattr(args, 'eval', False):
+        return None, None
+    if args.output_dir and is_main_process():
+        truncate_log(args.output_dir, checkpoint['epoch'])
+    iters_per_epoch = len(data_loader)
+    mid_epoch = 'resume_iter' in checkpoint and len(checkpoint.get('rng') or []) == get_world_size()
+    if not mid_epoch:
+        restore_rng(checkpoint)
+        return None, (args.start_epoch * 1000 if args.start_epoch > 0 else None)
+    start_iter = checkpoint['resume_iter']
+    data_loader.sampler.skip = start_iter * args.batch_size
+    rng = {'rng': checkpoint['rng']}
+    resume = {'start_iter': start_iter, 'meters': checkpoint['meters'][get_rank()],
+              'restore_rng': lambda: restore_rng(rng)}
+    print(f"Resuming epoch {args.start_epoch} at iteration {start_iter} of {iters_per_epoch}")
+    purge_step = int(((start_iter - 1) / iters_per_epoch + args.start_epoch) * 1000) + 1
+    return resume, purge_step
