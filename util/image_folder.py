@@ -1,21 +1,174 @@
-"""ImageFolder trees with clear errors for missing folders (and, later, bad image files)."""
-import os
+"""ImageFolder trees with clear errors for missing folders and for bad image files.
 
+Every image is read with PIL and converted to RGB (grayscale, 16-bit grayscale, CMYK, palette, alpha), exactly as
+torchvision's default loader does for ordinary files. A file that cannot be read as an image (truncated, not an
+image, empty, unreadable) stops the run with one line naming it, or, with ``skip_bad=True``
+(``--skip_bad_images``), is replaced by the next readable sample, reported once, and counted per epoch.
+"""
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
 from torchvision import datasets
 
 from util.misc import UsageError
 
+SKIP_FLAG = '--skip_bad_images'
 
-def image_folder(data_path, split, transform):
+# 16-bit (and 32-bit integer) grayscale: PIL's own conversion to RGB clips at 255, which turns most such images
+# white; they are scaled from 0..65535 to 0..255 instead
+_WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+
+# what reading a bad file raises: OSError covers truncated data ("image file is truncated"), unidentifiable files
+# (UnidentifiedImageError), missing or unreadable files (FileNotFoundError, PermissionError); some decoders raise
+# the others on corrupt data
+_BAD_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def to_rgb(img):
+    """``img`` as an 8-bit RGB image. For RGB, grayscale, CMYK and alpha images this is ``img.convert('RGB')``
+    (what torchvision's default loader does; alpha is dropped); palette images with transparency go through RGBA
+    (PIL warns otherwise); 16-bit grayscale is scaled to 8 bits."""
+    if img.mode in _WIDE_GRAY_MODES:
+        a = np.asarray(img).astype(np.float64)
+        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert('RGB')
+    if img.mode in ('P', 'PA') and (img.mode == 'PA' or 'transparency' in img.info):
+        return img.convert('RGBA').convert('RGB')
+    if img.mode in ('La', 'RGBa'):  # premultiplied alpha: no direct conversion for 'La'
+        return img.convert('RGBA').convert('RGB')
+    return img.convert('RGB')
+
+
+def load_rgb(path):
+    """Open ``path`` with PIL and return it as RGB (the same pixels as torchvision's ``pil_loader`` for RGB,
+    grayscale and CMYK files)."""
+    with open(path, 'rb') as f:
+        img = Image.open(f)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+            return to_rgb(img)
+
+
+def _reason(path, e):
+    if isinstance(e, Image.UnidentifiedImageError):
+        try:
+            if os.path.getsize(path) == 0:
+                return 'empty file'
+        except OSError:
+            pass
+        return 'not an image file PIL can read'
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(e).__name__
+
+
+def bad_file_message(path, reason):
+    return (f"bad image file {path} ({reason}): remove or replace it, or pass {SKIP_FLAG} to skip such files")
+
+
+class ImageFolder(datasets.ImageFolder):
+    """``torchvision.datasets.ImageFolder`` whose loader converts every image to RGB robustly and reports bad files.
+
+    ``skip_bad=False``: a bad file raises ``UsageError`` with one line naming it and the fix (also from DataLoader
+    workers, whose re-raised message ends with that line).
+    ``skip_bad=True``: a bad file is replaced by the next readable sample (index + 1, + 2, ... modulo the length),
+    so batches keep their size and the substitute is the same whatever the worker; each bad file is announced once
+    on stderr and counted once per epoch, in flags shared with the DataLoader workers (``skipped_images``).
+    """
+
+    def __init__(self, root, transform=None, skip_bad=False):
+        super().__init__(root, transform=transform, loader=load_rgb)
+        self.skip_bad = skip_bad
+        n = len(self.samples)
+        # one byte per sample, in shared memory so that DataLoader workers' marks are seen by the main process
+        # (inherited with fork; passed as a shared-memory handle by torch.multiprocessing with spawn)
+        self._bad_this_epoch = torch.zeros(n, dtype=torch.uint8).share_memory_()
+        self._bad_ever = torch.zeros(n, dtype=torch.uint8).share_memory_()
+
+    def _load(self, index):
+        path = self.samples[index][0]
+        try:
+            return load_rgb(path)
+        except _BAD_FILE_ERRORS as e:
+            reason = _reason(path, e)
+            if not self.skip_bad:
+                raise UsageError(bad_file_message(path, reason)) from None
+            self._mark_bad(index, path, reason)
+            return None
+
+    def _mark_bad(self, index, path, reason):
+        self._bad_this_epoch[index] = 1
+        if not self._bad_ever[index]:
+            self._bad_ever[index] = 1
+            sys.stderr.write(f"warning: skipping bad image file {path} ({reason})\n")
+            sys.stderr.flush()
+
+    def __getitem__(self, index):
+        n = len(self.samples)
+        sample = None
+        for k in range(n):
+            i = (index + k) % n
+            if self.skip_bad and self._bad_ever[i]:  # known bad: counted again, not read again
+                self._bad_this_epoch[i] = 1
+                continue
+            sample = self._load(i)
+            if sample is not None:
+                break
+        if sample is None:
+            raise UsageError(f"{self.root}: none of its {n} image files can be read")
+        target = self.samples[i][1]
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
+def image_folder(data_path, split, transform, skip_bad=False):
     """``ImageFolder(data_path/split)``, with a one-line ``UsageError`` naming the folder when it is missing, has no
-    class folders, or a class folder holds no image."""
+    class folders, or a class folder holds no image; and naming the file when an image cannot be read (unless
+    ``skip_bad``: see ``ImageFolder``)."""
     if not os.path.isdir(data_path):
         raise UsageError(f"--data_path {data_path}: no such folder")
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         raise UsageError(f"--data_path {data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
     try:
-        dataset = datasets.ImageFolder(root, transform=transform)
+        dataset = ImageFolder(root, transform=transform, skip_bad=skip_bad)
     except FileNotFoundError as e:
         raise UsageError(f"{root}: {e}") from None
     return dataset
+
+
+# ---------------------------------------------------------------------------------------------------- skip counts
+def _bad_indices(dataset):
+    return torch.nonzero(dataset._bad_this_epoch).flatten().tolist()
+
+
+def skipped_images(dataset):
+    """How many distinct files of ``dataset`` were skipped since the last ``reset_skipped`` (the epoch), over all
+    processes: a collective when distributed, so call it on every rank. 0 for a dataset without skip mode."""
+    if not getattr(dataset, 'skip_bad', False):
+        return 0
+    import util.misc as misc
+    indices = set()
+    for part in misc.all_gather(_bad_indices(dataset)):
+        indices.update(part)
+    return len(indices)
+
+
+def reset_skipped(dataset):
+    """Start counting a new epoch (call on every rank before the epoch)."""
+    if getattr(dataset, 'skip_bad', False):
+        dataset._bad_this_epoch.zero_()
+
+
+def skipped_report(count, epoch):
+    """The line printed after an epoch in skip mode."""
+    return (f"Epoch {epoch}: skipped {count} bad image file{'' if count == 1 else 's'} "
+            f"({SKIP_FLAG}; each was replaced by the next readable image)")
