@@ -1,0 +1,370 @@
+"""Fine-tuning (end to end or partial) and evaluation of a ViT classifier from an MAE encoder:
+``python main_finetune.py ...`` on one process, ``torchrun ... main_finetune.py ...`` on many.
+
+The flags, their defaults and the training behaviour (data order and augmentation, the random streams, layer-wise lr
+decay, Mixup/CutMix, label smoothing, checkpoints, logs) are the reference's (facebookresearch/mae,
+main_finetune.py); flags that are not in the reference are marked [new].
+"""
+import argparse
+import datetime
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+from timm.data import Mixup
+from timm.layers import trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import models_vit
+import util.lr_decay as lrd
+import util.misc as misc
+from engine_finetune import evaluate, train_one_epoch
+from main_pretrain import add_run_control_args, open_log_writer, resolve_resume
+from util.datasets import build_dataset
+from util.pretrained import load_pretrained_encoder
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MAE fine-tuning for image classification', add_help=False)
+    parser.add_argument('--batch_size', default=64, type=int,
+                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
+    parser.add_argument('--epochs', default=50, type=int)
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
+                             'constraints)')
+
+    # Model parameters
+    parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
+                        help='Name of model to train: ' + ', '.join(models_vit.MODELS))
+    parser.add_argument('--input_size', default=224, type=int, help='images input size')
+    parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', help='Drop path rate (default: 0.1)')
+    parser.add_argument('--train_blocks', type=int, default=-1, metavar='K',
+                        help='[new] partial fine-tuning: train only the last K Transformer blocks, the final norm and '
+                             'the head, everything else frozen (K=0: norm and head only). Default -1: train all '
+                             '(the reference)')
+
+    # Optimizer parameters
+    parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
+                        help='Clip gradient norm (default: None, no clipping)')
+    parser.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
+    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
+    parser.add_argument('--blr', type=float, default=1e-3, metavar='LR',
+                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    parser.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
+    parser.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
+                        help='lower lr bound for cyclic schedulers that hit 0')
+    parser.add_argument('--warmup_epochs', type=int, default=5, metavar='N', help='epochs to warmup LR')
+
+    # Augmentation parameters
+    parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT',
+                        help='Color jitter factor (enabled only when not using Auto/RandAug)')
+    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                        help='Use AutoAugment policy. "v0" or "original". (default: rand-m9-mstd0.5-inc1)')
+    parser.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing (default: 0.1)')
+
+    # * Random Erase params
+    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='Random erase prob (default: 0.25)')
+    parser.add_argument('--remode', type=str, default='pixel', help='Random erase mode (default: "pixel")')
+    parser.add_argument('--recount', type=int, default=1, help='Random erase count (default: 1)')
+    parser.add_argument('--resplit', action='store_true', default=False,
+                        help='Do not random erase first (clean) augmentation split (accepted, as in the reference, '
+                             'but without effect: no augmentation splits are used)')
+
+    # * Mixup params
+    parser.add_argument('--mixup', type=float, default=0, help='mixup alpha, mixup enabled if > 0.')
+    parser.add_argument('--cutmix', type=float, default=0, help='cutmix alpha, cutmix enabled if > 0.')
+    parser.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
+                        help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+    parser.add_argument('--mixup_prob', type=float, default=1.0,
+                        help='Probability of performing mixup or cutmix when either/both is enabled')
+    parser.add_argument('--mixup_switch_prob', type=float, default=0.5,
+                        help='Probability of switching to cutmix when both mixup and cutmix enabled')
+    parser.add_argument('--mixup_mode', type=str, default='batch',
+                        help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+
+    # * Finetuning params
+    parser.add_argument('--finetune', default='', help='finetune from checkpoint')
+    parser.add_argument('--global_pool', action='store_true')
+    parser.set_defaults(global_pool=True)
+    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
+                        help='Use class token instead of global pool for classification')
+
+    # Dataset parameters
+    parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str,
+                        help='dataset path (an ImageFolder tree with train/ and val/ folders)')
+    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
+    parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
+    parser.add_argument('--log_dir', default='./output_dir', help='path where to tensorboard log')
+    parser.add_argument('--device', default='cuda', help='device to use for training / testing')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='', help='resume from checkpoint')
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
+    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
+    parser.add_argument('--dist_eval', action='store_true', default=False,
+                        help='Enabling distributed evaluation (recommended during training for faster monitor')
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--pin_mem', action='store_true',
+                        help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
+    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+
+    # distributed training parameters
+    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
+    parser.add_argument('--local_rank', default=-1, type=int)
+    parser.add_argument('--dist_on_itp', action='store_true')
+    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+
+    add_run_control_args(parser, save_freq=1)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------- shared checks
+def check_model_name(args):
+    if args.model not in models_vit.MODELS:
+        raise misc.UsageError(f"--model {args.model} is not a classification model; choose one of: "
+                              + ', '.join(models_vit.MODELS))
+
+
+def check_common_args(args):
+    """Checks main_finetune.py and main_linprobe.py share."""
+    check_model_name(args)
+    for flag in ('batch_size', 'accum_iter', 'epochs', 'nb_classes', 'save_freq'):
+        if getattr(args, flag) < 1:
+            raise misc.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+
+
+def check_classes(args, *datasets):
+    """Every class folder must have an output: ``--nb_classes`` at least the number of classes found."""
+    for dataset in datasets:
+        if dataset is not None and len(dataset.classes) > args.nb_classes:
+            raise misc.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {len(dataset.classes)} "
+                                  f"classes in {dataset.root}")
+
+
+def check_batches(args, dataset, world_size):
+    per_rank = len(dataset) // world_size
+    if per_rank < args.batch_size:
+        raise misc.UsageError(
+            f"{len(dataset)} training images give {per_rank} per process over {world_size} process(es), fewer "
+            f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
+
+
+def build_loaders(args, dataset_train, dataset_val, device):
+    """The reference's loaders: a DistributedSampler for training also on one process (its fixed seed gives the
+    reference's data order), sequential evaluation unless ``--dist_eval``."""
+    num_tasks = misc.get_world_size()
+    global_rank = misc.get_rank()
+    pin_memory = args.pin_mem and device.type == 'cuda'
+    data_loader_train = None
+    if dataset_train is not None:
+        check_batches(args, dataset_train, num_tasks)
+        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
+                                                            shuffle=True)
+        print("Sampler_train = %s" % str(sampler_train))
+        data_loader_train = torch.utils.data.DataLoader(
+            dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
+            pin_memory=pin_memory, drop_last=True)
+    if args.dist_eval:
+        if len(dataset_val) % num_tasks != 0:
+            print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
+                  'This will slightly alter validation results as extra duplicate entries are added to achieve '
+                  'equal num of samples per-process.')
+        # shuffle=True to reduce monitor bias
+        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks, rank=global_rank,
+                                                          shuffle=True)
+    else:
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    data_loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=sampler_val, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=pin_memory, drop_last=False)
+    return data_loader_train, data_loader_val
+
+
+def load_finetune_weights(args, model, head_init_std):
+    """The reference's start of training from ``--finetune``: load the encoder, then draw the head's weights with
+    ``trunc_normal_(std=head_init_std)``. When resuming, the file is not read (the checkpoint's weights replace
+    everything), but the head is still drawn, so that the random stream goes on as in the reference's resumed run."""
+    if not args.finetune or args.eval:
+        return
+    if args.resume:
+        print(f"Resuming from {args.resume}: --finetune {args.finetune} is not loaded")
+    else:
+        load_pretrained_encoder(model, args.finetune, model_name=args.model)
+    trunc_normal_(model.head.weight, std=head_init_std)
+
+
+def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_val, optimizer, loss_scaler,
+               criterion, n_parameters, max_accuracy=0.0, max_norm=None, mixup_fn=None):
+    """The training loop both entry points share: train, evaluate, log (log.txt, TensorBoard), then checkpoint.
+
+    The checkpoint is written last, so a run that dies before it is complete resumes from the previous epoch and
+    ``misc.truncate_log`` drops the rows written after it."""
+    device = torch.device(args.device)
+    # when resuming, the TensorBoard points the dead run left at or after this epoch are hidden
+    log_writer = open_log_writer(args, purge_step=args.start_epoch * 1000 if args.start_epoch > 0 else None)
+
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      max_norm, mixup_fn, log_writer=log_writer, args=args)
+
+        test_stats = evaluate(data_loader_val, model, device, args)
+        print(f"Accuracy of the network on the {len(data_loader_val.dataset)} test images: "
+              f"{test_stats['acc1']:.1f}%")
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f'Max accuracy: {max_accuracy:.2f}%')
+
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch,
+                     'n_parameters': n_parameters}
+        if log_writer is not None:
+            log_writer.add_scalar('perf/test_acc1', test_stats['acc1'], epoch)
+            log_writer.add_scalar('perf/test_acc5', test_stats['acc5'], epoch)
+            log_writer.add_scalar('perf/test_loss', test_stats['loss'], epoch)
+        if args.output_dir and misc.is_main_process():
+            if log_writer is not None:
+                log_writer.flush()
+            misc.append_log(args.output_dir, log_stats)
+        if args.output_dir:
+            keep = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
+            misc.save_model(args=args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                            loss_scaler=loss_scaler, epoch=epoch, keep=keep,
+                            extra={'max_accuracy': max_accuracy})
+
+    if log_writer is not None:
+        log_writer.close()
+    total_time = time.time() - start_time
+    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
+
+
+def resume(args, model_without_ddp, optimizer, loss_scaler):
+    """``--resume`` (or, when training, the newest checkpoint in --output_dir): weights, optimizer, scaler, epoch,
+    and the random streams, with log.txt cut back to the resumed epoch. Returns the best test accuracy so far
+    ([new]: the reference starts again from 0 when resuming; 0 for its checkpoints, which do not hold it)."""
+    checkpoint = misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
+                                 loss_scaler=loss_scaler)
+    if checkpoint is None or args.eval or args.start_epoch == 0:
+        return 0.0
+    misc.restore_rng(checkpoint)
+    if args.output_dir and misc.is_main_process():
+        misc.truncate_log(args.output_dir, args.start_epoch - 1)
+    return float(checkpoint.get('max_accuracy', 0.0))
+
+
+# ---------------------------------------------------------------------------------------------------- fine-tuning
+def check_args(args):
+    check_common_args(args)
+    if args.train_blocks < -1:
+        raise misc.UsageError(f"--train_blocks must be -1 (all) or a number of blocks >= 0, got {args.train_blocks}")
+
+
+def main(args):
+    check_args(args)
+    misc.init_distributed_mode(args)
+    misc.check_output_dir(args.output_dir)
+
+    print('job dir: {}'.format(os.path.dirname(os.path.realpath(__file__))))
+    print("{}".format(args).replace(', ', ',\n'))
+
+    device = torch.device(args.device)
+
+    # fix the seed for reproducibility
+    seed = args.seed + misc.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    # [new] RandAugment and random erasing draw from python's `random`; the reference leaves it unseeded, so with
+    # --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
+    random.seed(seed)
+
+    cudnn.benchmark = True
+
+    # (evaluation only needs val/)
+    dataset_train = None if args.eval else build_dataset(is_train=True, args=args)
+    dataset_val = build_dataset(is_train=False, args=args)
+    check_classes(args, dataset_train, dataset_val)
+    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val, device)
+
+    mixup_fn = None
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if mixup_active:
+        print("Mixup is activated!")
+        mixup_fn = Mixup(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+    if not args.eval:
+        resolve_resume(args)  # before the model: a resumed run does not read --finetune
+
+    model = models_vit.MODELS[args.model](
+        img_size=args.input_size,
+        num_classes=args.nb_classes,
+        drop_path_rate=args.drop_path,
+        global_pool=args.global_pool,
+    )
+    load_finetune_weights(args, model, head_init_std=2e-5)
+
+    if args.train_blocks >= 0:
+        if args.train_blocks > len(model.blocks):
+            raise misc.UsageError(f"--train_blocks {args.train_blocks}: {args.model} has only {len(model.blocks)} "
+                                  f"blocks")
+        trainable = models_vit.train_last_blocks(model, args.train_blocks)
+        print(f"Partial fine-tuning: training the last {args.train_blocks} of {len(model.blocks)} blocks, the final "
+              f"norm and the head ({len(trainable)} tensors); everything else is frozen")
+
+    model.to(device)
+
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    print("Model = %s" % str(model_without_ddp))
+    print('number of params (M): %.2f' % (n_parameters / 1.e6))
+
+    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    print("actual lr: %.2e" % args.lr)
+    print("accumulate grad iterations: %d" % args.accum_iter)
+    print("effective batch size: %d" % eff_batch_size)
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+
+    # layer-wise lr decay; frozen parameters (partial fine-tuning) are left out
+    param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
+                                        no_weight_decay_list=model_without_ddp.no_weight_decay(),
+                                        layer_decay=args.layer_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+    loss_scaler = misc.loss_scaler_for(args)
+
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()  # smoothing is in the mixed targets
+    elif args.smoothing > 0.:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    print("criterion = %s" % str(criterion))
+
+    max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler)
+
+    if args.eval:
+        test_stats = evaluate(data_loader_val, model, device, args)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        return
+
+    run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_val, optimizer, loss_scaler,
+               criterion, n_parameters, max_accuracy, max_norm=args.clip_grad, mixup_fn=mixup_fn)
+
+
+if __name__ == '__main__':
+    misc.run_main(main, get_args_parser().parse_args())

@@ -1,0 +1,202 @@
+"""Linear probing of an MAE encoder: a BatchNorm (no affine) + linear head trained with LARS on the frozen encoder.
+``python main_linprobe.py ...`` on one process, ``torchrun ... main_linprobe.py ...`` on many.
+
+The flags, their defaults and the training behaviour (TF-style crop and flip only, the random streams, LARS, the
+head's initialisation, checkpoints, logs) are the reference's (facebookresearch/mae, main_linprobe.py); flags that are
+not in the reference are marked [new]. Two reference defects are fixed: with ``--global_pool`` the freshly created
+``fc_norm`` is trained (the reference froze it at its initial identity, issue #186), and ``--resume`` is documented
+and tested for the BatchNorm head.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+import torchvision.transforms as transforms
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import models_vit
+import util.misc as misc
+from engine_finetune import evaluate
+from main_finetune import (build_loaders, check_classes, check_common_args, load_finetune_weights, resume,
+                           run_epochs)
+from main_pretrain import add_run_control_args, resolve_resume
+from util.crop import RandomResizedCrop
+from util.datasets import eval_transform
+from util.image_folder import image_folder
+from util.lars import LARS
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=False)
+    parser.add_argument('--batch_size', default=512, type=int,
+                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
+    parser.add_argument('--epochs', default=90, type=int)
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
+                             'constraints)')
+
+    # Model parameters
+    parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
+                        help='Name of model to train: ' + ', '.join(models_vit.MODELS))
+    parser.add_argument('--input_size', default=224, type=int,
+                        help='[new] images input size (the reference is fixed at 224)')
+
+    # Optimizer parameters
+    parser.add_argument('--weight_decay', type=float, default=0,
+                        help='weight decay (default: 0 for linear probe following MoCo v1)')
+    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
+    parser.add_argument('--blr', type=float, default=0.1, metavar='LR',
+                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    parser.add_argument('--min_lr', type=float, default=0., metavar='LR',
+                        help='lower lr bound for cyclic schedulers that hit 0')
+    parser.add_argument('--warmup_epochs', type=int, default=10, metavar='N', help='epochs to warmup LR')
+
+    # * Finetuning params
+    parser.add_argument('--finetune', default='', help='finetune from checkpoint')
+    parser.add_argument('--global_pool', action='store_true',
+                        help='pool the mean of the patch tokens (its fc_norm is trained with the head)')
+    parser.set_defaults(global_pool=False)
+    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
+                        help='Use class token instead of global pool for classification')
+
+    # Dataset parameters
+    parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str,
+                        help='dataset path (an ImageFolder tree with train/ and val/ folders)')
+    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
+    parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
+    parser.add_argument('--log_dir', default='./output_dir', help='path where to tensorboard log')
+    parser.add_argument('--device', default='cuda', help='device to use for training / testing')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='', help='resume from checkpoint')
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
+    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
+    parser.add_argument('--dist_eval', action='store_true', default=False,
+                        help='Enabling distributed evaluation (recommended during training for faster monitor')
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--pin_mem', action='store_true',
+                        help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
+    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+
+    # distributed training parameters
+    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
+    parser.add_argument('--local_rank', default=-1, type=int)
+    parser.add_argument('--dist_on_itp', action='store_true')
+    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+
+    add_run_control_args(parser, save_freq=1)
+    return parser
+
+
+def train_transform(input_size):
+    """Linear probing's weak augmentation: the TF-style random resized crop and a horizontal flip."""
+    return transforms.Compose([
+        RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+
+
+def add_probe_head(model):
+    """Put a BatchNorm without affine parameters in front of the linear head (MoCo v3's linear probe; the head's
+    input is then whitened per feature), and freeze everything but the head and, with global pooling, ``fc_norm``.
+    Returns the trainable parameters, the head's first.
+
+    ``fc_norm`` is created afresh for global pooling (the MAE encoder has no such layer); the reference freezes it at
+    its initial identity (issue #186). Here it is trained. Since the BatchNorm right after it normalises each feature
+    again, its affine parameters are mathematically redundant for the probe's decision, so the numbers barely move;
+    training it keeps the classifier a faithful "encoder + fc_norm + linear" model to export.
+    """
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    for p in model.parameters():
+        p.requires_grad = False
+    trainable = list(model.head.parameters())
+    if model.global_pool:
+        trainable += list(model.fc_norm.parameters())
+    for p in trainable:
+        p.requires_grad = True
+    return trainable
+
+
+def main(args):
+    check_common_args(args)
+    misc.init_distributed_mode(args)
+    misc.check_output_dir(args.output_dir)
+
+    print('job dir: {}'.format(os.path.dirname(os.path.realpath(__file__))))
+    print("{}".format(args).replace(', ', ',\n'))
+
+    device = torch.device(args.device)
+
+    # fix the seed for reproducibility
+    seed = args.seed + misc.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+    cudnn.benchmark = True
+
+    # (evaluation only needs val/)
+    dataset_train = None if args.eval else image_folder(args.data_path, 'train', train_transform(args.input_size))
+    dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size))
+    if dataset_train is not None:
+        print(dataset_train)
+    print(dataset_val)
+    check_classes(args, dataset_train, dataset_val)
+    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val, device)
+
+    if not args.eval:
+        resolve_resume(args)  # before the model: a resumed run does not read --finetune
+
+    model = models_vit.MODELS[args.model](
+        img_size=args.input_size,
+        num_classes=args.nb_classes,
+        global_pool=args.global_pool,
+    )
+    # following MoCo v3
+    load_finetune_weights(args, model, head_init_std=0.01)
+    trainable = add_probe_head(model)
+
+    model.to(device)
+
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    print("Model = %s" % str(model_without_ddp))
+    print('number of params (M): %.2f' % (n_parameters / 1.e6))
+
+    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    print("actual lr: %.2e" % args.lr)
+    print("accumulate grad iterations: %d" % args.accum_iter)
+    print("effective batch size: %d" % eff_batch_size)
+
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+
+    optimizer = LARS(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    print(optimizer)
+    loss_scaler = misc.loss_scaler_for(args)
+
+    criterion = torch.nn.CrossEntropyLoss()
+    print("criterion = %s" % str(criterion))
+
+    # the model already has its BatchNorm head here, so a linear-probe checkpoint loads as it is
+    max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler)
+
+    if args.eval:
+        test_stats = evaluate(data_loader_val, model, device, args)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        return
+
+    run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_val, optimizer, loss_scaler,
+               criterion, n_parameters, max_accuracy, max_norm=None, mixup_fn=None)
+
+
+if __name__ == '__main__':
+    misc.run_main(main, get_args_parser().parse_args())
