@@ -104,6 +104,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
             log_writer.add_scalar('train_loss', loss_value_reduce, epoch_1000x)
             log_writer.add_scalar('lr', lr, epoch_1000x)
 
+        if update:
+            misc.fault_point('step', epoch, data_iter_step + 1)
         if checkpointer is not None and update:
             checkpointer.after_step(epoch, data_iter_step + 1, iters_per_epoch, metric_logger)
 

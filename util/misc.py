@@ -369,6 +369,20 @@ def all_rng_states():
     return states
 
 
+# ---------------------------------------------------------------------------------------------------- fault injection
+# For the crash tests: MAE_FAULT='step:<epoch>:<iteration>' kills this process right after that optimizer step;
+# MAE_FAULT='save:<n>' kills it during its n-th checkpoint write (the temporary file written, not yet renamed).
+# The signal is SIGKILL, or the one named by MAE_FAULT_SIGNAL (e.g. TERM).
+_FAULT = os.environ.get('MAE_FAULT', '')
+_saves_started = [0]
+
+
+def fault_point(*where):
+    if _FAULT and _FAULT == ':'.join(str(w) for w in where):
+        import signal
+        os.kill(os.getpid(), getattr(signal, 'SIG' + os.environ.get('MAE_FAULT_SIGNAL', 'KILL')))
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
 CHECKPOINT_LAST = 'checkpoint-last.pth'
 
@@ -400,6 +414,8 @@ def _atomic_torch_save(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _saves_started[0] += 1
+        fault_point('save', _saves_started[0])
         os.replace(tmp, path)
     finally:
         if tmp.exists():
