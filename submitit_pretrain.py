@@ -1,0 +1,23 @@
+"""Submit MAE pre-training to SLURM with submitit, as the reference's ``submitit_pretrain.py``:
+
+    python submitit_pretrain.py --nodes 2 --ngpus 8 --use_volta32 --job_dir <shared folder>/%j [main_pretrain.py flags]
+
+The job saves and requeues itself on SLURM's warning before the time limit or on preemption, and the requeued job
+continues from its last checkpoint (see util/submitit_job.py). Needs submitit (``pip install submitit``).
+"""
+import util.submitit_job as submitit_job
+
+TRAINER = 'main_pretrain'
+DESCRIPTION = "Submitit for MAE pretrain"
+
+
+def parse_args(argv=None):
+    return submitit_job.parse_args(TRAINER, DESCRIPTION, argv)
+
+
+def main(argv=None):
+    submitit_job.main(TRAINER, DESCRIPTION, argv)
+
+
+if __name__ == "__main__":
+    main()
