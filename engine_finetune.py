@@ -10,17 +10,19 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from engine_pretrain import nonfinite_guard
+from engine_pretrain import new_metric_logger, nonfinite_guard, start_batches
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler,
-                    max_norm: Optional[float] = None, mixup_fn: Optional[Mixup] = None, log_writer=None, args=None):
+                    max_norm: Optional[float] = None, mixup_fn: Optional[Mixup] = None, log_writer=None, args=None,
+                    checkpointer=None, resume=None):
     """``max_norm``: clip the gradient norm to it (None: no clipping). ``mixup_fn``: Mixup/CutMix applied to each
-    batch (the targets become soft). Returns the epoch's averaged meters (``lr``, ``loss``)."""
+    batch (the targets become soft). ``checkpointer`` (``misc.EpochCheckpointer``): mid-epoch checkpoints and stop
+    requests; ``resume``: where an epoch resumed in the middle starts (``misc.prepare_resume``). Returns the epoch's
+    averaged meters (``lr``, ``loss``)."""
     model.train(True)
-    metric_logger = misc.MetricLogger(delimiter="  ")
-    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    metric_logger = new_metric_logger(resume)
     header = 'Epoch: [{}]'.format(epoch)
     print_freq = 20
     accum_iter = args.accum_iter
@@ -31,10 +33,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     if log_writer is not None:
         print('log_dir: {}'.format(log_writer.log_dir))
 
-    for data_iter_step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    batches, start_iter, iters_per_epoch = start_batches(data_loader, resume)
+    logged = metric_logger.log_every(batches, print_freq, header, total=iters_per_epoch, start=start_iter)
+    for data_iter_step, (samples, targets) in enumerate(logged, start=start_iter):
         # per-iteration (not per-epoch) lr schedule
         if data_iter_step % accum_iter == 0:
-            lr_sched.adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)
+            lr_sched.adjust_learning_rate(optimizer, data_iter_step / iters_per_epoch + epoch, args)
 
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -74,9 +78,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
         if log_writer is not None and update:
             # x axis: 1000 x epoch, so that curves of runs with different batch sizes line up
-            epoch_1000x = int((data_iter_step / len(data_loader) + epoch) * 1000)
+            epoch_1000x = int((data_iter_step / iters_per_epoch + epoch) * 1000)
             log_writer.add_scalar('loss', loss_value_reduce, epoch_1000x)
             log_writer.add_scalar('lr', max_lr, epoch_1000x)
+
+        if checkpointer is not None and update:
+            checkpointer.after_step(epoch, data_iter_step + 1, iters_per_epoch, metric_logger)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)

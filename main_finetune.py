@@ -7,6 +7,7 @@ main_finetune.py); flags that are not in the reference are marked [new].
 """
 import argparse
 import datetime
+import json
 import os
 import random
 import time
@@ -161,8 +162,9 @@ def build_loaders(args, dataset_train, dataset_val, device):
     data_loader_train = None
     if dataset_train is not None:
         check_batches(args, dataset_train, num_tasks)
-        sampler_train = torch.utils.data.DistributedSampler(dataset_train, num_replicas=num_tasks, rank=global_rank,
-                                                            shuffle=True)
+        # (wrapped so that an epoch resumed in the middle skips what was trained on)
+        sampler_train = misc.SkippableSampler(torch.utils.data.DistributedSampler(
+            dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True))
         print("Sampler_train = %s" % str(sampler_train))
         data_loader_train = torch.utils.data.DataLoader(
             dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -197,14 +199,18 @@ def load_finetune_weights(args, model, head_init_std):
 
 
 def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_val, optimizer, loss_scaler,
-               criterion, n_parameters, max_accuracy=0.0, max_norm=None, mixup_fn=None):
+               criterion, n_parameters, resumed, max_norm=None, mixup_fn=None):
     """The training loop both entry points share: train, evaluate, log (log.txt, TensorBoard), then checkpoint.
 
     The checkpoint is written last, so a run that dies before it is complete resumes from the previous epoch and
-    ``misc.truncate_log`` drops the rows written after it."""
+    ``misc.truncate_log`` drops the rows written after it. ``resumed`` is what ``resume()`` returned. Within an
+    epoch, ``--save_every_iters`` and stop signals (SIGUSR1/SIGTERM) write resumable checkpoints, as in
+    pre-training."""
     device = torch.device(args.device)
-    # when resuming, the TensorBoard points the dead run left at or after this epoch are hidden
-    log_writer = open_log_writer(args, purge_step=args.start_epoch * 1000 if args.start_epoch > 0 else None)
+    mid_epoch, purge_step, max_accuracy = resumed
+    log_writer = open_log_writer(args, purge_step)
+    checkpointer = misc.EpochCheckpointer(args, model, model_without_ddp, optimizer, loss_scaler)
+    misc.install_stop_handlers()
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
@@ -212,7 +218,9 @@ def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_va
         if args.distributed:
             data_loader_train.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      max_norm, mixup_fn, log_writer=log_writer, args=args)
+                                      max_norm, mixup_fn, log_writer=log_writer, args=args,
+                                      checkpointer=checkpointer, resume=mid_epoch)
+        mid_epoch, data_loader_train.sampler.skip = None, 0
 
         test_stats = evaluate(data_loader_val, model, device, args)
         print(f"Accuracy of the network on the {len(data_loader_val.dataset)} test images: "
@@ -244,18 +252,33 @@ def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_va
     print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
 
 
-def resume(args, model_without_ddp, optimizer, loss_scaler):
-    """``--resume`` (or, when training, the newest checkpoint in --output_dir): weights, optimizer, scaler, epoch,
-    and the random streams, with log.txt cut back to the resumed epoch. Returns the best test accuracy so far
-    ([new]: the reference starts again from 0 when resuming; 0 for its checkpoints, which do not hold it)."""
+def resume(args, model_without_ddp, optimizer, loss_scaler, data_loader_train):
+    """``--resume`` (or, when training, the newest checkpoint in --output_dir): weights, and unless ``--eval`` the
+    optimizer, scaler, epoch, random streams and position within the epoch, with log.txt cut back to the
+    checkpoint (``misc.prepare_resume``). Returns ``(mid-epoch resume or None, TensorBoard purge step or None, best
+    test accuracy so far)``; the reference restarts the best accuracy from 0 when resuming, as here for its
+    checkpoints, which do not hold it."""
     checkpoint = misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
                                  loss_scaler=loss_scaler)
-    if checkpoint is None or args.eval or args.start_epoch == 0:
+    if args.eval:
+        return None, None, 0.0
+    mid_epoch, purge_step = misc.prepare_resume(args, checkpoint, data_loader_train)
+    return mid_epoch, purge_step, best_accuracy(args, checkpoint)
+
+
+def best_accuracy(args, checkpoint):
+    """The best test accuracy of the epochs a checkpoint follows: kept in our end-of-epoch checkpoints; for a
+    mid-epoch one, the best of the (already truncated) log.txt rows."""
+    if not checkpoint:
         return 0.0
-    misc.restore_rng(checkpoint)
-    if args.output_dir and misc.is_main_process():
-        misc.truncate_log(args.output_dir, args.start_epoch - 1)
-    return float(checkpoint.get('max_accuracy', 0.0))
+    if 'max_accuracy' in checkpoint:
+        return float(checkpoint['max_accuracy'])
+    log = os.path.join(args.output_dir, 'log.txt') if args.output_dir else ''
+    if 'resume_iter' in checkpoint and log and os.path.isfile(log):
+        with open(log, encoding='utf-8') as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return max((r['test_acc1'] for r in rows if 'test_acc1' in r), default=0.0)
+    return 0.0
 
 
 # ---------------------------------------------------------------------------------------------------- fine-tuning
@@ -355,7 +378,7 @@ def main(args):
         criterion = torch.nn.CrossEntropyLoss()
     print("criterion = %s" % str(criterion))
 
-    max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler)
+    resumed = resume(args, model_without_ddp, optimizer, loss_scaler, data_loader_train)
 
     if args.eval:
         test_stats = evaluate(data_loader_val, model, device, args)
@@ -363,7 +386,7 @@ def main(args):
         return
 
     run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_val, optimizer, loss_scaler,
-               criterion, n_parameters, max_accuracy, max_norm=args.clip_grad, mixup_fn=mixup_fn)
+               criterion, n_parameters, resumed, max_norm=args.clip_grad, mixup_fn=mixup_fn)
 
 
 if __name__ == '__main__':

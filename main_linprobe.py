@@ -187,7 +187,7 @@ def main(args):
     print("criterion = %s" % str(criterion))
 
     # the model already has its BatchNorm head here, so a linear-probe checkpoint loads as it is
-    max_accuracy = resume(args, model_without_ddp, optimizer, loss_scaler)
+    resumed = resume(args, model_without_ddp, optimizer, loss_scaler, data_loader_train)
 
     if args.eval:
         test_stats = evaluate(data_loader_val, model, device, args)
@@ -195,7 +195,7 @@ def main(args):
         return
 
     run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_val, optimizer, loss_scaler,
-               criterion, n_parameters, max_accuracy, max_norm=None, mixup_fn=None)
+               criterion, n_parameters, resumed, max_norm=None, mixup_fn=None)
 
 
 if __name__ == '__main__':

@@ -76,3 +76,26 @@ def one_line_error(result):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-2000:]
     return lines[0]
+
+
+STOP_AT = """
+import sys
+import util.misc as misc
+calls = [0]
+
+
+def stop_requested():  # as if SIGUSR1 arrived during optimizer step number {n}
+    calls[0] += 1
+    return calls[0] == {n}
+
+
+misc.stop_requested = stop_requested
+import {module} as m
+misc.run_main(m.main, m.get_args_parser().parse_args(sys.argv[1:]))
+"""
+
+
+def run_stopped_at(run_script, argv, n):
+    """Run ``argv`` (script first) and ask it to stop, as a SIGUSR1 would, at its n-th optimizer step."""
+    module = argv[0][:-len('.py')]
+    return run_script('-c', STOP_AT.format(n=n, module=module), *argv[1:])

@@ -9,7 +9,7 @@ import main_finetune
 import util.misc as misc
 from conftest import run_script
 from helpers import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
-                     read_log, reference_argv, save_pretrained, tb_scalars, to_reference_format)
+                     read_log, reference_argv, run_stopped_at, save_pretrained, tb_scalars, to_reference_format)
 
 
 @pytest.fixture(scope='module')
@@ -143,3 +143,21 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, pretrained, case
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and expect in lines[0], err
+
+
+def test_stop_mid_epoch_then_resume_is_exact(tmp_path, pretrained):
+    """Single process, --num_workers 0: RandAugment, random erasing and Mixup/CutMix draws all continue exactly."""
+    def argv(out):
+        return ['main_finetune.py', '--model', 'vit_tiny_patch4', '--input_size', '32', '--nb_classes', '2',
+                '--batch_size', '4', '--epochs', '2', '--warmup_epochs', '1', '--blr', '5e-2', '--mixup', '0.8',
+                '--cutmix', '1.0', '--device', 'cpu', '--num_workers', '0', '--data_path', TINY,
+                '--finetune', pretrained, '--output_dir', out, '--log_dir', out]
+    whole, part = tmp_path / 'whole', tmp_path / 'part'
+    assert run_script(*argv(whole)).returncode == 0
+    stopped = run_stopped_at(run_script, argv(part), 3)  # epoch 0, iteration 3 of 4
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    resumed = run_script(*argv(part))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'Resuming epoch 0 at iteration 3 of 4' in resumed.stdout
+    assert (part / 'log.txt').read_text() == (whole / 'log.txt').read_text()
+    assert tb_scalars(part) == tb_scalars(whole)

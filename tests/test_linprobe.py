@@ -7,7 +7,7 @@ import main_linprobe
 import util.misc as misc
 from conftest import run_script
 from helpers import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
-                     read_log, reference_argv, save_pretrained, tb_scalars, to_reference_format)
+                     read_log, reference_argv, run_stopped_at, save_pretrained, tb_scalars, to_reference_format)
 
 
 @pytest.fixture(scope='module')
@@ -103,3 +103,16 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, reference_run):
         assert exc.value.code == 2 and len(err) == 1 and err[0].startswith('error: ') and expect in err[0], err
     line = one_line_error(run_script('main_linprobe.py', *base, '--finetune', tmp_path / 'missing.pth'))
     assert 'no such file' in line
+
+
+def test_stop_mid_epoch_then_resume_matches_reference(tmp_path, pretrained):
+    out = tmp_path / 'out'
+    argv = reference_argv('linprobe', pretrained, out)
+    stopped = run_stopped_at(run_script, argv, 6)  # epoch 1, iteration 2 of 4
+    assert stopped.returncode == 1 and stopped.stderr.strip().splitlines()[-1].startswith('stopped: ')
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['resume_iter'] == 2
+    resumed = run_script(*argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'Resuming epoch 1 at iteration 2 of 4' in resumed.stdout
+    assert_log_matches(read_log(out), REFERENCE['linprobe']['log'], pytest.approx)
+    assert_scalars_match(tb_scalars(out), REFERENCE['linprobe']['scalars'], pytest.approx)
