@@ -12,8 +12,8 @@ from torchvision import datasets
 from torchvision.datasets.folder import default_loader
 
 from conftest import DATA, run_script
-from util.image_folder import (ImageFolder, image_folder, load_rgb, reset_skipped, skipped_images,
-                               skipped_report)
+from util.image_folder import (image_folder, load_rgb, reset_skipped, restore_skipped, skipped_images,
+                               skipped_indices, skipped_report)
 from util.misc import UsageError
 
 TINY = DATA / 'tiny_imagefolder'
@@ -213,6 +213,22 @@ def test_skip_mode_full_batches_and_counts(tmp_path, capfd, workers, context):
         assert err.count(f"warning: skipping bad image file {tmp_path / 'train' / 'cat' / name} (") == 1, err
     reset_skipped(ds)
     assert skipped_images(ds) == 0
+
+
+def test_skip_count_survives_a_resume(tmp_path, capfd):
+    mixed_tree(tmp_path)
+    ds = image_folder(str(tmp_path), 'train', TO_TENSOR, skip_bad=True)
+    bad = [i for i, (p, _) in enumerate(ds.samples) if p.rsplit('/', 1)[1] in BAD_NAMES]
+    ds[bad[0]]  # the epoch so far met the three bad files (the substitute of the first is after the third)
+    saved = skipped_indices(ds)
+    assert saved == bad
+    resumed = image_folder(str(tmp_path), 'train', TO_TENSOR, skip_bad=True)
+    capfd.readouterr()
+    restore_skipped(resumed, saved)
+    for i in range(len(resumed)):
+        resumed[i]
+    assert skipped_images(resumed) == 3
+    assert 'warning' not in capfd.readouterr().err  # already announced before the interruption
 
 
 def test_skip_mode_without_bad_files_is_unchanged():

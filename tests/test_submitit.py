@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, run_script
+from conftest import DATA, run_script
 
 submitit = pytest.importorskip("submitit")
 

@@ -150,16 +150,31 @@ def _bad_indices(dataset):
     return torch.nonzero(dataset._bad_this_epoch).flatten().tolist()
 
 
-def skipped_images(dataset):
-    """How many distinct files of ``dataset`` were skipped since the last ``reset_skipped`` (the epoch), over all
-    processes: a collective when distributed, so call it on every rank. 0 for a dataset without skip mode."""
+def skipped_indices(dataset):
+    """The sample indices skipped since the last ``reset_skipped`` (the epoch), over all processes, sorted: a
+    collective when distributed, so call it on every rank. A mid-epoch checkpoint can keep them, for
+    ``restore_skipped`` to continue the epoch's count after a resume."""
     if not getattr(dataset, 'skip_bad', False):
-        return 0
+        return []
     import util.misc as misc
     indices = set()
     for part in misc.all_gather(_bad_indices(dataset)):
         indices.update(part)
-    return len(indices)
+    return sorted(indices)
+
+
+def skipped_images(dataset):
+    """How many distinct files of ``dataset`` were skipped since the last ``reset_skipped`` (the epoch), over all
+    processes: a collective when distributed, so call it on every rank. 0 for a dataset without skip mode."""
+    return len(skipped_indices(dataset))
+
+
+def restore_skipped(dataset, indices):
+    """Continue an epoch's count (``skipped_indices`` saved before an interruption); the files are not announced
+    again."""
+    if getattr(dataset, 'skip_bad', False) and indices:
+        dataset._bad_this_epoch[list(indices)] = 1
+        dataset._bad_ever[list(indices)] = 1
 
 
 def reset_skipped(dataset):

@@ -19,10 +19,12 @@ So ``Trainer.__call__`` takes the signals over before training: its handlers onl
 (``misc.request_stop``). The loop finishes the current step, all ranks agree, ``checkpoint-last.pth`` is written
 (resumable in the middle of an epoch) and ``misc.RunInterrupted`` comes out of ``main(args)``. Then, unless the
 signal was ``SIGTERM`` (submitit's signal, ``SIGUSR1``, or a signal that reached another rank only), the job hands
-over to submitit's own handler, saved when the job started, which does what it would have done on the signal: checks the timeout count, calls ``checkpoint()`` (a fresh ``Trainer`` with a new
-``--dist_url`` init file, the same ``--output_dir``, ``--auto_resume`` on), requeues and exits. The requeued job
-continues from the newest checkpoint in its ``--output_dir`` (auto-resume). A signal that arrives before the
-handlers are taken over (while the job is still importing) is handled by submitit as usual: nothing to save yet.
+over to submitit's own handler, saved when the job started, which does what it would have done on the signal:
+checks the timeout count, calls ``checkpoint()`` (a fresh ``Trainer`` with a new ``--dist_url`` init file, the same
+``--output_dir``, ``--auto_resume`` on), requeues and exits. The requeued job continues from the newest checkpoint
+in its ``--output_dir`` (auto-resume). Under SLURM the other ranks then wait (at most ``PEER_WAIT_S``) to be
+stopped by the requeue rather than exit first. A signal that arrives before the handlers are taken over (while the
+job is still importing) is handled by submitit as usual: there is nothing to save yet.
 
 ``SIGTERM`` saves and stops without requeueing: it is what ``scancel`` sends (a cancel must stay a cancel), what a
 preemption with ``PreemptMode=REQUEUE`` sends (SLURM requeues the job itself, which then auto-resumes), and what
