@@ -17,7 +17,8 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.image_folder import image_folder
+from util.image_folder import (image_folder, reset_skipped, restore_skipped, skipped_images, skipped_indices,
+                               skipped_report)
 
 
 def get_args_parser():
@@ -93,6 +94,10 @@ def add_run_control_args(parser, save_freq):
                              '(default 0: only at the end of each epoch)')
     parser.add_argument('--skip_nonfinite', default=0, type=int, metavar='N',
                         help='[new] skip up to N steps with a non-finite loss before stopping (default 0: stop)')
+    parser.add_argument('--skip_bad_images', action='store_true',
+                        help='[new] skip image files that cannot be read (truncated, not an image, empty, unreadable): '
+                             'each is replaced by the next readable image, named once on stderr, and counted per '
+                             'epoch (train_skipped_images in log.txt). Default: stop with an error naming the file')
 
 
 def resolve_resume(args):
@@ -163,7 +168,7 @@ def main(args):
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
-    dataset_train = image_folder(args.data_path, 'train', transform_train)
+    dataset_train = image_folder(args.data_path, 'train', transform_train, skip_bad=args.skip_bad_images)
     print(dataset_train)
 
     num_tasks = misc.get_world_size()
@@ -212,7 +217,8 @@ def main(args):
     resume, purge_step = misc.prepare_resume(args, checkpoint, data_loader_train)
     del checkpoint
     log_writer = open_log_writer(args, purge_step)
-    checkpointer = misc.EpochCheckpointer(args, model, model_without_ddp, optimizer, loss_scaler)
+    checkpointer = misc.EpochCheckpointer(args, model, model_without_ddp, optimizer, loss_scaler,
+                                          extra_state=lambda: {'skipped_images': skipped_indices(dataset_train)})
     misc.install_stop_handlers()
 
     print(f"Start training for {args.epochs} epochs")
@@ -220,10 +226,16 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed or args.shuffle_every_epoch:
             data_loader_train.sampler.set_epoch(epoch)
+        reset_skipped(dataset_train)
+        if resume:
+            restore_skipped(dataset_train, resume.get('skipped_images'))
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args, checkpointer=checkpointer, resume=resume)
         resume, data_loader_train.sampler.skip = None, 0
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        if args.skip_bad_images:  # (a collective: every rank counts)
+            log_stats['train_skipped_images'] = skipped_images(dataset_train)
+            print(skipped_report(log_stats['train_skipped_images'], epoch))
 
         # the log row goes first: a run that dies before the checkpoint below is complete resumes from the
         # previous one, and drops this row (truncate_log) before writing it again

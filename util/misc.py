@@ -705,10 +705,11 @@ class EpochCheckpointer:
     ``epoch`` = the last complete epoch (so the reference's loader would restart the epoch) plus ``resume_iter``,
     the position in the current epoch, and every rank's running averages."""
 
-    def __init__(self, args, model, model_without_ddp, optimizer, loss_scaler):
+    def __init__(self, args, model, model_without_ddp, optimizer, loss_scaler, extra_state=None):
         self.args = args
         self.model, self.model_without_ddp = model, model_without_ddp
         self.optimizer, self.loss_scaler = optimizer, loss_scaler
+        self.extra_state = extra_state  # more to keep mid-epoch (a collective callable, e.g. skip counts)
 
     def after_step(self, epoch, next_iter, iters_per_epoch, metric_logger):
         every = getattr(self.args, 'save_every_iters', 0)
@@ -716,10 +717,12 @@ class EpochCheckpointer:
         stop = stop_requested()
         if not (periodic or stop):
             return
-        meters = all_gather(metric_logger.state())
+        extra = {'resume_iter': next_iter, 'resume_epoch': epoch, 'meters': all_gather(metric_logger.state())}
+        if self.extra_state is not None:
+            extra.update(self.extra_state())
         if self.args.output_dir:
             save_model(self.args, epoch - 1, self.model, self.model_without_ddp, self.optimizer, self.loss_scaler,
-                       keep=False, extra={'resume_iter': next_iter, 'resume_epoch': epoch, 'meters': meters})
+                       keep=False, extra=extra)
         if stop:
             where = (f"saved {os.path.join(self.args.output_dir, CHECKPOINT_LAST)}; the same command continues "
                      f"from it") if self.args.output_dir else "nothing was saved (no --output_dir)"
@@ -747,7 +750,7 @@ def prepare_resume(args, checkpoint, data_loader):
     data_loader.sampler.skip = start_iter * args.batch_size
     rng = {'rng': checkpoint['rng']}
     resume = {'start_iter': start_iter, 'meters': checkpoint['meters'][get_rank()],
-              'restore_rng': lambda: restore_rng(rng)}
+              'restore_rng': lambda: restore_rng(rng), 'skipped_images': checkpoint.get('skipped_images')}
     print(f"Resuming epoch {args.start_epoch} at iteration {start_iter} of {iters_per_epoch}")
     purge_step = int(((start_iter - 1) / iters_per_epoch + args.start_epoch) * 1000) + 1
     return resume, purge_step
