@@ -656,6 +656,11 @@ def stop_requested_locally():
     return _stop['requested']
 
 
+def stop_signal():
+    """The signal that asked this process to stop, or None."""
+    return _stop['signal']
+
+
 def stop_requested():
     """True on every rank once any rank has been asked to stop (collective: call on all ranks together)."""
     flag = _stop['requested']

@@ -162,7 +162,7 @@ class Trainer:
             trainer.main(copy.deepcopy(self.args))
         except misc.RunInterrupted as e:
             # the signal this process received; None when only another rank received one (all ranks stop together)
-            signum = _received['signal'] if _received['signal'] is not None else misc._stop.get('signal')
+            signum = _received['signal'] if _received['signal'] is not None else misc.stop_signal()
             print(f"Run interrupted (signal {signum} here): {e}", flush=True)
             if signum != signal.SIGTERM:
                 self._requeue(submitit_handler, signum if signum in (usr_sig, signal.SIGUSR1) else usr_sig)
