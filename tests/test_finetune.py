@@ -161,3 +161,15 @@ def test_stop_mid_epoch_then_resume_is_exact(tmp_path, pretrained):
     assert 'Resuming epoch 0 at iteration 3 of 4' in resumed.stdout
     assert (part / 'log.txt').read_text() == (whole / 'log.txt').read_text()
     assert tb_scalars(part) == tb_scalars(whole)
+
+
+def test_torchrun_two_processes_partial_with_accumulation_and_dist_eval(tmp_path, pretrained):
+    out = tmp_path / 'out'
+    r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'main_finetune.py',
+                   '--model', 'vit_tiny_patch4', '--input_size', '32', '--nb_classes', '2', '--batch_size', '2',
+                   '--accum_iter', '2', '--epochs', '1', '--warmup_epochs', '0', '--train_blocks', '1', '--dist_eval',
+                   '--device', 'cpu', '--num_workers', '0', '--data_path', TINY, '--finetune', pretrained,
+                   '--output_dir', out, '--log_dir', out, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row['epoch'] for row in read_log(out)] == [0]
+    assert 'Accuracy of the network on the 8 test images' in r.stdout
