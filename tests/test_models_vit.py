@@ -140,11 +140,16 @@ def test_fine_tuned_weights_load_strictly_into_timm(global_pool, timm_pool):
         torch.testing.assert_close(theirs(SMALL['imgs']), ours(SMALL['imgs']), rtol=0, atol=1e-6)
 
 
-def test_vit_base_weights_load_strictly_into_timm_create_model():
+@pytest.mark.parametrize('ours_name,timm_name', [('vit_base_patch16', 'vit_base_patch16_224'),
+                                                ('vit_large_patch16', 'vit_large_patch16_224'),
+                                                ('vit_huge_patch14', 'vit_huge_patch14_224')])
+@pytest.mark.parametrize('global_pool,timm_pool', [(True, 'avg'), (False, 'token')])
+def test_full_size_weights_load_strictly_into_timm_create_model(ours_name, timm_name, global_pool, timm_pool):
     with torch.device('meta'):  # construction only
-        ours = models_vit.vit_base_patch16(global_pool=True, num_classes=37)
-        theirs = timm.create_model('vit_base_patch16_224', pretrained=False, num_classes=37, global_pool='avg')
+        ours = models_vit.MODELS[ours_name](global_pool=global_pool, num_classes=37)
+        theirs = timm.create_model(timm_name, pretrained=False, num_classes=37, global_pool=timm_pool)
     theirs.load_state_dict(ours.state_dict(), strict=True)
+    assert (theirs.fc_norm if global_pool else theirs.norm).eps == 1e-6
 
 
 FULL_SIZE = {  # (MAE builder, parameters of the 1000-class classifier with global pooling, patch size, depth)
