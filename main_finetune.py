@@ -137,12 +137,16 @@ def check_common_args(args):
             raise misc.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
 
 
-def check_classes(args, *datasets):
+def check_classes(args, dataset_train, dataset_val):
     """Every class folder must have an output: ``--nb_classes`` at least the number of classes found."""
-    for dataset in datasets:
+    for dataset in (dataset_train, dataset_val):
         if dataset is not None and len(dataset.classes) > args.nb_classes:
             raise misc.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {len(dataset.classes)} "
                                   f"classes in {dataset.root}")
+    if dataset_train is not None and dataset_train.classes != dataset_val.classes:
+        # ImageFolder numbers each split's folders on its own: the labels of train/ and val/ would not agree
+        print(f"Warning: {dataset_train.root} and {dataset_val.root} do not hold the same class folders; class "
+              f"indices are assigned per folder, so they differ between the two")
 
 
 def check_batches(args, dataset, world_size):
@@ -332,12 +336,11 @@ def main(args):
         drop_path_rate=args.drop_path,
         global_pool=args.global_pool,
     )
+    if args.train_blocks > len(model.blocks):
+        raise misc.UsageError(f"--train_blocks {args.train_blocks}: {args.model} has only {len(model.blocks)} blocks")
     load_finetune_weights(args, model, head_init_std=2e-5)
 
     if args.train_blocks >= 0:
-        if args.train_blocks > len(model.blocks):
-            raise misc.UsageError(f"--train_blocks {args.train_blocks}: {args.model} has only {len(model.blocks)} "
-                                  f"blocks")
         trainable = models_vit.train_last_blocks(model, args.train_blocks)
         print(f"Partial fine-tuning: training the last {args.train_blocks} of {len(model.blocks)} blocks, the final "
               f"norm and the head ({len(trainable)} tensors); everything else is frozen")

@@ -105,9 +105,9 @@ def add_probe_head(model):
     Returns the trainable parameters, the head's first.
 
     ``fc_norm`` is created afresh for global pooling (the MAE encoder has no such layer); the reference freezes it at
-    its initial identity (issue #186). Here it is trained. Since the BatchNorm right after it normalises each feature
-    again, its affine parameters are mathematically redundant for the probe's decision, so the numbers barely move;
-    training it keeps the classifier a faithful "encoder + fc_norm + linear" model to export.
+    its initial identity (issue #186). Here it is trained. The BatchNorm right after it normalises each feature again,
+    which cancels a per-feature scale and shift (up to sign and eps), so its gradients are tiny and the numbers
+    barely move; the default class-token probe is unaffected.
     """
     model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for p in model.parameters():
