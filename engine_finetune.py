@@ -82,6 +82,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             log_writer.add_scalar('loss', loss_value_reduce, epoch_1000x)
             log_writer.add_scalar('lr', max_lr, epoch_1000x)
 
+        if update:
+            misc.fault_point('step', epoch, data_iter_step + 1)  # crash tests only (MAE_FAULT)
         if checkpointer is not None and update:
             checkpointer.after_step(epoch, data_iter_step + 1, iters_per_epoch, metric_logger)
 

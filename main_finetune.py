@@ -204,10 +204,10 @@ def load_finetune_weights(args, model, head_init_std):
 
 def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_val, optimizer, loss_scaler,
                criterion, n_parameters, resumed, max_norm=None, mixup_fn=None):
-    """The training loop both entry points share: train, evaluate, log (log.txt, TensorBoard), then checkpoint.
+    """The training loop both entry points share: train, evaluate, log.txt row, checkpoint, TensorBoard perf/*.
 
-    The checkpoint is written last, so a run that dies before it is complete resumes from the previous epoch and
-    ``misc.truncate_log`` drops the rows written after it. ``resumed`` is what ``resume()`` returned. Within an
+    A run that dies before its checkpoint is complete resumes from the previous epoch, and ``misc.truncate_log``
+    drops the log.txt rows written after it. ``resumed`` is what ``resume()`` returned. Within an
     epoch, ``--save_every_iters`` and stop signals (SIGUSR1/SIGTERM) write resumable checkpoints, as in
     pre-training."""
     device = torch.device(args.device)
@@ -236,10 +236,6 @@ def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_va
                      **{f'test_{k}': v for k, v in test_stats.items()},
                      'epoch': epoch,
                      'n_parameters': n_parameters}
-        if log_writer is not None:
-            log_writer.add_scalar('perf/test_acc1', test_stats['acc1'], epoch)
-            log_writer.add_scalar('perf/test_acc5', test_stats['acc5'], epoch)
-            log_writer.add_scalar('perf/test_loss', test_stats['loss'], epoch)
         if args.output_dir and misc.is_main_process():
             if log_writer is not None:
                 log_writer.flush()
@@ -249,6 +245,13 @@ def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_va
             misc.save_model(args=args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
                             loss_scaler=loss_scaler, epoch=epoch, keep=keep,
                             extra={'max_accuracy': max_accuracy})
+        # after the checkpoint, unlike the log row: these points are at step `epoch` (the reference's axis), below
+        # the purge step (1000 x epoch) of a resumed run, so one written before a kill would appear twice
+        if log_writer is not None:
+            log_writer.add_scalar('perf/test_acc1', test_stats['acc1'], epoch)
+            log_writer.add_scalar('perf/test_acc5', test_stats['acc5'], epoch)
+            log_writer.add_scalar('perf/test_loss', test_stats['loss'], epoch)
+            log_writer.flush()
 
     if log_writer is not None:
         log_writer.close()

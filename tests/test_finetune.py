@@ -1,6 +1,7 @@
 """main_finetune.py end to end on the tiny folder: the reference's numbers, evaluation of reference-format
 checkpoints, partial fine-tuning, and clear errors."""
 import shutil
+from functools import partial
 
 import pytest
 import torch
@@ -145,15 +146,25 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, pretrained, case
     assert len(lines) == 1 and lines[0].startswith('error: ') and expect in lines[0], err
 
 
-def test_stop_mid_epoch_then_resume_is_exact(tmp_path, pretrained):
+def single_process_argv(out, pretrained):
+    return ['main_finetune.py', '--model', 'vit_tiny_patch4', '--input_size', '32', '--nb_classes', '2',
+            '--batch_size', '4', '--epochs', '2', '--warmup_epochs', '1', '--blr', '5e-2', '--mixup', '0.8',
+            '--cutmix', '1.0', '--device', 'cpu', '--num_workers', '0', '--data_path', TINY,
+            '--finetune', pretrained, '--output_dir', out, '--log_dir', out]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, pretrained):
+    out = tmp_path_factory.mktemp('uninterrupted')
+    r = run_script(*single_process_argv(out, pretrained))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_stop_mid_epoch_then_resume_is_exact(tmp_path, pretrained, uninterrupted):
     """Single process, --num_workers 0: RandAugment, random erasing and Mixup/CutMix draws all continue exactly."""
-    def argv(out):
-        return ['main_finetune.py', '--model', 'vit_tiny_patch4', '--input_size', '32', '--nb_classes', '2',
-                '--batch_size', '4', '--epochs', '2', '--warmup_epochs', '1', '--blr', '5e-2', '--mixup', '0.8',
-                '--cutmix', '1.0', '--device', 'cpu', '--num_workers', '0', '--data_path', TINY,
-                '--finetune', pretrained, '--output_dir', out, '--log_dir', out]
-    whole, part = tmp_path / 'whole', tmp_path / 'part'
-    assert run_script(*argv(whole)).returncode == 0
+    argv = partial(single_process_argv, pretrained=pretrained)
+    whole, part = uninterrupted, tmp_path / 'part'
     stopped = run_stopped_at(run_script, argv(part), 3)  # epoch 0, iteration 3 of 4
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     resumed = run_script(*argv(part))
@@ -173,3 +184,16 @@ def test_torchrun_two_processes_partial_with_accumulation_and_dist_eval(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert [row['epoch'] for row in read_log(out)] == [0]
     assert 'Accuracy of the network on the 8 test images' in r.stdout
+
+
+@pytest.mark.parametrize('fault', ['step:1:2',   # killed in the middle of epoch 1: epoch 1 is done again
+                                   'save:2'])    # killed while writing epoch 1's checkpoint (after its log row)
+def test_sigkill_then_resume_gives_identical_log(tmp_path, pretrained, uninterrupted, fault):
+    out = tmp_path / 'out'
+    crashed = run_script(*single_process_argv(out, pretrained), env={'MAE_FAULT': fault})
+    assert crashed.returncode == -9
+    resumed = run_script(*single_process_argv(out, pretrained))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / 'log.txt').read_text() == (uninterrupted / 'log.txt').read_text()
+    assert tb_scalars(out) == tb_scalars(uninterrupted)
+    assert 'Max accuracy' in resumed.stdout
