@@ -138,8 +138,9 @@ def main(args):
     cudnn.benchmark = True
 
     # (evaluation only needs val/)
-    dataset_train = None if args.eval else image_folder(args.data_path, 'train', train_transform(args.input_size))
-    dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size))
+    dataset_train = None if args.eval else image_folder(args.data_path, 'train', train_transform(args.input_size),
+                                                        skip_bad=args.skip_bad_images)
+    dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size), skip_bad=args.skip_bad_images)
     if dataset_train is not None:
         print(dataset_train)
     print(dataset_val)

@@ -286,3 +286,20 @@ def test_main_pretrain_skip_bad_images(tmp_path):
     for name in BAD_NAMES:
         assert result.stderr.count(f"warning: skipping bad image file {data / 'train' / 'cat' / name}") == 1
     assert "Epoch 1: skipped 3 bad image files" in result.stdout
+
+
+@pytest.mark.parametrize('script_name', ['main_finetune.py', 'main_linprobe.py'])
+def test_finetune_and_linprobe_bad_images(tmp_path, script_name):
+    """The same flag and the same default error in the classification entry points."""
+    data = mixed_tree(tmp_path / 'data')
+    shutil.copytree(DATA / 'tiny_imagefolder' / 'val', data / 'val')
+    argv = [script_name, '--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '4', '--epochs', '1',
+            '--nb_classes', '2', '--data_path', data, '--device', 'cpu', '--num_workers', '0',
+            '--output_dir', tmp_path / 'out', '--log_dir', tmp_path / 'out']
+    failed = run_script(*argv)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1].startswith('error: bad image file ')
+    result = run_script(*argv, '--skip_bad_images')
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / 'out' / 'log.txt').read_text().splitlines()]
+    assert [r['train_skipped_images'] for r in rows] == [3]

@@ -8,7 +8,8 @@ from util.image_folder import image_folder
 
 def build_dataset(is_train, args):
     """``<data_path>/train`` or ``<data_path>/val`` as an ImageFolder with the fine-tuning transforms."""
-    dataset = image_folder(args.data_path, 'train' if is_train else 'val', build_transform(is_train, args))
+    dataset = image_folder(args.data_path, 'train' if is_train else 'val', build_transform(is_train, args),
+                           skip_bad=getattr(args, 'skip_bad_images', False))
     print(dataset)
     return dataset
 
