@@ -23,7 +23,7 @@ import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
-from main_pretrain import add_run_control_args, open_log_writer, resolve_resume
+from util.runs import add_run_control_args, open_log_writer, resolve_resume
 from util.datasets import build_dataset
 from util.image_folder import reset_skipped, restore_skipped, skipped_images, skipped_indices, skipped_report
 from util.pretrained import load_pretrained_encoder

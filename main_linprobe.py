@@ -21,8 +21,8 @@ import util.misc as misc
 from engine_finetune import evaluate
 from main_finetune import (build_loaders, check_classes, check_common_args, load_finetune_weights, resume,
                            run_epochs)
-from main_pretrain import add_run_control_args, resolve_resume
 from util.crop import RandomResizedCrop
+from util.runs import add_run_control_args, resolve_resume
 from util.datasets import eval_transform
 from util.image_folder import image_folder
 from util.lars import LARS

@@ -61,7 +61,8 @@ def main():
     imgs_per_s = args.steps * args.batch_size / elapsed
     mem = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == 'cuda' else 'n/a (CPU)'
     name = torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'
-    print(f"{args.model} input {args.input_size} batch {args.batch_size} amp {args.amp if device.type == 'cuda' else 'none'} "
+    amp = args.amp if device.type == 'cuda' else 'none'
+    print(f"{args.model} input {args.input_size} batch {args.batch_size} amp {amp} "
           f"on {name}: {imgs_per_s:.1f} img/s ({elapsed / args.steps * 1000:.1f} ms/step), peak memory {mem}, "
           f"torch {torch.__version__}")
 

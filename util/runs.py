@@ -1,0 +1,48 @@
+"""What every entry point does around its training loop: the run-control flags they share, finding the checkpoint
+to resume from, and the TensorBoard writer."""
+import os
+
+import util.misc as misc
+
+
+def add_run_control_args(parser, save_freq):
+    """[new] flags shared by the entry points: precision, checkpoint cadence, resuming, fault handling."""
+    parser.add_argument('--amp', default='fp16', choices=['fp16', 'bf16', 'none'],
+                        help='[new] mixed precision on CUDA: fp16 with loss scaling (the reference), bf16, or none '
+                             '(fp32). The CPU always runs fp32.')
+    parser.add_argument('--save_freq', default=save_freq, type=int,
+                        help=f'[new] keep checkpoint-<epoch>.pth every N epochs and at the end (default {save_freq}, '
+                             'as the reference); checkpoint-last.pth is rewritten every epoch regardless')
+    parser.add_argument('--auto_resume', action='store_true',
+                        help='[new] continue from the newest checkpoint in --output_dir if there is one (default on)')
+    parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume')
+    parser.set_defaults(auto_resume=True)
+    parser.add_argument('--save_every_iters', default=0, type=int, metavar='N',
+                        help='[new] also rewrite checkpoint-last.pth every N optimizer steps within an epoch '
+                             '(default 0: only at the end of each epoch)')
+    parser.add_argument('--skip_nonfinite', default=0, type=int, metavar='N',
+                        help='[new] skip up to N steps with a non-finite loss before stopping (default 0: stop)')
+    parser.add_argument('--skip_bad_images', action='store_true',
+                        help='[new] skip image files that cannot be read (truncated, not an image, empty, unreadable): '
+                             'each is replaced by the next readable image, named once on stderr, and counted per '
+                             'epoch (train_skipped_images in log.txt). Default: stop with an error naming the file')
+
+
+def resolve_resume(args):
+    """With auto-resume, a checkpoint already in --output_dir wins over --resume (so a requeued or restarted job
+    continues where it stopped)."""
+    if args.auto_resume and args.output_dir:
+        found = misc.find_resume_checkpoint(args.output_dir)
+        if found:
+            print(f"Auto-resume: continuing from {found}")
+            args.resume = found
+
+
+def open_log_writer(args, purge_step=None):
+    """TensorBoard writer on rank 0. When resuming, ``purge_step`` hides the points at or after the resume point
+    (left by the run that died), so that no point appears twice."""
+    if not (misc.is_main_process() and args.log_dir):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    os.makedirs(args.log_dir, exist_ok=True)
+    return SummaryWriter(log_dir=args.log_dir, purge_step=purge_step)
