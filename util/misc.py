@@ -43,9 +43,16 @@ def run_main(main, args):
     except (UsageError, TrainingStopped, RunInterrupted) as e:
         sys.stderr.write(f"{'stopped' if isinstance(e, RunInterrupted) else 'error'}: {_one_line(e)}\n")
         sys.stderr.flush()
-        if is_dist_avail_and_initialized():
-            dist.destroy_process_group()
         sys.exit(2 if isinstance(e, UsageError) else 1)
+    finally:
+        shutdown_distributed()
+
+
+def shutdown_distributed():
+    """Leave the process group before exiting: a process that exits with gloo's threads still running can abort
+    ('terminate called without an active exception')."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

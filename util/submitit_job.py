@@ -170,6 +170,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            misc.shutdown_distributed()
 
     def _take_over_signals(self):
         submitit = import_submitit()
