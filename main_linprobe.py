@@ -22,7 +22,7 @@ from engine_finetune import evaluate
 from main_finetune import (build_loaders, check_classes, check_common_args, load_finetune_weights, resume,
                            run_epochs)
 from util.crop import RandomResizedCrop
-from util.runs import add_run_control_args, resolve_resume
+from util.runs import add_common_args, add_run_control_args, resolve_resume
 from util.datasets import eval_transform
 from util.image_folder import image_folder
 from util.lars import LARS
@@ -62,30 +62,12 @@ def get_args_parser():
                         help='Use class token instead of global pool for classification')
 
     # Dataset parameters
-    parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str,
-                        help='dataset path (an ImageFolder tree with train/ and val/ folders)')
     parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
-    parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
-    parser.add_argument('--log_dir', default='./output_dir', help='path where to tensorboard log')
-    parser.add_argument('--device', default='cuda', help='device to use for training / testing')
-    parser.add_argument('--seed', default=0, type=int)
-    parser.add_argument('--resume', default='', help='resume from checkpoint')
-    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
     parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
     parser.add_argument('--dist_eval', action='store_true', default=False,
                         help='Enabling distributed evaluation (recommended during training for faster monitor')
-    parser.add_argument('--num_workers', default=10, type=int)
-    parser.add_argument('--pin_mem', action='store_true',
-                        help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
-    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
-    parser.set_defaults(pin_mem=True)
 
-    # distributed training parameters
-    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
-    parser.add_argument('--local_rank', default=-1, type=int)
-    parser.add_argument('--dist_on_itp', action='store_true')
-    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
-
+    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)')
     add_run_control_args(parser, save_freq=1)
     return parser
 

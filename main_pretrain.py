@@ -17,7 +17,7 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.runs import add_run_control_args, open_log_writer, resolve_resume
+from util.runs import add_common_args, add_run_control_args, open_log_writer, resolve_resume
 from util.image_folder import (image_folder, reset_skipped, restore_skipped, skipped_images, skipped_indices,
                                skipped_report)
 
@@ -51,26 +51,8 @@ def get_args_parser():
     parser.add_argument('--warmup_epochs', type=int, default=40, metavar='N', help='epochs to warmup LR')
 
     # Dataset parameters
-    parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str,
-                        help='dataset path (an ImageFolder tree with a train/ folder)')
-    parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
-    parser.add_argument('--log_dir', default='./output_dir', help='path where to tensorboard log')
-    parser.add_argument('--device', default='cuda', help='device to use for training / testing')
-    parser.add_argument('--seed', default=0, type=int)
-    parser.add_argument('--resume', default='', help='resume from checkpoint')
-    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
-    parser.add_argument('--num_workers', default=10, type=int)
-    parser.add_argument('--pin_mem', action='store_true',
-                        help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
-    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
-    parser.set_defaults(pin_mem=True)
 
-    # distributed training parameters
-    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
-    parser.add_argument('--local_rank', default=-1, type=int)
-    parser.add_argument('--dist_on_itp', action='store_true')
-    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
-
+    add_common_args(parser, data_help='dataset path (an ImageFolder tree with a train/ folder)')
     add_run_control_args(parser, save_freq=20)
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
