@@ -9,12 +9,9 @@ import argparse
 import datetime
 import json
 import os
-import random
 import time
 
-import numpy as np
 import torch
-import torch.backends.cudnn as cudnn
 from timm.data import Mixup
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -23,7 +20,8 @@ import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
-from util.runs import add_common_args, add_run_control_args, open_log_writer, resolve_resume
+from util.runs import (add_common_args, add_run_control_args, check_batches, open_log_writer, resolve_resume,
+                       start_run)
 from util.datasets import build_dataset
 from util.image_folder import reset_skipped, restore_skipped, skipped_images, skipped_indices, skipped_report
 from util.pretrained import load_pretrained_encoder
@@ -130,14 +128,6 @@ def check_classes(args, dataset_train, dataset_val):
         # ImageFolder numbers each split's folders on its own: the labels of train/ and val/ would not agree
         print(f"Warning: {dataset_train.root} and {dataset_val.root} do not hold the same class folders; class "
               f"indices are assigned per folder, so they differ between the two")
-
-
-def check_batches(args, dataset, world_size):
-    per_rank = len(dataset) // world_size
-    if per_rank < args.batch_size:
-        raise misc.UsageError(
-            f"{len(dataset)} training images give {per_rank} per process over {world_size} process(es), fewer "
-            f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
 
 
 def build_loaders(args, dataset_train, dataset_val, device):
@@ -288,23 +278,9 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    misc.init_distributed_mode(args)
-    misc.check_output_dir(args.output_dir)
-
-    print('job dir: {}'.format(os.path.dirname(os.path.realpath(__file__))))
-    print("{}".format(args).replace(', ', ',\n'))
-
-    device = torch.device(args.device)
-
-    # fix the seed for reproducibility
-    seed = args.seed + misc.get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    # [new] RandAugment and random erasing draw from python's `random`; the reference leaves it unseeded, so with
-    # --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
-    random.seed(seed)
-
-    cudnn.benchmark = True
+    # [new] seed_python: RandAugment and random erasing draw from python's `random`; the reference leaves it
+    # unseeded, so with --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
+    device = start_run(args, __file__, seed_python=True)
 
     # (evaluation only needs val/)
     dataset_train = None if args.eval else build_dataset(is_train=True, args=args)

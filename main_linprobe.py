@@ -8,11 +8,8 @@ not in the reference are marked [new]. Two reference defects are fixed: with ``-
 and tested for the BatchNorm head.
 """
 import argparse
-import os
 
-import numpy as np
 import torch
-import torch.backends.cudnn as cudnn
 import torchvision.transforms as transforms
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -22,7 +19,7 @@ from engine_finetune import evaluate
 from main_finetune import (build_loaders, check_classes, check_common_args, load_finetune_weights, resume,
                            run_epochs)
 from util.crop import RandomResizedCrop
-from util.runs import add_common_args, add_run_control_args, resolve_resume
+from util.runs import add_common_args, add_run_control_args, resolve_resume, start_run
 from util.datasets import eval_transform
 from util.image_folder import image_folder
 from util.lars import LARS
@@ -104,20 +101,7 @@ def add_probe_head(model):
 
 def main(args):
     check_common_args(args)
-    misc.init_distributed_mode(args)
-    misc.check_output_dir(args.output_dir)
-
-    print('job dir: {}'.format(os.path.dirname(os.path.realpath(__file__))))
-    print("{}".format(args).replace(', ', ',\n'))
-
-    device = torch.device(args.device)
-
-    # fix the seed for reproducibility
-    seed = args.seed + misc.get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-    cudnn.benchmark = True
+    device = start_run(args, __file__)
 
     # (evaluation only needs val/)
     dataset_train = None if args.eval else image_folder(args.data_path, 'train', train_transform(args.input_size),

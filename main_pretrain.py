@@ -5,19 +5,17 @@ reference's (facebookresearch/mae, main_pretrain.py); flags that are not in the 
 """
 import argparse
 import datetime
-import os
 import time
 
-import numpy as np
 import torch
-import torch.backends.cudnn as cudnn
 import torchvision.transforms as transforms
 from timm.optim import param_groups_weight_decay
 
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.runs import add_common_args, add_run_control_args, open_log_writer, resolve_resume
+from util.runs import (add_common_args, add_run_control_args, check_batches, open_log_writer, resolve_resume,
+                       start_run)
 from util.image_folder import (image_folder, reset_skipped, restore_skipped, skipped_images, skipped_indices,
                                skipped_report)
 
@@ -77,30 +75,9 @@ def check_args(args):
         raise misc.UsageError(f"--save_freq must be at least 1, got {args.save_freq}")
 
 
-def check_batches(args, dataset, world_size):
-    per_rank = len(dataset) // world_size
-    if per_rank < args.batch_size:
-        raise misc.UsageError(
-            f"{len(dataset)} training images give {per_rank} per process over {world_size} process(es), fewer "
-            f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
-
-
 def main(args):
     check_args(args)
-    misc.init_distributed_mode(args)
-    misc.check_output_dir(args.output_dir)
-
-    print('job dir: {}'.format(os.path.dirname(os.path.realpath(__file__))))
-    print("{}".format(args).replace(', ', ',\n'))
-
-    device = torch.device(args.device)
-
-    # fix the seed for reproducibility
-    seed = args.seed + misc.get_rank()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-    cudnn.benchmark = True
+    device = start_run(args, __file__)
 
     # simple augmentation
     transform_train = transforms.Compose([

@@ -1,8 +1,41 @@
 """What every entry point does around its training loop: the run-control flags they share, finding the checkpoint
 to resume from, and the TensorBoard writer."""
 import os
+import random
+
+import numpy as np
+import torch
 
 import util.misc as misc
+
+
+def start_run(args, script, seed_python=False):
+    """The reference's start of every entry point: join the process group, check --output_dir, print the job and
+    its flags, seed torch and numpy with ``seed + rank`` (and python's ``random`` with ``seed_python``), turn on
+    cudnn's autotuner. Returns the device."""
+    misc.init_distributed_mode(args)
+    misc.check_output_dir(args.output_dir)
+
+    print('job dir: {}'.format(os.path.dirname(os.path.realpath(script))))
+    print("{}".format(args).replace(', ', ',\n'))
+
+    seed = args.seed + misc.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if seed_python:
+        random.seed(seed)
+
+    torch.backends.cudnn.benchmark = True
+    return torch.device(args.device)
+
+
+def check_batches(args, dataset, world_size):
+    """Refuse a dataset that gives no full batch per process (``drop_last`` would leave nothing to train on)."""
+    per_rank = len(dataset) // world_size
+    if per_rank < args.batch_size:
+        raise misc.UsageError(
+            f"{len(dataset)} training images give {per_rank} per process over {world_size} process(es), fewer "
+            f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
 
 
 def add_common_args(parser, data_help):
