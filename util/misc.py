@@ -272,14 +272,20 @@ def all_reduce_mean(x):
 
 
 # ---------------------------------------------------------------------------------------------------- AMP
-def autocast(args):
-    """The forward-pass autocast context: fp16 on CUDA as the reference (``--amp fp16``, default), bf16 with
-    ``--amp bf16``, none with ``--amp none`` or on the CPU (fp32 there, as the reference)."""
+def amp_settings(args):
+    """``(device_type, dtype, enabled)`` of the forward pass's autocast: fp16 on CUDA as the reference
+    (``--amp fp16``, the default), bf16 with ``--amp bf16``, off with ``--amp none`` and on the CPU (fp32 there, as
+    the reference)."""
     amp = getattr(args, 'amp', 'fp16')
     use_cuda = str(args.device).startswith('cuda')
-    enabled = use_cuda and amp != 'none'
     dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
-    return torch.autocast(device_type='cuda' if use_cuda else 'cpu', dtype=dtype, enabled=enabled)
+    return ('cuda' if use_cuda else 'cpu'), dtype, use_cuda and amp != 'none'
+
+
+def autocast(args):
+    """The forward pass's autocast context (see ``amp_settings``)."""
+    device_type, dtype, enabled = amp_settings(args)
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
 
 
 def _grad_scaler(enabled):
