@@ -21,7 +21,7 @@ import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_one_epoch
 from util.runs import (add_common_args, add_run_control_args, check_batches, open_log_writer, resolve_resume,
-                       start_run)
+                       set_lr, start_run, wrap_ddp)
 from util.datasets import build_dataset
 from util.image_folder import reset_skipped, restore_skipped, skipped_images, skipped_indices, skipped_report
 from util.pretrained import load_pretrained_encoder
@@ -323,18 +323,9 @@ def main(args):
     print("Model = %s" % str(model_without_ddp))
     print('number of params (M): %.2f' % (n_parameters / 1.e6))
 
-    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
-    if args.lr is None:  # only base_lr is specified
-        args.lr = args.blr * eff_batch_size / 256
-    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
-    print("actual lr: %.2e" % args.lr)
-    print("accumulate grad iterations: %d" % args.accum_iter)
-    print("effective batch size: %d" % eff_batch_size)
+    set_lr(args)
 
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
+    model, model_without_ddp = wrap_ddp(model, args, device)
 
     # layer-wise lr decay; frozen parameters (partial fine-tuning) are left out
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,

@@ -19,7 +19,7 @@ from engine_finetune import evaluate
 from main_finetune import (build_loaders, check_classes, check_common_args, load_finetune_weights, resume,
                            run_epochs)
 from util.crop import RandomResizedCrop
-from util.runs import add_common_args, add_run_control_args, resolve_resume, start_run
+from util.runs import add_common_args, add_run_control_args, resolve_resume, set_lr, start_run, wrap_ddp
 from util.datasets import eval_transform
 from util.image_folder import image_folder
 from util.lars import LARS
@@ -133,18 +133,9 @@ def main(args):
     print("Model = %s" % str(model_without_ddp))
     print('number of params (M): %.2f' % (n_parameters / 1.e6))
 
-    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
-    if args.lr is None:  # only base_lr is specified
-        args.lr = args.blr * eff_batch_size / 256
-    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
-    print("actual lr: %.2e" % args.lr)
-    print("accumulate grad iterations: %d" % args.accum_iter)
-    print("effective batch size: %d" % eff_batch_size)
+    set_lr(args)
 
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
+    model, model_without_ddp = wrap_ddp(model, args, device)
 
     optimizer = LARS(trainable, lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)

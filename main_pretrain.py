@@ -15,7 +15,7 @@ import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.runs import (add_common_args, add_run_control_args, check_batches, open_log_writer, resolve_resume,
-                       start_run)
+                       set_lr, start_run, wrap_ddp)
 from util.image_folder import (image_folder, reset_skipped, restore_skipped, skipped_images, skipped_indices,
                                skipped_report)
 
@@ -110,18 +110,9 @@ def main(args):
     model_without_ddp = model
     print("Model = %s" % str(model_without_ddp))
 
-    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
-    if args.lr is None:  # only base_lr is specified
-        args.lr = args.blr * eff_batch_size / 256
-    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
-    print("actual lr: %.2e" % args.lr)
-    print("accumulate grad iterations: %d" % args.accum_iter)
-    print("effective batch size: %d" % eff_batch_size)
+    set_lr(args)
 
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None, find_unused_parameters=True)
-        model_without_ddp = model.module
+    model, model_without_ddp = wrap_ddp(model, args, device, find_unused_parameters=True)
 
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)

@@ -29,6 +29,27 @@ def start_run(args, script, seed_python=False):
     return torch.device(args.device)
 
 
+def set_lr(args):
+    """The linear scaling rule: unless ``--lr`` is given, ``lr = blr * effective batch size / 256``."""
+    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    print("actual lr: %.2e" % args.lr)
+    print("accumulate grad iterations: %d" % args.accum_iter)
+    print("effective batch size: %d" % eff_batch_size)
+
+
+def wrap_ddp(model, args, device, **ddp_kwargs):
+    """``(model, model_without_ddp)``: the model in DistributedDataParallel when distributed (on the process's GPU,
+    or the CPU with gloo)."""
+    if not args.distributed:
+        return model, model
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[args.gpu] if device.type == 'cuda' else None, **ddp_kwargs)
+    return ddp, ddp.module
+
+
 def check_batches(args, dataset, world_size):
     """Refuse a dataset that gives no full batch per process (``drop_last`` would leave nothing to train on)."""
     per_rank = len(dataset) // world_size
