@@ -1,6 +1,4 @@
 """One epoch of supervised training (fine-tuning, linear probing) and the evaluation loop, as in the reference."""
-import contextlib
-import math
 from types import SimpleNamespace
 from typing import Iterable, Optional
 
@@ -10,7 +8,7 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from engine_pretrain import new_metric_logger, nonfinite_guard, start_batches
+from engine_pretrain import backward_step, grad_sync, new_metric_logger, start_batches
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -47,26 +45,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             samples, targets = mixup_fn(samples, targets)
 
         update = (data_iter_step + 1) % accum_iter == 0
-        # gradients of accumulation micro-steps stay local; DDP all-reduces once, on the step that updates
-        sync = contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync()
-        with sync:
+        with grad_sync(model, update):
             with misc.autocast(args):
                 outputs = model(samples)
                 loss = criterion(outputs, targets)
-            loss_value = loss.item()
-            # the mean over ranks decides, so every rank takes the same branch
-            loss_value_reduce = misc.all_reduce_mean(loss_value)
-            if not math.isfinite(loss_value_reduce):
-                skipped = nonfinite_guard(args, epoch, data_iter_step, loss_value_reduce, skipped)
-                if hasattr(model, 'no_sync'):
-                    loss.backward()  # DDP expects a backward after each forward; the gradients are dropped
-                optimizer.zero_grad()  # (with accumulation, the whole window's)
-                continue
-            loss = loss / accum_iter
-            loss_scaler(loss, optimizer, clip_grad=max_norm, parameters=model.parameters(), create_graph=False,
-                        update_grad=update)
-        if update:
-            optimizer.zero_grad()
+            loss_value, loss_value_reduce, skipped, stepped = backward_step(
+                model, loss, optimizer, loss_scaler, args, epoch, data_iter_step, update, skipped, clip_grad=max_norm)
+        if not stepped:
+            continue
 
         if device.type == 'cuda':
             torch.cuda.synchronize()

@@ -25,6 +25,32 @@ def nonfinite_guard(args, epoch, step, loss_value_reduce, skipped):
         + (" (--skip_nonfinite N skips up to N such steps)" if limit == 0 else ""))
 
 
+def grad_sync(model, update):
+    """Gradients of accumulation micro-steps stay local: DDP all-reduces once, on the step that updates (run the
+    forward and ``backward_step`` inside this context)."""
+    return contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync()
+
+
+def backward_step(model, loss, optimizer, loss_scaler, args, epoch, step, update, skipped, clip_grad=None):
+    """The reference's backward: ``loss / accum_iter``, scaled backward, and on ``update`` the (clipped) optimizer
+    step and ``zero_grad``. A non-finite loss (its mean over ranks decides, so every rank takes the same branch)
+    goes to ``nonfinite_guard`` and the step is dropped. Returns ``(loss_value, loss_value_reduce, skipped,
+    stepped)``."""
+    loss_value = loss.item()
+    loss_value_reduce = misc.all_reduce_mean(loss_value)
+    if not math.isfinite(loss_value_reduce):
+        skipped = nonfinite_guard(args, epoch, step, loss_value_reduce, skipped)
+        if hasattr(model, 'no_sync'):
+            loss.backward()  # DDP expects a backward after each forward; the gradients are dropped
+        optimizer.zero_grad()  # (with accumulation, the whole window's)
+        return loss_value, loss_value_reduce, skipped, False
+    loss_scaler(loss / args.accum_iter, optimizer, clip_grad=clip_grad, parameters=model.parameters(),
+                update_grad=update)
+    if update:
+        optimizer.zero_grad()
+    return loss_value, loss_value_reduce, skipped, True
+
+
 def start_batches(data_loader, resume):
     """Start the epoch's batches; returns ``(iterator, start_iter, iters_per_epoch)``.
 
@@ -72,24 +98,13 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         samples = samples.to(device, non_blocking=True)
         update = (data_iter_step + 1) % accum_iter == 0
 
-        # gradients of accumulation micro-steps stay local; DDP all-reduces once, on the step that updates
-        sync = contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync()
-        with sync:
+        with grad_sync(model, update):
             with misc.autocast(args):
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            loss_value = loss.item()
-            # the mean over ranks decides, so every rank takes the same branch
-            loss_value_reduce = misc.all_reduce_mean(loss_value)
-            if not math.isfinite(loss_value_reduce):
-                skipped = nonfinite_guard(args, epoch, data_iter_step, loss_value_reduce, skipped)
-                if hasattr(model, 'no_sync'):
-                    loss.backward()  # DDP expects a backward after each forward; the gradients are dropped
-                optimizer.zero_grad()  # (with accumulation, the whole window's)
-                continue
-            loss = loss / accum_iter
-            loss_scaler(loss, optimizer, parameters=model.parameters(), update_grad=update)
-        if update:
-            optimizer.zero_grad()
+            loss_value, loss_value_reduce, skipped, stepped = backward_step(
+                model, loss, optimizer, loss_scaler, args, epoch, data_iter_step, update, skipped)
+        if not stepped:
+            continue
 
         if device.type == 'cuda':
             torch.cuda.synchronize()

@@ -23,7 +23,7 @@ from engine_finetune import evaluate, train_one_epoch
 from util.runs import (add_common_args, add_run_control_args, check_batches, open_log_writer, resolve_resume,
                        set_lr, start_run, wrap_ddp)
 from util.datasets import build_dataset
-from util.image_folder import reset_skipped, restore_skipped, skipped_images, skipped_indices, skipped_report
+from util.image_folder import log_epoch_count, skipped_state, start_epoch_count
 from util.pretrained import load_pretrained_encoder
 
 
@@ -188,7 +188,7 @@ def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_va
     log_writer = open_log_writer(args, purge_step)
     dataset_train = data_loader_train.dataset
     checkpointer = misc.EpochCheckpointer(args, model, model_without_ddp, optimizer, loss_scaler,
-                                          extra_state=lambda: {'skipped_images': skipped_indices(dataset_train)})
+                                          extra_state=lambda: skipped_state(dataset_train))
     misc.install_stop_handlers()
 
     print(f"Start training for {args.epochs} epochs")
@@ -196,9 +196,7 @@ def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_va
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed:
             data_loader_train.sampler.set_epoch(epoch)
-        reset_skipped(dataset_train)
-        if mid_epoch:
-            restore_skipped(dataset_train, mid_epoch.get('skipped_images'))
+        start_epoch_count(dataset_train, mid_epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       max_norm, mixup_fn, log_writer=log_writer, args=args,
                                       checkpointer=checkpointer, resume=mid_epoch)
@@ -214,9 +212,7 @@ def run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_va
                      **{f'test_{k}': v for k, v in test_stats.items()},
                      'epoch': epoch,
                      'n_parameters': n_parameters}
-        if args.skip_bad_images:  # (a collective: every rank counts)
-            log_stats['train_skipped_images'] = skipped_images(dataset_train)
-            print(skipped_report(log_stats['train_skipped_images'], epoch))
+        log_epoch_count(log_stats, dataset_train, epoch)
         if args.output_dir and misc.is_main_process():
             if log_writer is not None:
                 log_writer.flush()

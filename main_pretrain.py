@@ -16,8 +16,7 @@ import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.runs import (add_common_args, add_run_control_args, check_batches, open_log_writer, resolve_resume,
                        set_lr, start_run, wrap_ddp)
-from util.image_folder import (image_folder, reset_skipped, restore_skipped, skipped_images, skipped_indices,
-                               skipped_report)
+from util.image_folder import image_folder, log_epoch_count, skipped_state, start_epoch_count
 
 
 def get_args_parser():
@@ -127,7 +126,7 @@ def main(args):
     del checkpoint
     log_writer = open_log_writer(args, purge_step)
     checkpointer = misc.EpochCheckpointer(args, model, model_without_ddp, optimizer, loss_scaler,
-                                          extra_state=lambda: {'skipped_images': skipped_indices(dataset_train)})
+                                          extra_state=lambda: skipped_state(dataset_train))
     misc.install_stop_handlers()
 
     print(f"Start training for {args.epochs} epochs")
@@ -135,16 +134,12 @@ def main(args):
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed or args.shuffle_every_epoch:
             data_loader_train.sampler.set_epoch(epoch)
-        reset_skipped(dataset_train)
-        if resume:
-            restore_skipped(dataset_train, resume.get('skipped_images'))
+        start_epoch_count(dataset_train, resume)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args, checkpointer=checkpointer, resume=resume)
         resume, data_loader_train.sampler.skip = None, 0
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
-        if args.skip_bad_images:  # (a collective: every rank counts)
-            log_stats['train_skipped_images'] = skipped_images(dataset_train)
-            print(skipped_report(log_stats['train_skipped_images'], epoch))
+        log_epoch_count(log_stats, dataset_train, epoch)
 
         # the log row goes first: a run that dies before the checkpoint below is complete resumes from the
         # previous one, and drops this row (truncate_log) before writing it again

@@ -183,6 +183,27 @@ def reset_skipped(dataset):
         dataset._bad_this_epoch.zero_()
 
 
+def skipped_state(dataset):
+    """What a mid-epoch checkpoint keeps of the count (a collective)."""
+    return {'skipped_images': skipped_indices(dataset)}
+
+
+def start_epoch_count(dataset, resume=None):
+    """Before each epoch (every rank): a new count, continued from a mid-epoch checkpoint's when the epoch is
+    resumed (``resume`` from ``misc.prepare_resume``)."""
+    reset_skipped(dataset)
+    if resume:
+        restore_skipped(dataset, resume.get('skipped_images'))
+
+
+def log_epoch_count(log_stats, dataset, epoch):
+    """In skip mode, add the epoch's count to its log row (``train_skipped_images``) and print the report line; a
+    collective, so every rank calls it. Without skip mode the row stays the reference's."""
+    if getattr(dataset, 'skip_bad', False):
+        log_stats['train_skipped_images'] = skipped_images(dataset)
+        print(skipped_report(log_stats['train_skipped_images'], epoch))
+
+
 def skipped_report(count, epoch):
     """The line printed after an epoch in skip mode."""
     return (f"Epoch {epoch}: skipped {count} bad image file{'' if count == 1 else 's'} "
