@@ -10,17 +10,14 @@ and tested for the BatchNorm head.
 import argparse
 
 import torch
-import torchvision.transforms as transforms
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import models_vit
 import util.misc as misc
 from engine_finetune import evaluate
 from main_finetune import (build_loaders, check_classes, check_common_args, load_finetune_weights, resume,
                            run_epochs)
-from util.crop import RandomResizedCrop
 from util.runs import add_common_args, add_run_control_args, resolve_resume, set_lr, start_run, wrap_ddp
-from util.datasets import eval_transform
+from util.datasets import eval_transform, linprobe_transform
 from util.image_folder import image_folder
 from util.lars import LARS
 
@@ -69,15 +66,6 @@ def get_args_parser():
     return parser
 
 
-def train_transform(input_size):
-    """Linear probing's weak augmentation: the TF-style random resized crop and a horizontal flip."""
-    return transforms.Compose([
-        RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
-
-
 def add_probe_head(model):
     """Put a BatchNorm without affine parameters in front of the linear head (MoCo v3's linear probe; the head's
     input is then whitened per feature), and freeze everything but the head and, with global pooling, ``fc_norm``.
@@ -104,7 +92,7 @@ def main(args):
     device = start_run(args, __file__)
 
     # (evaluation only needs val/)
-    dataset_train = None if args.eval else image_folder(args.data_path, 'train', train_transform(args.input_size),
+    dataset_train = None if args.eval else image_folder(args.data_path, 'train', linprobe_transform(args.input_size),
                                                         skip_bad=args.skip_bad_images)
     dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size), skip_bad=args.skip_bad_images)
     if dataset_train is not None:

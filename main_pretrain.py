@@ -8,7 +8,6 @@ import datetime
 import time
 
 import torch
-import torchvision.transforms as transforms
 from timm.optim import param_groups_weight_decay
 
 import models_mae
@@ -16,6 +15,7 @@ import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.runs import (add_common_args, add_run_control_args, check_batches, open_log_writer, resolve_resume,
                        set_lr, start_run, wrap_ddp)
+from util.datasets import pretrain_transform
 from util.image_folder import image_folder, log_epoch_count, skipped_state, start_epoch_count
 
 
@@ -78,14 +78,8 @@ def main(args):
     check_args(args)
     device = start_run(args, __file__)
 
-    # simple augmentation
-    transform_train = transforms.Compose([
-        transforms.RandomResizedCrop(args.input_size, scale=(0.2, 1.0),
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
-    dataset_train = image_folder(args.data_path, 'train', transform_train, skip_bad=args.skip_bad_images)
+    dataset_train = image_folder(args.data_path, 'train', pretrain_transform(args.input_size),
+                                 skip_bad=args.skip_bad_images)
     print(dataset_train)
 
     num_tasks = misc.get_world_size()

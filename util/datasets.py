@@ -1,8 +1,11 @@
-"""Datasets and transforms for fine-tuning and evaluation, as in the reference (DeiT's recipe)."""
+"""The training and evaluation transforms of the three entry points, as in the reference (DeiT's recipe for
+fine-tuning), and the fine-tuning datasets."""
+from PIL import ImageOps
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
+from util.crop import RandomResizedCrop
 from util.image_folder import image_folder
 
 
@@ -14,12 +17,30 @@ def build_dataset(is_train, args):
     return dataset
 
 
+def pretrain_transform(input_size):
+    """Pre-training's simple augmentation: random resized crop (scale 0.2-1, bicubic) and a horizontal flip."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+
+
+def linprobe_transform(input_size):
+    """Linear probing's weak augmentation: the TF-style random resized crop and a horizontal flip."""
+    return transforms.Compose([
+        RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+
+
 def build_transform(is_train, args):
     """Training: timm's ImageNet recipe (random resized crop, flip, RandAugment ``--aa``, random erasing
     ``--reprob``/``--remode``/``--recount``, bicubic). Evaluation: ``eval_transform(args.input_size)``."""
     if is_train:
         # with an --aa policy this dispatches to timm's transforms_imagenet_train
-        return create_transform(
+        transform = create_transform(
             input_size=args.input_size,
             is_training=True,
             color_jitter=args.color_jitter,
@@ -31,6 +52,7 @@ def build_transform(is_train, args):
             mean=IMAGENET_DEFAULT_MEAN,
             std=IMAGENET_DEFAULT_STD,
         )
+        return keep_zero_bit_posterize(transform)
     return eval_transform(args.input_size)
 
 
@@ -45,3 +67,36 @@ def eval_transform(input_size):
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
+
+
+# ---------------------------------------------------------------------------------------------------- Pillow 13
+def posterize(img, bits_to_keep, **_):
+    """timm's posterize, also for 0 bits. RandAugment's magnitude noise (``mstd``) reaches level 10, where
+    "PosterizeIncreasing" keeps 0 bits (and the AutoAugment "v0" policy asks for 0 bits outright). Pillow <= 12
+    returned an all-black image for that, which is what the reference's runs trained on; Pillow 13 raises
+    ``ValueError``. Keeping 0 bits masks every pixel value to 0: the same black image, with no random draw, so the
+    augmentation stream is unchanged."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _augment_ops(transform):
+    """Every timm ``AugmentOp`` inside ``transform`` (Compose, RandAugment's ops, AutoAugment's sub-policies,
+    AugMix's ops)."""
+    if hasattr(transform, 'aug_fn'):
+        yield transform
+    for name in ('transforms', 'ops', 'policy'):
+        for child in getattr(transform, name, None) or ():
+            for item in (child if isinstance(child, (list, tuple)) else (child,)):
+                yield from _augment_ops(item)
+
+
+def keep_zero_bit_posterize(transform):
+    """Hand timm's augmentation ops in ``transform`` the posterize above (see there). Returns ``transform``."""
+    for op in _augment_ops(transform):
+        if op.name.startswith('Posterize'):
+            op.aug_fn = posterize
+    return transform
