@@ -1,4 +1,9 @@
-"""One epoch of supervised training (fine-tuning, linear probing) and the evaluation loop, as in the reference."""
+"""Supervised training (fine-tuning, linear probing): one epoch, the evaluation loop, and the epochs of training and
+evaluation with the best accuracy, as in the reference."""
+import contextlib
+import datetime
+import math
+import time
 from types import SimpleNamespace
 from typing import Iterable, Optional
 
@@ -8,32 +13,31 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from engine_pretrain import backward_step, grad_sync, new_metric_logger, start_batches
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
-                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler,
-                    max_norm: Optional[float] = None, mixup_fn: Optional[Mixup] = None, log_writer=None, args=None,
-                    checkpointer=None, resume=None):
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler, run,
+                    max_norm: Optional[float] = None, mixup_fn: Optional[Mixup] = None, args=None):
     """``max_norm``: clip the gradient norm to it (None: no clipping). ``mixup_fn``: Mixup/CutMix applied to each
-    batch (the targets become soft). ``checkpointer`` (``misc.EpochCheckpointer``): mid-epoch checkpoints and stop
-    requests; ``resume``: where an epoch resumed in the middle starts (``misc.prepare_resume``). Returns the epoch's
-    averaged meters (``lr``, ``loss``)."""
+    batch (the targets become soft). ``run`` (``util.run.Run``): where the epoch starts, non-finite losses,
+    checkpoints after optimizer steps. Returns the epoch's averaged meters (``lr``, ``loss``)."""
     model.train(True)
-    metric_logger = new_metric_logger(resume)
+    metric_logger = misc.MetricLogger(delimiter="  ")
+    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     header = 'Epoch: [{}]'.format(epoch)
     print_freq = 20
     accum_iter = args.accum_iter
-    skipped = 0
+    autocast = torch.autocast(*misc.amp_settings(args))
+    log_writer = run.log_writer
 
     optimizer.zero_grad()
 
     if log_writer is not None:
         print('log_dir: {}'.format(log_writer.log_dir))
 
-    batches, start_iter, iters_per_epoch = start_batches(data_loader, resume)
-    logged = metric_logger.log_every(batches, print_freq, header, total=iters_per_epoch, start=start_iter)
-    for data_iter_step, (samples, targets) in enumerate(logged, start=start_iter):
+    batches, start, iters_per_epoch = run.epoch_batches(epoch, data_loader, metric_logger)
+    for data_iter_step, (samples, targets) in enumerate(
+            metric_logger.log_every(batches, print_freq, header, iters_per_epoch, start), start=start):
         # per-iteration (not per-epoch) lr schedule
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / iters_per_epoch + epoch, args)
@@ -45,14 +49,22 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             samples, targets = mixup_fn(samples, targets)
 
         update = (data_iter_step + 1) % accum_iter == 0
-        with grad_sync(model, update):
-            with misc.autocast(args):
+        with contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync():
+            with autocast:
                 outputs = model(samples)
                 loss = criterion(outputs, targets)
-            loss_value, loss_value_reduce, skipped, stepped = backward_step(
-                model, loss, optimizer, loss_scaler, args, epoch, data_iter_step, update, skipped, clip_grad=max_norm)
-        if not stepped:
-            continue
+            loss_value = loss.item()
+            loss_value_reduce = misc.all_reduce_mean(loss_value)
+            if not math.isfinite(loss_value_reduce):
+                run.skip_nonfinite(loss_value_reduce, epoch, data_iter_step)
+                if hasattr(model, 'no_sync'):
+                    loss.backward()
+                optimizer.zero_grad()
+                continue
+            loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+                        update_grad=update)
+        if update:
+            optimizer.zero_grad()
 
         if device.type == 'cuda':
             torch.cuda.synchronize()
@@ -69,9 +81,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             log_writer.add_scalar('lr', max_lr, epoch_1000x)
 
         if update:
-            misc.fault_point('step', epoch, data_iter_step + 1)  # crash tests only (MAE_FAULT)
-        if checkpointer is not None and update:
-            checkpointer.after_step(epoch, data_iter_step + 1, iters_per_epoch, metric_logger)
+            run.after_step(epoch, data_iter_step + 1, metric_logger)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
@@ -86,8 +96,7 @@ def evaluate(data_loader, model, device, args=None):
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = misc.MetricLogger(delimiter="  ")
     header = 'Test:'
-    if args is None:
-        args = SimpleNamespace(device=str(device))
+    autocast = torch.autocast(*misc.amp_settings(args if args is not None else SimpleNamespace(device=str(device))))
 
     model.eval()
 
@@ -97,7 +106,7 @@ def evaluate(data_loader, model, device, args=None):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
 
-        with misc.autocast(args):
+        with autocast:
             output = model(images)
             loss = criterion(output, target)
 
@@ -112,3 +121,37 @@ def evaluate(data_loader, model, device, args=None):
           .format(top1=metric_logger.acc1, top5=metric_logger.acc5, losses=metric_logger.loss))
 
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+def train_and_evaluate(model, criterion, data_loader_train, data_loader_val, optimizer, device, loss_scaler, run,
+                       args, n_parameters, max_norm=None, mixup_fn=None):
+    """The epochs of fine-tuning and linear probing: train, evaluate, keep the best accuracy, and hand the epoch's
+    log row and test points to ``run``."""
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      run, max_norm, mixup_fn, args=args)
+
+        try:
+            test_stats = evaluate(data_loader_val, model, device, args)
+        except misc.UsageError:  # a bad validation image: the epoch's training is not lost
+            run.keep_trained_epoch(epoch)
+            raise
+        print(f"Accuracy of the network on the {len(data_loader_val.dataset)} test images: "
+              f"{test_stats['acc1']:.1f}%")
+        run.max_accuracy = max(run.max_accuracy, test_stats["acc1"])
+        print(f'Max accuracy: {run.max_accuracy:.2f}%')
+
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch,
+                     'n_parameters': n_parameters}
+        run.end_epoch(epoch, log_stats, points={'perf/test_acc1': test_stats['acc1'],
+                                                'perf/test_acc5': test_stats['acc5'],
+                                                'perf/test_loss': test_stats['loss']})
+    run.close()
+    total_time = time.time() - start_time
+    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))

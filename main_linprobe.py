@@ -13,13 +13,14 @@ import torch
 
 import models_vit
 import util.misc as misc
-from engine_finetune import evaluate
-from main_finetune import (build_loaders, check_classes, check_common_args, load_finetune_weights, resume,
-                           run_epochs)
-from util.runs import add_common_args, add_run_control_args, resolve_resume, set_lr, start_run, wrap_ddp
-from util.datasets import eval_transform, linprobe_transform
-from util.image_folder import image_folder
+from engine_finetune import evaluate, train_and_evaluate
+from util.datasets import build_loaders, check_classes, eval_transform, linprobe_transform
+from util.flags import add_common_args, check_common
+from util.image_folder import check_split, image_folder
 from util.lars import LARS
+from util.lr_sched import set_lr
+from util.pretrained import load_finetune_weights
+from util.run import Run
 
 
 def get_args_parser():
@@ -61,8 +62,7 @@ def get_args_parser():
     parser.add_argument('--dist_eval', action='store_true', default=False,
                         help='Enabling distributed evaluation (recommended during training for faster monitor')
 
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)')
-    add_run_control_args(parser, save_freq=1)
+    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1)
     return parser
 
 
@@ -87,9 +87,17 @@ def add_probe_head(model):
     return trainable
 
 
+def check_args(args):
+    check_common(args, models_vit.MODELS, 'classification')
+    check_split(args.data_path, 'val')
+    if not args.eval:
+        check_split(args.data_path, 'train')
+
+
 def main(args):
-    check_common_args(args)
-    device = start_run(args, __file__)
+    check_args(args)
+    run = Run(args, __file__)
+    device = run.device
 
     # (evaluation only needs val/)
     dataset_train = None if args.eval else image_folder(args.data_path, 'train', linprobe_transform(args.input_size),
@@ -101,16 +109,13 @@ def main(args):
     check_classes(args, dataset_train, dataset_val)
     data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val, device)
 
-    if not args.eval:
-        resolve_resume(args)  # before the model: a resumed run does not read --finetune
-
     model = models_vit.MODELS[args.model](
         img_size=args.input_size,
         num_classes=args.nb_classes,
         global_pool=args.global_pool,
     )
     # following MoCo v3
-    load_finetune_weights(args, model, head_init_std=0.01)
+    load_finetune_weights(args, model, head_init_std=0.01, resuming=run.checkpoint is not None)
     trainable = add_probe_head(model)
 
     model.to(device)
@@ -121,28 +126,28 @@ def main(args):
     print("Model = %s" % str(model_without_ddp))
     print('number of params (M): %.2f' % (n_parameters / 1.e6))
 
-    set_lr(args)
+    set_lr(args, misc.get_world_size())
 
-    model, model_without_ddp = wrap_ddp(model, args, device)
+    model, model_without_ddp = misc.wrap_ddp(model, args, device)
 
     optimizer = LARS(trainable, lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)
-    loss_scaler = misc.loss_scaler_for(args)
+    loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
     criterion = torch.nn.CrossEntropyLoss()
     print("criterion = %s" % str(criterion))
 
     # the model already has its BatchNorm head here, so a linear-probe checkpoint loads as it is
-    resumed = resume(args, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    run.restore(model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
 
     if args.eval:
         test_stats = evaluate(data_loader_val, model, device, args)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         return
 
-    run_epochs(args, model, model_without_ddp, data_loader_train, data_loader_val, optimizer, loss_scaler,
-               criterion, n_parameters, resumed, max_norm=None, mixup_fn=None)
+    train_and_evaluate(model, criterion, data_loader_train, data_loader_val, optimizer, device, loss_scaler, run,
+                       args, n_parameters)
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

@@ -13,10 +13,11 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
-from util.runs import (add_common_args, add_run_control_args, check_batches, open_log_writer, resolve_resume,
-                       set_lr, start_run, wrap_ddp)
 from util.datasets import pretrain_transform
-from util.image_folder import image_folder, log_epoch_count, skipped_state, start_epoch_count
+from util.flags import add_common_args, check_batches, check_common
+from util.image_folder import check_split, image_folder
+from util.lr_sched import set_lr
+from util.run import ResumableSampler, Run
 
 
 def get_args_parser():
@@ -49,34 +50,22 @@ def get_args_parser():
 
     # Dataset parameters
 
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with a train/ folder)')
-    add_run_control_args(parser, save_freq=20)
+    add_common_args(parser, data_help='dataset path (an ImageFolder tree with a train/ folder)', save_freq=20)
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')
     return parser
 
 
-def build_model(args):
-    return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
-
-
 def check_args(args):
-    if args.model not in models_mae.MODELS:
-        raise misc.UsageError(f"--model {args.model} is not a pre-training model; choose one of: "
-                              + ', '.join(models_mae.MODELS))
-    if not 0 <= args.mask_ratio < 1:
-        raise misc.UsageError(f"--mask_ratio {args.mask_ratio} must be in [0, 1)")
-    for flag in ('batch_size', 'accum_iter', 'epochs'):
-        if getattr(args, flag) < 1:
-            raise misc.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.save_freq < 1:
-        raise misc.UsageError(f"--save_freq must be at least 1, got {args.save_freq}")
+    check_common(args, models_mae.MODELS, 'pre-training')
+    check_split(args.data_path, 'train')
 
 
 def main(args):
     check_args(args)
-    device = start_run(args, __file__)
+    run = Run(args, __file__)  # process group, --output_dir, seeds, the checkpoint to continue
+    device = run.device
 
     dataset_train = image_folder(args.data_path, 'train', pretrain_transform(args.input_size),
                                  skip_bad=args.skip_bad_images)
@@ -86,9 +75,8 @@ def main(args):
     global_rank = misc.get_rank()
     check_batches(args, dataset_train, num_tasks)
     # a DistributedSampler also on one process: its fixed seed gives the reference's data order
-    sampler_train = misc.SkippableSampler(torch.utils.data.DistributedSampler(
+    sampler_train = ResumableSampler(torch.utils.data.DistributedSampler(
         dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True))
-    print("Sampler_train = %s" % str(sampler_train))
 
     data_loader_train = torch.utils.data.DataLoader(
         dataset_train, sampler=sampler_train,
@@ -98,59 +86,35 @@ def main(args):
         drop_last=True,
     )
 
-    model = build_model(args)
+    model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
     model.to(device)
     model_without_ddp = model
     print("Model = %s" % str(model_without_ddp))
 
-    set_lr(args)
+    set_lr(args, num_tasks)
 
-    model, model_without_ddp = wrap_ddp(model, args, device, find_unused_parameters=True)
+    model, model_without_ddp = misc.wrap_ddp(model, args, device, find_unused_parameters=True)
 
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
     print(optimizer)
-    loss_scaler = misc.loss_scaler_for(args)
+    loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
-    resolve_resume(args)
-    checkpoint = misc.load_model(args=args, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                                 loss_scaler=loss_scaler)
-    resume, purge_step = misc.prepare_resume(args, checkpoint, data_loader_train)
-    del checkpoint
-    log_writer = open_log_writer(args, purge_step)
-    checkpointer = misc.EpochCheckpointer(args, model, model_without_ddp, optimizer, loss_scaler,
-                                          extra_state=lambda: skipped_state(dataset_train))
-    misc.install_stop_handlers()
+    run.restore(model_without_ddp, optimizer, loss_scaler, data_loader_train)
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed or args.shuffle_every_epoch:
             data_loader_train.sampler.set_epoch(epoch)
-        start_epoch_count(dataset_train, resume)
-        train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      log_writer=log_writer, args=args, checkpointer=checkpointer, resume=resume)
-        resume, data_loader_train.sampler.skip = None, 0
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
-        log_epoch_count(log_stats, dataset_train, epoch)
+        train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler, run, args=args)
+        run.end_epoch(epoch, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+    run.close()
 
-        # the log row goes first: a run that dies before the checkpoint below is complete resumes from the
-        # previous one, and drops this row (truncate_log) before writing it again
-        if args.output_dir and misc.is_main_process():
-            if log_writer is not None:
-                log_writer.flush()
-            misc.append_log(args.output_dir, log_stats)
-        if args.output_dir:
-            keep = epoch % args.save_freq == 0 or epoch + 1 == args.epochs
-            misc.save_model(args=args, model=model, model_without_ddp=model_without_ddp, optimizer=optimizer,
-                            loss_scaler=loss_scaler, epoch=epoch, keep=keep)
-
-    if log_writer is not None:
-        log_writer.close()
     total_time = time.time() - start_time
     print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

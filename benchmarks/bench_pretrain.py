@@ -35,11 +35,11 @@ def main():
     torch.manual_seed(0)
     model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=True).to(device)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    scaler = misc.loss_scaler_for(args)
+    scaler = misc.NativeScalerWithGradNormCount(args)
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
 
     def step():
-        with misc.autocast(args):
+        with torch.autocast(*misc.amp_settings(args)):
             loss, _, _ = model(imgs, mask_ratio=args.mask_ratio)
         scaler(loss, optimizer, parameters=model.parameters())
         optimizer.zero_grad()

@@ -1,14 +1,25 @@
-"""Shared test set-up: import the project's modules from the repo root, and run its scripts as a user would."""
+"""What the tests share: the repo's modules on the path, the test data, running the scripts as a user would (also
+with a fault injected), reading what a run wrote (log.txt, TensorBoard, printed accuracy), and tiny command lines."""
+import argparse
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / 'tests' / 'data'
+TINY = DATA / 'tiny_imagefolder'  # train/: 2 classes of 8 images; val/: 2 classes of 4
+TINY_B = DATA / 'tiny_imagefolder_b'  # 3 classes
+REFERENCE = json.loads((DATA / 'finetune_reference.json').read_text())
 sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: end-to-end runs of the scripts in subprocesses')
 
 
 def run_script(*argv, timeout=600, env=None, module=False):
@@ -20,7 +31,105 @@ def run_script(*argv, timeout=600, env=None, module=False):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def run_with_fault(fault, argv, signal_name=None, **kwargs):
+    """``run_script(*argv)`` (script first) with a fault injected by ``tests/faults.py``: ``step:E:I`` kills the
+    run right after optimizer step I of epoch E, ``save:N`` during its N-th checkpoint write, ``stop:N`` asks it to
+    stop (as SIGUSR1 does) at its N-th optimizer step. ``signal_name`` (e.g. 'TERM') replaces SIGKILL."""
+    env = dict(kwargs.pop('env', None) or {}, **({'FAULT_SIGNAL': signal_name} if signal_name else {}))
+    return run_script('tests/faults.py', fault, *argv, env=env, **kwargs)
+
+
 @pytest.fixture
 def script():
     return run_script
 
+
+# ---------------------------------------------------------------------------------------------------- command lines
+def pretrain_argv(out, *extra, epochs=2, batch_size=4):
+    """The tiny pre-training run on TINY (16 images; 4 iterations per epoch at batch 4)."""
+    return ['main_pretrain.py', '--model', 'mae_vit_tiny_patch4', '--input_size', '32', '--batch_size',
+            str(batch_size), '--epochs', str(epochs), '--warmup_epochs', '1', '--data_path', TINY, '--device', 'cpu',
+            '--num_workers', '0', '--output_dir', out, '--log_dir', out, *extra]
+
+
+def reference_argv(which, pretrained, out=None):
+    """The command line of a reference run in finetune_reference.json, with its placeholders filled in."""
+    argv = [a.replace('<tiny_imagefolder>', str(TINY)).replace('<pretrained>', str(pretrained))
+            for a in REFERENCE[which]['args']]
+    if out is not None:
+        argv += ['--output_dir', str(out), '--log_dir', str(out)]
+    return [REFERENCE[which]['script']] + argv
+
+
+def save_pretrained(path, encoder_only=False, seed=0):
+    """A tiny MAE checkpoint as main_pretrain.py writes it ({'model': full MAE}), or encoder-only as the released
+    pre-trained checkpoints; built right after ``torch.manual_seed(seed)``."""
+    import models_mae
+    torch.manual_seed(seed)
+    sd = models_mae.mae_vit_tiny_patch4().state_dict()
+    if encoder_only:
+        sd = {k: v for k, v in sd.items() if not k.startswith('decoder') and k != 'mask_token'}
+    torch.save({'model': sd}, path)
+    return path
+
+
+def to_reference_format(src, dst):
+    """Rewrite one of our checkpoints as the reference writes them: a pickled argparse.Namespace under 'args', no
+    random streams nor other extras."""
+    ckpt = torch.load(src, map_location='cpu', weights_only=True)
+    out = {k: ckpt[k] for k in ('model', 'optimizer', 'epoch', 'scaler')}
+    out['args'] = argparse.Namespace(**ckpt['args'])
+    torch.save(out, dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------- what runs wrote
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / 'log.txt').read_text().splitlines()]
+
+
+def tb_scalars(folder):
+    """TensorBoard's scalars as TensorBoard shows them (points hidden by a purge left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
+
+
+def acc_lines(stdout):
+    return [line.split('] ', 1)[-1].strip() for line in stdout.splitlines() if '* Acc@1' in line]
+
+
+def last_line(result):
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ''
+
+
+def one_line_error(result):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr[-2000:]
+    return lines[0]
+
+
+def assert_log_matches(rows, reference_rows, approx):
+    assert [r['epoch'] for r in rows] == [r['epoch'] for r in reference_rows]
+    for ours, ref in zip(rows, reference_rows):
+        assert list(ours) == list(ref)
+        for k, v in ref.items():
+            assert ours[k] == approx(v, rel=1e-5, abs=1e-7), k
+
+
+def assert_scalars_match(scalars, reference_scalars, approx):
+    assert sorted(scalars) == sorted(reference_scalars)
+    for tag, points in reference_scalars.items():
+        assert [s for s, _ in scalars[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in scalars[tag]] == approx([v for _, v in points], rel=1e-5, abs=1e-7), tag
+
+
+def run_in_process(module, capsys, *argv):
+    """An entry point's main() through misc.run_main, as the script runs it; returns (exit code, stderr)."""
+    import util.misc as misc
+    with pytest.raises(SystemExit) as exc:
+        misc.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
+    return exc.value.code, capsys.readouterr().err

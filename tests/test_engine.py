@@ -25,8 +25,8 @@ def test_amp_settings(device, amp, expected):
 @pytest.mark.parametrize('device,amp,scales', [('cuda', 'fp16', True), ('cuda', 'bf16', False),
                                                ('cuda', 'none', False), ('cpu', 'fp16', False)])
 def test_loss_scaling_only_for_fp16_on_cuda(device, amp, scales, monkeypatch):
-    monkeypatch.setattr(misc, '_grad_scaler', lambda enabled: SimpleNamespace(enabled=enabled))
-    assert misc.loss_scaler_for(SimpleNamespace(device=device, amp=amp))._scaler.enabled is scales
+    monkeypatch.setattr(torch.amp, 'GradScaler', lambda device, enabled: SimpleNamespace(enabled=enabled))
+    assert misc.NativeScalerWithGradNormCount(SimpleNamespace(device=device, amp=amp))._scaler.enabled is scales
 
 
 class CountingDDP(torch.nn.Module):
@@ -54,6 +54,17 @@ class CountingDDP(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
+class PlainRun:
+    """Stands in for util.run.Run: a fresh epoch over a list of batches, no checkpoints."""
+    log_writer = None
+
+    def epoch_batches(self, epoch, batches, metric_logger):
+        return iter(batches), 0, len(batches)
+
+    def after_step(self, epoch, next_iter, metric_logger):
+        pass
+
+
 def test_accumulation_micro_steps_skip_the_gradient_sync():
     torch.manual_seed(0)
     model = CountingDDP(models_mae.mae_vit_tiny_patch4())
@@ -62,6 +73,6 @@ def test_accumulation_micro_steps_skip_the_gradient_sync():
     args = SimpleNamespace(accum_iter=3, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=1, epochs=2,
                            device='cpu', amp='fp16', skip_nonfinite=0, output_dir='')
     stats = train_one_epoch(model, batches, optimizer, torch.device('cpu'), 0,
-                            misc.NativeScalerWithGradNormCount(enabled=False), args=args)
+                            misc.NativeScalerWithGradNormCount(args), PlainRun(), args=args)
     assert (model.unsynced, model.synced) == (4, 2)  # 2 of every 3 micro-steps stay local
     assert stats['loss'] > 0

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import main_finetune
-import util.misc as misc
-from conftest import run_script
-from helpers import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
-                     read_log, reference_argv, run_stopped_at, save_pretrained, tb_scalars, to_reference_format)
+from conftest import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
+                      read_log, reference_argv, run_in_process, run_script, run_with_fault, save_pretrained,
+                      tb_scalars, to_reference_format)
 
 
 @pytest.fixture(scope='module')
@@ -89,14 +88,6 @@ def test_partial_fine_tuning_trains_only_the_last_blocks(tmp_path, pretrained, k
 
 
 # ---------------------------------------------------------------------------------------------------- errors
-def run_in_process(capsys, *argv):
-    """main_finetune's main() through misc.run_main, as the script runs it; returns (exit code, stderr)."""
-    args = main_finetune.get_args_parser().parse_args([str(a) for a in argv])
-    with pytest.raises(SystemExit) as exc:
-        misc.run_main(main_finetune.main, args)
-    return exc.value.code, capsys.readouterr().err
-
-
 def tiny(tmp_path, *extra, data=TINY):
     return ['--model', 'vit_tiny_patch4', '--input_size', '32', '--nb_classes', '2', '--batch_size', '4',
             '--device', 'cpu', '--num_workers', '0', '--data_path', data, '--output_dir', tmp_path / 'out',
@@ -140,7 +131,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, pretrained, case
         ckpt = tmp_path / 'lp.pth'
         torch.save({'model': {'head.0.running_mean': torch.zeros(64)}}, ckpt)
         extra, expect = ['--resume', ckpt, '--no_auto_resume'], 'does not fit --model vit_tiny_patch4'
-    code, err = run_in_process(capsys, *tiny(tmp_path, *extra, data=data))
+    code, err = run_in_process(main_finetune, capsys, *tiny(tmp_path, *extra, data=data))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and expect in lines[0], err
@@ -165,7 +156,7 @@ def test_stop_mid_epoch_then_resume_is_exact(tmp_path, pretrained, uninterrupted
     """Single process, --num_workers 0: RandAugment, random erasing and Mixup/CutMix draws all continue exactly."""
     argv = partial(single_process_argv, pretrained=pretrained)
     whole, part = uninterrupted, tmp_path / 'part'
-    stopped = run_stopped_at(run_script, argv(part), 3)  # epoch 0, iteration 3 of 4
+    stopped = run_with_fault('stop:3', argv(part))  # epoch 0, iteration 3 of 4
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     resumed = run_script(*argv(part))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -174,23 +165,11 @@ def test_stop_mid_epoch_then_resume_is_exact(tmp_path, pretrained, uninterrupted
     assert tb_scalars(part) == tb_scalars(whole)
 
 
-def test_torchrun_two_processes_partial_with_accumulation_and_dist_eval(tmp_path, pretrained):
-    out = tmp_path / 'out'
-    r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'main_finetune.py',
-                   '--model', 'vit_tiny_patch4', '--input_size', '32', '--nb_classes', '2', '--batch_size', '2',
-                   '--accum_iter', '2', '--epochs', '1', '--warmup_epochs', '0', '--train_blocks', '1', '--dist_eval',
-                   '--device', 'cpu', '--num_workers', '0', '--data_path', TINY, '--finetune', pretrained,
-                   '--output_dir', out, '--log_dir', out, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert [row['epoch'] for row in read_log(out)] == [0]
-    assert 'Accuracy of the network on the 8 test images' in r.stdout
-
-
 @pytest.mark.parametrize('fault', ['step:1:2',   # killed in the middle of epoch 1: epoch 1 is done again
                                    'save:2'])    # killed while writing epoch 1's checkpoint (after its log row)
 def test_sigkill_then_resume_gives_identical_log(tmp_path, pretrained, uninterrupted, fault):
     out = tmp_path / 'out'
-    crashed = run_script(*single_process_argv(out, pretrained), env={'MAE_FAULT': fault})
+    crashed = run_with_fault(fault, single_process_argv(out, pretrained))
     assert crashed.returncode == -9
     resumed = run_script(*single_process_argv(out, pretrained))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import main_linprobe
-import util.misc as misc
-from conftest import run_script
-from helpers import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
-                     read_log, reference_argv, run_stopped_at, save_pretrained, tb_scalars, to_reference_format)
+from conftest import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
+                      read_log, reference_argv, run_in_process, run_script, run_with_fault, save_pretrained,
+                      tb_scalars, to_reference_format)
 
 
 @pytest.fixture(scope='module')
@@ -96,11 +95,9 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, reference_run):
     for extra, expect in ((['--model', 'mae_vit_tiny_patch4'], 'is not a classification model; choose one of'),
                           (['--resume', ft], 'does not fit --model vit_tiny_patch4'),
                           (['--nb_classes', '1'], '--nb_classes 1 is smaller than the 2 classes')):
-        args = main_linprobe.get_args_parser().parse_args([str(a) for a in base + extra])
-        with pytest.raises(SystemExit) as exc:
-            misc.run_main(main_linprobe.main, args)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith('error: ') and expect in err[0], err
+        code, err = run_in_process(main_linprobe, capsys, *base, *extra)
+        err = err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith('error: ') and expect in err[0], err
     line = one_line_error(run_script('main_linprobe.py', *base, '--finetune', tmp_path / 'missing.pth'))
     assert 'no such file' in line
 
@@ -108,7 +105,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, reference_run):
 def test_stop_mid_epoch_then_resume_matches_reference(tmp_path, pretrained):
     out = tmp_path / 'out'
     argv = reference_argv('linprobe', pretrained, out)
-    stopped = run_stopped_at(run_script, argv, 6)  # epoch 1, iteration 2 of 4
+    stopped = run_with_fault('stop:6', argv)  # epoch 1, iteration 2 of 4
     assert stopped.returncode == 1 and stopped.stderr.strip().splitlines()[-1].startswith('stopped: ')
     assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['resume_iter'] == 2
     resumed = run_script(*argv)

@@ -6,33 +6,16 @@ import shutil
 import pytest
 import torch
 
-from conftest import DATA
+from conftest import DATA, TINY, read_log, run_script, tb_scalars
+from conftest import pretrain_argv as tiny_args
 
-TINY = DATA / 'tiny_imagefolder'
 TRAJECTORY = json.loads((DATA / 'pretrain_trajectory.json').read_text())
-
-
-def tiny_args(out, *extra, epochs=2):
-    return ['main_pretrain.py', '--model', 'mae_vit_tiny_patch4', '--input_size', '32', '--batch_size', '4',
-            '--epochs', str(epochs), '--warmup_epochs', '1', '--data_path', TINY, '--device', 'cpu',
-            '--num_workers', '0', '--output_dir', out, '--log_dir', out, *extra]
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
-
-
-def tb_scalars(folder):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(folder))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()['scalars']}
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory):
     """The reference's own command line (ViT-B at 224 on the tiny folder, two epochs)."""
-    from conftest import run_script
     out = tmp_path_factory.mktemp('trajectory')
     argv = [a.replace('<tiny_imagefolder>', str(TINY)).replace('<output_dir>', str(out))
             for a in TRAJECTORY['args']]
@@ -113,19 +96,6 @@ def test_input_size_sets_the_model(tmp_path, script):
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(out / 'checkpoint-0.pth', map_location='cpu', weights_only=True)
     assert ckpt['model']['pos_embed'].shape == (1, (48 // 4) ** 2 + 1, 64)
-
-
-def test_torchrun_two_processes_gloo(tmp_path, script):
-    out = tmp_path / 'ddp'
-    r = script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *tiny_args(
-        out, '--accum_iter', '2', '--batch_size', '2', epochs=2), timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = read_log(out)
-    assert [row['epoch'] for row in rows] == [0, 1]
-    assert all(row['train_loss'] > 0 for row in rows)
-    assert 'distributed init (rank 0)' in r.stdout and 'effective batch size: 8' in r.stdout
-    ckpt = torch.load(out / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
-    assert len(ckpt['rng']) == 2 and ckpt['epoch'] == 1
 
 
 def _error(result):

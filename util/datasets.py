@@ -1,12 +1,16 @@
-"""The training and evaluation transforms of the three entry points, as in the reference (DeiT's recipe for
-fine-tuning), and the fine-tuning datasets."""
+"""The data of the three entry points, as in the reference: training and evaluation transforms (DeiT's recipe for
+fine-tuning), the fine-tuning datasets, and the loaders of supervised training."""
+import torch
 from PIL import ImageOps
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
+import util.misc as misc
 from util.crop import RandomResizedCrop
+from util.flags import check_batches
 from util.image_folder import image_folder
+from util.run import ResumableSampler
 
 
 def build_dataset(is_train, args):
@@ -15,6 +19,55 @@ def build_dataset(is_train, args):
                            skip_bad=getattr(args, 'skip_bad_images', False))
     print(dataset)
     return dataset
+
+
+def check_classes(args, dataset_train, dataset_val):
+    """Every class folder must have an output: ``--nb_classes`` at least the number of classes found; more is
+    allowed (the reference's default is ImageNet's 1000) but said."""
+    for dataset in (dataset_train, dataset_val):
+        if dataset is not None and len(dataset.classes) > args.nb_classes:
+            raise misc.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {len(dataset.classes)} "
+                                  f"classes in {dataset.root}")
+    found = len((dataset_train or dataset_val).classes)
+    if args.nb_classes > found:
+        print(f"Note: --nb_classes {args.nb_classes} is {args.nb_classes - found} more than the {found} class folders "
+              f"in {(dataset_train or dataset_val).root}: the head has outputs no image is labelled with (pass "
+              f"--nb_classes {found} unless that is what you want)")
+    if dataset_train is not None and dataset_train.classes != dataset_val.classes:
+        # ImageFolder numbers each split's folders on its own: the labels of train/ and val/ would not agree
+        print(f"Warning: {dataset_train.root} and {dataset_val.root} do not hold the same class folders; class "
+              f"indices are assigned per folder, so they differ between the two")
+
+
+def build_loaders(args, dataset_train, dataset_val, device):
+    """The reference's loaders: a DistributedSampler for training also on one process (its fixed seed gives the
+    reference's data order), sequential evaluation unless ``--dist_eval``."""
+    num_tasks = misc.get_world_size()
+    global_rank = misc.get_rank()
+    pin_memory = args.pin_mem and device.type == 'cuda'
+    data_loader_train = None
+    if dataset_train is not None:
+        check_batches(args, dataset_train, num_tasks)
+        # (wrapped so that an epoch resumed in the middle skips what was trained on)
+        sampler_train = ResumableSampler(torch.utils.data.DistributedSampler(
+            dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True))
+        data_loader_train = torch.utils.data.DataLoader(
+            dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
+            pin_memory=pin_memory, drop_last=True)
+    if args.dist_eval:
+        if len(dataset_val) % num_tasks != 0:
+            print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
+                  'This will slightly alter validation results as extra duplicate entries are added to achieve '
+                  'equal num of samples per-process.')
+        # shuffle=True to reduce monitor bias
+        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks, rank=global_rank,
+                                                          shuffle=True)
+    else:
+        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
+    data_loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=sampler_val, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=pin_memory, drop_last=False)
+    return data_loader_train, data_loader_val
 
 
 def pretrain_transform(input_size):

@@ -14,9 +14,13 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
+import util.misc as misc
 from util.misc import UsageError
 
 SKIP_FLAG = '--skip_bad_images'
+MAX_PIXELS_ENV = 'MAE_MAX_IMAGE_PIXELS'
+if os.environ.get(MAX_PIXELS_ENV):  # the user's own limit for PIL's decompression-bomb guard (DataLoader workers too)
+    Image.MAX_IMAGE_PIXELS = int(os.environ[MAX_PIXELS_ENV])
 
 # 16-bit (and 32-bit integer) grayscale: PIL's own conversion to RGB clips at 255, which turns most such images
 # white; they are scaled from 0..65535 to 0..255 instead
@@ -45,12 +49,10 @@ def to_rgb(img):
 
 def load_rgb(path):
     """Open ``path`` with PIL and return it as RGB (the same pixels as torchvision's ``pil_loader`` for RGB,
-    grayscale and CMYK files)."""
-    with open(path, 'rb') as f:
-        img = Image.open(f)
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-            return to_rgb(img)
+    grayscale and CMYK files). Large images load without PIL's decompression-bomb warning, up to PIL's limit."""
+    with open(path, 'rb') as f, warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        return to_rgb(Image.open(f))
 
 
 def _reason(path, e):
@@ -69,6 +71,13 @@ def _reason(path, e):
 
 def bad_file_message(path, reason):
     return (f"bad image file {path} ({reason}): remove or replace it, or pass {SKIP_FLAG} to skip such files")
+
+
+def too_large_message(path, e):
+    size = str(e).split(' exceeds')[0]  # "Image size (N pixels)"
+    return (f"image file {path} is larger than PIL reads by default ({size}, limit {Image.MAX_IMAGE_PIXELS} pixels, "
+            f"a guard against decompression bombs): shrink it, raise the limit with {MAX_PIXELS_ENV}=<pixels> if "
+            f"you trust the file, or pass {SKIP_FLAG} to skip such files")
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -97,7 +106,9 @@ class ImageFolder(datasets.ImageFolder):
         except _BAD_FILE_ERRORS as e:
             reason = _reason(path, e)
             if not self.skip_bad:
-                raise UsageError(bad_file_message(path, reason)) from None
+                message = too_large_message(path, e) if isinstance(e, Image.DecompressionBombError) else \
+                    bad_file_message(path, reason)
+                raise UsageError(message) from None
             self._mark_bad(index, path, reason)
             return None
 
@@ -129,15 +140,21 @@ class ImageFolder(datasets.ImageFolder):
         return sample, target
 
 
-def image_folder(data_path, split, transform, skip_bad=False):
-    """``ImageFolder(data_path/split)``, with a one-line ``UsageError`` naming the folder when it is missing, has no
-    class folders, or a class folder holds no image; and naming the file when an image cannot be read (unless
-    ``skip_bad``: see ``ImageFolder``)."""
+def check_split(data_path, split):
+    """``data_path/split``, or a one-line ``UsageError`` when it is missing."""
     if not os.path.isdir(data_path):
         raise UsageError(f"--data_path {data_path}: no such folder")
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         raise UsageError(f"--data_path {data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
+    return root
+
+
+def image_folder(data_path, split, transform, skip_bad=False):
+    """``ImageFolder(data_path/split)``, with a one-line ``UsageError`` naming the folder when it is missing, has no
+    class folders, or a class folder holds no image; and naming the file when an image cannot be read (unless
+    ``skip_bad``: see ``ImageFolder``)."""
+    root = check_split(data_path, split)
     try:
         dataset = ImageFolder(root, transform=transform, skip_bad=skip_bad)
     except FileNotFoundError as e:
@@ -156,7 +173,6 @@ def skipped_indices(dataset):
     ``restore_skipped`` to continue the epoch's count after a resume."""
     if not getattr(dataset, 'skip_bad', False):
         return []
-    import util.misc as misc
     indices = set()
     for part in misc.all_gather(_bad_indices(dataset)):
         indices.update(part)
@@ -183,20 +199,7 @@ def reset_skipped(dataset):
         dataset._bad_this_epoch.zero_()
 
 
-def skipped_state(dataset):
-    """What a mid-epoch checkpoint keeps of the count (a collective)."""
-    return {'skipped_images': skipped_indices(dataset)}
-
-
-def start_epoch_count(dataset, resume=None):
-    """Before each epoch (every rank): a new count, continued from a mid-epoch checkpoint's when the epoch is
-    resumed (``resume`` from ``misc.prepare_resume``)."""
-    reset_skipped(dataset)
-    if resume:
-        restore_skipped(dataset, resume.get('skipped_images'))
-
-
-def log_epoch_count(log_stats, dataset, epoch):
+def log_skipped_count(log_stats, dataset, epoch):
     """In skip mode, add the epoch's count to its log row (``train_skipped_images``) and print the report line; a
     collective, so every rank calls it. Without skip mode the row stays the reference's."""
     if getattr(dataset, 'skip_bad', False):

@@ -2,18 +2,27 @@
 import math
 
 
-def lr_at(epoch, args):
-    """The schedule's lr at a fractional ``epoch`` (e.g. 3.25 is a quarter into the fourth epoch)."""
-    if epoch < args.warmup_epochs:
-        return args.lr * epoch / args.warmup_epochs
-    progress = (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
-    return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1. + math.cos(math.pi * progress))
-
-
 def adjust_learning_rate(optimizer, epoch, args):
-    """Set every param group's lr for the fractional ``epoch``; a group's ``lr_scale`` (layer-wise decay)
-    multiplies it. Returns the unscaled lr."""
-    lr = lr_at(epoch, args)
+    """Set every param group's lr for the fractional ``epoch`` (e.g. 3.25 is a quarter into the fourth epoch); a
+    group's ``lr_scale`` (layer-wise decay) multiplies it. Returns the unscaled lr."""
+    if epoch < args.warmup_epochs:
+        lr = args.lr * epoch / args.warmup_epochs
+    else:
+        progress = (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
+        lr = args.min_lr + (args.lr - args.min_lr) * 0.5 * (1. + math.cos(math.pi * progress))
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr * param_group["lr_scale"] if "lr_scale" in param_group else lr
     return lr
+
+
+def set_lr(args, world_size):
+    """The linear scaling rule: unless ``--lr`` is given, ``lr = blr * effective batch size / 256``."""
+    eff_batch_size = args.batch_size * args.accum_iter * world_size
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    if getattr(args, 'eval', False):
+        return
+    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    print("actual lr: %.2e" % args.lr)
+    print("accumulate grad iterations: %d" % args.accum_iter)
+    print("effective batch size: %d" % eff_batch_size)

@@ -1,16 +1,15 @@
 """Loading a pre-trained MAE encoder (``--finetune``) into a ViT classifier, with clear errors for files that do not
 fit, as the reference's fine-tuning and linear-probing entry points load it."""
-from util.misc import UsageError, load_checkpoint
+from timm.layers import trunc_normal_
+
+from util.checkpoint import fmt_keys
+from util.checkpoint import load as load_checkpoint
+from util.misc import UsageError
 from util.pos_embed import interpolate_pos_embed
 
 # keys every MAE/ViT encoder has
 ENCODER_KEYS = ('patch_embed.proj.weight', 'blocks.0.attn.qkv.weight')
 HEAD_KEYS = ('head.weight', 'head.bias')
-
-
-def _fmt(items, most=6):
-    items = sorted(items)
-    return ', '.join(items[:most]) + (f' (+{len(items) - most} more)' if len(items) > most else '')
 
 
 def expected_missing(model):
@@ -57,7 +56,7 @@ def load_pretrained_encoder(model, path, model_name='', what='--finetune'):
             shapes.append(f"{k} {tuple(v.shape)} vs {tuple(own)}")
     if shapes:
         raise UsageError(f"{fits} (another width or patch size?): other shapes (checkpoint vs model): "
-                         f"{_fmt(shapes, 4)}")
+                         f"{fmt_keys(shapes, 4)}")
 
     try:
         interpolate_pos_embed(model, checkpoint_model)
@@ -70,10 +69,26 @@ def load_pretrained_encoder(model, path, model_name='', what='--finetune'):
     missing = set(state_dict) - set(checkpoint_model) - expected_missing(model)
     extra_blocks = [k for k in checkpoint_model if k.startswith('blocks.') and k not in state_dict]
     if missing or extra_blocks:
-        parts = ([f"missing keys: {_fmt(missing)}"] if missing else []) + \
-                ([f"keys of blocks the model does not have: {_fmt(extra_blocks)}"] if extra_blocks else [])
+        parts = ([f"missing keys: {fmt_keys(missing)}"] if missing else []) + \
+                ([f"keys of blocks the model does not have: {fmt_keys(extra_blocks)}"] if extra_blocks else [])
         raise UsageError(f"{fits}: " + '; '.join(parts))
 
     msg = model.load_state_dict(checkpoint_model, strict=False)
-    print(msg)
+    unused = sorted({k.split('.')[0] for k in msg.unexpected_keys})
+    print(f"Loaded the encoder of {path}: {len(checkpoint_model) - len(msg.unexpected_keys)} tensors"
+          + (f"; not used: {', '.join(unused)}" if unused else '')
+          + f"; initialised afresh: {', '.join(sorted(msg.missing_keys)) or 'nothing'}")
     return msg
+
+
+def load_finetune_weights(args, model, head_init_std, resuming):
+    """The reference's start of training from ``--finetune``: load the encoder, then draw the head's weights with
+    ``trunc_normal_(std=head_init_std)``. When ``resuming``, the file is not read (the checkpoint's weights replace
+    everything), but the head is still drawn, so that the random stream goes on as in the reference's resumed run."""
+    if not args.finetune or args.eval:
+        return
+    if resuming:
+        print(f"Resuming from {args.resume}: --finetune {args.finetune} is not loaded")
+    else:
+        load_pretrained_encoder(model, args.finetune, model_name=args.model)
+    trunc_normal_(model.head.weight, std=head_init_std)

@@ -16,7 +16,7 @@ to save would therefore lose the save: the process exits before the loop gets to
 from scratch).
 
 So ``Trainer.__call__`` takes the signals over before training: its handlers only ask the training loop to stop
-(``misc.request_stop``). The loop finishes the current step, all ranks agree, ``checkpoint-last.pth`` is written
+(``util.run.request_stop``). The loop finishes the current step, all ranks agree, ``checkpoint-last.pth`` is written
 (resumable in the middle of an epoch) and ``misc.RunInterrupted`` comes out of ``main(args)``. Then, unless the
 signal was ``SIGTERM`` (submitit's signal, ``SIGUSR1``, or a signal that reached another rank only), the job hands
 over to submitit's own handler, saved when the job started, which does what it would have done on the signal:
@@ -131,15 +131,6 @@ def get_init_file(shared_folder) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- the job
-_received = {'signal': None}
-
-
-def _on_stop_signal(signum, frame):
-    _received['signal'] = signum
-    import util.misc as misc
-    misc.request_stop(signum, frame)
-
-
 class Trainer:
     """The callable submitit runs on every task: ``<module>.main(args)`` with the rank and output folder of the job;
     saves and requeues itself on submitit's signal (see the module's docstring)."""
@@ -154,6 +145,7 @@ class Trainer:
             sys.path.insert(0, str(REPO))
         trainer = import_trainer(self.module)
         import util.misc as misc
+        import util.run as run
 
         self._setup_gpu_args()
         previous, submitit_handler, usr_sig = self._take_over_signals()
@@ -162,7 +154,7 @@ class Trainer:
             trainer.main(copy.deepcopy(self.args))
         except misc.RunInterrupted as e:
             # the signal this process received; None when only another rank received one (all ranks stop together)
-            signum = _received['signal'] if _received['signal'] is not None else misc.stop_signal()
+            signum = run.stop_signal()
             print(f"Run interrupted (signal {signum} here): {e}", flush=True)
             if signum != signal.SIGTERM:
                 self._requeue(submitit_handler, signum if signum in (usr_sig, signal.SIGUSR1) else usr_sig)
@@ -176,11 +168,11 @@ class Trainer:
         submitit = import_submitit()
         usr_sig = getattr(signal, 'SIG' + submitit.JobEnvironment.USR_SIG, signal.SIGUSR2)
         submitit_handler = signal.getsignal(usr_sig)
-        _received['signal'] = None
+        import util.run as run
         previous = {}
         for sig in (usr_sig, signal.SIGUSR1, signal.SIGTERM):
             previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, _on_stop_signal)
+            signal.signal(sig, run.request_stop)
         requeue_on = sorted({signal.Signals(usr_sig).name, 'SIGUSR1'})
         print(f"Stop handlers installed (save then requeue on {', '.join(requeue_on)}; save then stop on SIGTERM)",
               flush=True)
@@ -276,9 +268,24 @@ def make_executor(args, submitit, cluster=None):
     return executor
 
 
+def check_before_submitting(args, module):
+    """The checks ``<module>.main`` makes before it computes anything (flags, model, paths, and whether the dataset
+    gives every task a full batch), made here before anything is queued: a typo then costs a second, not a queue
+    wait."""
+    trainer = import_trainer(module)
+    trainer.check_args(args)
+    if not getattr(args, 'eval', False):
+        from util.flags import check_batches
+        from util.image_folder import image_folder
+        check_batches(args, image_folder(args.data_path, 'train', transform=None), args.nodes * args.ngpus)
+
+
 def submit(args, module, cluster=None):
-    """Submit ``<module>.main(args)`` as the reference's scripts do; returns the submitit job."""
+    """Submit ``<module>.main(args)`` as the reference's scripts do; returns the submitit job. With the debug
+    executor the job runs here, in the foreground (submitit's debug jobs run only when their result is asked
+    for)."""
     submitit = import_submitit()
+    check_before_submitting(args, module)
     if args.job_dir:
         args.job_dir = str(Path(args.job_dir).expanduser().absolute())
     shared = get_shared_folder(args.job_dir)
@@ -294,14 +301,24 @@ def submit(args, module, cluster=None):
     with _repo_on_pythonpath():
         job = executor.submit(trainer)
     print(job.job_id)
+    if executor.cluster == 'debug':
+        # in the job's environment, as submitit's debug jobs run, but without its post-mortem debugger on errors
+        saved = dict(os.environ)
+        os.environ['SUBMITIT_DEBUG_JOB_ID'] = job.job_id
+        try:
+            job.submission().result()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
     return job
 
 
 def main(module, description, argv=None):
     """The submitit_*.py scripts: parse, submit, print the job id; a mistake is one line and exit code 2."""
+    from util.misc import RunInterrupted, TrainingStopped
     try:
         args = parse_args(module, description, argv)
         submit(args, module)
-    except UsageError as e:
-        sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+    except (UsageError, TrainingStopped, RunInterrupted) as e:  # (the last two from a job run in the foreground)
+        sys.stderr.write(f"{'stopped' if isinstance(e, RunInterrupted) else 'error'}: {e}\n")
+        sys.exit(2 if isinstance(e, UsageError) else 1)

@@ -1,0 +1,288 @@
+"""Checkpoint files and the decisions of a run's owner, without running a script: atomic writes, safe loading,
+which checkpoint is continued, the folder's lock, the flags a continued run may change, log rows kept aside, and
+the checks made before anything is written."""
+import argparse
+import errno
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+import util.checkpoint as ckpt_io
+import util.misc as misc
+import util.run as run_mod
+from conftest import TINY, run_in_process
+from util.misc import RunComplete, RunInterrupted, TrainingStopped, UsageError
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def test_atomic_save_replaces_and_cleans_stale_temporaries(tmp_path):
+    path = tmp_path / 'checkpoint-last.pth'
+    (tmp_path / '.checkpoint-last.pth.tmp-123').write_bytes(b'left by a killed run')
+    ckpt_io.atomic_save({'epoch': 1}, path)
+    ckpt_io.atomic_save({'epoch': 2}, path)
+    assert torch.load(path, weights_only=True) == {'epoch': 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-last.pth']
+
+
+def test_full_disk_names_the_folder_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / 'checkpoint-last.pth'
+    ckpt_io.atomic_save({'epoch': 1}, path)
+
+    def full(obj, f):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(ckpt_io.torch, 'save', full)
+    with pytest.raises(TrainingStopped) as e:
+        ckpt_io.atomic_save({'epoch': 2}, path)
+    assert '(the disk is full)' in str(e.value) and f'free space in {tmp_path}' in str(e.value)
+    assert 'the previous checkpoint there is intact' in str(e.value)
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+    assert [p.name for p in tmp_path.iterdir()] == ['checkpoint-last.pth']
+
+
+def test_load_errors_are_safe_and_clear(tmp_path):
+    with pytest.raises(UsageError, match=f'--finetune {tmp_path} is a folder; give a checkpoint file'):
+        ckpt_io.load(tmp_path, '--finetune')
+    junk = tmp_path / 'junk.pth'
+    junk.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(UsageError) as e:
+        ckpt_io.load(junk)
+    assert 'cannot be read as a PyTorch checkpoint' in str(e.value)
+    assert 'weights_only' not in str(e.value) and 'will likely succeed' not in str(e.value)
+
+
+def test_reference_submitit_checkpoint_with_path_flags_loads(tmp_path):
+    """The reference's submitit scripts store pathlib paths in args (job_dir, output_dir, dist_url's folder)."""
+    args = argparse.Namespace(model='mae_vit_tiny_patch4', output_dir=pathlib.PosixPath('/checkpoint/u/exp/12'),
+                              job_dir=pathlib.PosixPath('/checkpoint/u/exp/%j'), blr=1e-3)
+    torch.save({'model': {'w': torch.ones(1)}, 'epoch': 3, 'args': args}, tmp_path / 'ref.pth')
+    checkpoint = ckpt_io.load(tmp_path / 'ref.pth')
+    assert checkpoint['epoch'] == 3
+    assert ckpt_io.stored_args(checkpoint) == {'model': 'mae_vit_tiny_patch4', 'output_dir': '/checkpoint/u/exp/12',
+                                               'job_dir': '/checkpoint/u/exp/%j', 'blr': 1e-3}
+
+
+def test_newest_checkpoint_is_the_furthest_along(tmp_path):
+    torch.save({'model': {}, 'epoch': 1}, tmp_path / 'checkpoint-1.pth')
+    torch.save({'model': {}, 'epoch': 0}, tmp_path / 'checkpoint-0.pth')
+    (tmp_path / 'checkpoint-9.pth').write_bytes(b'damaged')
+    (tmp_path / '.checkpoint-last.pth.tmp-7').write_bytes(b'cut short')
+    assert ckpt_io.newest(tmp_path) == str(tmp_path / 'checkpoint-1.pth')
+    torch.save({'model': {}, 'epoch': 1}, tmp_path / 'checkpoint-last.pth')  # same epoch: the last one
+    assert ckpt_io.newest(tmp_path) == str(tmp_path / 'checkpoint-last.pth')
+    torch.save({'model': {}, 'epoch': 1, 'resume_iter': 3}, tmp_path / 'checkpoint-last.pth')  # in epoch 2
+    torch.save({'model': {}, 'epoch': 2}, tmp_path / 'checkpoint-2.pth')
+    assert ckpt_io.newest(tmp_path) == str(tmp_path / 'checkpoint-2.pth')
+    assert ckpt_io.newest(tmp_path / 'nowhere') == ''
+
+
+def test_nonfinite_tensors_are_named():
+    named = [('a', torch.ones(2)), ('b', torch.tensor([1.0, float('nan')])), ('c', torch.tensor([float('inf')])),
+             ('steps', torch.tensor([3]))]
+    assert ckpt_io.nonfinite(named) == ['b', 'c']
+
+
+def test_reference_linear_probe_optimizer_with_fewer_tensors_loads_with_a_note(capsys):
+    head = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(3))]
+    fc_norm = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.zeros(2))]
+    reference = torch.optim.SGD(head, lr=0.1, momentum=0.9)
+    for p in head:
+        p.grad = torch.ones_like(p)
+    reference.step()
+    ours = torch.optim.SGD(head + fc_norm, lr=0.1, momentum=0.9)
+    ckpt_io.load_optimizer_state(ours, reference.state_dict(), '--resume ref.pth')
+    assert torch.equal(ours.state[head[0]]['momentum_buffer'], reference.state[head[0]]['momentum_buffer'])
+    assert fc_norm[0] not in ours.state
+    assert "holds 2 of this run's 4 trained tensors" in capsys.readouterr().out
+    other = torch.optim.SGD([torch.nn.Parameter(torch.randn(5))], lr=0.1)
+    with pytest.raises(UsageError, match='its optimizer state does not fit this run'):
+        ckpt_io.load_optimizer_state(other, reference.state_dict(), '--resume ref.pth')
+
+
+# ---------------------------------------------------------------------------------------------------- the folder
+def test_lock_refuses_a_second_run_and_names_the_holder(tmp_path):
+    first = run_mod.lock_output_dir(tmp_path)
+    with pytest.raises(UsageError) as e:
+        run_mod.lock_output_dir(tmp_path)
+    assert f'--output_dir {tmp_path} is in use by another run (process {os.getpid()} on ' in str(e.value)
+    first.close()
+    run_mod.lock_output_dir(tmp_path).close()
+
+
+def test_lock_of_a_killed_process_does_not_block(tmp_path):
+    holder = subprocess.Popen([sys.executable, '-c', f'''
+import sys; sys.path.insert(0, {str(run_mod.Path(__file__).parents[1])!r})
+import util.run as r, time
+held = r.lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)'''], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(UsageError, match=f'process {holder.pid} on '):
+        run_mod.lock_output_dir(tmp_path)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    run_mod.lock_output_dir(tmp_path).close()
+
+
+def test_log_rows_after_the_checkpoint_are_moved_not_deleted(tmp_path, capsys):
+    rows = [json.dumps({'epoch': e}) + '\n' for e in range(4)]
+    (tmp_path / 'log.txt').write_text(''.join(rows) + '{"epoch": 4, "tra')  # a row cut short by a kill
+    run_mod.move_log_rows_after(tmp_path, 1)
+    assert (tmp_path / 'log.txt').read_text() == ''.join(rows[:2])
+    side, = tmp_path.glob('log-moved-*.txt')
+    assert side.read_text() == ''.join(rows[2:]) + '{"epoch": 4, "tra\n'
+    assert str(side) in capsys.readouterr().out
+    run_mod.move_log_rows_after(tmp_path, 1)  # nothing to move: no new side file
+    assert len(list(tmp_path.glob('log-moved-*.txt'))) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- continuing
+def parse(module, *argv):
+    return module.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def stored(module, *argv, **changes):
+    args = parse(module, *argv)
+    args.lr = args.blr * args.batch_size * args.accum_iter / 256 if args.lr is None else args.lr
+    return {**ckpt_io.args_to_dict(args), **changes}
+
+
+def test_changed_flags_allow_what_a_resume_may_change():
+    base = ['--model', 'mae_vit_tiny_patch4', '--batch_size', '8']
+    there = stored(main_pretrain, *base)
+    assert run_mod.changed_flags(there, parse(main_pretrain, *base)) == []
+    assert run_mod.changed_flags(there, parse(main_pretrain, *base, '--epochs', '800', '--num_workers', '3',
+                                              '--save_every_iters', '5', '--data_path', '/elsewhere')) == []
+    assert run_mod.changed_flags(there, parse(main_pretrain, *base, '--blr', '2e-3', '--mask_ratio', '0.5')) == [
+        '--mask_ratio 0.75 there, 0.5 here', '--blr 0.001 there, 0.002 here']
+    given = stored(main_pretrain, *base, '--lr', '0.1')
+    assert run_mod.changed_flags(given, parse(main_pretrain, *base, '--lr', '0.1')) == []
+    assert run_mod.changed_flags(given, parse(main_pretrain, *base)) == ['--lr 0.1 there, none here']
+    assert run_mod.changed_flags(there, parse(main_pretrain, *base, '--lr', '0.1')) == [
+        '--lr 3.125e-05 there, 0.1 here']
+
+
+class Owner(run_mod.Run):
+    """A Run whose start-up is only the checkpoint choice (no process group, seeds or lock)."""
+
+    def __init__(self, args, script, output_dir):
+        self.args, self.script, self.output_dir, self.training = args, script, output_dir, True
+
+
+def test_continues_only_its_own_run(tmp_path):
+    argv = ['--model', 'mae_vit_tiny_patch4', '--output_dir', tmp_path, '--epochs', '3']
+    torch.save({'model': {}, 'epoch': 0, 'script': 'main_pretrain.py', 'args': stored(main_pretrain, *argv)},
+               tmp_path / 'checkpoint-last.pth')
+    args = parse(main_pretrain, *argv)
+    assert Owner(args, 'main_pretrain.py', tmp_path)._choose_checkpoint()['epoch'] == 0
+    assert args.resume == str(tmp_path / 'checkpoint-last.pth')
+
+    ft = parse(main_finetune, '--model', 'vit_tiny_patch4', '--output_dir', tmp_path)
+    with pytest.raises(UsageError) as e:
+        Owner(ft, 'main_finetune.py', tmp_path)._choose_checkpoint()
+    assert str(e.value) == (f"--output_dir {tmp_path} holds a run of main_pretrain.py --model mae_vit_tiny_patch4 "
+                            f"(checkpoint-last.pth, epoch 0), not of main_finetune.py --model vit_tiny_patch4: pass a "
+                            f"new --output_dir, or --no_auto_resume to start afresh in that folder")
+    with pytest.raises(UsageError, match=r'other training flags \(--mask_ratio 0.75 there, 0.6 here\)'):
+        Owner(parse(main_pretrain, *argv, '--mask_ratio', '0.6'), 'main_pretrain.py', tmp_path)._choose_checkpoint()
+    with pytest.raises(RunComplete, match='holds this run, complete: it finished epoch 0 of --epochs 1'):
+        Owner(parse(main_pretrain, *argv, '--epochs', '1'), 'main_pretrain.py', tmp_path)._choose_checkpoint()
+    assert Owner(parse(main_pretrain, *argv, '--no_auto_resume'), 'main_pretrain.py',
+                 tmp_path)._choose_checkpoint() is None
+
+
+def test_explicit_resume_that_is_not_the_newest_says_so(tmp_path, capsys):
+    argv = ['--model', 'mae_vit_tiny_patch4', '--output_dir', tmp_path, '--epochs', '9']
+    for epoch in (2, 5):
+        torch.save({'model': {}, 'epoch': epoch, 'script': 'main_pretrain.py', 'args': stored(main_pretrain, *argv)},
+                   tmp_path / f'checkpoint-{epoch}.pth')
+    args = parse(main_pretrain, *argv, '--resume', tmp_path / 'checkpoint-2.pth')
+    assert Owner(args, 'main_pretrain.py', tmp_path)._choose_checkpoint()['epoch'] == 5
+    out = capsys.readouterr().out
+    assert f"Auto-resume: continuing from {tmp_path / 'checkpoint-5.pth'} (further along than --resume " in out
+    assert 'which is not used; pass --no_auto_resume to start from --resume' in out
+    args = parse(main_pretrain, *argv, '--resume', tmp_path / 'checkpoint-2.pth', '--no_auto_resume')
+    assert Owner(args, 'main_pretrain.py', tmp_path)._choose_checkpoint()['epoch'] == 2
+
+
+def test_a_stop_on_another_rank_names_its_signal(monkeypatch):
+    owner = Owner(SimpleNamespace(save_every_iters=0), 'main_pretrain.py', '')
+    owner._iters_per_epoch = 8
+    monkeypatch.setattr(misc, 'all_reduce_max', lambda x: 15.0)  # this rank got none, another got SIGTERM
+    with pytest.raises(RunInterrupted, match='^signal 15 received, stopped at epoch 1 iteration 3: nothing was'):
+        owner.after_step(1, 3, misc.MetricLogger())
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    owner = Owner(SimpleNamespace(), 'main_pretrain.py', str(tmp_path))
+    torch.save({'model': {}, 'epoch': 0}, tmp_path / 'checkpoint-0.pth')
+    owner.model = torch.nn.Linear(2, 2)
+    owner.optimizer = torch.optim.AdamW(owner.model.parameters())
+    with torch.no_grad():
+        owner.model.weight[0, 0] = float('nan')
+    with pytest.raises(TrainingStopped) as e:
+        owner.save(1, keep=True, where='the end of epoch 1')
+    assert str(e.value) == (f"non-finite values in weight at the end of epoch 1 (the loss was still finite): not "
+                            f"saved; the last good checkpoint is {tmp_path / 'checkpoint-0.pth'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-0.pth']
+
+
+# ---------------------------------------------------------------------------------------------------- up-front checks
+PT = ['--model', 'mae_vit_tiny_patch4', '--input_size', '32', '--batch_size', '8', '--warmup_epochs', '1',
+      '--device', 'cpu', '--num_workers', '0', '--data_path', TINY]
+FT = ['--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '4', '--nb_classes', '2', '--device', 'cpu',
+      '--num_workers', '0', '--data_path', TINY]
+
+
+@pytest.mark.parametrize('module,argv,expect', [
+    (main_pretrain, ['--blr=-1e-3'], '--blr must be positive, got -0.001'),
+    (main_pretrain, ['--lr', '-0.001'], '--lr must be positive, got -0.001'),
+    (main_pretrain, ['--input_size', '30'], '--input_size 30 is not a multiple of the patch size 4 of '
+                                            'mae_vit_tiny_patch4 (e.g. 28)'),
+    (main_pretrain, ['--input_size', '0'], '--input_size must be at least 1, got 0'),
+    (main_pretrain, ['--num_workers', '-1'], '--num_workers must be at least 0, got -1'),
+    (main_pretrain, ['--mask_ratio', '0'], '--mask_ratio 0.0 masks no patch of the 64 at --input_size 32'),
+    (main_pretrain, ['--mask_ratio', '0.999'], '--mask_ratio 0.999 keeps no patch of the 64 at --input_size 32'),
+    (main_pretrain, ['--save_every_iters', '-1'], '--save_every_iters must be at least 0, got -1'),
+    (main_pretrain, ['--warmup_epochs', '-3'], '--warmup_epochs must be at least 0, got -3'),
+    (main_pretrain, ['--accum_iter', '3'], '--accum_iter 3 is more than the 2 iterations of an epoch'),
+    (main_finetune, ['--input_size', '30'], '--input_size 30 is not a multiple of the patch size 4'),
+    (main_finetune, ['--eval'], '--eval evaluates the checkpoint given with --resume; none was given'),
+    (main_finetune, ['--eval', '--finetune', 'x.pth'], '--finetune only initialises training'),
+    (main_linprobe, ['--eval'], '--eval evaluates the checkpoint given with --resume; none was given'),
+    (main_finetune, ['--finetune', TINY], f'--finetune {TINY} is a folder; give a checkpoint file'),
+])
+def test_mistakes_are_one_line_before_anything_is_written(tmp_path, capsys, module, argv, expect):
+    out = tmp_path / 'out'
+    base = PT if module is main_pretrain else FT
+    code, err = run_in_process(module, capsys, *base, '--output_dir', out, '--log_dir', out, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and expect in lines[0], err
+    if module is main_pretrain and argv[0] != '--accum_iter':  # (that check needs the dataset's size)
+        assert not out.exists()
+
+
+def test_log_dir_naming_a_file_and_missing_data_come_before_the_output_folder(tmp_path, capsys):
+    (tmp_path / 'file').write_text('')
+    out = tmp_path / 'out'
+    code, err = run_in_process(main_pretrain, capsys, *PT, '--output_dir', out, '--log_dir', tmp_path / 'file')
+    assert code == 2 and err == f"error: --log_dir {tmp_path / 'file'} is a file, not a folder\n"
+    code, err = run_in_process(main_pretrain, capsys, *PT, '--output_dir', out, '--data_path', tmp_path / 'none')
+    assert code == 2 and err == f"error: --data_path {tmp_path / 'none'}: no such folder\n"
+    assert not out.exists()
+
+
+def test_help_works_on_every_entry_point(capsys):
+    for module in (main_pretrain, main_finetune, main_linprobe):
+        with pytest.raises(SystemExit) as e:
+            misc.run_main(module.main, module.get_args_parser(), ['--help'])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert '--save_every_iters' in out and '[new]' in out and '-h, --help' in out

@@ -1,0 +1,103 @@
+"""The flags every entry point shares (the reference's and the [new] run-control ones), and the checks that turn a
+wrong value into one line before anything is written or computed."""
+import os
+import re
+
+from util.misc import UsageError
+
+
+def add_common_args(parser, data_help, save_freq):
+    """The flags every entry point has: the reference's (data, output, device, seed, resuming, loading, distributed),
+    with its defaults, and the [new] run-control flags (precision, checkpoint cadence, resuming, fault handling)."""
+    parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str, help=data_help)
+    parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
+    parser.add_argument('--log_dir', default=None,
+                        help='path where to tensorboard log (default: --output_dir; the reference: ./output_dir)')
+    parser.add_argument('--device', default='cuda', help='device to use for training / testing')
+    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--resume', default='', help='resume from checkpoint')
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
+    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--pin_mem', action='store_true',
+                        help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
+    parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
+    parser.set_defaults(pin_mem=True)
+    # distributed training
+    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
+    parser.add_argument('--local_rank', default=-1, type=int)
+    parser.add_argument('--dist_on_itp', action='store_true')
+    parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
+    parser.add_argument('--amp', default='fp16', choices=['fp16', 'bf16', 'none'],
+                        help='[new] mixed precision on CUDA: fp16 with loss scaling (the reference), bf16, or none '
+                             '(fp32). The CPU always runs fp32.')
+    parser.add_argument('--save_freq', default=save_freq, type=int,
+                        help=f'[new] keep checkpoint-<epoch>.pth every N epochs and at the end (default {save_freq}, '
+                             'as the reference); checkpoint-last.pth is rewritten every epoch regardless')
+    parser.add_argument('--auto_resume', action='store_true',
+                        help='[new] continue the run of the same script, model and training flags whose newest '
+                             'checkpoint is in --output_dir (default on; see README, "Long runs")')
+    parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
+                        help='[new] start afresh (or from --resume) even if --output_dir holds a run; its log.txt '
+                             'rows are moved to a side file')
+    parser.set_defaults(auto_resume=True)
+    parser.add_argument('--save_every_iters', default=0, type=int, metavar='N',
+                        help='[new] also rewrite checkpoint-last.pth every N optimizer steps within an epoch '
+                             '(default 0: only at the end of each epoch)')
+    parser.add_argument('--skip_nonfinite', default=0, type=int, metavar='N',
+                        help='[new] skip up to N steps with a non-finite loss before stopping (default 0: stop)')
+    parser.add_argument('--skip_bad_images', action='store_true',
+                        help='[new] skip image files that cannot be read (truncated, not an image, empty, unreadable): '
+                             'each is replaced by the next readable image, named once on stderr, and counted per '
+                             'epoch (train_skipped_images in log.txt). Default: stop with an error naming the file')
+
+
+def check_common(args, models, kind):
+    """The checks every entry point makes on its flags, before anything is written: ``models`` are the names
+    ``--model`` may take (``kind`` says what they are)."""
+    if args.model not in models:
+        raise UsageError(f"--model {args.model} is not a {kind} model; choose one of: " + ', '.join(models))
+    at_least = {'batch_size': 1, 'accum_iter': 1, 'epochs': 1, 'save_freq': 1, 'input_size': 1, 'num_workers': 0,
+                'warmup_epochs': 0, 'start_epoch': 0, 'save_every_iters': 0, 'skip_nonfinite': 0, 'nb_classes': 1}
+    for flag, low in at_least.items():
+        value = getattr(args, flag, low)
+        if value < low:
+            raise UsageError(f"--{flag} must be at least {low}, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.lr is None and not args.blr > 0:
+        raise UsageError(f"--blr must be positive, got {args.blr}")
+    for flag in ('min_lr', 'weight_decay'):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
+    if getattr(args, 'eval', False) and not args.resume:  # a model with random weights would be evaluated
+        raise UsageError("--eval evaluates the checkpoint given with --resume; "
+                         + ("--finetune only initialises training" if args.finetune else "none was given"))
+    patch = int(re.search(r'patch(\d+)', args.model).group(1))  # every model's name says its patch size
+    if args.input_size % patch:
+        raise UsageError(f"--input_size {args.input_size} is not a multiple of the patch size {patch} of "
+                         f"{args.model} (e.g. {max(patch, args.input_size // patch * patch)})")
+    if hasattr(args, 'mask_ratio'):  # pre-training
+        num_patches = (args.input_size // patch) ** 2
+        keep = int(num_patches * (1 - args.mask_ratio))
+        if not 0 <= args.mask_ratio < 1 or keep in (0, num_patches):
+            raise UsageError(f"--mask_ratio {args.mask_ratio} {'keeps no' if not keep else 'masks no'} patch of the "
+                             f"{num_patches} at --input_size {args.input_size}: nothing to learn from")
+    for flag in ('output_dir', 'log_dir'):
+        path = getattr(args, flag)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"--{flag} {path} is a file, not a folder")
+
+
+def check_batches(args, dataset, world_size):
+    """Refuse a dataset that gives no full batch per process (``drop_last`` would leave nothing to train on), or
+    fewer iterations per epoch than ``--accum_iter`` (the optimizer would never step)."""
+    per_rank = len(dataset) // world_size
+    if per_rank < args.batch_size:
+        raise UsageError(
+            f"{len(dataset)} training images give {per_rank} per process over {world_size} process(es), fewer "
+            f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
+    iters = per_rank // args.batch_size
+    if args.accum_iter > iters:
+        raise UsageError(f"--accum_iter {args.accum_iter} is more than the {iters} iterations of an epoch "
+                         f"({len(dataset)} images, --batch_size {args.batch_size}, {world_size} process(es)): the "
+                         f"optimizer would never step")
