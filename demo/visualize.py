@@ -419,11 +419,6 @@ def render(rows, labels, caption, scale):
     return fig
 
 
-def panel_origin(row, col, tile, caption_lines=CAPTION_LINES):
-    """The (x, y) of the top-left pixel of the panel at ``row``, ``col`` in a figure made by ``render``."""
-    return PAD + col * (tile + PAD), PAD + caption_lines * LINE_H + LABEL_H + row * (tile + PAD)
-
-
 def save_png(fig, path, colors=0):
     if colors:
         fig = fig.quantize(colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
@@ -488,8 +483,9 @@ def main(args):
     num_patches = model.patch_embed.num_patches
     note = denorm_note(args.norm_pix_loss, args.denorm)
     title = f"{args.model} ({os.path.basename(args.checkpoint)}), {args.input_size}px, seed {args.seed}"
-    panels = lambda img, ratio, noise: reconstruct(model, img, ratio, norm_pix=args.norm_pix_loss,  # noqa: E731
-                                                   denorm=args.denorm, noise=noise)
+
+    def panels(img, ratio, noise):
+        return reconstruct(model, img, ratio, norm_pix=args.norm_pix_loss, denorm=args.denorm, noise=noise)
 
     if args.grid:
         ratios = args.mask_ratios or [args.mask_ratio]
@@ -507,7 +503,7 @@ def main(args):
         print(f"wrote {outputs[0]} ({len(tensors)} images x mask ratios {', '.join(map(str, ratios))}; {note})")
         return
 
-    for (path, name), img, out in zip(images, tensors, outputs):
+    for (_, name), img, out in zip(images, tensors, outputs):
         p = panels(img, args.mask_ratio, draw_noise(generator, num_patches))
         labels = ['original', f"masked {args.mask_ratio:.0%}", 'reconstruction', 'recon. + visible']
         fig = render([[p['original'], p['masked'], p['reconstruction'], p['pasted']]], labels,
