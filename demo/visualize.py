@@ -1,0 +1,516 @@
+"""See what an MAE learned: reconstruction figures from a pre-training checkpoint, like the paper's Figure 2.
+
+    python demo/visualize.py --checkpoint demo_output/checkpoint-last.pth demo/data/val --out demo_output/figures
+    python demo/visualize.py --checkpoint mae_visualize_vit_large.pth --model mae_vit_large_patch16 cat.jpg
+    python demo/visualize.py demo/data/val/color --checkpoint demo_output/checkpoint-last.pth --grid \\
+        --mask_ratios 0.5 0.75 0.9 --out demo_output/reconstructions.png
+
+(``--mask_ratios`` takes several values: put the images before it.)
+
+One PNG per image with four panels: the original, the masked input (removed patches grey), the reconstruction, and
+the reconstruction with the visible patches pasted back. ``--grid`` puts several images (rows) and mask ratios
+(columns) in one PNG instead.
+
+The checkpoint must hold the whole MAE, decoder included: main_pretrain.py's ``checkpoint-*.pth``, or the
+reference's released ``mae_visualize_vit_*.pth`` / ``mae_pretrain_vit_*_full.pth``. Encoder-only files (the released
+``mae_pretrain_vit_*.pth``) and fine-tuned classifiers cannot reconstruct anything. The model, image size and
+target come from the checkpoint's ``args`` (ours); released files have none: the model is then recognised from the
+weights' shapes, and the target is taken to be normalised pixels for ``mae_pretrain_vit_*_full.pth`` (so its
+authors say) and plain pixels otherwise (``mae_visualize_vit_*.pth``); ``--norm_pix_loss`` /
+``--no_norm_pix_loss`` override.
+
+Models trained with ``--norm_pix_loss`` predict each patch normalised by its own mean and standard deviation; to be
+shown as pixels the prediction needs that mean and std back. By default they are the true patch's (so the colour and
+contrast of each masked patch come from the original; the model contributes the structure within it), and the figure
+says so. ``--denorm neighbours`` estimates them from the visible patches around each masked patch instead, using no
+pixel of the masked patch.
+"""
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import models_mae  # noqa: E402
+import util.misc as misc  # noqa: E402
+from util.image_folder import _BAD_FILE_ERRORS, _reason, load_rgb  # noqa: E402
+from util.misc import UsageError  # noqa: E402
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+NORM_PIX_EPS = 1e-6  # the loss's: target = (patch - mean) / sqrt(var + eps)
+DENORM_MODES = ('true_patch', 'neighbours')
+
+# figure layout, in output pixels: a caption band of CAPTION_LINES text lines (more only if the text does not fit the
+# width), a band of column labels, then rows of tiles; PAD around and between everything
+PAD = 4
+LINE_H = 14
+LABEL_H = 14
+CAPTION_LINES = 2
+GREY = 0.5  # colour of removed patches in the masked-input panel
+BACKGROUND = (255, 255, 255)
+TEXT = (0, 0, 0)
+
+DECODER_KEYS = ('decoder_embed.weight', 'decoder_pred.weight', 'mask_token')
+ENCODER_KEYS = ('patch_embed.proj.weight', 'pos_embed')
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        'MAE reconstruction figures', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('images', nargs='+',
+                        help='image files and/or folders (searched recursively, in sorted order)')
+    parser.add_argument('--checkpoint', required=True,
+                        help='a full MAE checkpoint with the decoder: main_pretrain.py checkpoint-*.pth, or the '
+                             "reference's mae_visualize_vit_*.pth / mae_pretrain_vit_*_full.pth")
+    parser.add_argument('--model', default=None,
+                        help='MAE architecture (default: from the checkpoint, else inferred from its weight shapes): '
+                             + ', '.join(models_mae.MODELS))
+    parser.add_argument('--input_size', default=None, type=int,
+                        help="image size the model sees (default: the checkpoint's, else the one its position "
+                             "embedding was made for, else 224)")
+    parser.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
+    parser.add_argument('--seed', default=0, type=int,
+                        help='seed of the masks: the same seed and image list give the same masks (the k-th image '
+                             'gets the k-th draw); the global random state is not used')
+    parser.add_argument('--norm_pix_loss', action='store_true', default=None,
+                        help="the model predicts per-patch normalised pixels (default: from the checkpoint's args; "
+                             "without args: on for the released mae_pretrain_vit_*_full.pth, else off)")
+    parser.add_argument('--no_norm_pix_loss', action='store_false', dest='norm_pix_loss',
+                        help='the model predicts plain pixels (overrides the checkpoint\'s args)')
+    parser.add_argument('--denorm', default='true_patch', choices=DENORM_MODES,
+                        help='norm-pix models only: where the mean/std that turn a predicted patch into pixels come '
+                             'from: the true patch (default) or the visible patches around it (an estimate)')
+    parser.add_argument('--grid', action='store_true',
+                        help='one PNG: a row per image, for each of --mask_ratios the masked input and the '
+                             'reconstruction with visible patches')
+    parser.add_argument('--mask_ratios', default=None, type=float, nargs='+',
+                        help='mask ratios of the --grid columns (default: --mask_ratio); put the images before '
+                             'this flag')
+    parser.add_argument('--scale', default=0, type=int,
+                        help='integer upscaling of the tiles, nearest neighbour (default: 128 // input_size, at '
+                             'least 1)')
+    parser.add_argument('--colors', default=0, type=int,
+                        help='store the PNG with a palette of this many colours (2-256; much smaller files, e.g. for '
+                             'a README); default 0: full colour, exact pixels')
+    parser.add_argument('--out', default='reconstructions',
+                        help='output folder (one <image>.png each), or a .png file name (with --grid, or for one '
+                             'image); default: ./reconstructions')
+    parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, ...')
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def find_images(paths):
+    """The image files named by ``paths``: files as given, folders searched recursively in sorted order. Returns
+    ``[(path, name)]`` with ``name`` the path relative to the folder it was found in (the file name for files)."""
+    found = []
+    for p in paths:
+        if os.path.isfile(p):
+            found.append((p, os.path.basename(p)))
+        elif os.path.isdir(p):
+            inside = []
+            for root, _, files in os.walk(p, followlinks=True):
+                for f in files:
+                    if f.lower().endswith(IMG_EXTENSIONS):
+                        full = os.path.join(root, f)
+                        inside.append((full, os.path.relpath(full, p)))
+            inside.sort(key=lambda item: Path(item[1]).parts)
+            if not inside:
+                raise UsageError(f"{p}: no image files ({', '.join(IMG_EXTENSIONS)}) in this folder or below")
+            found.extend(inside)
+        else:
+            raise UsageError(f"{p}: no such file or folder")
+    return found
+
+
+def load_image(path, input_size):
+    """``path`` as the model's input: RGB, short side resized to ``input_size`` (bicubic), centre crop, normalised
+    with the ImageNet mean and std as in training; a (3, input_size, input_size) tensor."""
+    import torchvision.transforms as transforms
+    try:
+        img = load_rgb(path)
+    except _BAD_FILE_ERRORS as e:
+        raise UsageError(f"bad image file {path} ({_reason(path, e)})") from None
+    transform = transforms.Compose([
+        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+    return transform(img)
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def checkpoint_args(checkpoint):
+    """The flags a checkpoint was trained with, as a dict (ours store a dict, the reference's a Namespace, the
+    released files none)."""
+    args = checkpoint.get('args')
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return args if isinstance(args, dict) else {}
+
+
+def check_state_dict(state_dict, path):
+    """Refuse, with the layout that is needed, a file that cannot reconstruct: no ViT encoder, or no decoder."""
+    if not isinstance(state_dict, dict) or any(k not in state_dict for k in ENCODER_KEYS):
+        raise UsageError(f"--checkpoint {path} is not an MAE checkpoint (its 'model' has no "
+                         f"{' / '.join(ENCODER_KEYS)})")
+    missing = [k for k in DECODER_KEYS if k not in state_dict]
+    if missing:
+        what = ('a fine-tuned classifier (head.weight)' if 'head.weight' in state_dict
+                else 'an encoder only (like the released mae_pretrain_vit_*.pth)')
+        raise UsageError(f"--checkpoint {path} holds {what}, no decoder ({', '.join(missing)} missing): "
+                         f"reconstructions need a full MAE checkpoint with the decoder_* keys, e.g. "
+                         f"main_pretrain.py's checkpoint-*.pth or the reference's mae_visualize_vit_*.pth")
+
+
+def _unique_models():
+    seen, names = set(), []
+    for name, fn in models_mae.MODELS.items():  # aliases (the *_dec512d8b names) map to the same builder
+        if fn not in seen:
+            seen.add(fn)
+            names.append(name)
+    return names
+
+
+def infer_model(state_dict):
+    """The name in ``models_mae.MODELS`` whose weights have the shapes of ``state_dict`` (patch size, width, depth,
+    decoder width and depth), or None. Candidates are built on the meta device: no memory, no time."""
+    proj = state_dict['patch_embed.proj.weight']
+    p, in_chans = proj.shape[-1], proj.shape[1]
+    ignore = ('pos_embed', 'decoder_pos_embed')  # their length depends on the image size, not the architecture
+    own = {k: tuple(v.shape) for k, v in state_dict.items() if k not in ignore}
+    for name in _unique_models():
+        try:
+            with torch.device('meta'):
+                candidate = models_mae.MODELS[name](img_size=p, in_chans=in_chans)
+        except ValueError:  # another patch size: p is not a multiple of it
+            continue
+        theirs = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if k not in ignore}
+        if theirs == own:
+            return name
+    return None
+
+
+def grid_input_size(state_dict):
+    """The image size of a square patch grid from the position embedding's length, or None."""
+    n = state_dict['pos_embed'].shape[1] - 1
+    g = math.isqrt(n)
+    return g * state_dict['patch_embed.proj.weight'].shape[-1] if g * g == n else None
+
+
+def load_mae(args):
+    """Build the MAE of ``args.checkpoint`` and load its weights; resolves ``args.model``, ``args.input_size`` and
+    ``args.norm_pix_loss`` from the flags, the checkpoint's args and its shapes. Returns the model, in eval mode."""
+    checkpoint = misc.load_checkpoint(args.checkpoint, what='--checkpoint')
+    state_dict = checkpoint['model']
+    check_state_dict(state_dict, args.checkpoint)
+    saved = checkpoint_args(checkpoint)
+
+    if args.model is None:
+        args.model = saved.get('model')
+    if args.model is None:
+        args.model = infer_model(state_dict)
+        if args.model is None:
+            raise UsageError(f"--checkpoint {args.checkpoint}: its weights fit none of "
+                             f"{', '.join(_unique_models())}; pass --model")
+    if args.model not in models_mae.MODELS:
+        raise UsageError(f"--model {args.model} is not an MAE model; choose one of: " + ', '.join(models_mae.MODELS))
+    if args.input_size is None:
+        args.input_size = saved.get('input_size') or grid_input_size(state_dict) or 224
+    if args.norm_pix_loss is None:
+        if 'norm_pix_loss' in saved:
+            args.norm_pix_loss = bool(saved['norm_pix_loss'])
+        else:
+            # the released files say nothing; their authors' word is that the *_full ones predict normalised
+            # pixels and the visualisation ones plain pixels
+            name = os.path.basename(str(args.checkpoint))
+            args.norm_pix_loss = name.startswith('mae_pretrain_vit_') and name.endswith('_full.pth')
+            print(f"Note: {name} does not say how it was trained; taking its target to be "
+                  f"{'normalised' if args.norm_pix_loss else 'plain'} pixels "
+                  f"(--{'no_' if args.norm_pix_loss else ''}norm_pix_loss to change)")
+
+    in_chans = state_dict['patch_embed.proj.weight'].shape[1]
+    if in_chans != 3:
+        raise UsageError(f"--checkpoint {args.checkpoint} is a {in_chans}-channel model; this script shows RGB images")
+    try:
+        model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    except ValueError as e:  # an input size that is not a multiple of the patch size
+        raise UsageError(f"--input_size {args.input_size} does not fit --model {args.model}: {e}") from None
+
+    # the position embeddings are fixed sin-cos tables: for another image size the model's own are the right ones
+    own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not (k in ('pos_embed', 'decoder_pos_embed') and k in own and v.shape != own[k].shape)}
+    state_dict.update({k: own[k] for k in ('pos_embed', 'decoder_pos_embed') if k not in state_dict})
+    problem = misc.state_dict_mismatch(model, state_dict)
+    if problem:
+        raise UsageError(f"--checkpoint {args.checkpoint} does not fit --model {args.model}: {problem}")
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- reconstruction
+def draw_noise(generator, num_patches):
+    """The masking noise of one image (the mask keeps the patches with the smallest noise)."""
+    return torch.rand(1, num_patches, generator=generator)
+
+
+def predict(model, img, mask_ratio, noise):
+    """Run the MAE on one normalised image (3, H, W) with the mask given by ``noise`` (1, L). Returns the prediction
+    (L, p*p*3) and the mask (L,), 1 = removed, both on the CPU."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        _, pred, mask = model(img[None].to(device), mask_ratio=mask_ratio, noise=noise.to(device))
+    return pred[0].float().cpu(), mask[0].float().cpu()
+
+
+def patch_stats(model, img):
+    """Each patch's mean and std as the norm-pix loss normalises it: over the patch's p*p*3 normalised values,
+    unbiased variance, eps 1e-6. Shapes (L, 1)."""
+    target = model.patchify(img[None].cpu())[0]
+    mean = target.mean(dim=-1, keepdim=True)
+    std = (target.var(dim=-1, keepdim=True) + NORM_PIX_EPS) ** .5
+    return mean, std
+
+
+def neighbour_stats(mean, std, mask, grid):
+    """For each removed patch, the mean and std averaged over the visible patches nearest to it (the smallest square
+    ring around it that holds one); visible patches keep their own. With nothing visible: mean 0, std 1."""
+    h, w = grid
+    m, s = mean.view(h, w).clone(), std.view(h, w).clone()
+    visible = (mask.view(h, w) == 0)
+    true_m, true_s = mean.view(h, w), std.view(h, w)
+    for i, j in torch.nonzero(~visible).tolist():
+        for r in range(1, max(h, w)):
+            win = (slice(max(i - r, 0), i + r + 1), slice(max(j - r, 0), j + r + 1))
+            vis = visible[win]
+            if vis.any():
+                m[i, j] = true_m[win][vis].mean()
+                s[i, j] = true_s[win][vis].mean()
+                break
+        else:
+            m[i, j], s[i, j] = 0., 1.
+    return m.view(-1, 1), s.view(-1, 1)
+
+
+def to_display(x):
+    """Un-normalise (ImageNet mean/std) a (3, H, W) tensor into an (H, W, 3) array in [0, 1]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return torch.clip(x * std + mean, 0, 1).permute(1, 2, 0).numpy()
+
+
+def make_panels(model, img, pred, mask, norm_pix=False, denorm='true_patch'):
+    """The four panels of one figure, as (H, W, 3) float arrays in [0, 1]: 'original', 'masked' (removed patches
+    grey), 'reconstruction' (the model's output everywhere), 'pasted' (the reconstruction in the removed patches, the
+    original elsewhere: exactly the original's pixels there). Also 'mask' as a (grid_h, grid_w) bool array.
+
+    ``pred`` is in the model's target units: normalised pixels, or, with ``norm_pix``, each patch normalised by its
+    own mean/std, which are then taken from the true patch (``denorm='true_patch'``) or estimated from the visible
+    patches around it (``'neighbours'``)."""
+    if denorm not in DENORM_MODES:
+        raise ValueError(f"denorm must be one of {DENORM_MODES}, got {denorm!r}")
+    img = img.cpu()
+    if norm_pix:
+        mean, std = patch_stats(model, img)
+        if denorm == 'neighbours':
+            mean, std = neighbour_stats(mean, std, mask, model.patch_embed.grid_size)
+        pred = pred * std + mean
+    recon = model.unpatchify(pred[None])[0]
+    p = model.patch_size
+    pixel_mask = model.unpatchify(mask.view(1, -1, 1).repeat(1, 1, p * p * 3))[0].permute(1, 2, 0).numpy() > 0.5
+
+    original = to_display(img)
+    reconstruction = to_display(recon)
+    return {
+        'original': original,
+        'masked': np.where(pixel_mask, np.float32(GREY), original),
+        'reconstruction': reconstruction,
+        'pasted': np.where(pixel_mask, reconstruction, original),
+        'mask': mask.view(*model.patch_embed.grid_size).numpy() > 0.5,
+    }
+
+
+def reconstruct(model, img, mask_ratio=0.75, seed=0, norm_pix=False, denorm='true_patch', noise=None):
+    """The panels (see ``make_panels``) of one normalised image (3, H, W), masking ``mask_ratio`` of the patches
+    with the mask drawn from ``seed`` (or given as ``noise``, (1, L))."""
+    if noise is None:
+        noise = draw_noise(torch.Generator().manual_seed(seed), model.patch_embed.num_patches)
+    pred, mask = predict(model, img, mask_ratio, noise)
+    return make_panels(model, img, pred, mask, norm_pix=norm_pix, denorm=denorm)
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+def denorm_note(norm_pix, denorm):
+    if not norm_pix:
+        return 'pixel-target model: reconstruction as predicted'
+    if denorm == 'true_patch':
+        return "norm-pix model: each patch de-normalised with the true patch's mean/std"
+    return 'norm-pix model: mean/std of each removed patch estimated from visible neighbours'
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def _wrap(text, font, width):
+    """``text`` cut into lines no wider than ``width`` pixels (at word boundaries)."""
+    lines, line = [], ''
+    for word in text.split(' '):
+        trial = f"{line} {word}" if line else word
+        if line and font.getlength(trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line]
+
+
+def _fit(text, font, width):
+    """``text`` shortened with an ellipsis until it is at most ``width`` pixels wide."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + '…') > width:
+        text = text[:-1]
+    return text + '…'
+
+
+def to_uint8(panel, scale):
+    a = np.rint(np.clip(panel, 0, 1) * 255).astype(np.uint8)
+    return a.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else a
+
+
+def figure_size(rows, cols, tile, caption_lines=CAPTION_LINES):
+    """Width and height in pixels of a figure of ``rows`` x ``cols`` square tiles of ``tile`` pixels."""
+    return (cols * tile + (cols + 1) * PAD,
+            PAD + caption_lines * LINE_H + LABEL_H + rows * (tile + PAD))
+
+
+def render(rows, labels, caption, scale):
+    """A figure: ``caption`` (a list of paragraphs) on top, ``labels`` over the columns, then ``rows`` of panels
+    ((H, W, 3) arrays in [0, 1]). Returns a PIL RGB image."""
+    font = _font()
+    tile = rows[0][0].shape[0] * scale
+    cols = len(labels)
+    width = figure_size(len(rows), cols, tile)[0]
+    lines = [line for paragraph in caption for line in _wrap(paragraph, font, width - 2 * PAD)]
+    lines += [''] * (CAPTION_LINES - len(lines))
+    width, height = figure_size(len(rows), cols, tile, len(lines))
+    fig = Image.new('RGB', (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(fig)
+    for k, line in enumerate(lines):
+        draw.text((PAD, PAD + k * LINE_H), line, fill=TEXT, font=font)
+    top = PAD + len(lines) * LINE_H
+    for c, label in enumerate(labels):
+        label = _fit(label, font, tile)
+        x = PAD + c * (tile + PAD) + (tile - font.getlength(label)) / 2
+        draw.text((x, top), label, fill=TEXT, font=font)
+    top += LABEL_H
+    for r, row in enumerate(rows):
+        for c, panel in enumerate(row):
+            fig.paste(Image.fromarray(to_uint8(panel, scale)), (PAD + c * (tile + PAD), top + r * (tile + PAD)))
+    return fig
+
+
+def save_png(fig, path, colors=0):
+    if colors:
+        fig = fig.quantize(colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.save(path, optimize=True)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def check_args(args):
+    ratios = [args.mask_ratio] + (args.mask_ratios or [])
+    for r in ratios:
+        if not 0 <= r < 1:
+            raise UsageError(f"mask ratio {r} must be in [0, 1)")
+    if args.mask_ratios and not args.grid:
+        raise UsageError("--mask_ratios needs --grid (one figure per image uses --mask_ratio)")
+    if args.scale < 0:
+        raise UsageError(f"--scale must be at least 1 (or 0 for automatic), got {args.scale}")
+    if args.colors and not 2 <= args.colors <= 256:
+        raise UsageError(f"--colors must be between 2 and 256 (or 0 for full colour), got {args.colors}")
+    if args.input_size is not None and args.input_size < 1:
+        raise UsageError(f"--input_size must be positive, got {args.input_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {args.device}: {e}") from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device available (use --device cpu)")
+    return device
+
+
+def output_paths(args, images):
+    """Where each figure goes: ``--out`` itself when it names a .png file, else ``--out/<name>.png``."""
+    single_file = args.out.lower().endswith('.png')
+    if args.grid:
+        return [args.out if single_file else os.path.join(args.out, 'reconstructions.png')]
+    if single_file:
+        if len(images) != 1:
+            raise UsageError(f"--out {args.out} is one file but there are {len(images)} images: give a folder")
+        return [args.out]
+    paths, seen = [], set()
+    for _, name in images:
+        base = os.path.join(args.out, os.path.splitext(name)[0])
+        path, k = base + '.png', 2
+        while path in seen:  # two images of the same name from different places
+            path, k = f"{base}-{k}.png", k + 1
+        seen.add(path)
+        paths.append(path)
+    return paths
+
+
+def main(args):
+    device = check_args(args)
+    images = find_images(args.images)
+    outputs = output_paths(args, images)
+    model = load_mae(args).to(device)
+    tensors = [load_image(path, args.input_size) for path, _ in images]  # every file is checked before any output
+    scale = args.scale or max(1, 128 // args.input_size)
+    for folder in sorted({os.path.dirname(path) or '.' for path in outputs}):
+        misc.check_output_dir(folder, flag='--out')
+
+    generator = torch.Generator().manual_seed(args.seed)
+    num_patches = model.patch_embed.num_patches
+    note = denorm_note(args.norm_pix_loss, args.denorm)
+    title = f"{args.model} ({os.path.basename(args.checkpoint)}), {args.input_size}px, seed {args.seed}"
+
+    def panels(img, ratio, noise):
+        return reconstruct(model, img, ratio, norm_pix=args.norm_pix_loss, denorm=args.denorm, noise=noise)
+
+    if args.grid:
+        ratios = args.mask_ratios or [args.mask_ratio]
+        rows = []
+        for img in tensors:
+            noise = draw_noise(generator, num_patches)  # one mask draw per image: the ratios' masks are nested
+            row = []
+            for r in ratios:
+                p = panels(img, r, noise)
+                row += [p['masked'], p['pasted']]
+            rows.append([p['original']] + row)
+        labels = ['original'] + [f"{lab} {r:.0%}" for r in ratios for lab in ('masked', 'recon.')]
+        fig = render(rows, labels, [title + '; recon. = reconstruction + visible patches', note], scale)
+        save_png(fig, outputs[0], args.colors)
+        print(f"wrote {outputs[0]} ({len(tensors)} images x mask ratios {', '.join(map(str, ratios))}; {note})")
+        return
+
+    for (_, name), img, out in zip(images, tensors, outputs):
+        p = panels(img, args.mask_ratio, draw_noise(generator, num_patches))
+        labels = ['original', f"masked {args.mask_ratio:.0%}", 'reconstruction', 'recon. + visible']
+        fig = render([[p['original'], p['masked'], p['reconstruction'], p['pasted']]], labels,
+                     [f"{name}: {title}", note], scale)
+        save_png(fig, out, args.colors)
+        print(f"wrote {out} ({note})")
+
+
+if __name__ == '__main__':
+    misc.run_main(main, get_args_parser().parse_args())
