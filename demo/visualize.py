@@ -37,8 +37,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
+import util.checkpoint as ckpt_io  # noqa: E402
 import util.misc as misc  # noqa: E402
-from util.image_folder import _BAD_FILE_ERRORS, _reason, load_rgb  # noqa: E402
+from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb  # noqa: E402
 from util.misc import UsageError  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,7 +64,8 @@ ENCODER_KEYS = ('patch_embed.proj.weight', 'pos_embed')
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        'MAE reconstruction figures', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        'MAE reconstruction figures', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False)  # (run_main adds -h/--help)
     parser.add_argument('images', nargs='+',
                         help='image files and/or folders (searched recursively, in sorted order)')
     parser.add_argument('--checkpoint', required=True,
@@ -136,8 +138,8 @@ def load_image(path, input_size):
     import torchvision.transforms as transforms
     try:
         img = load_rgb(path)
-    except _BAD_FILE_ERRORS as e:
-        raise UsageError(f"bad image file {path} ({_reason(path, e)})") from None
+    except BAD_FILE_ERRORS as e:
+        raise UsageError(f"bad image file {path} ({bad_file_reason(path, e)})") from None
     transform = transforms.Compose([
         transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
@@ -208,7 +210,7 @@ def grid_input_size(state_dict):
 def load_mae(args):
     """Build the MAE of ``args.checkpoint`` and load its weights; resolves ``args.model``, ``args.input_size`` and
     ``args.norm_pix_loss`` from the flags, the checkpoint's args and its shapes. Returns the model, in eval mode."""
-    checkpoint = misc.load_checkpoint(args.checkpoint, what='--checkpoint')
+    checkpoint = ckpt_io.load(args.checkpoint, what='--checkpoint')
     state_dict = checkpoint['model']
     check_state_dict(state_dict, args.checkpoint)
     saved = checkpoint_args(checkpoint)
@@ -249,7 +251,7 @@ def load_mae(args):
     state_dict = {k: v for k, v in state_dict.items()
                   if not (k in ('pos_embed', 'decoder_pos_embed') and k in own and v.shape != own[k].shape)}
     state_dict.update({k: own[k] for k in ('pos_embed', 'decoder_pos_embed') if k not in state_dict})
-    problem = misc.state_dict_mismatch(model, state_dict)
+    problem = ckpt_io.state_dict_mismatch(model, state_dict)
     if problem:
         raise UsageError(f"--checkpoint {args.checkpoint} does not fit --model {args.model}: {problem}")
     model.load_state_dict(state_dict)
@@ -477,7 +479,10 @@ def main(args):
     tensors = [load_image(path, args.input_size) for path, _ in images]  # every file is checked before any output
     scale = args.scale or max(1, 128 // args.input_size)
     for folder in sorted({os.path.dirname(path) or '.' for path in outputs}):
-        misc.check_output_dir(folder, flag='--out')
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {folder} cannot be created ({e.strerror or e})") from None
 
     generator = torch.Generator().manual_seed(args.seed)
     num_patches = model.patch_embed.num_patches
@@ -513,4 +518,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser().parse_args())
+    misc.run_main(main, get_args_parser())

@@ -10,8 +10,7 @@ import torch
 from PIL import Image
 
 import models_mae
-from conftest import ROOT
-from helpers import one_line_error
+from conftest import ROOT, one_line_error
 from util.misc import UsageError
 
 spec = importlib.util.spec_from_file_location('visualize', ROOT / 'demo' / 'visualize.py')

@@ -29,7 +29,7 @@ _WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 # what reading a bad file raises: OSError covers truncated data ("image file is truncated"), unidentifiable files
 # (UnidentifiedImageError), missing or unreadable files (FileNotFoundError, PermissionError); some decoders raise
 # the others on corrupt data
-_BAD_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+BAD_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def to_rgb(img):
@@ -55,7 +55,7 @@ def load_rgb(path):
         return to_rgb(Image.open(f))
 
 
-def _reason(path, e):
+def bad_file_reason(path, e):
     if isinstance(e, Image.UnidentifiedImageError):
         try:
             if os.path.getsize(path) == 0:
@@ -103,8 +103,8 @@ class ImageFolder(datasets.ImageFolder):
         path = self.samples[index][0]
         try:
             return load_rgb(path)
-        except _BAD_FILE_ERRORS as e:
-            reason = _reason(path, e)
+        except BAD_FILE_ERRORS as e:
+            reason = bad_file_reason(path, e)
             if not self.skip_bad:
                 message = too_large_message(path, e) if isinstance(e, Image.DecompressionBombError) else \
                     bad_file_message(path, reason)
