@@ -93,7 +93,9 @@ def main(args):
 
     set_lr(args, num_tasks)
 
-    model, model_without_ddp = misc.wrap_ddp(model, args, device, find_unused_parameters=True)
+    # (the reference passes find_unused_parameters=True; every parameter takes part in every step, so DDP's search
+    # for unused ones only costs time and warns on every process: the gradients are the same without it)
+    model, model_without_ddp = misc.wrap_ddp(model, args, device)
 
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)

@@ -11,12 +11,11 @@ from PIL import Image
 from torchvision import datasets
 from torchvision.datasets.folder import default_loader
 
-from conftest import DATA, run_script
+from conftest import TINY, run_script
 from util.image_folder import (image_folder, load_rgb, reset_skipped, restore_skipped, skipped_images,
                                skipped_indices, skipped_report)
 from util.misc import UsageError
 
-TINY = DATA / 'tiny_imagefolder'
 GOOD = sorted((TINY / 'train' / 'airplane').glob('*.jpg')) + sorted((TINY / 'train' / 'cat').glob('*.jpg'))
 TO_TENSOR = transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])
 
@@ -248,6 +247,7 @@ def pretrain_argv(data, out, *extra, workers=0):
             '--data_path', data, '--output_dir', out, '--log_dir', out, *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('workers', [0, 2])
 def test_main_pretrain_stops_on_bad_file(tmp_path, workers):
     data = good_tree(tmp_path / 'data', n_good=7)
@@ -261,6 +261,7 @@ def test_main_pretrain_stops_on_bad_file(tmp_path, workers):
     assert not (tmp_path / 'out' / 'log.txt').exists()
 
 
+@pytest.mark.slow
 def test_main_pretrain_skip_bad_images(tmp_path):
     """Needs ``--skip_bad_images`` wired into main_pretrain.py."""
     data = mixed_tree(tmp_path / 'data')
@@ -275,11 +276,12 @@ def test_main_pretrain_skip_bad_images(tmp_path):
     assert "Epoch 1: skipped 3 bad image files" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script_name', ['main_finetune.py', 'main_linprobe.py'])
 def test_finetune_and_linprobe_bad_images(tmp_path, script_name):
     """The same flag and the same default error in the classification entry points."""
     data = mixed_tree(tmp_path / 'data')
-    shutil.copytree(DATA / 'tiny_imagefolder' / 'val', data / 'val')
+    shutil.copytree(TINY / 'val', data / 'val')
     argv = [script_name, '--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '4', '--epochs', '1',
             '--nb_classes', '2', '--data_path', data, '--device', 'cpu', '--num_workers', '0',
             '--output_dir', tmp_path / 'out', '--log_dir', tmp_path / 'out']
@@ -290,3 +292,22 @@ def test_finetune_and_linprobe_bad_images(tmp_path, script_name):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / 'out' / 'log.txt').read_text().splitlines()]
     assert [r['train_skipped_images'] for r in rows] == [3]
+
+
+def test_large_images_load_quietly_and_too_large_ones_are_named(tmp_path, monkeypatch, recwarn):
+    """PIL warns above MAX_IMAGE_PIXELS and refuses above twice that; scaled down here (a 10000x10000 photo warns,
+    a 20000x20000 one is refused with the default limit)."""
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)
+    folder = tmp_path / 'data' / 'train' / 'a'
+    folder.mkdir(parents=True)
+    Image.new('RGB', (40, 30)).save(folder / 'large.png')  # 1200 pixels: above the limit, below twice it
+    assert load_rgb(folder / 'large.png').size == (40, 30)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    Image.new('RGB', (50, 50)).save(folder / 'huge.png')  # 2500 pixels: refused by PIL
+    ds = image_folder(str(tmp_path / 'data'), 'train', TO_TENSOR)
+    with pytest.raises(UsageError) as e:
+        ds[[p for p, _ in ds.samples].index(str(folder / 'huge.png'))]
+    assert str(e.value) == (f"image file {folder / 'huge.png'} is larger than PIL reads by default (Image size "
+                            f"(2500 pixels), limit 1000 pixels, a guard against decompression bombs): shrink it, "
+                            f"raise the limit with MAE_MAX_IMAGE_PIXELS=<pixels> if you trust the file, or pass "
+                            f"--skip_bad_images to skip such files")

@@ -73,6 +73,7 @@ def test_pretrain_two_processes(tmp_path):
     assert [row['epoch'] for row in rows] == [0, 1]
     assert all(row['train_loss'] > 0 for row in rows)
     assert 'distributed init (rank 0)' in r.stdout and 'effective batch size: 8' in r.stdout
+    assert 'find_unused_parameters' not in r.stderr  # DDP's warning, once per process before
     ckpt = torch.load(out / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
     assert len(ckpt['rng']) == 2 and ckpt['epoch'] == 1
 
@@ -103,3 +104,11 @@ def test_partial_finetune_two_processes_with_accumulation_and_dist_eval(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert [row['epoch'] for row in read_log(out)] == [0]
     assert 'Accuracy of the network on the 8 test images' in r.stdout
+
+
+def test_a_stop_on_two_processes_is_said_once(tmp_path):
+    out = tmp_path / 'run'
+    r = torchrun(*pretrain_argv(out, '--batch_size', '2', '--save_every_iters', '1', epochs=2), fault='stop:2')
+    assert r.returncode != 0
+    assert r.stderr.count('stopped: signal 10 received, stopped at epoch 0 iteration 2: saved ') == 1, r.stderr[-3000:]
+    assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['resume_iter'] == 2

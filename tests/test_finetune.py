@@ -11,6 +11,8 @@ from conftest import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_sca
                       read_log, reference_argv, run_in_process, run_script, run_with_fault, save_pretrained,
                       tb_scalars, to_reference_format)
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
+
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
@@ -166,6 +168,7 @@ def test_stop_mid_epoch_then_resume_is_exact(tmp_path, pretrained, uninterrupted
 
 
 @pytest.mark.parametrize('fault', ['step:1:2',   # killed in the middle of epoch 1: epoch 1 is done again
+                                   'save:1',     # killed while writing the very first checkpoint: starts afresh
                                    'save:2'])    # killed while writing epoch 1's checkpoint (after its log row)
 def test_sigkill_then_resume_gives_identical_log(tmp_path, pretrained, uninterrupted, fault):
     out = tmp_path / 'out'
@@ -176,3 +179,22 @@ def test_sigkill_then_resume_gives_identical_log(tmp_path, pretrained, uninterru
     assert (out / 'log.txt').read_text() == (uninterrupted / 'log.txt').read_text()
     assert tb_scalars(out) == tb_scalars(uninterrupted)
     assert 'Max accuracy' in resumed.stdout
+
+
+def test_bad_validation_image_keeps_the_epochs_training(tmp_path, pretrained, uninterrupted):
+    """Evaluation fails on a bad val/ file after epoch 0's training: that training is kept, and once the file is
+    fixed the same command continues with the evaluation and ends with the uninterrupted run's log."""
+    data = tmp_path / 'data'
+    shutil.copytree(TINY, data)
+    bad = data / 'val' / 'cat' / 'zz_bad.jpg'
+    bad.write_text('not an image')
+    out = tmp_path / 'out'
+    argv = [a if a != TINY else data for a in single_process_argv(out, pretrained)]
+    failed = run_script(*argv)
+    assert one_line_error(failed).startswith(f'error: bad image file {bad} ')
+    assert 'Kept the training of epoch 0' in failed.stdout
+    bad.unlink()
+    resumed = run_script(*argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'Resuming epoch 0 at iteration 4 of 4' in resumed.stdout
+    assert (out / 'log.txt').read_text() == (uninterrupted / 'log.txt').read_text()

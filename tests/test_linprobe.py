@@ -8,6 +8,8 @@ from conftest import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_sca
                       read_log, reference_argv, run_in_process, run_script, run_with_fault, save_pretrained,
                       tb_scalars, to_reference_format)
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
+
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):

@@ -1,6 +1,7 @@
 """main_pretrain.py end to end: the reference's trajectory, checkpoints, resuming, and clear errors."""
 import argparse
 import json
+import pathlib
 import shutil
 
 import pytest
@@ -80,7 +81,9 @@ def test_resumes_reference_checkpoint_with_pickled_namespace(tmp_path, script):
     assert script(*tiny_args(first, epochs=1)).returncode == 0
     ckpt = torch.load(first / 'checkpoint-0.pth', map_location='cpu', weights_only=True)
     reference_style = {k: ckpt[k] for k in ('model', 'optimizer', 'epoch', 'scaler')}
-    reference_style['args'] = argparse.Namespace(**ckpt['args'])
+    # as the reference's submitit runs save it: pathlib paths among the flags
+    reference_style['args'] = argparse.Namespace(**{**ckpt['args'], 'output_dir': pathlib.PosixPath(first),
+                                                    'job_dir': pathlib.PosixPath(first)})
     torch.save(reference_style, tmp_path / 'reference.pth')
     out = tmp_path / 'resumed'
     r = script(*tiny_args(out, '--resume', tmp_path / 'reference.pth', epochs=2))

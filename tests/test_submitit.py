@@ -1,7 +1,6 @@
 """submitit_*.py without a cluster: the generated SLURM job (a fake sbatch), a tiny pre-training run by submitit's
 local executor, the requeue path (checkpoint(), and a real signal: save, requeue, resume, same log), and the message
 when submitit is missing."""
-import json
 import os
 import signal
 import stat
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, run_script
+from conftest import TINY, read_log, run_script
 
 submitit = pytest.importorskip("submitit")
 
@@ -20,7 +19,8 @@ import submitit_pretrain  # noqa: E402
 import util.submitit_job as submitit_job  # noqa: E402
 from util.misc import UsageError  # noqa: E402
 
-TINY = DATA / 'tiny_imagefolder'
+pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
+
 
 
 def tiny_args(job_dir, *extra, epochs=2):
@@ -37,10 +37,6 @@ def wait_for(job, timeout=240):
             job.cancel()
             pytest.fail(f"job {job.job_id} still running after {timeout} s:\n{job.stdout()}\n{job.stderr()}")
         time.sleep(0.2)
-
-
-def read_log(folder):
-    return [json.loads(line) for line in (Path(folder) / 'log.txt').read_text().splitlines()]
 
 
 def run_local(job_dir, *extra):
@@ -116,7 +112,7 @@ def test_generated_slurm_job(tmp_path, monkeypatch):
     pythonpath = os.environ.get('PYTHONPATH')
     args = submitit_pretrain.parse_args([
         '--job_dir', str(tmp_path / 'jobs' / '%j'), '--use_volta32', '--comment', 'deadline',
-        '--data_path', str(TINY), '--model', 'mae_vit_tiny_patch4'])
+        '--data_path', str(TINY), '--model', 'mae_vit_tiny_patch4', '--batch_size', '1'])  # (16 images, 16 tasks)
     job = submitit_job.submit(args, 'main_pretrain')
     assert job.job_id == '4242'
     assert os.environ.get('PYTHONPATH') == pythonpath  # restored after the submission

@@ -2,7 +2,6 @@
 layout, the errors)."""
 import argparse
 import importlib.util
-import sys
 
 import numpy as np
 import pytest

@@ -277,8 +277,8 @@ def init_distributed_mode(args):
         args.dist_backend = 'nccl'
     else:
         args.dist_backend = 'gloo'
-    print('| distributed init (rank {} of {}): {}, {}'.format(
-        args.rank, args.world_size, args.dist_url, f'gpu {args.gpu}' if use_cuda else 'gloo on the CPU'), flush=True)
+    print('| distributed init (rank {}): {}, {}, {} processes'.format(
+        args.rank, args.dist_url, f'gpu {args.gpu}' if use_cuda else 'gloo on the CPU', args.world_size), flush=True)
     dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
                             world_size=args.world_size, rank=args.rank)
     dist.barrier()

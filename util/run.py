@@ -201,7 +201,7 @@ class Run:
         self.position = None
         self.max_accuracy = None
         self._skipped_steps = 0
-        self._last_step = None  # (epoch, iteration, metric logger) of the latest optimizer step
+        self._epoch_trained = None  # (epoch, iterations, metric logger, random streams) after an epoch's last step
         self._epoch_start = time.time()
 
     # ------------------------------------------------------------------------------------------ which checkpoint
@@ -369,7 +369,8 @@ class Run:
     def after_step(self, epoch, next_iter, metric_logger):
         """After each optimizer step (every rank): every ``--save_every_iters`` steps, and when a stop was
         requested (then ``RunInterrupted`` is raised), write a checkpoint to continue this epoch from."""
-        self._last_step = (epoch, next_iter, metric_logger)
+        if next_iter == self._iters_per_epoch:  # (the streams as the evaluation that follows finds them)
+            self._epoch_trained = (epoch, next_iter, metric_logger, ckpt_io.rng_state())
         every = self.args.save_every_iters
         periodic = bool(every) and next_iter % every == 0 and next_iter < self._iters_per_epoch
         signum = stop_requested()
@@ -382,16 +383,16 @@ class Run:
                      if self.output_dir else "nothing was saved (no --output_dir)")
             raise RunInterrupted(f"signal {signum} received, stopped at epoch {epoch} iteration {next_iter}: {where}")
 
-    def _save_position(self, epoch, next_iter, metric_logger):
-        self.save(epoch - 1, keep=False, where=f"epoch {epoch} iteration {next_iter}", resume_iter=next_iter,
+    def _save_position(self, epoch, next_iter, metric_logger, rng=None):
+        self.save(epoch - 1, keep=False, where=f"epoch {epoch} iteration {next_iter}", rng=rng, resume_iter=next_iter,
                   resume_epoch=epoch, meters=misc.all_gather(metric_logger.state()),
                   skipped_images=skipped_indices(self.data_loader.dataset))
 
     def keep_trained_epoch(self, epoch):
         """When the evaluation after epoch ``epoch`` fails (a bad validation image): save its training, so that
         the same command, once the file is fixed, continues with that evaluation instead of training it again."""
-        if self.output_dir and self._last_step is not None and self._last_step[0] == epoch:
-            self._save_position(*self._last_step)
+        if self.output_dir and self._epoch_trained is not None and self._epoch_trained[0] == epoch:
+            self._save_position(*self._epoch_trained)
             print(f"Kept the training of epoch {epoch} in {os.path.join(self.output_dir, ckpt_io.LAST)}: the same "
                   f"command continues with its evaluation")
 
@@ -416,9 +417,10 @@ class Run:
         print(f"Epoch {epoch} took {datetime.timedelta(seconds=int(took))}; {left} epoch(s) left, the run ends in "
               f"about {datetime.timedelta(seconds=int(took * left))}")
 
-    def save(self, epoch, keep, where, **extra):
+    def save(self, epoch, keep, where, rng=None, **extra):
         """A checkpoint with the reference's keys (``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``), every
-        rank's random streams (``rng``), the script, the best accuracy and ``extra``; ``checkpoint-last.pth``
+        rank's random streams (``rng``: this rank's now, or the ones given), the script, the best accuracy and
+        ``extra``; ``checkpoint-last.pth``
         always, ``checkpoint-<epoch>.pth`` too with ``keep``. Every rank calls it; rank 0 writes. Non-finite
         weights or optimizer state are never written."""
         bad = ckpt_io.nonfinite(self.model.state_dict().items()) + ckpt_io.nonfinite(
@@ -426,7 +428,7 @@ class Run:
         if bad:
             raise TrainingStopped(f"non-finite values in {ckpt_io.fmt_keys(bad, 3)} at {where} (the loss was still "
                                   f"finite): not saved; {self._last_good()}")
-        states = misc.all_gather(ckpt_io.rng_state())
+        states = misc.all_gather(rng if rng is not None else ckpt_io.rng_state())
         if not misc.is_main_process():
             return
         to_save = {

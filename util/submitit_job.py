@@ -285,10 +285,10 @@ def submit(args, module, cluster=None):
     executor the job runs here, in the foreground (submitit's debug jobs run only when their result is asked
     for)."""
     submitit = import_submitit()
-    check_before_submitting(args, module)
     if args.job_dir:
         args.job_dir = str(Path(args.job_dir).expanduser().absolute())
     shared = get_shared_folder(args.job_dir)
+    check_before_submitting(args, module)
     if not args.job_dir:
         args.job_dir = str(shared / "%j")
     # Note that the folder will depend on the job_id, to easily track experiments
