@@ -420,9 +420,8 @@ class Run:
     def save(self, epoch, keep, where, rng=None, **extra):
         """A checkpoint with the reference's keys (``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``), every
         rank's random streams (``rng``: this rank's now, or the ones given), the script, the best accuracy and
-        ``extra``; ``checkpoint-last.pth``
-        always, ``checkpoint-<epoch>.pth`` too with ``keep``. Every rank calls it; rank 0 writes. Non-finite
-        weights or optimizer state are never written."""
+        ``extra``; ``checkpoint-last.pth`` always, ``checkpoint-<epoch>.pth`` too with ``keep``. Every rank calls it;
+        rank 0 writes. Non-finite weights or optimizer state are never written."""
         bad = ckpt_io.nonfinite(self.model.state_dict().items()) + ckpt_io.nonfinite(
             ckpt_io.optimizer_tensors(self.optimizer))
         if bad:
