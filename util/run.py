@@ -15,6 +15,7 @@ import datetime
 import fcntl
 import json
 import os
+import random
 import signal
 import socket
 import time
@@ -192,7 +193,6 @@ class Run:
         torch.manual_seed(seed)
         np.random.seed(seed)
         if seed_python:
-            import random
             random.seed(seed)
         torch.backends.cudnn.benchmark = True
 
