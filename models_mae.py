@@ -294,6 +294,13 @@ def decoder_heads(decoder_embed_dim, head_dim):
     return decoder_embed_dim // head_dim
 
 
+def decoder_size(state_dict):
+    """``{'decoder_embed_dim': D, 'decoder_depth': N}`` of a full MAE state dict, from its shapes (a checkpoint of
+    ``--decoder_embed_dim``/``--decoder_depth`` builds with them)."""
+    depth = len({k.split('.')[1] for k in state_dict if k.startswith('decoder_blocks.')})
+    return {'decoder_embed_dim': state_dict['decoder_embed.weight'].shape[0], 'decoder_depth': depth}
+
+
 def _mae(patch_size, embed_dim, depth, num_heads, decoder_embed_dim=512, decoder_depth=8, decoder_head_dim=32,
          **kwargs):
     """The paper's MAE models: ``decoder_embed_dim`` and ``decoder_depth`` [new] change the decoder only (the
