@@ -709,7 +709,7 @@ def environment():
             versions.append(f"{pkg} {metadata.version(pkg)}")
         except metadata.PackageNotFoundError:
             pass
-    cpu = platform.processor() or platform.machine()
+    cpu = platform.machine()
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
             if line.startswith('model name'):
@@ -895,6 +895,24 @@ def get_args_parser():
     return parser
 
 
+def command_line(args):
+    """The flags of this invocation that differ from the defaults, for the report."""
+    parser = get_args_parser()
+    defaults = vars(parser.parse_args([]))
+    argv = []
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings or value == defaults.get(action.dest):
+            continue
+        flag = action.option_strings[0]
+        if value is True:
+            argv.append(flag)
+        else:
+            argv += [flag] + ([f"{v:g}" if isinstance(v, float) else str(v) for v in value]
+                              if isinstance(value, list) else [str(value)])
+    return argv
+
+
 def check_args(args):
     if not args.study:
         raise UsageError("--study is required: one or more of " + ', '.join(STUDIES) + ", or all")
@@ -921,6 +939,7 @@ def check_args(args):
 
 def main(args):
     studies = check_args(args)
+    invocation = command_line(args)
     scale = SCALES['quick' if args.quick else args.scale]
     if args.quick and not args.data_path:
         args.data_path = str(TINY_DATA)
@@ -983,7 +1002,7 @@ def main(args):
 
     def report():
         for study in built:
-            write_report(study, plan, setup, sys.argv[1:], results_dir)
+            write_report(study, plan, setup, invocation, results_dir)
 
     try:
         runner.run_all(report)
