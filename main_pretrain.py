@@ -38,6 +38,18 @@ def get_args_parser():
     parser.add_argument('--norm_pix_loss', action='store_true',
                         help='Use (per-patch) normalized pixels as targets for computing loss')
     parser.set_defaults(norm_pix_loss=False)
+    parser.add_argument('--mask_type', default='random', choices=models_mae.MASK_TYPES,
+                        help='[new] how the removed patches are chosen (the paper\'s Table 1f): random (the paper\'s '
+                             'and the reference\'s, default), block (BEiT-style rectangles) or grid (keep one patch of '
+                             'every 2x2 cell; masks 75%% by construction). Every image keeps exactly '
+                             'int(L * (1 - mask_ratio)) patches')
+    parser.add_argument('--decoder_depth', default=None, type=int, metavar='N',
+                        help='[new] number of decoder blocks (the paper\'s Table 1a; default: the model\'s own, 8 for '
+                             'the paper\'s models)')
+    parser.add_argument('--decoder_embed_dim', default=None, type=int, metavar='D',
+                        help='[new] decoder width (the paper\'s Table 1b; default: the model\'s own, 512 for the '
+                             'paper\'s models). The attention heads keep their width (32 for the paper\'s models: '
+                             '16 heads at 512, 8 at 256), so D must be a multiple of it')
 
     # Optimizer parameters
     parser.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
@@ -57,8 +69,37 @@ def get_args_parser():
     return parser
 
 
+def decoder_kwargs(args):
+    """The decoder flags given (None: the model's own decoder, the reference's)."""
+    return {k: getattr(args, k) for k in ('decoder_depth', 'decoder_embed_dim') if getattr(args, k) is not None}
+
+
+def build_model(args):
+    return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                         mask_type=args.mask_type, **decoder_kwargs(args))
+
+
 def check_args(args):
     check_common(args, models_mae.MODELS, 'pre-training')
+    if args.mask_type == 'grid' and args.mask_ratio != models_mae.GRID_MASK_RATIO:
+        raise misc.UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
+                              f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
+                              f"be (leave --mask_ratio out)")
+    if args.decoder_depth is not None and args.decoder_depth < 1:
+        raise misc.UsageError(f"--decoder_depth must be at least 1, got {args.decoder_depth}")
+    if args.mask_type != 'random' or decoder_kwargs(args):
+        # the model's own checks (decoder width vs head width, an even patch grid for grid masks) before any
+        # compute: built on the meta device, the model takes no memory and no time
+        try:
+            with torch.device('meta'):
+                model = build_model(args)
+        except ValueError as e:
+            raise misc.UsageError(f"--decoder_embed_dim {args.decoder_embed_dim} does not fit --model {args.model}: "
+                                  f"{e}") from None
+        grid_h, grid_w = model.patch_embed.grid_size
+        if args.mask_type == 'grid' and (grid_h % 2 or grid_w % 2):
+            raise misc.UsageError(f"--mask_type grid needs an even patch grid (2x2 cells); --input_size "
+                                  f"{args.input_size} gives {grid_h}x{grid_w} patches with --model {args.model}")
     check_split(args.data_path, 'train')
 
 
@@ -86,7 +127,7 @@ def main(args):
         drop_last=True,
     )
 
-    model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    model = build_model(args)
     model.to(device)
     model_without_ddp = model
     print("Model = %s" % str(model_without_ddp))

@@ -76,11 +76,20 @@ def vit_tiny_patch4(**kwargs):
     return _vit(4, 64, 2, 4, **kwargs)
 
 
+def vit_small_patch4(**kwargs):
+    """[new] A small ViT for 32x32 images (CIFAR) on a CPU (192-d, 6 blocks of 3 heads, 4x4 patches), the classifier
+    of ``reproduce.py --scale small``; not a model of the paper. Its encoder is that of
+    ``models_mae.mae_vit_small_patch4``."""
+    kwargs.setdefault('img_size', 32)
+    return _vit(4, 192, 6, 3, **kwargs)
+
+
 MODELS = {
     'vit_base_patch16': vit_base_patch16,
     'vit_large_patch16': vit_large_patch16,
     'vit_huge_patch14': vit_huge_patch14,
     'vit_tiny_patch4': vit_tiny_patch4,
+    'vit_small_patch4': vit_small_patch4,
 }
 
 

@@ -191,8 +191,9 @@ def infer_model(state_dict):
     for name in _unique_models():
         try:
             with torch.device('meta'):
-                candidate = models_mae.MODELS[name](img_size=p, in_chans=in_chans)
-        except ValueError:  # another patch size: p is not a multiple of it
+                candidate = models_mae.MODELS[name](img_size=p, in_chans=in_chans,
+                                                    **models_mae.decoder_size(state_dict))
+        except ValueError:  # another patch size (p is not a multiple of it), or decoder head width
             continue
         theirs = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if k not in ignore}
         if theirs == own:
@@ -242,9 +243,12 @@ def load_mae(args):
     if in_chans != 3:
         raise UsageError(f"--checkpoint {args.checkpoint} is a {in_chans}-channel model; this script shows RGB images")
     try:
-        model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
-    except ValueError as e:  # an input size that is not a multiple of the patch size
-        raise UsageError(f"--input_size {args.input_size} does not fit --model {args.model}: {e}") from None
+        # the decoder as trained (main_pretrain.py --decoder_depth/--decoder_embed_dim), from the weights' shapes
+        model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                              **models_mae.decoder_size(state_dict))
+    except ValueError as e:  # an input size that is not a multiple of the patch size, or a foreign decoder width
+        raise UsageError(f"--checkpoint {args.checkpoint} does not fit --model {args.model} at --input_size "
+                         f"{args.input_size}: {e}") from None
 
     # the position embeddings are fixed sin-cos tables: for another image size the model's own are the right ones
     own = model.state_dict()

@@ -41,7 +41,7 @@ CHANGEABLE_ON_RESUME = {
     # the process layout (filled in by the launcher)
     'world_size', 'rank', 'gpu', 'local_rank', 'distributed', 'dist_backend', 'dist_url', 'dist_on_itp',
     # submitit's own flags
-    'job_dir', 'ngpus', 'nodes', 'timeout', 'partition', 'use_volta32', 'comment', 'cluster',
+    'job_dir', 'ngpus', 'nodes', 'timeout', 'partition', 'use_volta32', 'comment', 'cluster', 'dependency',
 }
 
 

@@ -72,6 +72,9 @@ def add_submitit_args(parser):
     parser.add_argument('--comment', default="", type=str, help="Comment to pass to scheduler")
     parser.add_argument('--cluster', default=None, choices=['slurm', 'local', 'debug'],
                         help="[new] submitit executor (default: SLURM where `srun` is found, else this machine)")
+    parser.add_argument('--dependency', default="", type=str,
+                        help="[new] SLURM dependency of the job, e.g. afterok:12345 (start once job 12345 has "
+                             "succeeded: a fine-tuning job after its pre-training job)")
     return parser
 
 
@@ -249,6 +252,11 @@ def make_executor(args, submitit, cluster=None):
         kwargs['slurm_constraint'] = 'volta32gb'
     if args.comment:
         kwargs['slurm_comment'] = args.comment
+    if getattr(args, 'dependency', ''):
+        if executor.cluster != 'slurm':
+            raise UsageError(f"--dependency {args.dependency} needs SLURM; the {executor.cluster} executor runs "
+                             f"jobs at once")
+        kwargs['slurm_additional_parameters'] = {'dependency': args.dependency}
     try:
         executor.update_parameters(
             mem_gb=40 * num_gpus_per_node,

@@ -1,0 +1,392 @@
+"""The ablation flags of main_pretrain.py (decoder size, mask sampling) and the study runner reproduce.py."""
+import json
+import re
+import shlex
+import subprocess
+
+import pytest
+import torch
+
+import main_pretrain
+import models_mae
+import models_vit
+import reproduce
+from conftest import TINY, one_line_error, pretrain_argv, run_in_process, run_script
+from util.pretrained import load_pretrained_encoder
+
+
+def pretrain_args(*argv):
+    return main_pretrain.get_args_parser().parse_args(['--model', 'mae_vit_tiny_patch4', '--input_size', '32',
+                                                       *map(str, argv)])
+
+
+# ---------------------------------------------------------------------------------------------------- defaults
+def test_default_flags_build_the_reference_model_and_draw_the_same_masks():
+    torch.manual_seed(0)
+    reference = models_mae.mae_vit_tiny_patch4(img_size=32).state_dict()
+    torch.manual_seed(0)
+    model = main_pretrain.build_model(pretrain_args())
+    assert model.mask_type == 'random'
+    state = model.state_dict()
+    assert list(state) == list(reference) and all(torch.equal(state[k], reference[k]) for k in reference)
+    # random masking: one torch.rand(N, L), as the reference, and nothing else drawn
+    imgs = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(3)
+    noise = torch.rand(2, 64)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    _, _, mask = model(imgs)
+    assert torch.equal(torch.rand(1), after)
+    _, _, expected = model(imgs, noise=noise)
+    assert torch.equal(mask, expected)
+
+
+def test_paper_models_keep_their_decoder():
+    with torch.device('meta'):
+        model = models_mae.mae_vit_large_patch16()
+    assert len(model.decoder_blocks) == 8 and model.decoder_embed.out_features == 512
+    assert model.decoder_blocks[0].attn.num_heads == 16 and model.blocks[0].attn.num_heads == 16
+
+
+def test_decoder_flags_change_the_decoder_only(tmp_path):
+    default = models_mae.mae_vit_tiny_patch4().state_dict()
+    encoder = [k for k in default if not k.startswith('decoder') and k != 'mask_token']
+    deeper = models_mae.mae_vit_tiny_patch4(decoder_depth=3).state_dict()
+    assert {k.split('.')[1] for k in deeper if k.startswith('decoder_blocks.')} == {'0', '1', '2'}
+    model = models_mae.mae_vit_tiny_patch4(decoder_embed_dim=64, decoder_depth=1)
+    wide = model.state_dict()
+    for other in (deeper, wide):  # the same encoder, key for key and shape for shape
+        assert [k for k in other if k in encoder] == encoder
+        assert all(other[k].shape == default[k].shape for k in encoder)
+    assert wide['decoder_embed.weight'].shape == (64, 64) and wide['mask_token'].shape == (1, 1, 64)
+    assert model.decoder_blocks[0].attn.num_heads == 8  # heads of 8, as the tiny model's 32-d decoder of 4 heads
+    assert models_mae.decoder_size(wide) == {'decoder_embed_dim': 64, 'decoder_depth': 1}
+    # fine-tuning takes the encoder whatever the decoder
+    path = tmp_path / 'wide.pth'
+    torch.save({'model': wide}, path)
+    vit = models_vit.vit_tiny_patch4(num_classes=2, global_pool=True)
+    msg = load_pretrained_encoder(vit, path)
+    assert set(msg.missing_keys) == {'head.weight', 'head.bias', 'fc_norm.weight', 'fc_norm.bias'}
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, wide['blocks.1.mlp.fc2.weight'])
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+@pytest.mark.parametrize('grid, ratio', [((8, 8), 0.5), ((8, 8), 0.75), ((14, 14), 0.75), ((14, 14), 0.4),
+                                         ((6, 10), 0.9)])
+def test_block_masks_remove_exactly_the_asked_number(grid, ratio):
+    length = grid[0] * grid[1]
+    keep = int(length * (1 - ratio))
+    torch.manual_seed(0)
+    removed = models_mae.block_mask(64, *grid, length - keep)
+    assert removed.shape == (64, length)
+    assert (removed.sum(1) == length - keep).all()
+    torch.manual_seed(0)
+    assert torch.equal(models_mae.block_mask(64, *grid, length - keep), removed)  # seeded by torch
+
+
+def test_block_masks_are_blocks():
+    """Removed patches come in rectangles: far more of their neighbours are removed too than in random masks."""
+    def removed_neighbours(removed):
+        grid = removed.view(-1, 14, 14).float()
+        right = (grid[:, :, 1:] * grid[:, :, :-1]).sum()
+        down = (grid[:, 1:, :] * grid[:, :-1, :]).sum()
+        return (right + down).item() / grid.sum().item()
+    torch.manual_seed(0)
+    block = models_mae.block_mask(32, 14, 14, 98)
+    random_ = torch.zeros(32, 196, dtype=torch.bool)
+    random_[torch.arange(32)[:, None], torch.rand(32, 196).argsort(1)[:, :98]] = True
+    assert removed_neighbours(block) > 1.3 * removed_neighbours(random_)
+
+
+def test_grid_masks_keep_one_patch_of_each_2x2_cell():
+    torch.manual_seed(0)
+    removed = models_mae.grid_mask(16, 8, 6)
+    assert (removed.sum(1) == 48 - 12).all()
+    corners = set()
+    for mask in removed.view(16, 8, 6):
+        rows, cols = torch.nonzero(~mask, as_tuple=True)
+        assert len(set((rows % 2).tolist())) == 1 and len(set((cols % 2).tolist())) == 1
+        assert sorted(set(rows.tolist())) == list(range(rows[0] % 2, 8, 2))  # every other row and column
+        assert sorted(set(cols.tolist())) == list(range(cols[0] % 2, 6, 2))
+        corners.add((rows[0].item() % 2, cols[0].item() % 2))
+    assert len(corners) > 1  # the kept corner is drawn per image
+    with pytest.raises(ValueError, match='by construction'):
+        models_mae.grid_mask(1, 8, 8, mask_ratio=0.5)
+    with pytest.raises(ValueError, match='even patch grid'):
+        models_mae.grid_mask(1, 7, 8)
+
+
+@pytest.mark.parametrize('mask_type, ratio', [('block', 0.5), ('block', 0.75), ('grid', 0.75)])
+def test_model_keeps_the_structured_mask(mask_type, ratio):
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4(mask_type=mask_type)
+    x = torch.randn(4, 64, 8)
+    torch.manual_seed(1)
+    noise = model.structured_noise(4, ratio, x.device)
+    torch.manual_seed(1)
+    x_masked, mask, ids_restore = model.random_masking(x, ratio, noise)
+    keep = int(64 * (1 - ratio))
+    assert x_masked.shape == (4, keep, 8) and (mask.sum(1) == 64 - keep).all()
+    assert torch.equal(mask.bool(), noise >= 1)  # exactly the structured mask's patches are removed
+    torch.manual_seed(1)
+    loss, pred, mask_fwd = model(torch.randn(4, 3, 32, 32), mask_ratio=ratio)
+    assert torch.isfinite(loss) and (mask_fwd.sum(1) == 64 - keep).all()
+
+
+@pytest.mark.parametrize('extra, expected', [
+    (['--mask_type', 'grid', '--mask_ratio', '0.5'], '--mask_type grid keeps one patch of every four'),
+    (['--mask_type', 'grid', '--input_size', '36'], 'needs an even patch grid (2x2 cells); --input_size 36 gives 9x9'),
+    (['--decoder_embed_dim', '30'], '--decoder_embed_dim 30 does not fit --model mae_vit_tiny_patch4'),
+    (['--decoder_depth', '0'], '--decoder_depth must be at least 1'),
+])
+def test_flag_mistakes_are_one_line(tmp_path, capsys, extra, expected):
+    argv = pretrain_argv(tmp_path / 'out', *extra)[1:]
+    code, err = run_in_process(main_pretrain, capsys, *argv)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / 'out').exists()
+
+
+def test_checkpoint_keeps_the_flags_and_loads_for_fine_tuning_and_figures(tmp_path):
+    out = tmp_path / 'pt'
+    result = run_script(*pretrain_argv(out, '--mask_type', 'block', '--mask_ratio', '0.5', '--decoder_depth', '1',
+                                       '--decoder_embed_dim', '16', epochs=1))
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = torch.load(out / 'checkpoint-0.pth', map_location='cpu', weights_only=True)
+    assert {k: ckpt['args'][k] for k in ('mask_type', 'decoder_depth', 'decoder_embed_dim')} == {
+        'mask_type': 'block', 'decoder_depth': 1, 'decoder_embed_dim': 16}
+    import demo.visualize as vis
+    args = vis.get_args_parser().parse_args(['x.jpg', '--checkpoint', str(out / 'checkpoint-0.pth')])
+    model = vis.load_mae(args)
+    assert len(model.decoder_blocks) == 1 and model.decoder_embed.out_features == 16
+    # the same run with another decoder does not continue this one
+    result = run_script(*pretrain_argv(out, '--mask_type', 'block', '--mask_ratio', '0.5', epochs=2))
+    assert '--decoder_depth 1 there, None here' in one_line_error(result)
+
+
+# ---------------------------------------------------------------------------------------------------- the runner
+def run_reproduce(capsys, *argv):
+    """reproduce.py in this process; returns (exit code, stdout, stderr)."""
+    import util.misc as misc
+    with pytest.raises(SystemExit) as exc:
+        misc.run_main(reproduce.main, reproduce.get_args_parser(), [str(a) for a in argv])
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def dry_run_lines(capsys, *argv):
+    code, out, err = run_reproduce(capsys, '--dry_run', *argv)
+    assert code == 0, err
+    return [shlex.split(line) for line in out.splitlines() if line.startswith('python ')]
+
+
+def flags_of(cmd):
+    """{'--flag': value or True} of a command line."""
+    flags, i = {}, 2
+    while i < len(cmd):
+        if i + 1 < len(cmd) and not cmd[i + 1].startswith('--'):
+            flags[cmd[i]] = cmd[i + 1]
+            i += 2
+        else:
+            flags[cmd[i]] = True
+            i += 1
+    return flags
+
+
+def effective_batch(flags):
+    return int(flags['--batch_size']) * int(flags.get('--accum_iter', 1)) * int(flags['--nodes']) * int(
+        flags['--ngpus'])
+
+
+@pytest.mark.parametrize('nodes', [8, 1])
+def test_paper_scale_dry_run_has_the_papers_recipes(tmp_path, capsys, nodes):
+    cmds = dry_run_lines(capsys, '--scale', 'paper', '--study', 'mask_sampling', 'target', 'scratch', 'partial_ft',
+                         '--data_path', '/imagenet', '--work_dir', tmp_path, '--nodes', nodes, '--ngpus', 8)
+    by_dir = {c[c.index('--job_dir') + 1]: (c[1], flags_of(c)) for c in cmds}
+    assert all(script.startswith('submitit_') for script, _ in by_dir.values())
+    script, pt = by_dir[str(tmp_path / 'runs/baseline/pretrain')]
+    assert script == 'submitit_pretrain.py'
+    # Table 1's baseline: ViT-L, 800 epochs, base lr 1.5e-4, batch 4096, 75% random masks, unnormalised pixels
+    assert {k: pt[k] for k in ('--model', '--mask_ratio', '--epochs', '--warmup_epochs', '--blr', '--weight_decay')} \
+        == {'--model': 'mae_vit_large_patch16', '--mask_ratio': '0.75', '--epochs': '800', '--warmup_epochs': '40',
+            '--blr': '0.00015', '--weight_decay': '0.05'}
+    assert effective_batch(pt) == 4096 and int(pt['--batch_size']) <= 64
+    assert '--norm_pix_loss' not in pt and '--mask_type' not in pt and '--decoder_depth' not in pt
+    # Table 1d's other target, Table 3's MAE (1600 epochs, normalised pixels), Table 1f's samplings
+    assert by_dir[str(tmp_path / 'runs/norm_pix_loss/pretrain')][1]['--norm_pix_loss'] is True
+    table3 = by_dir[str(tmp_path / 'runs/epochs_1600+norm_pix_loss/pretrain')][1]
+    assert table3['--epochs'] == '1600' and table3['--norm_pix_loss'] is True
+    assert by_dir[str(tmp_path / 'runs/mask_type_grid/pretrain')][1]['--mask_type'] == 'grid'
+    block = by_dir[str(tmp_path / 'runs/mask_ratio_0.5+mask_type_block/pretrain')][1]
+    assert (block['--mask_type'], block['--mask_ratio']) == ('block', '0.5')
+    # FINETUNE.md's ViT-L fine-tuning, after its pre-training job
+    script, ft = by_dir[str(tmp_path / 'runs/baseline/finetune')]
+    assert script == 'submitit_finetune.py'
+    assert {k: ft[k] for k in ('--model', '--epochs', '--blr', '--layer_decay', '--weight_decay', '--drop_path',
+                               '--reprob', '--mixup', '--cutmix', '--dist_eval', '--nb_classes')} == {
+        '--model': 'vit_large_patch16', '--epochs': '50', '--blr': '0.001', '--layer_decay': '0.75',
+        '--weight_decay': '0.05', '--drop_path': '0.2', '--reprob': '0.25', '--mixup': '0.8', '--cutmix': '1',
+        '--dist_eval': True, '--nb_classes': '1000'}
+    assert effective_batch(ft) == 1024
+    assert ft['--finetune'] == str(tmp_path / 'runs/baseline/pretrain/checkpoint-799.pth')
+    assert ft['--dependency'] == 'afterok:<job of runs/baseline/pretrain>'
+    # linear probing: class token, LARS base lr 0.1, no weight decay, batch 16384
+    script, lin = by_dir[str(tmp_path / 'runs/baseline/linprobe')]
+    assert script == 'submitit_linprobe.py'
+    assert {k: lin[k] for k in ('--model', '--cls_token', '--epochs', '--blr', '--weight_decay')} == {
+        '--model': 'vit_large_patch16', '--cls_token': True, '--epochs': '50', '--blr': '0.1', '--weight_decay': '0'}
+    assert effective_batch(lin) == 16384
+    # Figure 9: the last K blocks; Table 3: from scratch with the same recipe (no --finetune), ViT-B's own recipe
+    assert sorted(int(f['--train_blocks']) for _, f in by_dir.values() if '--train_blocks' in f) == [1, 2, 4, 6, 12, 18]
+    scratch = by_dir[str(tmp_path / 'runs/scratch-vit_large_patch16/finetune')][1]
+    assert '--finetune' not in scratch and scratch['--blr'] == '0.001' and effective_batch(scratch) == 1024
+    base = by_dir[str(tmp_path / 'runs/epochs_1600+model_mae_vit_base_patch16+norm_pix_loss/finetune')][1]
+    assert (base['--model'], base['--epochs'], base['--blr'], base['--layer_decay'], base['--drop_path']) == (
+        'vit_base_patch16', '100', '0.0005', '0.65', '0.1')
+    # each run once: the baseline's pre-training serves every study
+    assert len(by_dir) == len(cmds)
+
+
+def test_small_scale_dry_run_runs_the_entry_points_here(tmp_path, capsys):
+    cmds = dry_run_lines(capsys, '--study', 'decoder_width', '--data_path', TINY, '--work_dir', tmp_path)
+    scripts = [c[1] for c in cmds]
+    assert set(scripts) == {'main_pretrain.py', 'main_finetune.py', 'main_linprobe.py'}
+    widths = sorted(int(flags_of(c)['--decoder_embed_dim']) for c in cmds if '--decoder_embed_dim' in c)
+    assert widths == [32, 64, 192, 256]  # the paper's 128..1024 scaled to the 128-d decoder (128: the baseline)
+    for c in cmds:
+        f = flags_of(c)
+        assert f['--device'] == 'cpu' and f['--output_dir'] == f['--log_dir']
+        assert f['--model'] in ('mae_vit_small_patch4', 'vit_small_patch4')
+        if c[1] != 'main_pretrain.py':
+            assert f['--nb_classes'] == '2' and f['--finetune'].endswith('pretrain/checkpoint-7.pth')
+
+
+def fake_finished(run, acc):
+    """Write what a finished run leaves: its log (each epoch, accuracy for evaluations) and final checkpoint."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    rows = [dict({'epoch': e}, **({'test_acc1': acc - run.epochs + 1 + e} if run.kind != 'pretrain' else {}))
+            for e in range(run.epochs)]
+    (run.out / 'log.txt').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    run.final_checkpoint.write_bytes(b'')
+
+
+def test_finished_runs_are_not_run_again(tmp_path, capsys, monkeypatch):
+    scale = reproduce.SCALES['quick']
+    plan = reproduce.Plan(scale, tmp_path)
+    study = reproduce.build_study('partial_ft', scale)
+    plan.add_study(study)
+    assert [r.kind for r in plan.runs.values()] == ['pretrain', 'linprobe', 'finetune', 'finetune']
+    for i, run in enumerate(plan.runs.values()):
+        fake_finished(run, 50.0 + i)
+
+    def no_run(*args, **kwargs):
+        raise AssertionError('nothing should run')
+    monkeypatch.setattr(reproduce.Runner, '_run_local', no_run)
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'partial_ft', '--work_dir', tmp_path)
+    assert code == 0, err
+    assert '4 runs in 3 cells: 4 done before, 0 to run' in out
+    table = (tmp_path / 'partial_ft.md').read_text()
+    assert '| 0 (linear probe) | 51.0 |' in table and '| 1 | 52.0 |' in table and '| 2 (all) | 53.0 |' in table
+    assert (tmp_path / 'partial_ft.png').stat().st_size > 1000
+    results = json.loads((tmp_path / 'partial_ft.json').read_text())
+    assert results['cells'][1]['ours']['top1'] == {'final': 52.0, 'best': 52.0}
+
+
+def test_a_run_is_finished_only_with_its_last_epoch_and_checkpoint(tmp_path):
+    run = reproduce.Run('finetune', {'epochs': 3}, tmp_path)
+    assert not run.finished()
+    (tmp_path / 'log.txt').write_text('{"epoch": 0, "test_acc1": 10}\n{"epoch": 1, "test_acc1": 20}\n{"epo')
+    assert not run.finished() and run.accuracy() == (20, 20)
+    (tmp_path / 'log.txt').write_text('{"epoch": 0, "test_acc1": 10}\n{"epoch": 2, "test_acc1": 5}\n')
+    assert not run.finished()  # killed between its last row and its checkpoint: the entry point continues it
+    (tmp_path / 'checkpoint-2.pth').write_bytes(b'')
+    assert run.finished() and run.accuracy() == (5, 10)
+
+
+def test_data_folder_links_the_test_split_and_a_balanced_subset(tmp_path):
+    src = tmp_path / 'cifar'
+    for split, n in (('train', 7), ('test', 3)):
+        for cls in ('cat', 'dog'):
+            (src / split / cls).mkdir(parents=True)
+            for i in range(n):
+                (src / split / cls / f'{i}.jpg').write_bytes(b'x')
+    args = reproduce.get_args_parser().parse_args(['--data_path', str(src), '--val_split', 'test',
+                                                   '--train_subset', '9'])
+    data = reproduce.prepare_data(args, tmp_path / 'work', dry_run=False)
+    assert sorted(len(list((data / 'train' / c).iterdir())) for c in ('cat', 'dog')) == [4, 5]
+    assert (data / 'val').resolve() == (src / 'test').resolve()
+    assert reproduce.prepare_data(args, tmp_path / 'work', dry_run=False) == data  # made once
+    args.train_subset = 4
+    with pytest.raises(reproduce.UsageError, match='was made from other data'):
+        reproduce.prepare_data(args, tmp_path / 'work', dry_run=False)
+
+
+@pytest.mark.parametrize('argv, expected', [
+    ([], '--study is required'),
+    (['--study', 'nope', '--quick'], '--study nope: no such study'),
+    (['--study', 'mask_ratio', 'scratch', '--values', '0.5', '--quick'], '--values goes with one study'),
+    (['--study', 'mask_ratio', '--values', '75', '--quick'], 'mask ratios are between 0 and 1'),
+    (['--study', 'scratch', '--quick', '--scale', 'paper'], '--quick is a small smoke test'),
+    (['--study', 'scratch'], '--data_path is required'),
+    (['--study', 'scratch', '--scale', 'paper', '--data_path', '/imagenet', '--nodes', '3', '--dry_run'],
+     'cannot be split over 24 GPUs'),
+])
+def test_runner_mistakes_are_one_line(tmp_path, capsys, argv, expected):
+    code, out, err = run_reproduce(capsys, *argv, '--work_dir', tmp_path / 'w')
+    assert code == 2 and err.startswith('error: ') and expected in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end_then_nothing_to_do(tmp_path):
+    argv = ['reproduce.py', '--quick', '--study', 'partial_ft', '--work_dir', tmp_path]
+    first = run_script(*argv)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert '4 runs in 3 cells: 0 done before, 4 to run' in first.stdout
+    assert re.search(r'\[cell 3/3 partial_ft: 2 \(all\)\] finetune runs/baseline/finetune: done in [0-9:]+, '
+                     r'top-1 [0-9.]+; elapsed [0-9:]+, about 0:00:00 left', first.stdout)
+    table = (tmp_path / 'partial_ft.md').read_text()
+    assert 'not run' not in table and 'failed' not in table
+    assert re.search(r'\| 1 \| [0-9.]+ \| — \|', table)
+    assert 'Command: `python reproduce.py --study partial_ft --quick --work_dir' in table
+    second = run_script(*argv)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert '4 runs in 3 cells: 4 done before, 0 to run' in second.stdout and 'running' not in second.stdout
+    assert (tmp_path / 'partial_ft.md').read_text() == table
+
+
+def test_paper_scale_submits_each_run_after_its_pre_training(tmp_path, capsys, monkeypatch):
+    """With SLURM (faked here): one job per run, an evaluation job depending on its pre-training job, the job ids
+    kept in jobs.json; a second invocation does not submit the jobs still queued or running again."""
+    submitted, queued = [], set()
+
+    def fake_run(cmd, **kwargs):
+        if cmd[0] == 'squeue':
+            alive = cmd[cmd.index('-j') + 1] in queued
+            return subprocess.CompletedProcess(cmd, 0, stdout='PENDING\n' if alive else '', stderr='')
+        job = str(1000 + len(submitted))
+        submitted.append((job, cmd))
+        queued.add(job)
+        return subprocess.CompletedProcess(cmd, 0, stdout=f'{job}\n', stderr='')
+    monkeypatch.setattr(reproduce.shutil, 'which', lambda name: f'/usr/bin/{name}')
+    monkeypatch.setattr(reproduce.subprocess, 'run', fake_run)
+    argv = ['--scale', 'paper', '--study', 'target', '--data_path', TINY, '--work_dir', tmp_path, '--nodes', 1]
+    code, out, err = run_reproduce(capsys, *argv)
+    assert code == 0, err
+    jobs = {cmd[cmd.index('--job_dir') + 1]: (job, cmd) for job, cmd in submitted}
+    assert len(jobs) == 6  # two pre-trainings, each with a fine-tuning and a linear probe
+    for name in ('baseline', 'norm_pix_loss'):
+        pt_job, pt_cmd = jobs[str(tmp_path / 'runs' / name / 'pretrain')]
+        assert pt_cmd[1] == 'submitit_pretrain.py' and '--dependency' not in pt_cmd
+        # one node of 8 GPUs: the effective batches are kept by accumulation
+        assert (flags_of(pt_cmd)['--batch_size'], flags_of(pt_cmd)['--accum_iter']) == ('64', '8')
+        for kind in ('finetune', 'linprobe'):
+            _, cmd = jobs[str(tmp_path / 'runs' / name / kind)]
+            assert cmd[1] == f'submitit_{kind}.py'
+            assert cmd[cmd.index('--dependency') + 1] == f'afterok:{pt_job}'
+            assert effective_batch(flags_of(cmd)) == (1024 if kind == 'finetune' else 16384)
+    assert json.loads((tmp_path / 'jobs.json').read_text())['runs/baseline/pretrain'] == '1000'
+    assert '| pixel (w/o norm) (default) | job 1001 | 84.9 | job 1002 | 73.5 |' in (tmp_path / 'target.md').read_text()
+    # again: all six are still queued, nothing is submitted twice
+    code, out, err = run_reproduce(capsys, *argv)
+    assert code == 0, err
+    assert len(submitted) == 6 and out.count('still queued or running; not submitted again') == 6
