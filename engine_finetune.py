@@ -13,6 +13,7 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util import compat
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -27,7 +28,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     header = 'Epoch: [{}]'.format(epoch)
     print_freq = 20
     accum_iter = args.accum_iter
-    autocast = torch.autocast(*misc.amp_settings(args))
+    autocast = compat.autocast(*misc.amp_settings(args))
     log_writer = run.log_writer
 
     optimizer.zero_grad()
@@ -96,7 +97,7 @@ def evaluate(data_loader, model, device, args=None):
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = misc.MetricLogger(delimiter="  ")
     header = 'Test:'
-    autocast = torch.autocast(*misc.amp_settings(args if args is not None else SimpleNamespace(device=str(device))))
+    autocast = compat.autocast(*misc.amp_settings(args if args is not None else SimpleNamespace(device=str(device))))
 
     model.eval()
 

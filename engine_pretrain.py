@@ -7,6 +7,7 @@ import torch
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util import compat
 
 
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -19,7 +20,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     header = 'Epoch: [{}]'.format(epoch)
     print_freq = 20
     accum_iter = args.accum_iter
-    autocast = torch.autocast(*misc.amp_settings(args))  # fp16 on CUDA (the reference), --amp bf16 or none
+    autocast = compat.autocast(*misc.amp_settings(args))  # fp16 on CUDA (the reference), --amp bf16 or none
     log_writer = run.log_writer
 
     optimizer.zero_grad()

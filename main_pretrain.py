@@ -8,11 +8,11 @@ import datetime
 import time
 
 import torch
-from timm.optim import param_groups_weight_decay
 
 import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
+from util.compat import param_groups_weight_decay
 from util.datasets import pretrain_transform
 from util.flags import add_common_args, check_batches, check_common
 from util.image_folder import check_split, image_folder

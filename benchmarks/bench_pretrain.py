@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_mae  # noqa: E402
 import util.misc as misc  # noqa: E402
-from timm.optim import param_groups_weight_decay  # noqa: E402
+from util import compat  # noqa: E402
+from util.compat import param_groups_weight_decay  # noqa: E402
 
 
 def main():
@@ -39,7 +40,7 @@ def main():
     imgs = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
 
     def step():
-        with torch.autocast(*misc.amp_settings(args)):
+        with compat.autocast(*misc.amp_settings(args)):
             loss, _, _ = model(imgs, mask_ratio=args.mask_ratio)
         scaler(loss, optimizer, parameters=model.parameters())
         optimizer.zero_grad()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import main_finetune
-from conftest import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
+from conftest import (REFERENCE, TINY, assert_acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
                       read_log, reference_argv, run_in_process, run_script, run_with_fault, save_pretrained,
                       tb_scalars, to_reference_format)
 
@@ -31,7 +31,7 @@ def reference_run(tmp_path_factory, pretrained):
 def test_reproduces_reference_log_and_printed_accuracy(reference_run):
     out, result = reference_run
     assert_log_matches(read_log(out), REFERENCE['finetune']['log'], pytest.approx)
-    assert acc_lines(result.stdout) == REFERENCE['finetune']['acc_lines']
+    assert_acc_lines(result.stdout, REFERENCE['finetune']['acc_lines'])
     assert 'Max accuracy: 50.00%' in result.stdout
 
 
@@ -59,7 +59,7 @@ def test_eval_of_reference_format_checkpoint_needs_only_val(reference_run, tmp_p
                    '32', '--nb_classes', '2', '--batch_size', '4', '--device', 'cpu', '--num_workers', '0',
                    '--data_path', data, '--output_dir', '', '--log_dir', '')
     assert r.returncode == 0, r.stderr[-3000:]
-    assert acc_lines(r.stdout) == REFERENCE['finetune']['acc_lines'][-1:]
+    assert_acc_lines(r.stdout, REFERENCE['finetune']['acc_lines'][-1:])
     assert 'Accuracy of the network on the 8 test images: 50.0%' in r.stdout
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import main_linprobe
-from conftest import (REFERENCE, TINY, acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
+from conftest import (REFERENCE, TINY, assert_acc_lines, assert_log_matches, assert_scalars_match, one_line_error,
                       read_log, reference_argv, run_in_process, run_script, run_with_fault, save_pretrained,
                       tb_scalars, to_reference_format)
 
@@ -28,7 +28,7 @@ def test_reproduces_reference_log_scalars_and_printed_accuracy(reference_run):
     out, result = reference_run
     assert_log_matches(read_log(out), REFERENCE['linprobe']['log'], pytest.approx)
     assert_scalars_match(tb_scalars(out), REFERENCE['linprobe']['scalars'], pytest.approx)
-    assert acc_lines(result.stdout) == REFERENCE['linprobe']['acc_lines']
+    assert_acc_lines(result.stdout, REFERENCE['linprobe']['acc_lines'])
 
 
 def test_checkpoint_has_the_batchnorm_head(reference_run):
@@ -58,7 +58,7 @@ def test_resume_of_reference_checkpoint_follows_the_reference(reference_run, tmp
     r = run_script(*reference_argv('linprobe', pretrained, new), '--resume', ckpt)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_log_matches(read_log(new), REFERENCE['linprobe_resumed']['log'], pytest.approx)
-    assert acc_lines(r.stdout) == REFERENCE['linprobe_resumed']['acc_lines']
+    assert_acc_lines(r.stdout, REFERENCE['linprobe_resumed']['acc_lines'])
 
 
 def test_eval_resume(reference_run):
@@ -67,7 +67,7 @@ def test_eval_resume(reference_run):
                    '--input_size', '32', '--nb_classes', '2', '--batch_size', '4', '--device', 'cpu',
                    '--num_workers', '0', '--data_path', TINY, '--output_dir', '', '--log_dir', '')
     assert r.returncode == 0, r.stderr[-3000:]
-    assert acc_lines(r.stdout) == REFERENCE['linprobe']['acc_lines'][-1:]
+    assert_acc_lines(r.stdout, REFERENCE['linprobe']['acc_lines'][-1:])
 
 
 def test_global_pool_trains_fc_norm(tmp_path, pretrained):

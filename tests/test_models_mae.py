@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import models_mae
 from conftest import DATA
+from versions import exact_numbers_expected
 from util.pos_embed import get_2d_sincos_pos_embed
 
 VECTORS = torch.load(DATA / 'model_vectors.pt', weights_only=True)
@@ -45,12 +46,15 @@ def test_initial_weights_are_bit_identical(reference_run):
 
 def test_masks_loss_predictions_and_gradients_match(reference_run):
     _, _, loss, pred, mask, grads = reference_run
+    # the vectors' stack sums in the same order as the reference's run; another torch sums some fp32 reductions in
+    # another order: a few roundings more
+    slack = 1 if exact_numbers_expected() else 10
     assert torch.equal(mask, SMALL['mask'])
-    torch.testing.assert_close(loss, SMALL['loss'], rtol=1e-6, atol=0)
-    torch.testing.assert_close(pred, SMALL['pred'], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, SMALL['loss'], rtol=1e-6 * slack, atol=0)
+    torch.testing.assert_close(pred, SMALL['pred'], rtol=1e-5 * slack, atol=1e-6 * slack)
     assert set(grads) == set(SMALL['grads'])
     for k, g in SMALL['grads'].items():
-        torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-7, msg=k)
+        torch.testing.assert_close(grads[k], g, rtol=1e-5 * slack, atol=1e-7 * slack, msg=k)
 
 
 def test_patchify_matches_and_round_trips(reference_run):

@@ -19,6 +19,7 @@ from util.lr_decay import param_groups_lrd
 from util.misc import UsageError
 from util.pos_embed import interpolate_pos_embed
 from util.pretrained import load_pretrained_encoder
+from versions import meta_device
 
 VECTORS = torch.load(DATA / 'model_vectors.pt', weights_only=True)
 SMALL = VECTORS['small_mae']
@@ -145,7 +146,7 @@ def test_fine_tuned_weights_load_strictly_into_timm(global_pool, timm_pool):
                                                 ('vit_huge_patch14', 'vit_huge_patch14_224')])
 @pytest.mark.parametrize('global_pool,timm_pool', [(True, 'avg'), (False, 'token')])
 def test_full_size_weights_load_strictly_into_timm_create_model(ours_name, timm_name, global_pool, timm_pool):
-    with torch.device('meta'):  # construction only
+    with meta_device():  # construction only
         ours = models_vit.MODELS[ours_name](global_pool=global_pool, num_classes=37)
         theirs = timm.create_model(timm_name, pretrained=False, num_classes=37, global_pool=timm_pool)
     theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -162,7 +163,7 @@ FULL_SIZE = {  # (MAE builder, parameters of the 1000-class classifier with glob
 @pytest.mark.parametrize('name', list(FULL_SIZE))
 def test_full_size_builders_key_layout(name):
     mae_name, n_params, patch, depth = FULL_SIZE[name]
-    with torch.device('meta'):
+    with meta_device():
         gp = models_vit.MODELS[name](global_pool=True)
         cls = models_vit.MODELS[name](global_pool=False)
         mae = models_mae.MODELS[mae_name]()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from util import compat
 from util.misc import TrainingStopped, UsageError
 
 LAST = 'checkpoint-last.pth'
@@ -185,10 +186,7 @@ def _unpickling_reason(e):
 
 
 def _safe_load(path, **kwargs):
-    if not hasattr(torch.serialization, 'safe_globals'):  # torch < 2.5: tensors and plain values only
-        return torch.load(path, map_location='cpu', weights_only=True, **kwargs)
-    with torch.serialization.safe_globals(_REFERENCE_GLOBALS):
-        return torch.load(path, map_location='cpu', weights_only=True, **kwargs)
+    return compat.load_weights_only(path, allowed=_REFERENCE_GLOBALS, **kwargs)
 
 
 def load(path, what='--resume'):

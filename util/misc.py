@@ -12,6 +12,8 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
+from util import compat
+
 
 class UsageError(Exception):
     """A mistake the user can fix (a flag, a path, a file): reported as one line, exit code 2, nothing written."""
@@ -73,7 +75,7 @@ def shutdown_distributed():
     """Leave the process group before exiting: a process that exits with gloo's threads still running can abort
     ('terminate called without an active exception')."""
     if is_dist_avail_and_initialized():
-        dist.destroy_process_group()
+        compat.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -324,7 +326,7 @@ def all_reduce_max(x):
 
 # ---------------------------------------------------------------------------------------------------- AMP
 def amp_settings(args):
-    """``(device_type, dtype, enabled)`` of the forward pass's autocast (``torch.autocast(*amp_settings(args))``):
+    """``(device_type, dtype, enabled)`` of the forward pass's autocast (``compat.autocast(*amp_settings(args))``):
     fp16 on CUDA as the reference (``--amp fp16``, the default), bf16 with ``--amp bf16``, off with ``--amp none``
     and on the CPU (fp32 there, as the reference)."""
     amp = getattr(args, 'amp', 'fp16')
@@ -341,8 +343,7 @@ class NativeScalerWithGradNormCount:
     def __init__(self, args):
         device_type, dtype, enabled = amp_settings(args)
         enabled = enabled and dtype == torch.float16
-        grad_scaler = getattr(torch.amp, 'GradScaler', None)  # torch >= 2.3; before, torch.cuda.amp's
-        self._scaler = grad_scaler('cuda', enabled=enabled) if grad_scaler else torch.cuda.amp.GradScaler(enabled)
+        self._scaler = compat.grad_scaler(enabled)
 
     def __call__(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):
         self._scaler.scale(loss).backward()

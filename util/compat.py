@@ -1,0 +1,72 @@
+"""Small shims for the oldest torch/timm that requirements.txt admits (torch 2.1, timm 1.0.3; see
+constraints-oldest.txt). Each one does exactly what the newest versions do; nothing here changes numbers.
+"""
+import pickle
+import time
+import types
+import warnings
+
+import torch
+
+try:  # timm >= 1.0.12 exports it here (and warns when it is imported from optim_factory)
+    from timm.optim import param_groups_weight_decay
+except ImportError:  # timm 1.0.3 to 1.0.11
+    from timm.optim.optim_factory import param_groups_weight_decay
+
+__all__ = ['autocast', 'destroy_process_group', 'grad_scaler', 'load_weights_only', 'param_groups_weight_decay']
+
+
+def autocast(device_type, dtype, enabled):
+    """``torch.autocast(device_type, dtype, enabled)``. Before torch 2.2 the CPU autocast refuses any dtype but
+    bfloat16, even when it is disabled; a disabled autocast casts nothing, so its dtype can be bfloat16 there."""
+    if device_type == 'cpu' and not enabled:
+        dtype = torch.bfloat16
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
+
+
+def grad_scaler(enabled):
+    """CUDA's loss scaler: ``torch.amp.GradScaler('cuda')`` (torch >= 2.3), ``torch.cuda.amp.GradScaler`` before."""
+    if hasattr(torch.amp, 'GradScaler'):
+        return torch.amp.GradScaler('cuda', enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
+
+
+def load_weights_only(path, allowed=(), **kwargs):
+    """``torch.load(path, map_location='cpu', weights_only=True, **kwargs)``, also allowing the classes ``allowed``
+    (the reference's checkpoints pickle their flags as an ``argparse.Namespace``, with ``pathlib`` paths in it when
+    its submitit scripts made them) and no other."""
+    with warnings.catch_warnings():
+        # torch 2.1's weights-only loader itself goes through the deprecated TypedStorage, and says so on stderr
+        warnings.filterwarnings('ignore', message='TypedStorage is deprecated', category=UserWarning)
+        if not allowed:
+            return torch.load(path, map_location='cpu', weights_only=True, **kwargs)
+        if hasattr(torch.serialization, 'safe_globals'):  # torch >= 2.5
+            with torch.serialization.safe_globals(list(allowed)):
+                return torch.load(path, map_location='cpu', weights_only=True, **kwargs)
+        # before, the weights-only loader cannot be told about a class: a standard unpickler that resolves only the
+        # globals the weights-only loader allows, plus ``allowed``, loads the same files
+        extra = {f'{c.__module__}.{c.__qualname__}': c for c in allowed}
+        return torch.load(path, map_location='cpu', pickle_module=_restricted_pickle(extra), **kwargs)
+
+
+def _restricted_pickle(extra):
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            from torch._weights_only_unpickler import _get_allowed_globals
+            allowed = dict(_get_allowed_globals(), **extra)
+            if f'{module}.{name}' not in allowed:
+                raise pickle.UnpicklingError(f"Weights only load failed: unsupported global {module}.{name}")
+            return allowed[f'{module}.{name}']
+    # what torch.load needs of a pickle module
+    return types.SimpleNamespace(__name__='restricted_pickle', Unpickler=Unpickler,
+                                 load=lambda file, **kwargs: Unpickler(file, **kwargs).load())
+
+
+def destroy_process_group():
+    """``torch.distributed.destroy_process_group()``. Up to torch 2.7 the gloo group's destructor joins its worker
+    threads while holding the GIL, and a worker still freeing the tensors of the last collective needs the GIL to do
+    so: both wait forever (now and then, at the end of a run on the CPU). A short sleep lets the workers finish first
+    (the sleep releases the GIL)."""
+    if torch.distributed.get_backend() == 'gloo':
+        time.sleep(0.1)
+    torch.distributed.destroy_process_group()
