@@ -210,11 +210,11 @@ class StepLog:
     step (with accumulation, that of its whole window) is skipped on the device (``NativeScalerWithGradNormCount``).
     """
 
-    def __init__(self, metric_logger, run, epoch, start, iters_per_epoch, accum_iter, loss_tag, every=1):
+    def __init__(self, metric_logger, run, epoch, iters_per_epoch, accum_iter, loss_tag, every=1):
         self.metric_logger, self.run, self.epoch = metric_logger, run, epoch
         self.iters_per_epoch, self.accum_iter, self.loss_tag, self.every = iters_per_epoch, accum_iter, loss_tag, every
         self._pending = []  # (loss on the device, lr, iteration, whether it updates)
-        self._run_told = start  # the iteration after the last run.after_step
+        self._fresh = False  # read since the last run.after_step
 
     def add(self, loss, lr, step, update):
         """Log iteration ``step``'s loss (a 0-d tensor) and lr; False if the step must be skipped (read at once)."""
@@ -238,6 +238,7 @@ class StepLog:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        self._fresh = True
         local = torch.stack([loss.float() for loss, *_ in pending])
         values, means = local.tolist(), all_reduce_mean(local).tolist()
         for (_, lr, step, update), value, mean in zip(pending, values, means):
@@ -260,11 +261,11 @@ class StepLog:
     def after_update(self, step):
         """After the optimizer step of iteration ``step``: ``run.after_step`` (every step on the reference's path)."""
         next_iter = step + 1
-        if self.every > 1 and not (next_iter - self._run_told >= self.every or self.run.checkpoint_due(next_iter)
+        if self.every > 1 and not (self._fresh or self.run.checkpoint_due(next_iter)
                                    or next_iter + self.accum_iter > self.iters_per_epoch):  # the epoch's last step
             return
-        self.read()
-        self._run_told = next_iter
+        self.read()  # the meters a checkpoint keeps are complete up to this step
+        self._fresh = False
         self.run.after_step(self.epoch, next_iter, self.metric_logger)
 
 
