@@ -149,6 +149,43 @@ class Bench:
         return counter.get_total_flops()
 
 
+def estimate_memory(name, batch_size, input_size, checkpointing):
+    """GiB a bf16 training step would hold at ``batch_size``, estimated on any device (the CPU included): the bytes
+    autograd saves for the backward under bf16 autocast (each storage once, through saved_tensors_hooks; with
+    checkpointing, plus the inputs the checkpointed blocks keep), measured at 1 and 3 images and extrapolated
+    linearly (the part that does not grow with the batch is autocast's bf16 weight copies), plus fp32 weights,
+    gradients and AdamW's two moments (16 bytes a parameter). Leaves out the allocator's slack and the transient
+    peak inside the backward, so a real peak is somewhat higher. Returns (GiB, MiB saved per image)."""
+    torch.manual_seed(0)
+    pretrain = name in models_mae.MODELS
+    model = (models_mae.MODELS[name](img_size=input_size, norm_pix_loss=True) if pretrain else
+             models_vit.MODELS[name](img_size=input_size, num_classes=1000, global_pool=True))
+    model.set_grad_checkpointing(checkpointing)
+
+    def saved_bytes(images):
+        saved = {}
+
+        def keep(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        def keep_input(module, inputs):
+            keep(inputs[0])
+        hooks = [blk.register_forward_pre_hook(keep_input) for blk in model.blocks] if checkpointing else []
+        x = torch.randn(images, 3, input_size, input_size)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast('cpu', torch.bfloat16):
+            out = model(x, mask_ratio=0.75)[0] if pretrain else model(x).float().mean()
+        del out
+        for h in hooks:
+            h.remove()
+        return sum(saved.values())
+
+    one, three = saved_bytes(1), saved_bytes(3)
+    per_image = (three - one) / 2
+    static = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (static + one - per_image + per_image * batch_size) / 2 ** 30, per_image / 2 ** 20
+
+
 def run_one(name, batch_size, path, device, args, peaks):
     bench = Bench(name, batch_size, path, device, args.input_size)
     flops = bench.flops()
@@ -183,6 +220,9 @@ def main():
     parser.add_argument('--warmup', default=10, type=int, help='untimed steps first (compilation happens here)')
     parser.add_argument('--input_size', default=224, type=int)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--estimate_memory', action='store_true',
+                        help='instead of timing, estimate each model\'s bf16 training memory at its batch with and '
+                             'without --grad_checkpointing (runs on the CPU; see estimate_memory)')
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -194,6 +234,17 @@ def main():
         sizes = sizes * len(models)
     if len(sizes) != len(models):
         parser.error('--batch_sizes: one value, or one per model')
+    if args.estimate_memory:
+        print(f"estimated bf16 training memory (not measured on a GPU), input {args.input_size}, torch "
+              f"{torch.__version__}")
+        print("| model | batch | saved activations per image | estimate | with --grad_checkpointing |")
+        print("|---|---:|---:|---:|---:|")
+        for model, batch_size in zip(models, sizes):
+            full, per_image = estimate_memory(model, batch_size, args.input_size, False)
+            ckpt, per_image_ckpt = estimate_memory(model, batch_size, args.input_size, True)
+            print(f"| {model} | {batch_size} | {per_image:.0f} MiB ({per_image_ckpt:.0f} MiB) | {full:.1f} GiB | "
+                  f"{ckpt:.1f} GiB |", flush=True)
+        return
     name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f"{datetime.date.today()}  {name}  torch {torch.__version__}  input {args.input_size}  "
           f"{args.steps} timed steps after {args.warmup}")
@@ -205,7 +256,7 @@ def main():
             try:
                 r = run_one(model, batch_size, path, device, args, peaks)
                 print(f"| {r['model']} | {r['batch']} | {r['path']} | {r['img_s']:.1f} | {r['ms']:.1f} | "
-                      f"{r['tflops']:.2f} | {100 * r['peak']:.0f}% | {r['memory']} |", flush=True)
+                      f"{r['tflops']:.3g} | {100 * r['peak']:.0f}% | {r['memory']} |", flush=True)
             except torch.cuda.OutOfMemoryError:
                 print(f"| {model} | {batch_size} | {path} | OOM | | | | |", flush=True)
             gc.collect()
