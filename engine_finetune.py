@@ -2,7 +2,6 @@
 evaluation with the best accuracy, as in the reference."""
 import contextlib
 import datetime
-import math
 import time
 from types import SimpleNamespace
 from typing import Iterable, Optional
@@ -37,6 +36,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         print('log_dir: {}'.format(log_writer.log_dir))
 
     batches, start, iters_per_epoch = run.epoch_batches(epoch, data_loader, metric_logger)
+    steps = misc.StepLog(metric_logger, run, epoch, iters_per_epoch, accum_iter, 'loss',
+                         every=print_freq if getattr(args, 'no_host_sync', False) else 1)
     for data_iter_step, (samples, targets) in enumerate(
             metric_logger.log_every(batches, print_freq, header, iters_per_epoch, start), start=start):
         # per-iteration (not per-epoch) lr schedule
@@ -54,35 +55,18 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             with autocast:
                 outputs = model(samples)
                 loss = criterion(outputs, targets)
-            loss_value = loss.item()
-            loss_value_reduce = misc.all_reduce_mean(loss_value)
-            if not math.isfinite(loss_value_reduce):
-                run.skip_nonfinite(loss_value_reduce, epoch, data_iter_step)
+            # with layer-wise decay the groups' lrs differ: report the largest (the head's)
+            max_lr = max(group["lr"] for group in optimizer.param_groups)
+            if not steps.add(loss, max_lr, data_iter_step, update):
                 if hasattr(model, 'no_sync'):
                     loss.backward()
                 optimizer.zero_grad()
                 continue
-            loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+            loss_scaler(steps.guard(loss) / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
                         update_grad=update)
         if update:
             optimizer.zero_grad()
-
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-
-        metric_logger.update(loss=loss_value)
-        # with layer-wise decay the groups' lrs differ: report the largest (the head's)
-        max_lr = max(group["lr"] for group in optimizer.param_groups)
-        metric_logger.update(lr=max_lr)
-
-        if log_writer is not None and update:
-            # x axis: 1000 x epoch, so that curves of runs with different batch sizes line up
-            epoch_1000x = int((data_iter_step / iters_per_epoch + epoch) * 1000)
-            log_writer.add_scalar('loss', loss_value_reduce, epoch_1000x)
-            log_writer.add_scalar('lr', max_lr, epoch_1000x)
-
-        if update:
-            run.after_step(epoch, data_iter_step + 1, metric_logger)
+            steps.after_update(data_iter_step)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)

@@ -1,6 +1,5 @@
 """One epoch of MAE pre-training."""
 import contextlib
-import math
 from typing import Iterable
 
 import torch
@@ -13,7 +12,8 @@ from util import compat
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, loss_scaler, run, args=None):
     """``run`` (``util.run.Run``) says where the epoch starts (in the middle after a resume), decides on a
-    non-finite loss, and checkpoints after optimizer steps."""
+    non-finite loss, and checkpoints after optimizer steps. ``args.no_host_sync`` (the fast path): each step's loss
+    stays on the device until the console prints (``misc.StepLog``)."""
     model.train(True)
     metric_logger = misc.MetricLogger(delimiter="  ")
     metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
@@ -29,6 +29,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         print('log_dir: {}'.format(log_writer.log_dir))
 
     batches, start, iters_per_epoch = run.epoch_batches(epoch, data_loader, metric_logger)
+    steps = misc.StepLog(metric_logger, run, epoch, iters_per_epoch, accum_iter, 'train_loss',
+                         every=print_freq if getattr(args, 'no_host_sync', False) else 1)
     for data_iter_step, (samples, _) in enumerate(
             metric_logger.log_every(batches, print_freq, header, iters_per_epoch, start), start=start):
         # per-iteration (not per-epoch) lr schedule
@@ -42,33 +44,16 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         with contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync():
             with autocast:
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            loss_value = loss.item()
-            loss_value_reduce = misc.all_reduce_mean(loss_value)  # every rank takes the same branch below
-            if not math.isfinite(loss_value_reduce):
-                run.skip_nonfinite(loss_value_reduce, epoch, data_iter_step)  # or stop
+            if not steps.add(loss, optimizer.param_groups[0]["lr"], data_iter_step, update):
+                # a non-finite loss (mean over ranks, so every rank is here), counted by run.skip_nonfinite
                 if hasattr(model, 'no_sync'):
                     loss.backward()  # DDP expects a backward after each forward; the gradients are dropped
                 optimizer.zero_grad()  # (with accumulation, the whole window's)
                 continue
-            loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
+            loss_scaler(steps.guard(loss) / accum_iter, optimizer, parameters=model.parameters(), update_grad=update)
         if update:
             optimizer.zero_grad()
-
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-
-        metric_logger.update(loss=loss_value)
-        lr = optimizer.param_groups[0]["lr"]
-        metric_logger.update(lr=lr)
-
-        if log_writer is not None and update:
-            # x axis: 1000 x epoch, so that curves of runs with different batch sizes line up
-            epoch_1000x = int((data_iter_step / iters_per_epoch + epoch) * 1000)
-            log_writer.add_scalar('train_loss', loss_value_reduce, epoch_1000x)
-            log_writer.add_scalar('lr', lr, epoch_1000x)
-
-        if update:
-            run.after_step(epoch, data_iter_step + 1, metric_logger)  # periodic checkpoint; stop on a signal
+            steps.after_update(data_iter_step)  # run.after_step: periodic checkpoint; stop on a signal
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)

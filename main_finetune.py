@@ -16,7 +16,7 @@ import util.lr_decay as lrd
 import util.misc as misc
 from engine_finetune import evaluate, train_and_evaluate
 from util.datasets import build_dataset, build_loaders, check_classes
-from util.flags import add_common_args, check_common
+from util.flags import add_common_args, add_speed_args, check_common
 from util.image_folder import check_split
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
@@ -95,6 +95,7 @@ def get_args_parser():
                         help='Enabling distributed evaluation (recommended during training for faster monitor')
 
     add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1)
+    add_speed_args(parser, optimizer='adamw', checkpointing=True)  # the input keeps timm's RandAugment (PIL)
     return parser
 
 
@@ -144,6 +145,7 @@ def main(args):
         print(f"Partial fine-tuning: training the last {args.train_blocks} of {len(model.blocks)} blocks, the final "
               f"norm and the head ({len(trainable)} tensors); everything else is frozen")
 
+    model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
 
     model_without_ddp = model
@@ -155,12 +157,13 @@ def main(args):
     set_lr(args, misc.get_world_size())
 
     model, model_without_ddp = misc.wrap_ddp(model, args, device)
+    model = misc.compile_model(model, args)
 
     # layer-wise lr decay; frozen parameters (partial fine-tuning) are left out
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr)
+    optimizer = misc.adamw(param_groups, args, lr=args.lr)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
     if mixup_fn is not None:

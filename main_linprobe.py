@@ -14,8 +14,10 @@ import torch
 import models_vit
 import util.misc as misc
 from engine_finetune import evaluate, train_and_evaluate
+from util import fast_data
+from util.crop import RandomResizedCrop
 from util.datasets import build_loaders, check_classes, eval_transform, linprobe_transform
-from util.flags import add_common_args, check_common
+from util.flags import add_common_args, add_speed_args, check_common
 from util.image_folder import check_split, image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr
@@ -63,6 +65,7 @@ def get_args_parser():
                         help='Enabling distributed evaluation (recommended during training for faster monitor')
 
     add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1)
+    add_speed_args(parser, optimizer='lars', checkpointing=False, data_loaders=('pil', 'fast_cpu'))
     return parser
 
 
@@ -99,15 +102,16 @@ def main(args):
     run = Run(args, __file__)
     device = run.device
 
-    # (evaluation only needs val/)
-    dataset_train = None if args.eval else image_folder(args.data_path, 'train', linprobe_transform(args.input_size),
-                                                        skip_bad=args.skip_bad_images)
+    # (evaluation only needs val/); --data_loader fast_cpu draws the same TF-style crops
+    dataset_train = None if args.eval else fast_data.train_dataset(
+        args, linprobe_transform(args.input_size), dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params))
     dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size), skip_bad=args.skip_bad_images)
     if dataset_train is not None:
         print(dataset_train)
     print(dataset_val)
     check_classes(args, dataset_train, dataset_val)
     data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val, device)
+    data_loader_train = fast_data.finish_on_device(args, data_loader_train, device)
 
     model = models_vit.MODELS[args.model](
         img_size=args.input_size,
@@ -129,6 +133,7 @@ def main(args):
     set_lr(args, misc.get_world_size())
 
     model, model_without_ddp = misc.wrap_ddp(model, args, device)
+    model = misc.compile_model(model, args)
 
     optimizer = LARS(trainable, lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)

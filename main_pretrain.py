@@ -13,9 +13,10 @@ import models_mae
 import util.misc as misc
 from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
+from util import fast_data
 from util.datasets import pretrain_transform
-from util.flags import add_common_args, check_batches, check_common
-from util.image_folder import check_split, image_folder
+from util.flags import add_common_args, add_speed_args, check_batches, check_common
+from util.image_folder import check_split
 from util.lr_sched import set_lr
 from util.run import ResumableSampler, Run
 
@@ -66,6 +67,7 @@ def get_args_parser():
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')
+    add_speed_args(parser, optimizer='adamw', checkpointing=True, data_loaders=fast_data.LOADERS)
     return parser
 
 
@@ -107,9 +109,10 @@ def main(args):
     check_args(args)
     run = Run(args, __file__)  # process group, --output_dir, seeds, the checkpoint to continue
     device = run.device
+    fast_data.check_data_loader(args, device)
 
-    dataset_train = image_folder(args.data_path, 'train', pretrain_transform(args.input_size),
-                                 skip_bad=args.skip_bad_images)
+    # the reference's PIL transform, or --data_loader's uint8 crop and flip (the same distribution)
+    dataset_train = fast_data.train_dataset(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)))
     print(dataset_train)
 
     num_tasks = misc.get_world_size()
@@ -119,15 +122,10 @@ def main(args):
     sampler_train = ResumableSampler(torch.utils.data.DistributedSampler(
         dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True))
 
-    data_loader_train = torch.utils.data.DataLoader(
-        dataset_train, sampler=sampler_train,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == 'cuda',
-        drop_last=True,
-    )
+    data_loader_train = fast_data.train_loader(args, dataset_train, sampler_train, device)
 
     model = build_model(args)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     model_without_ddp = model
     print("Model = %s" % str(model_without_ddp))
@@ -137,10 +135,11 @@ def main(args):
     # (the reference passes find_unused_parameters=True; every parameter takes part in every step, so DDP's search
     # for unused ones only costs time and warns on every process: the gradients are the same without it)
     model, model_without_ddp = misc.wrap_ddp(model, args, device)
+    model = misc.compile_model(model, args)
 
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    optimizer = misc.adamw(param_groups, args, lr=args.lr, betas=(0.9, 0.95))
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 

@@ -12,6 +12,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block, PatchEmbed
+from torch.utils.checkpoint import checkpoint
 
 from util.pos_embed import get_2d_sincos_pos_embed
 
@@ -67,6 +68,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         self.norm_pix_loss = norm_pix_loss
         self.mask_type = mask_type
+        self.grad_checkpointing = False  # [new] see set_grad_checkpointing
 
         self.initialize_weights()
 
@@ -97,6 +99,12 @@ class MaskedAutoencoderViT(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
+
+    def set_grad_checkpointing(self, enable=True):
+        """[new] Recompute each encoder block's activations during the backward instead of keeping them (timm's
+        name for it): less memory for about one more encoder forward; the same numbers (the recomputation replays
+        the same operations)."""
+        self.grad_checkpointing = enable
 
     # ------------------------------------------------------------------ patches
     @property
@@ -181,7 +189,10 @@ class MaskedAutoencoderViT(nn.Module):
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
 
         for blk in self.blocks:
-            x = blk(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
         x = self.norm(x)
         return x, mask, ids_restore
 

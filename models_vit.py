@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import timm.models.vision_transformer
+from torch.utils.checkpoint import checkpoint
 
 
 class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
@@ -40,7 +41,11 @@ class VisionTransformer(timm.models.vision_transformer.VisionTransformer):
         x = self.pos_drop(x)
 
         for blk in self.blocks:
-            x = blk(x)
+            # [new] timm's set_grad_checkpointing(): recompute the block in the backward (drop-path draws the same)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
 
         if self.global_pool:
             return self.fc_norm(x[:, 1:, :].mean(dim=1))  # mean of the patch tokens, class token left out

@@ -120,10 +120,20 @@ def load_optimizer_state(optimizer, state, what):
             print(f"Note: {what}'s optimizer holds {sum(len(s['params']) for s in saved)} of this run's "
                   f"{sum(len(o['params']) for o in own)} trained tensors (a reference linear probe with --global_pool "
                   f"froze fc_norm); their state is restored, the {fresh} others start fresh")
+    # how the update is computed (--fused_adamw) is this run's choice, not the checkpoint's: load_state_dict would
+    # take the saved groups' settings
+    implementation = [{k: g[k] for k in ('fused', 'foreach') if k in g} for g in optimizer.param_groups]
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError) as e:
         raise UsageError(f"{what}: its optimizer state does not fit this run ({e})") from None
+    for group, own in zip(optimizer.param_groups, implementation):
+        group.update(own)
+        if own.get('fused'):  # the fused kernel keeps the step count beside the weights, as a float
+            for p in group['params']:
+                step = optimizer.state.get(p, {}).get('step')
+                if torch.is_tensor(step):
+                    optimizer.state[p]['step'] = step.to(p.device, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- files

@@ -51,9 +51,63 @@ def add_common_args(parser, data_help, save_freq):
                              'epoch (train_skipped_images in log.txt). Default: stop with an error naming the file')
 
 
+def add_speed_args(parser, optimizer='adamw', checkpointing=True, data_loaders=('pil',)):
+    """The [new] fast path (README, "Speed"), off by default: each flag, and ``--fast`` for all of them but
+    ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder). ``optimizer``: the
+    script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow through the
+    encoder blocks; ``data_loaders``: the --data_loader choices, the reference's 'pil' first."""
+    group = parser.add_argument_group('speed [new]', 'off by default: the reference\'s numerics and host syncs')
+    fast = ['--amp bf16'] + (['--fused_adamw'] if optimizer == 'adamw' else []) + ['--compile', '--no_host_sync']
+    group.add_argument('--fast', action='store_true',
+                       help='[new] the fast path in one flag: ' + ' '.join(fast) + ' (see each; the data loader '
+                            'and --grad_checkpointing are chosen separately)')
+    if optimizer == 'adamw':
+        group.add_argument('--fused_adamw', action='store_true',
+                           help='[new] AdamW(fused=True): one kernel for all tensors, where this torch has it for '
+                                'the device (CUDA; the CPU from torch 2.4), else the default AdamW with a note')
+    group.add_argument('--compile', action='store_true',
+                       help='[new] torch.compile the model (the first steps take minutes to compile; masks and '
+                            'drop-path draw from inductor\'s random generator, not eager\'s)')
+    group.add_argument('--no_host_sync', action='store_true',
+                       help='[new] no per-step loss.item(), all-reduce or host sync: losses stay on the device and '
+                            'reach the console, log and TensorBoard every 20 steps (same values); a step with a '
+                            'non-finite loss or gradient is skipped on the device and reported (--skip_nonfinite) '
+                            'at most 20 steps late; stop requests are seen every 20 steps. Without fused AdamW or '
+                            'fp16\'s GradScaler the skip decision costs one sync per optimizer step')
+    if checkpointing:
+        group.add_argument('--grad_checkpointing', action='store_true',
+                           help='[new] recompute each encoder block\'s activations in the backward instead of '
+                                'keeping them: less activation memory, for bigger batches per GPU (e.g. ViT-H at '
+                                '256), for about one more encoder forward of compute; the same numbers')
+    if len(data_loaders) > 1:
+        group.add_argument('--data_loader', default=data_loaders[0], choices=data_loaders,
+                           help='[new] how training images are decoded and augmented: ' + '; '.join(
+                               f'{k}: {LOADER_HELP[k]}' for k in data_loaders) + '. The same crop and flip '
+                           'distribution; the pixels differ slightly (resampling)')
+
+
+LOADER_HELP = {
+    'pil': 'the reference (PIL, float tensors)',
+    'fast_cpu': 'libjpeg-turbo decode (reduced-size DCT decode when the crop allows), uint8 crop/resize/flip in the '
+                'workers, normalised on the device',
+    'gpu': 'JPEGs decoded in batches on the GPU (nvJPEG), crop/resize/flip/normalise there',
+    'dali': 'NVIDIA DALI, crop-window decode on the GPU (pip install nvidia-dali-cuda130)',
+}
+
+
+def resolve_speed_flags(args):
+    """Turn ``--fast`` into its flags (see ``add_speed_args``)."""
+    if getattr(args, 'fast', False):
+        args.amp = 'bf16'
+        args.compile = args.no_host_sync = True
+        if hasattr(args, 'fused_adamw'):
+            args.fused_adamw = True
+
+
 def check_common(args, models, kind):
     """The checks every entry point makes on its flags, before anything is written: ``models`` are the names
     ``--model`` may take (``kind`` says what they are)."""
+    resolve_speed_flags(args)
     if args.model not in models:
         raise UsageError(f"--model {args.model} is not a {kind} model; choose one of: " + ', '.join(models))
     at_least = {'batch_size': 1, 'accum_iter': 1, 'epochs': 1, 'save_freq': 1, 'input_size': 1, 'num_workers': 0,

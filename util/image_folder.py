@@ -90,8 +90,8 @@ class ImageFolder(datasets.ImageFolder):
     on stderr and counted once per epoch, in flags shared with the DataLoader workers (``skipped_images``).
     """
 
-    def __init__(self, root, transform=None, skip_bad=False):
-        super().__init__(root, transform=transform, loader=load_rgb)
+    def __init__(self, root, transform=None, skip_bad=False, loader=load_rgb):
+        super().__init__(root, transform=transform, loader=loader)
         self.skip_bad = skip_bad
         n = len(self.samples)
         # one byte per sample, in shared memory so that DataLoader workers' marks are seen by the main process
@@ -102,7 +102,7 @@ class ImageFolder(datasets.ImageFolder):
     def _load(self, index):
         path = self.samples[index][0]
         try:
-            return load_rgb(path)
+            return self.loader(path)
         except BAD_FILE_ERRORS as e:
             reason = bad_file_reason(path, e)
             if not self.skip_bad:
@@ -150,13 +150,13 @@ def check_split(data_path, split):
     return root
 
 
-def image_folder(data_path, split, transform, skip_bad=False):
+def image_folder(data_path, split, transform, skip_bad=False, loader=load_rgb):
     """``ImageFolder(data_path/split)``, with a one-line ``UsageError`` naming the folder when it is missing, has no
     class folders, or a class folder holds no image; and naming the file when an image cannot be read (unless
-    ``skip_bad``: see ``ImageFolder``)."""
+    ``skip_bad``: see ``ImageFolder``). ``loader(path)`` reads a file (``util.fast_data``'s also augment it)."""
     root = check_split(data_path, split)
     try:
-        dataset = ImageFolder(root, transform=transform, skip_bad=skip_bad)
+        dataset = ImageFolder(root, transform=transform, skip_bad=skip_bad, loader=loader)
     except FileNotFoundError as e:
         raise UsageError(f"{root}: {e}") from None
     return dataset

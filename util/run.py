@@ -38,6 +38,8 @@ CHANGEABLE_ON_RESUME = {
     'num_workers', 'pin_mem', 'device', 'amp', 'data_path',  # how, and from where, the same data is read
     'output_dir', 'log_dir', 'resume', 'auto_resume', 'start_epoch', 'finetune', 'eval', 'dist_eval',
     'save_freq', 'save_every_iters', 'skip_nonfinite', 'skip_bad_images', 'seed',
+    # how fast the same training runs (README, "Speed")
+    'fast', 'fused_adamw', 'compile', 'no_host_sync', 'grad_checkpointing', 'data_loader',
     # the process layout (filled in by the launcher)
     'world_size', 'rank', 'gpu', 'local_rank', 'distributed', 'dist_backend', 'dist_url', 'dist_on_itp',
     # submitit's own flags
@@ -366,13 +368,17 @@ class Run:
         last = ckpt_io.newest(self.output_dir) if self.output_dir else ''
         return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
 
+    def checkpoint_due(self, next_iter):
+        """Whether ``--save_every_iters`` asks for a checkpoint after the optimizer step before ``next_iter``."""
+        every = self.args.save_every_iters
+        return bool(every) and next_iter % every == 0 and next_iter < self._iters_per_epoch
+
     def after_step(self, epoch, next_iter, metric_logger):
         """After each optimizer step (every rank): every ``--save_every_iters`` steps, and when a stop was
         requested (then ``RunInterrupted`` is raised), write a checkpoint to continue this epoch from."""
         if next_iter == self._iters_per_epoch:  # (the streams as the evaluation that follows finds them)
             self._epoch_trained = (epoch, next_iter, metric_logger, ckpt_io.rng_state())
-        every = self.args.save_every_iters
-        periodic = bool(every) and next_iter % every == 0 and next_iter < self._iters_per_epoch
+        periodic = self.checkpoint_due(next_iter)
         signum = stop_requested()
         if not (periodic or signum):
             return

@@ -1,0 +1,268 @@
+"""The fast input paths of pre-training and linear probing (``--data_loader``); the reference's is 'pil'.
+
+The reference's pipeline (PIL decode, RandomResizedCrop bicubic, flip, ToTensor, Normalize) spends most of a worker's
+time outside the JPEG decoder: PIL's resampling and the float conversions of a 224x224 image. Here:
+
+- ``fast_cpu``: the workers decode with libjpeg-turbo (``torchvision.io.decode_jpeg``), or, when the crop is at least
+  twice the output size, let the JPEG decoder scale by 1/2, 1/4 or 1/8 in the DCT (PIL's ``draft``: far fewer pixels
+  decoded); crop, resize (bicubic, antialiased, on uint8) and flip; the uint8 batch travels to the device (4x fewer
+  bytes than float) and is normalised there (``OnDevice``).
+- ``gpu``: the workers only read the file and draw the crop and flip; the batch's JPEGs are decoded together on the
+  GPU (nvJPEG, ``decode_jpeg(list, device='cuda')``) and cropped, resized, flipped and normalised there.
+- ``dali``: NVIDIA DALI decodes only the crop window on the GPU (``fn.decoders.image_random_crop``).
+
+The crop and flip are drawn exactly as the reference draws them (torchvision's ``RandomResizedCrop.get_params`` on
+the image's size from its header, then ``torch.rand(1) < 0.5``), from the same random stream, so with the same seed
+'fast_cpu' and 'gpu' crop the same windows as 'pil'; only the resampling differs (torch's antialiased bicubic is
+PIL's filter on uint8, within a few grey levels; see tests/test_fast_path.py). DALI draws its own crops (same
+ranges of scale and ratio) from its own generator.
+"""
+import functools
+import io
+import math
+
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as F2
+
+from util.image_folder import image_folder, load_rgb, to_rgb
+from util.misc import UsageError
+
+LOADERS = ('pil', 'fast_cpu', 'gpu', 'dali')
+DALI_INSTALL = 'pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)'
+JPEG_END = b'\xff\xd9'  # a JPEG without its end marker is truncated: PIL's decoder refuses it, libjpeg would pad it
+
+
+def check_data_loader(args, device):
+    """One line before anything runs when the chosen loader cannot run here."""
+    kind = getattr(args, 'data_loader', 'pil')
+    if kind in ('gpu', 'dali') and device.type != 'cuda':
+        raise UsageError(f"--data_loader {kind} decodes on a CUDA GPU and --device is {device.type}: use "
+                         f"--data_loader fast_cpu (or --device cuda on a GPU machine)")
+    if kind == 'dali':
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            raise UsageError(f"--data_loader dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}") from None
+        if getattr(args, 'skip_bad_images', False):
+            raise UsageError("--skip_bad_images works with --data_loader pil, fast_cpu or gpu, not dali (DALI stops "
+                             "on a file it cannot decode)")
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+class CropFlip:
+    """``loader(path)`` of an ImageFolder: the file's random resized crop (``size`` square, ``scale``/``ratio`` drawn
+    by ``get_params`` as ``transforms.RandomResizedCrop`` does) and horizontal flip (p=0.5), as a uint8 (3, size,
+    size) tensor; normalisation is left to the device (``OnDevice``). A file that is no readable image raises what
+    PIL raises, so that ``ImageFolder``'s bad-file handling names or skips it.
+
+    ``encoded=True`` (``--data_loader gpu``): a JPEG comes back undecoded, as (its bytes, [i, j, h, w, flip]), for
+    ``decode_on_device``; other files are cropped here as above."""
+
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), get_params=None, encoded=False):
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.get_params = get_params or transforms.RandomResizedCrop.get_params
+        self.encoded = encoded
+
+    def __call__(self, path):
+        with open(path, 'rb') as f:
+            data = f.read()
+        header = Image.open(io.BytesIO(data))  # reads the header only: size, mode, format
+        i, j, h, w = self.get_params(header, self.scale, self.ratio)  # the reference's draws, in its order
+        flip = bool(torch.rand(1) < 0.5)
+        # decode_jpeg for plain YCbCr/grayscale JPEGs that end properly; PIL (with to_rgb) for everything else
+        plain_jpeg = header.format == 'JPEG' and header.mode in ('RGB', 'L') and data.rstrip(b'\0').endswith(JPEG_END)
+        if self.encoded and plain_jpeg:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([i, j, h, w, int(flip)])
+        scale = self._dct_scale(h, w) if plain_jpeg else 1
+        if scale > 1:
+            out = self._draft_crop(header, scale, i, j, h, w)
+        else:
+            pixels = None
+            if plain_jpeg:
+                try:
+                    pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                except RuntimeError:  # corrupt data: PIL below says what is wrong, as on the reference's path
+                    pixels = None
+            if pixels is None:
+                pixels = pil_to_uint8(to_rgb(Image.open(io.BytesIO(data))))
+            out = resize(pixels[:, i:i + h, j:j + w], self.size)
+        return out.flip(-1) if flip else out
+
+    def _dct_scale(self, h, w):
+        """The largest of 1, 2, 4, 8 that keeps the crop at least ``size`` pixels on each side once decoded at
+        1/scale: below that, the crop would be upsampled from fewer pixels than the reference's."""
+        fits = min(h, w) // self.size
+        return 8 if fits >= 8 else 4 if fits >= 4 else 2 if fits >= 2 else 1
+
+    def _draft_crop(self, header, scale, i, j, h, w):
+        width, height = header.size
+        header.draft('RGB', (math.ceil(width / scale), math.ceil(height / scale)))  # the decoder scales by 1/scale
+        img = to_rgb(header)
+        s = img.size[0] / width  # 1/scale, up to PIL's rounding of the reduced size
+        # PIL resamples a fractional box exactly: the same window as at full size
+        box = (j * s, i * s, (j + w) * s, (i + h) * s)
+        return pil_to_uint8(img.resize((self.size, self.size), Image.BICUBIC, box=box))
+
+
+def pil_to_uint8(img):
+    """An RGB PIL image as a uint8 (3, H, W) tensor (what ToTensor does, without the scaling to floats)."""
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.size[1], img.size[0], 3).permute(
+        2, 0, 1).contiguous()
+
+
+def resize(pixels, size):
+    """Bicubic, antialiased resize of a (3, h, w) tensor to (3, size, size); uint8 stays uint8 (torch's native
+    kernel on the CPU, PIL's filter) and an unchanged size returns the input."""
+    return F2.resize(pixels, [size, size], interpolation=F2.InterpolationMode.BICUBIC, antialias=True)
+
+
+def collate_encoded(batch):
+    """``--data_loader gpu``: keep the items (JPEG bytes with their crop, or cropped pixels) as a list."""
+    return [item for item, _ in batch], torch.tensor([target for _, target in batch])
+
+
+# ---------------------------------------------------------------------------------------------------- on the device
+class OnDevice:
+    """A DataLoader whose batches are finished on ``device`` by ``finish(samples, device)``; it passes the
+    DataLoader's ``dataset``, ``sampler`` and length through, so the run sees the loader it made."""
+
+    def __init__(self, loader, device, finish):
+        self.loader, self.device, self.finish = loader, device, finish
+        self.dataset, self.sampler = loader.dataset, loader.sampler
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        # the DataLoader's iterator is made here, not at the first batch: making it draws the workers' seed, and a
+        # resumed epoch restores the random streams right after (Run.epoch_batches)
+        batches = iter(self.loader)
+        return ((self.finish(samples, self.device), targets) for samples, targets in batches)
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device):
+    # made once per device: a tensor made from a list on a GPU is a blocking copy
+    return (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1))
+
+
+def normalise(images, device):
+    """uint8 (N, 3, H, W) -> float on ``device``: ToTensor's /255, then Normalize's ImageNet mean and std."""
+    mean, std = _mean_std(device)
+    return images.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+
+
+def decode_on_device(items, device, size):
+    """``--data_loader gpu``: decode the batch's JPEGs together on ``device`` (nvJPEG on CUDA; the CPU works too),
+    crop, resize (bicubic, antialiased, in float), flip and normalise. Items that came cropped (not plain JPEGs)
+    are only moved and normalised."""
+    jpegs = [k for k, item in enumerate(items) if isinstance(item, tuple)]
+    decoded = dict(zip(jpegs, decode_jpeg([items[k][0] for k in jpegs], mode=ImageReadMode.RGB, device=device)))
+    out = torch.empty(len(items), 3, size, size, device=device)
+    for k, item in enumerate(items):
+        if k in decoded:
+            i, j, h, w, flip = item[1].tolist()
+            crop = decoded[k][:, i:i + h, j:j + w].float()
+            img = torch.nn.functional.interpolate(crop[None], size=(size, size), mode='bicubic', align_corners=False,
+                                                  antialias=True)[0].clamp_(0, 255)
+            out[k] = img.flip(-1) if flip else img
+        else:
+            out[k] = item.to(device, non_blocking=True)
+    mean, std = _mean_std(device)
+    return out.div_(255).sub_(mean).div_(std)
+
+
+# ---------------------------------------------------------------------------------------------------- building
+def train_dataset(args, reference_transform, crop_kwargs):
+    """``<data_path>/train`` for ``--data_loader``: with the reference's PIL ``reference_transform`` ('pil'), or a
+    ``CropFlip(args.input_size, **crop_kwargs)`` loader (the same crop distribution)."""
+    kind = getattr(args, 'data_loader', 'pil')
+    if kind == 'pil':
+        return image_folder(args.data_path, 'train', reference_transform, skip_bad=args.skip_bad_images)
+    if kind == 'dali':  # only the file list and labels: DALI reads the files
+        return image_folder(args.data_path, 'train', None, loader=load_rgb)
+    crop = CropFlip(args.input_size, encoded=kind == 'gpu', **crop_kwargs)
+    return image_folder(args.data_path, 'train', None, skip_bad=args.skip_bad_images, loader=crop)
+
+
+def train_loader(args, dataset, sampler, device):
+    """The training loader for ``--data_loader``: the reference's DataLoader ('pil'), the same with uint8 batches
+    finished on the device ('fast_cpu', 'gpu'), or DALI's."""
+    kind = getattr(args, 'data_loader', 'pil')
+    if kind == 'dali':
+        return DaliLoader(dataset, sampler, args, device)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True,
+        **({'collate_fn': collate_encoded} if kind == 'gpu' else {}))
+    return finish_on_device(args, loader, device)
+
+
+def finish_on_device(args, loader, device):
+    """``loader`` as it is for 'pil', or with its batches finished on the device ('fast_cpu': normalised; 'gpu':
+    decoded, cropped, resized, flipped and normalised)."""
+    kind = getattr(args, 'data_loader', 'pil')
+    if kind == 'fast_cpu':
+        return OnDevice(loader, device, normalise)
+    if kind == 'gpu':
+        return OnDevice(loader, device, functools.partial(decode_on_device, size=args.input_size))
+    return loader
+
+
+# ---------------------------------------------------------------------------------------------------- DALI
+class DaliLoader:
+    """``--data_loader dali``: the files in the sampler's order (so the data order and a resumed epoch's skip are
+    the reference's), read by the main process and decoded by DALI on the GPU, crop window only
+    (``decoders.image_random_crop``: area 0.2-1, ratio 3/4-4/3, as RandomResizedCrop; EXIF orientation ignored, as
+    PIL's loader does), resized bicubic with antialiasing, flipped with p=0.5 and normalised. DALI draws the crops and
+    flips from its own generator (seeded from ``--seed``, the rank and the epoch). A pipeline is built per epoch,
+    after ``set_epoch``, because DALI starts reading ahead as soon as it is built. Not run in this repository's
+    tests (no GPU there)."""
+
+    def __init__(self, dataset, sampler, args, device):
+        self.dataset, self.sampler, self.args = dataset, sampler, args
+        self.device_id = torch.cuda.current_device()
+        self._epoch = 0
+
+    def __len__(self):
+        return len(self.sampler) // self.args.batch_size
+
+    def __iter__(self):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        import numpy as np
+
+        args, size, batch_size = self.args, self.args.input_size, self.args.batch_size
+        files = [self.dataset.samples[k] for k in iter(self.sampler)][:len(self) * batch_size]
+
+        def batches():
+            for start in range(0, len(files), batch_size):
+                chunk = files[start:start + batch_size]
+                yield ([np.fromfile(path, dtype=np.uint8) for path, _ in chunk],
+                       [np.array(label, dtype=np.int64) for _, label in chunk])
+
+        @pipeline_def(batch_size=batch_size, num_threads=max(args.num_workers, 1), device_id=self.device_id,
+                      seed=args.seed + 1000 * getattr(args, 'rank', 0) + self._epoch)
+        def pipeline():
+            jpegs, labels = fn.external_source(source=batches, num_outputs=2, cycle='raise',
+                                               dtype=[types.UINT8, types.INT64])
+            images = fn.decoders.image_random_crop(jpegs, device='mixed', output_type=types.RGB,
+                                                   adjust_orientation=False, random_area=[0.2, 1.0],
+                                                   random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout='CHW',
+                                              mean=[255 * m for m in IMAGENET_DEFAULT_MEAN],
+                                              std=[255 * s for s in IMAGENET_DEFAULT_STD],
+                                              mirror=fn.random.coin_flip(probability=0.5))
+            return images, labels.gpu()
+
+        self._epoch += 1
+        pipe = pipeline()
+        pipe.build()
+        iterator = DALIGenericIterator(pipe, ['images', 'labels'], last_batch_policy=LastBatchPolicy.DROP)
+        return ((batch[0]['images'], batch[0]['labels']) for batch in iterator)
