@@ -12,6 +12,7 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.step_log import StepLog
 from util import compat
 
 
@@ -36,7 +37,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         print('log_dir: {}'.format(log_writer.log_dir))
 
     batches, start, iters_per_epoch = run.epoch_batches(epoch, data_loader, metric_logger)
-    steps = misc.StepLog(metric_logger, run, epoch, iters_per_epoch, accum_iter, 'loss',
+    steps = StepLog(metric_logger, run, epoch, iters_per_epoch, accum_iter, 'loss',
                          every=print_freq if getattr(args, 'no_host_sync', False) else 1)
     for data_iter_step, (samples, targets) in enumerate(
             metric_logger.log_every(batches, print_freq, header, iters_per_epoch, start), start=start):

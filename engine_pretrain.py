@@ -6,6 +6,7 @@ import torch
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+from util.step_log import StepLog
 from util import compat
 
 
@@ -13,7 +14,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
                     device: torch.device, epoch: int, loss_scaler, run, args=None):
     """``run`` (``util.run.Run``) says where the epoch starts (in the middle after a resume), decides on a
     non-finite loss, and checkpoints after optimizer steps. ``args.no_host_sync`` (the fast path): each step's loss
-    stays on the device until the console prints (``misc.StepLog``)."""
+    stays on the device until the console prints (``StepLog``)."""
     model.train(True)
     metric_logger = misc.MetricLogger(delimiter="  ")
     metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
@@ -29,7 +30,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
         print('log_dir: {}'.format(log_writer.log_dir))
 
     batches, start, iters_per_epoch = run.epoch_batches(epoch, data_loader, metric_logger)
-    steps = misc.StepLog(metric_logger, run, epoch, iters_per_epoch, accum_iter, 'train_loss',
+    steps = StepLog(metric_logger, run, epoch, iters_per_epoch, accum_iter, 'train_loss',
                          every=print_freq if getattr(args, 'no_host_sync', False) else 1)
     for data_iter_step, (samples, _) in enumerate(
             metric_logger.log_every(batches, print_freq, header, iters_per_epoch, start), start=start):

@@ -14,6 +14,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 import models_vit
 import util.lr_decay as lrd
 import util.misc as misc
+import util.speed as speed
 from engine_finetune import evaluate, train_and_evaluate
 from util.datasets import build_dataset, build_loaders, check_classes
 from util.flags import add_common_args, add_speed_args, check_common
@@ -157,13 +158,13 @@ def main(args):
     set_lr(args, misc.get_world_size())
 
     model, model_without_ddp = misc.wrap_ddp(model, args, device)
-    model = misc.compile_model(model, args)
+    model = speed.compile_model(model, args)
 
     # layer-wise lr decay; frozen parameters (partial fine-tuning) are left out
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
-    optimizer = misc.adamw(param_groups, args, lr=args.lr)
+    optimizer = speed.adamw(param_groups, args, lr=args.lr)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
     if mixup_fn is not None:

@@ -13,6 +13,7 @@ import torch
 
 import models_vit
 import util.misc as misc
+import util.speed as speed
 from engine_finetune import evaluate, train_and_evaluate
 from util import fast_data
 from util.crop import RandomResizedCrop
@@ -133,7 +134,7 @@ def main(args):
     set_lr(args, misc.get_world_size())
 
     model, model_without_ddp = misc.wrap_ddp(model, args, device)
-    model = misc.compile_model(model, args)
+    model = speed.compile_model(model, args)
 
     optimizer = LARS(trainable, lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)

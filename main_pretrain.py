@@ -11,6 +11,7 @@ import torch
 
 import models_mae
 import util.misc as misc
+import util.speed as speed
 from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
 from util import fast_data
@@ -135,11 +136,11 @@ def main(args):
     # (the reference passes find_unused_parameters=True; every parameter takes part in every step, so DDP's search
     # for unused ones only costs time and warns on every process: the gradients are the same without it)
     model, model_without_ddp = misc.wrap_ddp(model, args, device)
-    model = misc.compile_model(model, args)
+    model = speed.compile_model(model, args)
 
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    optimizer = misc.adamw(param_groups, args, lr=args.lr, betas=(0.9, 0.95))
+    optimizer = speed.adamw(param_groups, args, lr=args.lr, betas=(0.9, 0.95))
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 

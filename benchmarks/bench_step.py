@@ -38,6 +38,7 @@ import models_mae  # noqa: E402
 import models_vit  # noqa: E402
 import util.lr_decay as lrd  # noqa: E402
 import util.misc as misc  # noqa: E402
+import util.speed as speed  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
@@ -111,14 +112,14 @@ class Bench:
         self.model.to(device)
         if self.pretrain:
             groups = param_groups_weight_decay(self.model, 0.05)
-            self.optimizer = misc.adamw(groups, self.args, lr=self.args.lr, betas=(0.9, 0.95))
+            self.optimizer = speed.adamw(groups, self.args, lr=self.args.lr, betas=(0.9, 0.95))
         else:
             groups = lrd.param_groups_lrd(self.model, 0.05, no_weight_decay_list=self.model.no_weight_decay(),
                                           layer_decay=0.75)
-            self.optimizer = misc.adamw(groups, self.args, lr=self.args.lr)
+            self.optimizer = speed.adamw(groups, self.args, lr=self.args.lr)
             self.mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000)
         self.scaler = misc.NativeScalerWithGradNormCount(self.args)
-        self.step_model = misc.compile_model(self.model, self.args)
+        self.step_model = speed.compile_model(self.model, self.args)
         self.images = torch.randn(batch_size, 3, input_size, input_size, device=device)
         self.targets = torch.randint(0, 1000, (batch_size,), device=device)
 

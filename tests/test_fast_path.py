@@ -18,6 +18,8 @@ import models_mae
 import models_vit
 import util.checkpoint as ckpt_io
 import util.misc as misc
+from util.step_log import StepLog
+import util.speed as speed
 from conftest import TINY, pretrain_argv, read_log, run_script, save_pretrained
 from util import fast_data
 from util.datasets import pretrain_transform
@@ -77,7 +79,7 @@ def batches(n, nan_at=(), size=32, seed=1):
 def pretrain_epoch(args, data, run=None, model=None):
     torch.manual_seed(0)
     model = model or models_mae.mae_vit_tiny_patch4()
-    optimizer = misc.adamw(model.parameters(), args, lr=args.lr)
+    optimizer = speed.adamw(model.parameters(), args, lr=args.lr)
     run = run or PlainRun()
     stats = engine_pretrain.train_one_epoch(model, data, optimizer, torch.device('cpu'), 0,
                                             misc.NativeScalerWithGradNormCount(args), run, args=args)
@@ -103,12 +105,12 @@ def test_device_reads_give_the_reference_meters_points_and_weights(accum_iter):
 
 def test_device_reads_happen_where_the_console_prints(monkeypatch):
     reads = []
-    original = misc.StepLog.read
+    original = StepLog.read
 
     def counting(self):
         reads.append(len(self._pending))
         original(self)
-    monkeypatch.setattr(misc.StepLog, 'read', counting)
+    monkeypatch.setattr(StepLog, 'read', counting)
     pretrain_epoch(pretrain_args(no_host_sync=True), batches(22))
     assert [n for n in reads if n] == [1, 20, 1]  # steps 0, 1-20, 21: three host syncs in 22 steps
 
@@ -185,10 +187,10 @@ def test_new_flags_are_marked_new_in_help():
 
 
 def test_fused_adamw_where_available_and_kept_on_resume():
-    assert misc.fused_adamw_problem('cpu') is None  # torch >= 2.4 has it on the CPU
+    assert speed.fused_adamw_problem('cpu') is None  # torch >= 2.4 has it on the CPU
     model = models_mae.mae_vit_tiny_patch4()
-    plain = misc.adamw(model.parameters(), SimpleNamespace(fused_adamw=False, device='cpu'), lr=1e-3)
-    fused = misc.adamw(model.parameters(), SimpleNamespace(fused_adamw=True, device='cpu'), lr=1e-3)
+    plain = speed.adamw(model.parameters(), SimpleNamespace(fused_adamw=False, device='cpu'), lr=1e-3)
+    fused = speed.adamw(model.parameters(), SimpleNamespace(fused_adamw=True, device='cpu'), lr=1e-3)
     assert plain.param_groups[0]['fused'] is None and fused.param_groups[0]['fused'] is True
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -201,8 +203,8 @@ def test_fused_adamw_where_available_and_kept_on_resume():
 
 def test_compile_wraps_the_model_and_keeps_the_state_dict_keys():
     model = models_mae.mae_vit_tiny_patch4()
-    assert misc.compile_model(model, SimpleNamespace(compile=False)) is model
-    compiled = misc.compile_model(model, SimpleNamespace(compile=True))  # compiles lazily: nothing runs here
+    assert speed.compile_model(model, SimpleNamespace(compile=False)) is model
+    compiled = speed.compile_model(model, SimpleNamespace(compile=True))  # compiles lazily: nothing runs here
     assert compiled is not model and compiled._orig_mod is model
     assert list(model.state_dict()) == list(models_mae.mae_vit_tiny_patch4().state_dict())
 

@@ -12,6 +12,7 @@ from collections import defaultdict, deque
 import torch
 import torch.distributed as dist
 
+import util.speed as speed
 from util import compat
 
 
@@ -199,78 +200,6 @@ class MetricLogger:
             meter.deque.extend(st['deque'])
 
 
-class StepLog:
-    """Each training step's loss and lr on their way to the meters, TensorBoard, the non-finite check
-    (``run.skip_nonfinite``) and ``run.after_step`` (checkpoints within the epoch, stop requests).
-
-    ``every=1`` (the reference): ``add`` reads the loss at once (``loss.item()`` and its mean over the processes)
-    and returns False for a non-finite one, whose step the caller skips. ``every=N`` (``--no_host_sync``): the
-    losses stay on the device and are read N steps at a time (one host sync and one all-reduce per read), at the
-    steps the console prints, in the same order, so the meters, TensorBoard points and reports are the reference's,
-    up to N steps late; ``run.after_step`` runs at the optimizer step after each read, or earlier when a checkpoint
-    is due. Every step then goes on, and ``guard`` turns a non-finite loss's gradients to NaN, so that its optimizer
-    step (with accumulation, that of its whole window) is skipped on the device (``NativeScalerWithGradNormCount``).
-    """
-
-    def __init__(self, metric_logger, run, epoch, iters_per_epoch, accum_iter, loss_tag, every=1):
-        self.metric_logger, self.run, self.epoch = metric_logger, run, epoch
-        self.iters_per_epoch, self.accum_iter, self.loss_tag, self.every = iters_per_epoch, accum_iter, loss_tag, every
-        self._pending = []  # (loss on the device, lr, iteration, whether it updates)
-        self._fresh = False  # read since the last run.after_step
-
-    def add(self, loss, lr, step, update):
-        """Log iteration ``step``'s loss (a 0-d tensor) and lr; False if the step must be skipped (read at once)."""
-        if self.every == 1:
-            value = loss.item()
-            return self._log(value, all_reduce_mean(value), lr, step, update)
-        self._pending.append((loss.detach(), lr, step, update))
-        if step % self.every == 0 or step == self.iters_per_epoch - 1:  # where log_every prints
-            self.read()
-        return True
-
-    def guard(self, loss):
-        """The loss to back-propagate: on the device-side path, a non-finite loss gives NaN gradients (x 1.0 leaves
-        a finite one and its gradients bit-identical); else ``loss`` itself."""
-        if self.every == 1:
-            return loss
-        return loss * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
-
-    def read(self):
-        """Hand the pending losses to the meters and TensorBoard, and the non-finite ones to run.skip_nonfinite."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        self._fresh = True
-        local = torch.stack([loss.float() for loss, *_ in pending])
-        values, means = local.tolist(), all_reduce_mean(local).tolist()
-        for (_, lr, step, update), value, mean in zip(pending, values, means):
-            self._log(value, mean, lr, step, update)
-
-    def _log(self, value, mean, lr, step, update):
-        if not math.isfinite(mean):  # on any process: every process takes this branch
-            self.run.skip_nonfinite(mean, self.epoch, step)  # or stop
-            return False
-        self.metric_logger.update(loss=value)
-        self.metric_logger.update(lr=lr)
-        log_writer = self.run.log_writer
-        if log_writer is not None and update:
-            # x axis: 1000 x epoch, so that curves of runs with different batch sizes line up
-            epoch_1000x = int((step / self.iters_per_epoch + self.epoch) * 1000)
-            log_writer.add_scalar(self.loss_tag, mean, epoch_1000x)
-            log_writer.add_scalar('lr', lr, epoch_1000x)
-        return True
-
-    def after_update(self, step):
-        """After the optimizer step of iteration ``step``: ``run.after_step`` (every step on the reference's path)."""
-        next_iter = step + 1
-        if self.every > 1 and not (self._fresh or self.run.checkpoint_due(next_iter)
-                                   or next_iter + self.accum_iter > self.iters_per_epoch):  # the epoch's last step
-            return
-        self.read()  # the meters a checkpoint keeps are complete up to this step
-        self._fresh = False
-        self.run.after_step(self.epoch, next_iter, self.metric_logger)
-
-
 # ---------------------------------------------------------------------------------------------------- distributed
 def setup_for_distributed(is_master):
     """Silence ``print`` on every process but the first (``print(..., force=True)`` still prints), and prefix a
@@ -402,39 +331,6 @@ def all_reduce_max(x):
     return t.item()
 
 
-def compile_model(model, args):
-    """``torch.compile(model)`` with ``--compile`` (after the DDP wrap, so that DDP's buckets still overlap the
-    backward); the checkpoints keep using ``model_without_ddp``, whose state-dict keys stay the reference's."""
-    if not getattr(args, 'compile', False):
-        return model
-    return torch.compile(model)
-
-
-def adamw(param_groups, args, **kwargs):
-    """``torch.optim.AdamW(param_groups, **kwargs)``; with ``--fused_adamw`` its fused implementation (one kernel
-    for all tensors, and the device-side step skip of ``--no_host_sync``) where this torch has it for the device,
-    else the default one with a note."""
-    if getattr(args, 'fused_adamw', False):
-        problem = fused_adamw_problem(args.device)
-        if problem is None:
-            return torch.optim.AdamW(param_groups, fused=True, **kwargs)
-        print(f"Note: --fused_adamw: torch {torch.__version__} has no fused AdamW for --device {args.device} "
-              f"({problem}); using the default AdamW")
-    return torch.optim.AdamW(param_groups, **kwargs)
-
-
-def fused_adamw_problem(device):
-    """None if fused AdamW runs on ``device``, else why not. torch checks the device only at the first step (CPU
-    support came in torch 2.4), so one step on a one-element tensor tells."""
-    try:
-        p = torch.zeros(1, device=device, requires_grad=True)
-        p.grad = torch.zeros(1, device=device)
-        torch.optim.AdamW([p], fused=True).step()
-    except (RuntimeError, TypeError) as e:
-        return _one_line(e)
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------- AMP
 def amp_settings(args):
     """``(device_type, dtype, enabled)`` of the forward pass's autocast (``compat.autocast(*amp_settings(args))``):
@@ -473,7 +369,7 @@ class NativeScalerWithGradNormCount:
         else:
             norm = get_grad_norm_(parameters)
         if self._skip_on_device and not self._scaler.is_enabled():
-            step_if_finite(optimizer, norm)
+            speed.step_if_finite(optimizer, norm)
         else:
             self._scaler.step(optimizer)
         self._scaler.update()
@@ -486,21 +382,6 @@ class NativeScalerWithGradNormCount:
         # a checkpoint written on the CPU has an empty scaler state; a fresh scaler is then the right one
         if state_dict and self._scaler.is_enabled():
             self._scaler.load_state_dict(state_dict)
-
-
-def step_if_finite(optimizer, grad_norm):
-    """``optimizer.step()`` unless ``grad_norm`` (a tensor) is not finite, decided on the device where the optimizer
-    takes GradScaler's ``found_inf`` (fused Adam/AdamW: the kernel leaves weights, moments and step count as they
-    are), else on the host."""
-    found_inf = (~torch.isfinite(grad_norm)).float()
-    if getattr(optimizer, '_step_supports_amp_scaling', False):
-        optimizer.found_inf = found_inf
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif not found_inf.item():
-        optimizer.step()
 
 
 def get_grad_norm_(parameters, norm_type: float = 2.0) -> torch.Tensor:

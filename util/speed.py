@@ -1,0 +1,51 @@
+"""Opt-in speed-ups of the model step (the fast path's ``--compile``, ``--fused_adamw`` and the device-side step
+skip of ``--no_host_sync``)."""
+import torch
+
+
+def compile_model(model, args):
+    """``torch.compile(model)`` with ``--compile`` (after the DDP wrap, so that DDP's buckets still overlap the
+    backward); the checkpoints keep using ``model_without_ddp``, whose state-dict keys stay the reference's."""
+    if not getattr(args, 'compile', False):
+        return model
+    return torch.compile(model)
+
+
+def adamw(param_groups, args, **kwargs):
+    """``torch.optim.AdamW(param_groups, **kwargs)``; with ``--fused_adamw`` its fused implementation (one kernel
+    for all tensors, and the device-side step skip of ``--no_host_sync``) where this torch has it for the device,
+    else the default one with a note."""
+    if getattr(args, 'fused_adamw', False):
+        problem = fused_adamw_problem(args.device)
+        if problem is None:
+            return torch.optim.AdamW(param_groups, fused=True, **kwargs)
+        print(f"Note: --fused_adamw: torch {torch.__version__} has no fused AdamW for --device {args.device} "
+              f"({problem}); using the default AdamW")
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def fused_adamw_problem(device):
+    """None if fused AdamW runs on ``device``, else why not. torch checks the device only at the first step (CPU
+    support came in torch 2.4), so one step on a one-element tensor tells."""
+    try:
+        p = torch.zeros(1, device=device, requires_grad=True)
+        p.grad = torch.zeros(1, device=device)
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, TypeError) as e:
+        return (str(e).splitlines() or [type(e).__name__])[0]
+    return None
+
+
+def step_if_finite(optimizer, grad_norm):
+    """``optimizer.step()`` unless ``grad_norm`` (a tensor) is not finite, decided on the device where the optimizer
+    takes GradScaler's ``found_inf`` (fused Adam/AdamW: the kernel leaves weights, moments and step count as they
+    are), else on the host."""
+    found_inf = (~torch.isfinite(grad_norm)).float()
+    if getattr(optimizer, '_step_supports_amp_scaling', False):
+        optimizer.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not found_inf.item():
+        optimizer.step()
