@@ -747,8 +747,7 @@ def write_report(study, plan, setup, argv, results_dir):
     kinds = {r.kind for r in runs}
     approx = any(isinstance(v, tuple) for cell in study.cells for v in cell.paper.values())
     lines = [f"## {study.title}", '',
-             f"Scale `{setup.scale.name}`: {setup.scale.model_label}, data `{setup.data_path}` "
-             f"({setup.data_summary}). Ours: top-1 (%) of the last epoch on the evaluation split; the paper's: "
+             f"Scale `{setup.scale.name}`: {setup.scale.model_label}; data {setup.data_summary}. Ours: top-1 (%) of the last epoch on the evaluation split; the paper's: "
              f"ImageNet-1K top-1 of ViT-L/16{' (≈: read off a figure)' if approx else ''}.",
              '', markdown_table(study, plan), '']
     if study.note:
@@ -784,11 +783,16 @@ def count_images(data_path, split):
     return sum(len(files) for _, _, files in os.walk(root, followlinks=True))
 
 
-def data_summary(data_path, nb_classes, scale):
-    if scale.name == 'paper':  # (walking ImageNet's folders would take minutes on a cluster's file system)
-        return f"{nb_classes} classes"
-    return (f"{count_images(data_path, 'train')} training / {count_images(data_path, 'val')} evaluation images, "
-            f"{nb_classes} classes")
+def data_summary(args, data_path, nb_classes, scale):
+    """E.g. "`cifar10_jpg`: 5000 training images of train/ (a class-balanced subset), 1000 evaluation images of
+    test/ (a class-balanced subset), 10 classes"."""
+    def split(name, folder, subset):
+        # (walking ImageNet's folders would take minutes on a cluster's file system)
+        count = '' if scale.name == 'paper' else f"{count_images(data_path, name)} "
+        return f"{count}{'training' if name == 'train' else 'evaluation'} images of {folder}/" + (
+            ' (a class-balanced subset)' if subset else '')
+    return (f"`{args.data_path}`: {split('train', 'train', args.train_subset)}, "
+            f"{split('val', args.val_split, args.val_subset)}, {nb_classes} classes")
 
 
 # ---------------------------------------------------------------------------------------------------- plots
@@ -982,7 +986,7 @@ def main(args):
                   args.device or ('cuda' if scale.name == 'paper' else 'cpu'), args.num_workers,
                   args.nodes * args.ngpus if scale.name == 'paper' else 1, submitit)
     if not args.dry_run:
-        setup.data_summary = data_summary(data_path, nb_classes, scale)
+        setup.data_summary = data_summary(args, data_path, nb_classes, scale)
 
     plan = Plan(scale, work_dir)
     built = [build_study(name, scale, args.values) for name in studies]
