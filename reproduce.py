@@ -69,14 +69,17 @@ PAPER_LINPROBE = dict(model='vit_large_patch16', input_size=224, cls_token=True,
 # probing): far from the paper's 800 epochs, so the numbers are those of an early MAE, and the base lr of
 # pre-training is raised accordingly (1.5e-3, as the Quick start's tiny run). Fine-tuning keeps the paper's recipe
 # (layer decay, RandAugment, label smoothing, drop path) but not Mixup/CutMix and random erasing, regularisers that
-# need long schedules and cost several points in a few epochs.
+# need long schedules and cost several points in a few epochs. Linear probing keeps the paper's absolute lr (6.4:
+# base lr 0.1 at batch 16384) instead of scaling it down with the batch: LARS changes each weight matrix by about
+# lr x 0.001 of its norm per step, so the scaled-down lr (0.05) over the ~200 steps here would leave the head where it
+# was initialised (the paper's probe takes ~7,000 steps at 6.4).
 SMALL_PRETRAIN = dict(model='mae_vit_small_patch4', input_size=32, mask_ratio=0.75, epochs=8, warmup_epochs=1,
                       blr=1.5e-3, weight_decay=0.05, batch_size=128, effective_batch=128)
 SMALL_FINETUNE = dict(model='vit_small_patch4', input_size=32, epochs=5, warmup_epochs=1, blr=1e-3,
                       layer_decay=0.75, weight_decay=0.05, drop_path=0.1, reprob=0.0, mixup=0.0, cutmix=0.0,
                       batch_size=128, effective_batch=128)
-SMALL_LINPROBE = dict(model='vit_small_patch4', input_size=32, cls_token=True, epochs=5, warmup_epochs=1, blr=0.1,
-                      weight_decay=0.0, batch_size=256, effective_batch=256)
+SMALL_LINPROBE = dict(model='vit_small_patch4', input_size=32, cls_token=True, epochs=5, warmup_epochs=1, lr=6.4,
+                      weight_decay=0.0, batch_size=128, effective_batch=128)
 
 # --quick: the tiny model on tests/data/tiny_imagefolder (16 training images), one epoch of each
 QUICK_PRETRAIN = dict(SMALL_PRETRAIN, model='mae_vit_tiny_patch4', epochs=1, warmup_epochs=0, batch_size=4,
@@ -253,7 +256,7 @@ def build_study(name, scale, values=None):
         if scale.name == 'paper':
             # Table 3's MAE: 1600 epochs with normalised pixels
             table3 = {'norm_pix_loss': True, 'epochs': 1600}
-            rows = [('ViT-B/16', dict(table3, model='mae_vit_base_patch16'), {'model': 'vit_base_patch16'}),
+            rows = [('ViT-B/16', dict(table3, model='mae_vit_base_patch16'), PAPER_FINETUNE_BASE),
                     ('ViT-L/16', table3, {})]
             cells = [Cell(label, {'scratch': measure('finetune', scratch=True, **ft),
                                   'mae': measure('finetune', pt, **ft)},
@@ -273,7 +276,7 @@ def build_study(name, scale, values=None):
 
 
 # ---------------------------------------------------------------------------------------------------- runs
-PRETRAIN_SCRIPT = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py', 'linprobe': 'main_linprobe.py'}
+ENTRY_POINT = {'pretrain': 'main_pretrain.py', 'finetune': 'main_finetune.py', 'linprobe': 'main_linprobe.py'}
 SUBMITIT_SCRIPT = {'pretrain': 'submitit_pretrain.py', 'finetune': 'submitit_finetune.py',
                    'linprobe': 'submitit_linprobe.py'}
 
@@ -344,8 +347,6 @@ class Plan:
 
     def eval_run(self, m):
         recipe = self.scale.finetune if m.kind == 'finetune' else self.scale.linprobe
-        if m.kind == 'finetune' and dict(m.flags).get('model') == 'vit_base_patch16':
-            recipe = PAPER_FINETUNE_BASE
         flags = dict(recipe, **dict(m.flags))
         name = m.kind + ''.join(f"_last{v}" if k == 'train_blocks' else '' for k, v in m.flags)
         if m.pretrain is None:
@@ -414,7 +415,7 @@ def command(run, setup):
             dependency = ['--dependency', f'afterok:{run.source.job_id}']
         return [sys.executable, SUBMITIT_SCRIPT[run.kind], '--job_dir', str(run.out), *setup.submitit,
                 *dependency, *argv]
-    return [sys.executable, PRETRAIN_SCRIPT[run.kind], *argv, '--output_dir', str(run.out), '--log_dir',
+    return [sys.executable, ENTRY_POINT[run.kind], *argv, '--output_dir', str(run.out), '--log_dir',
             str(run.out), '--device', setup.device, '--num_workers', str(setup.num_workers)]
 
 
@@ -493,22 +494,33 @@ def fmt_time(seconds):
 
 
 class Progress:
+    """Elapsed time and an estimate of the time left: the runs left, at the speed measured so far for runs of their
+    kind (or of any kind, for a kind not run yet)."""
+
     def __init__(self, todo):
         self.start = time.time()
-        self.left = sum(relative_cost(r) for r in todo)
-        self.done_cost, self.done_time = 0.0, 0.0
+        self.left = list(todo)
+        self.done = {}  # kind -> [cost, seconds]
+
+    def skipped(self, run):
+        self.left.remove(run)
 
     def finished(self, run, took):
-        cost = relative_cost(run)
-        self.left -= cost
-        self.done_cost += cost
-        self.done_time += took
+        self.left.remove(run)
+        done = self.done.setdefault(run.kind, [0.0, 0.0])
+        done[0] += relative_cost(run)
+        done[1] += took
 
     def line(self):
         elapsed = f"elapsed {fmt_time(time.time() - self.start)}"
-        if not self.done_cost:
+        if not self.done:
             return elapsed
-        return f"{elapsed}, about {fmt_time(self.left * self.done_time / self.done_cost)} left"
+        overall = sum(t for _, t in self.done.values()) / sum(c for c, _ in self.done.values())
+        left = 0.0
+        for run in self.left:
+            cost, took = self.done.get(run.kind, (0.0, 0.0))
+            left += relative_cost(run) * (took / cost if cost else overall)
+        return f"{elapsed}, about {fmt_time(left)} left"
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -566,6 +578,7 @@ class Runner:
                 where = f"[cell {i}/{len(self.cells)} {cell_name}] {run.kind} {self._rel(run.out)}"
                 if run.source is not None and run.source.status in ('failed', 'skipped'):
                     run.status, run.message = 'skipped', 'its pre-training failed'
+                    progress.skipped(run)
                     print(f"{where}: skipped, its pre-training failed")
                     continue
                 if self.setup.scale.name == 'paper':
@@ -734,8 +747,7 @@ def write_report(study, plan, setup, argv, results_dir):
     kinds = {r.kind for r in runs}
     approx = any(isinstance(v, tuple) for cell in study.cells for v in cell.paper.values())
     lines = [f"## {study.title}", '',
-             f"Scale `{setup.scale.name}`: {setup.scale.model_label}, data `{setup.data_path}` "
-             f"({setup.data_summary}). Ours: top-1 (%) of the last epoch on the evaluation split; the paper's: "
+             f"Scale `{setup.scale.name}`: {setup.scale.model_label}; data {setup.data_summary}. Ours: top-1 (%) of the last epoch on the evaluation split; the paper's: "
              f"ImageNet-1K top-1 of ViT-L/16{' (≈: read off a figure)' if approx else ''}.",
              '', markdown_table(study, plan), '']
     if study.note:
@@ -771,11 +783,16 @@ def count_images(data_path, split):
     return sum(len(files) for _, _, files in os.walk(root, followlinks=True))
 
 
-def data_summary(data_path, nb_classes, scale):
-    if scale.name == 'paper':  # (walking ImageNet's folders would take minutes on a cluster's file system)
-        return f"{nb_classes} classes"
-    return (f"{count_images(data_path, 'train')} training / {count_images(data_path, 'val')} evaluation images, "
-            f"{nb_classes} classes")
+def data_summary(args, data_path, nb_classes, scale):
+    """E.g. "`cifar10_jpg`: 5000 training images of train/ (a class-balanced subset), 1000 evaluation images of
+    test/ (a class-balanced subset), 10 classes"."""
+    def split(name, folder, subset):
+        # (walking ImageNet's folders would take minutes on a cluster's file system)
+        count = '' if scale.name == 'paper' else f"{count_images(data_path, name)} "
+        return f"{count}{'training' if name == 'train' else 'evaluation'} images of {folder}/" + (
+            ' (a class-balanced subset)' if subset else '')
+    return (f"`{args.data_path}`: {split('train', 'train', args.train_subset)}, "
+            f"{split('val', args.val_split, args.val_subset)}, {nb_classes} classes")
 
 
 # ---------------------------------------------------------------------------------------------------- plots
@@ -969,7 +986,7 @@ def main(args):
                   args.device or ('cuda' if scale.name == 'paper' else 'cpu'), args.num_workers,
                   args.nodes * args.ngpus if scale.name == 'paper' else 1, submitit)
     if not args.dry_run:
-        setup.data_summary = data_summary(data_path, nb_classes, scale)
+        setup.data_summary = data_summary(args, data_path, nb_classes, scale)
 
     plan = Plan(scale, work_dir)
     built = [build_study(name, scale, args.values) for name in studies]
