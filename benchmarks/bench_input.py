@@ -9,8 +9,8 @@ The images are made once in a cache folder (--cache, default <tmp>/mae_bench_inp
 CIFAR-10 photos from the tarball at --cifar (read with tarfile) upsampled to 500x375 (bicubic) with Gaussian noise
 (--noise) so that the JPEGs (quality 90, ~80 KB) take about as long to decode as ImageNet's instead of the smooth
 ~16 KB of a bare upsampled 32x32 picture (the "decode alone" line tells); or, without the tarball, the demo photos
-(demo/data) resized the same way. The main process runs one torch thread; each worker one (the DataLoader's default), so "per process" is
-per core when there are enough cores.
+(demo/data) resized the same way. The main process runs one torch thread; each worker one (the DataLoader's
+default), so "per process" is per core when there are enough cores.
 
 --train MODEL: also the end-to-end img/s of pre-training steps (the engine's faithful step) fed by each loader,
 against the same steps on one synthetic batch already on the device.
@@ -131,7 +131,8 @@ def main():
     parser.add_argument('--images', default=256, type=int, help='JPEGs to make, and images timed per row')
     parser.add_argument('--batch_size', default=32, type=int)
     parser.add_argument('--input_size', default=224, type=int)
-    parser.add_argument('--noise', default=16.0, type=float, help='Gaussian noise (grey levels) on the upsampled photos')
+    parser.add_argument('--noise', default=16.0, type=float,
+                        help='Gaussian noise (grey levels) on the upsampled photos')
     parser.add_argument('--cifar', default=str(CIFAR), help='CIFAR-10 JPEG tarball (else the demo photos)')
     parser.add_argument('--cache', default=os.path.join(tempfile.gettempdir(), 'mae_bench_input'))
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')

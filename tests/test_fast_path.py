@@ -94,7 +94,8 @@ def test_device_reads_give_the_reference_meters_points_and_weights(accum_iter):
     ref_stats, ref_run, ref_model, _ = pretrain_epoch(pretrain_args(accum_iter=accum_iter), data)
     stats, run, model, _ = pretrain_epoch(pretrain_args(accum_iter=accum_iter, no_host_sync=True), data)
     assert stats == ref_stats and 0.5 < stats['loss'] < 3
-    assert run.log_writer.points == ref_run.log_writer.points and len(ref_run.log_writer.points) == 2 * (22 // accum_iter)
+    assert run.log_writer.points == ref_run.log_writer.points
+    assert len(ref_run.log_writer.points) == 2 * (22 // accum_iter)
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(p, q)
     assert ref_run.told == list(range(accum_iter, 22 + 1, accum_iter))  # the reference: after every optimizer step
