@@ -153,10 +153,10 @@ def test_step_if_finite_fused_and_fallback():
         p = torch.nn.Parameter(torch.ones(3))
         opt = torch.optim.AdamW([p], lr=0.1, fused=fused or None)
         p.grad = torch.full((3,), math.nan)
-        misc.step_if_finite(opt, torch.tensor(math.nan))
+        speed.step_if_finite(opt, torch.tensor(math.nan))
         assert torch.equal(p.detach(), torch.ones(3)) and float(opt.state.get(p, {}).get('step', 0)) == 0
         p.grad = torch.ones(3)
-        misc.step_if_finite(opt, torch.tensor(1.0))
+        speed.step_if_finite(opt, torch.tensor(1.0))
         assert float(opt.state[p]['step']) == 1 and p.detach()[0] < 1
         assert not hasattr(opt, 'found_inf')
 
