@@ -1,6 +1,7 @@
 """What the tests share: the repo's modules on the path, the test data, running the scripts as a user would (also
 with a fault injected), reading what a run wrote (log.txt, TensorBoard, printed accuracy), and tiny command lines."""
 import argparse
+import builtins
 import json
 import math
 import os
@@ -46,6 +47,14 @@ def run_with_fault(fault, argv, signal_name=None, **kwargs):
 @pytest.fixture
 def script():
     return run_script
+
+
+@pytest.fixture(autouse=True)
+def plain_print():
+    """An entry point's main() run in this process stamps every later print (misc.setup_for_distributed): undo it,
+    so that each test sees the plain builtin."""
+    yield
+    builtins.print = getattr(builtins.print, '_mae_builtin', builtins.print)
 
 
 # ---------------------------------------------------------------------------------------------------- command lines
