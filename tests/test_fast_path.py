@@ -25,6 +25,13 @@ from util import fast_data
 from util.datasets import pretrain_transform
 from util.flags import resolve_speed_flags
 
+# features of newer versions than the oldest supported (constraints-oldest.txt): there the fast path falls back
+NEEDS_CPU_FUSED_ADAMW = pytest.mark.skipif(speed.fused_adamw_problem('cpu') is not None,
+                                           reason='fused AdamW on the CPU needs torch >= 2.4')
+NEEDS_BATCHED_DECODE = pytest.mark.skipif(
+    tuple(int(x) for x in __import__('torchvision').__version__.split('+')[0].split('.')[:2]) < (0, 19),
+    reason='decode_jpeg of a list of images needs torchvision >= 0.19')
+
 
 # ---------------------------------------------------------------------------------------------------- the engine
 class Writer:
@@ -116,7 +123,7 @@ def test_device_reads_happen_where_the_console_prints(monkeypatch):
     assert [n for n in reads if n] == [1, 20, 1]  # steps 0, 1-20, 21: three host syncs in 22 steps
 
 
-@pytest.mark.parametrize('fused', [True, False])
+@pytest.mark.parametrize('fused', [pytest.param(True, marks=NEEDS_CPU_FUSED_ADAMW), False])
 def test_nan_loss_is_skipped_on_the_device_and_reported(fused):
     """A NaN loss on the fast path: its step changes neither the weights nor AdamW's state (fused AdamW: in the
     kernel; the default AdamW: one host decision), and the report comes at the next read."""
@@ -148,6 +155,7 @@ def test_reference_path_skips_at_once():
     assert [s for _, _, s in run.skipped] == [1] and run.told == [1, 3, 4] and math.isfinite(stats['loss'])
 
 
+@NEEDS_CPU_FUSED_ADAMW
 def test_step_if_finite_fused_and_fallback():
     for fused in (True, False):
         p = torch.nn.Parameter(torch.ones(3))
@@ -187,6 +195,7 @@ def test_new_flags_are_marked_new_in_help():
                 assert action.help.startswith('[new]'), action.dest
 
 
+@NEEDS_CPU_FUSED_ADAMW
 def test_fused_adamw_where_available_and_kept_on_resume():
     assert speed.fused_adamw_problem('cpu') is None  # torch >= 2.4 has it on the CPU
     model = models_mae.mae_vit_tiny_patch4()
@@ -410,6 +419,7 @@ def test_fast_loader_keeps_the_reference_data_order_and_random_streams(tmp_path)
         assert (x - x_ref).abs().mean() < 0.05  # same crops; the resampling differs on 32x32 photos
 
 
+@NEEDS_BATCHED_DECODE
 def test_gpu_path_parts_run_on_the_cpu(tmp_path):
     """--data_loader gpu: workers hand over the JPEG bytes and the reference's draws; the batch is decoded together
     (nvJPEG on CUDA, libjpeg-turbo here), cropped, resized in float, flipped and normalised: within a few grey
