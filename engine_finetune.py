@@ -2,6 +2,7 @@
 evaluation with the best accuracy, as in the reference."""
 import contextlib
 import datetime
+import math
 import time
 from types import SimpleNamespace
 from typing import Iterable, Optional
@@ -12,8 +13,7 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from util.step_log import StepLog
-from util import compat
+from util.step_log import DeviceLosses
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -28,7 +28,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     header = 'Epoch: [{}]'.format(epoch)
     print_freq = 20
     accum_iter = args.accum_iter
-    autocast = compat.autocast(*misc.amp_settings(args))
+    # the forward's precision: fp16 on CUDA (the reference), --amp bf16 or none; fp32 on the CPU
+    device_type, amp_dtype, amp = misc.amp_settings(args)
+    autocast = torch.autocast(device_type, dtype=amp_dtype) if amp else contextlib.nullcontext()
     log_writer = run.log_writer
 
     optimizer.zero_grad()
@@ -37,8 +39,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         print('log_dir: {}'.format(log_writer.log_dir))
 
     batches, start, iters_per_epoch = run.epoch_batches(epoch, data_loader, metric_logger)
-    steps = StepLog(metric_logger, run, epoch, iters_per_epoch, accum_iter, 'loss',
-                         every=print_freq if getattr(args, 'no_host_sync', False) else 1)
+    device_losses = DeviceLosses(metric_logger, run, epoch, iters_per_epoch, accum_iter, 'loss', print_freq) \
+        if getattr(args, 'no_host_sync', False) else None
     for data_iter_step, (samples, targets) in enumerate(
             metric_logger.log_every(batches, print_freq, header, iters_per_epoch, start), start=start):
         # per-iteration (not per-epoch) lr schedule
@@ -58,16 +60,35 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                 loss = criterion(outputs, targets)
             # with layer-wise decay the groups' lrs differ: report the largest (the head's)
             max_lr = max(group["lr"] for group in optimizer.param_groups)
-            if not steps.add(loss, max_lr, data_iter_step, update):
-                if hasattr(model, 'no_sync'):
-                    loss.backward()
-                optimizer.zero_grad()
-                continue
-            loss_scaler(steps.guard(loss) / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+
+            if device_losses is not None:  # read later; a non-finite loss gives NaN gradients: the step is skipped
+                loss = device_losses.add(loss, max_lr, data_iter_step, update)
+            else:
+                loss_value = loss.item()
+                loss_value_reduce = misc.all_reduce_mean(loss_value)
+                if not math.isfinite(loss_value_reduce):  # the mean over ranks: every rank skips (or stops) here
+                    run.skip_nonfinite(loss_value_reduce, epoch, data_iter_step)
+                    if hasattr(model, 'no_sync'):
+                        loss.backward()  # DDP expects a backward after each forward; the gradients are dropped
+                    optimizer.zero_grad()
+                    continue
+                metric_logger.update(loss=loss_value)
+                metric_logger.update(lr=max_lr)
+                if log_writer is not None and update:
+                    # x axis: 1000 x epoch, so that curves of runs with different batch sizes line up
+                    epoch_1000x = int((data_iter_step / iters_per_epoch + epoch) * 1000)
+                    log_writer.add_scalar('loss', loss_value_reduce, epoch_1000x)
+                    log_writer.add_scalar('lr', max_lr, epoch_1000x)
+
+            loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
                         update_grad=update)
+
         if update:
             optimizer.zero_grad()
-            steps.after_update(data_iter_step)
+            if device_losses is not None:
+                device_losses.after_update(data_iter_step)
+            else:
+                run.after_step(epoch, data_iter_step + 1, metric_logger)
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
@@ -82,7 +103,8 @@ def evaluate(data_loader, model, device, args=None):
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = misc.MetricLogger(delimiter="  ")
     header = 'Test:'
-    autocast = compat.autocast(*misc.amp_settings(args if args is not None else SimpleNamespace(device=str(device))))
+    device_type, amp_dtype, amp = misc.amp_settings(args if args is not None else SimpleNamespace(device=str(device)))
+    autocast = torch.autocast(device_type, dtype=amp_dtype) if amp else contextlib.nullcontext()
 
     model.eval()
 

@@ -16,9 +16,10 @@ import util.lr_decay as lrd
 import util.misc as misc
 import util.speed as speed
 from engine_finetune import evaluate, train_and_evaluate
-from util.datasets import build_dataset, build_loaders, check_classes
-from util.flags import add_common_args, add_speed_args, check_common
-from util.image_folder import check_split
+from util import fast_data
+from util.datasets import build_transform, check_classes, val_loader
+from util.flags import add_common_args, check_common
+from util.image_folder import image_folder
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
 from util.run import Run
@@ -95,18 +96,16 @@ def get_args_parser():
     parser.add_argument('--dist_eval', action='store_true', default=False,
                         help='Enabling distributed evaluation (recommended during training for faster monitor')
 
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1)
-    add_speed_args(parser, optimizer='adamw', checkpointing=True)  # the input keeps timm's RandAugment (PIL)
+    # (the input keeps timm's RandAugment: PIL only)
+    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
+                    optimizer='adamw', checkpointing=True)
     return parser
 
 
 def check_args(args):
-    check_common(args, models_vit.MODELS, 'classification')
+    check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
     if args.train_blocks < -1:
         raise misc.UsageError(f"--train_blocks must be -1 (all) or a number of blocks >= 0, got {args.train_blocks}")
-    check_split(args.data_path, 'val')
-    if not args.eval:
-        check_split(args.data_path, 'train')
 
 
 def main(args):
@@ -117,10 +116,11 @@ def main(args):
     device = run.device
 
     # (evaluation only needs val/)
-    dataset_train = None if args.eval else build_dataset(is_train=True, args=args)
-    dataset_val = build_dataset(is_train=False, args=args)
-    check_classes(args, dataset_train, dataset_val)
-    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val, device)
+    data_loader_train = None if args.eval else fast_data.train_loader(args, build_transform(True, args), None, device)
+    dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images)
+    print(dataset_val)
+    check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
+    data_loader_val = val_loader(args, dataset_val, device)
 
     mixup_fn = None
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
@@ -157,14 +157,19 @@ def main(args):
 
     set_lr(args, misc.get_world_size())
 
-    model, model_without_ddp = misc.wrap_ddp(model, args, device)
-    model = speed.compile_model(model, args)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+    if args.compile:  # [new] after the DDP wrap, so that DDP's buckets still overlap the backward
+        model = torch.compile(model)
 
     # layer-wise lr decay; frozen parameters (partial fine-tuning) are left out
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
-    optimizer = speed.adamw(param_groups, args, lr=args.lr)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr,
+                                  fused=speed.fused_adamw(args.device) if args.fused_adamw else None)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
     if mixup_fn is not None:

@@ -13,13 +13,12 @@ import torch
 
 import models_vit
 import util.misc as misc
-import util.speed as speed
 from engine_finetune import evaluate, train_and_evaluate
 from util import fast_data
 from util.crop import RandomResizedCrop
-from util.datasets import build_loaders, check_classes, eval_transform, linprobe_transform
-from util.flags import add_common_args, add_speed_args, check_common
-from util.image_folder import check_split, image_folder
+from util.datasets import check_classes, eval_transform, linprobe_transform, val_loader
+from util.flags import add_common_args, check_common
+from util.image_folder import image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
@@ -65,8 +64,8 @@ def get_args_parser():
     parser.add_argument('--dist_eval', action='store_true', default=False,
                         help='Enabling distributed evaluation (recommended during training for faster monitor')
 
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1)
-    add_speed_args(parser, optimizer='lars', checkpointing=False, data_loaders=('pil', 'fast_cpu'))
+    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
+                    optimizer='lars', checkpointing=False, data_loaders=('pil', 'fast_cpu'))
     return parser
 
 
@@ -92,10 +91,7 @@ def add_probe_head(model):
 
 
 def check_args(args):
-    check_common(args, models_vit.MODELS, 'classification')
-    check_split(args.data_path, 'val')
-    if not args.eval:
-        check_split(args.data_path, 'train')
+    check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
 
 
 def main(args):
@@ -104,15 +100,13 @@ def main(args):
     device = run.device
 
     # (evaluation only needs val/); --data_loader fast_cpu draws the same TF-style crops
-    dataset_train = None if args.eval else fast_data.train_dataset(
-        args, linprobe_transform(args.input_size), dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params))
+    data_loader_train = None if args.eval else fast_data.train_loader(
+        args, linprobe_transform(args.input_size), dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params),
+        device)
     dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size), skip_bad=args.skip_bad_images)
-    if dataset_train is not None:
-        print(dataset_train)
     print(dataset_val)
-    check_classes(args, dataset_train, dataset_val)
-    data_loader_train, data_loader_val = build_loaders(args, dataset_train, dataset_val, device)
-    data_loader_train = fast_data.finish_on_device(args, data_loader_train, device)
+    check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
+    data_loader_val = val_loader(args, dataset_val, device)
 
     model = models_vit.MODELS[args.model](
         img_size=args.input_size,
@@ -133,8 +127,12 @@ def main(args):
 
     set_lr(args, misc.get_world_size())
 
-    model, model_without_ddp = misc.wrap_ddp(model, args, device)
-    model = speed.compile_model(model, args)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+    if args.compile:  # [new] after the DDP wrap, so that DDP's buckets still overlap the backward
+        model = torch.compile(model)
 
     optimizer = LARS(trainable, lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)

@@ -16,10 +16,9 @@ from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
 from util import fast_data
 from util.datasets import pretrain_transform
-from util.flags import add_common_args, add_speed_args, check_batches, check_common
-from util.image_folder import check_split
+from util.flags import add_common_args, check_common
 from util.lr_sched import set_lr
-from util.run import ResumableSampler, Run
+from util.run import Run
 
 
 def get_args_parser():
@@ -63,39 +62,30 @@ def get_args_parser():
     parser.add_argument('--warmup_epochs', type=int, default=40, metavar='N', help='epochs to warmup LR')
 
     # Dataset parameters
-
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with a train/ folder)', save_freq=20)
+    add_common_args(parser, data_help='dataset path (an ImageFolder tree with a train/ folder)', save_freq=20,
+                    optimizer='adamw', checkpointing=True, data_loaders=fast_data.LOADERS)
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')
-    add_speed_args(parser, optimizer='adamw', checkpointing=True, data_loaders=fast_data.LOADERS)
     return parser
 
 
-def decoder_kwargs(args):
-    """The decoder flags given (None: the model's own decoder, the reference's)."""
-    return {k: getattr(args, k) for k in ('decoder_depth', 'decoder_embed_dim') if getattr(args, k) is not None}
-
-
-def build_model(args):
-    return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                                         mask_type=args.mask_type, **decoder_kwargs(args))
-
-
 def check_args(args):
-    check_common(args, models_mae.MODELS, 'pre-training')
+    check_common(args, models_mae.MODELS, 'pre-training', splits=['train'])
     if args.mask_type == 'grid' and args.mask_ratio != models_mae.GRID_MASK_RATIO:
         raise misc.UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
                               f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
                               f"be (leave --mask_ratio out)")
     if args.decoder_depth is not None and args.decoder_depth < 1:
         raise misc.UsageError(f"--decoder_depth must be at least 1, got {args.decoder_depth}")
-    if args.mask_type != 'random' or decoder_kwargs(args):
+    if args.mask_type != 'random' or args.decoder_depth is not None or args.decoder_embed_dim is not None:
         # the model's own checks (decoder width vs head width, an even patch grid for grid masks) before any
         # compute: built on the meta device, the model takes no memory and no time
         try:
             with torch.device('meta'):
-                model = build_model(args)
+                model = models_mae.MODELS[args.model](
+                    img_size=args.input_size, mask_type=args.mask_type, decoder_depth=args.decoder_depth,
+                    decoder_embed_dim=args.decoder_embed_dim)
         except ValueError as e:
             raise misc.UsageError(f"--decoder_embed_dim {args.decoder_embed_dim} does not fit --model {args.model}: "
                                   f"{e}") from None
@@ -103,44 +93,41 @@ def check_args(args):
         if args.mask_type == 'grid' and (grid_h % 2 or grid_w % 2):
             raise misc.UsageError(f"--mask_type grid needs an even patch grid (2x2 cells); --input_size "
                                   f"{args.input_size} gives {grid_h}x{grid_w} patches with --model {args.model}")
-    check_split(args.data_path, 'train')
 
 
 def main(args):
     check_args(args)
     run = Run(args, __file__)  # process group, --output_dir, seeds, the checkpoint to continue
     device = run.device
-    fast_data.check_data_loader(args, device)
 
-    # the reference's PIL transform, or --data_loader's uint8 crop and flip (the same distribution)
-    dataset_train = fast_data.train_dataset(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)))
-    print(dataset_train)
+    # the reference's simple augmentation (PIL), or --data_loader's uint8 crop and flip (the same distribution)
+    data_loader_train = fast_data.train_loader(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)),
+                                               device)
 
-    num_tasks = misc.get_world_size()
-    global_rank = misc.get_rank()
-    check_batches(args, dataset_train, num_tasks)
-    # a DistributedSampler also on one process: its fixed seed gives the reference's data order
-    sampler_train = ResumableSampler(torch.utils.data.DistributedSampler(
-        dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True))
-
-    data_loader_train = fast_data.train_loader(args, dataset_train, sampler_train, device)
-
-    model = build_model(args)
+    # define the model; --decoder_depth/--decoder_embed_dim/--mask_type [new] left out are the reference's model
+    model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                          mask_type=args.mask_type, decoder_depth=args.decoder_depth,
+                                          decoder_embed_dim=args.decoder_embed_dim)
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     model_without_ddp = model
     print("Model = %s" % str(model_without_ddp))
 
-    set_lr(args, num_tasks)
+    set_lr(args, misc.get_world_size())
 
-    # (the reference passes find_unused_parameters=True; every parameter takes part in every step, so DDP's search
-    # for unused ones only costs time and warns on every process: the gradients are the same without it)
-    model, model_without_ddp = misc.wrap_ddp(model, args, device)
-    model = speed.compile_model(model, args)
+    if args.distributed:
+        # (the reference passes find_unused_parameters=True; every parameter takes part in every step, so DDP's
+        # search for unused ones only costs time and warns on every process: the gradients are the same without it)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+    if args.compile:  # [new] after the DDP wrap, so that DDP's buckets still overlap the backward
+        model = torch.compile(model)
 
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    optimizer = speed.adamw(param_groups, args, lr=args.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95),
+                                  fused=speed.fused_adamw(args.device) if args.fused_adamw else None)
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 

@@ -312,10 +312,13 @@ def decoder_size(state_dict):
     return {'decoder_embed_dim': state_dict['decoder_embed.weight'].shape[0], 'decoder_depth': depth}
 
 
-def _mae(patch_size, embed_dim, depth, num_heads, decoder_embed_dim=512, decoder_depth=8, decoder_head_dim=32,
-         **kwargs):
+def _mae(patch_size, embed_dim, depth, num_heads, decoder_embed_dim=None, decoder_depth=None, decoder_head_dim=32,
+         own_decoder=(512, 8), **kwargs):
     """The paper's MAE models: ``decoder_embed_dim`` and ``decoder_depth`` [new] change the decoder only (the
-    paper's Table 1a/1b; the default is the paper's 512-d decoder of 8 blocks)."""
+    paper's Table 1a/1b); None (or not given) is the model's ``own_decoder`` (width, depth): the paper's 512-d
+    decoder of 8 blocks."""
+    decoder_embed_dim = own_decoder[0] if decoder_embed_dim is None else decoder_embed_dim
+    decoder_depth = own_decoder[1] if decoder_depth is None else decoder_depth
     if decoder_depth < 1:
         raise ValueError(f"the decoder needs at least one block, not {decoder_depth}")
     return MaskedAutoencoderViT(
@@ -341,9 +344,7 @@ def mae_vit_tiny_patch4(**kwargs):
     """[new] A very small MAE (64-d encoder of 2 blocks, 32-d decoder of 2 blocks) for demos and tests on the CPU;
     not a model of the paper. Its encoder matches ``models_vit.vit_tiny_patch4``."""
     kwargs.setdefault('img_size', 32)
-    kwargs.setdefault('decoder_embed_dim', 32)
-    kwargs.setdefault('decoder_depth', 2)
-    return _mae(4, 64, 2, 4, decoder_head_dim=8, **kwargs)
+    return _mae(4, 64, 2, 4, decoder_head_dim=8, own_decoder=(32, 2), **kwargs)
 
 
 def mae_vit_small_patch4(**kwargs):
@@ -351,9 +352,7 @@ def mae_vit_small_patch4(**kwargs):
     encoder of 6 blocks (3 heads), 128-d decoder of 4 blocks (4 heads of 32), patches of 4x4 (an 8x8 grid). Not a
     model of the paper; its encoder matches ``models_vit.vit_small_patch4``."""
     kwargs.setdefault('img_size', 32)
-    kwargs.setdefault('decoder_embed_dim', 128)
-    kwargs.setdefault('decoder_depth', 4)
-    return _mae(4, 192, 6, 3, **kwargs)
+    return _mae(4, 192, 6, 3, own_decoder=(128, 4), **kwargs)
 
 
 # the recommended architectures: decoder of 512 dims and 8 blocks

@@ -112,16 +112,20 @@ class Bench:
         self.model.to(device)
         if self.pretrain:
             groups = param_groups_weight_decay(self.model, 0.05)
-            self.optimizer = speed.adamw(groups, self.args, lr=self.args.lr, betas=(0.9, 0.95))
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.lr, betas=(0.9, 0.95), fused=self.fused())
         else:
             groups = lrd.param_groups_lrd(self.model, 0.05, no_weight_decay_list=self.model.no_weight_decay(),
                                           layer_decay=0.75)
-            self.optimizer = speed.adamw(groups, self.args, lr=self.args.lr)
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.lr, fused=self.fused())
             self.mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000)
         self.scaler = misc.NativeScalerWithGradNormCount(self.args)
-        self.step_model = speed.compile_model(self.model, self.args)
+        self.step_model = torch.compile(self.model) if self.args.compile else self.model
         self.images = torch.randn(batch_size, 3, input_size, input_size, device=device)
         self.targets = torch.randint(0, 1000, (batch_size,), device=device)
+
+    def fused(self):
+        """The entry points' AdamW choice: fused with --fused_adamw where torch has it, else the default."""
+        return speed.fused_adamw(self.args.device) if self.args.fused_adamw else None
 
     def epoch(self, steps):
         data = [(self.images, self.targets)] * steps

@@ -51,7 +51,7 @@ def script():
 
 @pytest.fixture(autouse=True)
 def plain_print():
-    """An entry point's main() run in this process stamps every later print (misc.setup_for_distributed): undo it,
+    """An entry point's main() run in this process stamps every later print (misc.init_distributed_mode): undo it,
     so that each test sees the plain builtin."""
     yield
     builtins.print = getattr(builtins.print, '_mae_builtin', builtins.print)

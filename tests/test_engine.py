@@ -26,7 +26,7 @@ def test_amp_settings(device, amp, expected):
 @pytest.mark.parametrize('device,amp,scales', [('cuda', 'fp16', True), ('cuda', 'bf16', False),
                                                ('cuda', 'none', False), ('cpu', 'fp16', False)])
 def test_loss_scaling_only_for_fp16_on_cuda(device, amp, scales, monkeypatch):
-    monkeypatch.setattr(compat, 'grad_scaler', lambda enabled: SimpleNamespace(enabled=enabled))
+    monkeypatch.setattr(compat, 'GradScaler', lambda enabled: SimpleNamespace(enabled=enabled))
     assert misc.NativeScalerWithGradNormCount(SimpleNamespace(device=device, amp=amp))._scaler.enabled is scales
 
 

@@ -18,12 +18,12 @@ import models_mae
 import models_vit
 import util.checkpoint as ckpt_io
 import util.misc as misc
-from util.step_log import StepLog
+from util.step_log import DeviceLosses
 import util.speed as speed
 from conftest import TINY, pretrain_argv, read_log, run_script, save_pretrained
 from util import fast_data
 from util.datasets import pretrain_transform
-from util.flags import resolve_speed_flags
+from util.flags import check_data_loader, resolve_speed_flags
 
 # features of newer versions than the oldest supported (constraints-oldest.txt): there the fast path falls back
 NEEDS_CPU_FUSED_ADAMW = pytest.mark.skipif(speed.fused_adamw_problem('cpu') is not None,
@@ -86,7 +86,8 @@ def batches(n, nan_at=(), size=32, seed=1):
 def pretrain_epoch(args, data, run=None, model=None):
     torch.manual_seed(0)
     model = model or models_mae.mae_vit_tiny_patch4()
-    optimizer = speed.adamw(model.parameters(), args, lr=args.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
+                                  fused=speed.fused_adamw(args.device) if args.fused_adamw else None)
     run = run or PlainRun()
     stats = engine_pretrain.train_one_epoch(model, data, optimizer, torch.device('cpu'), 0,
                                             misc.NativeScalerWithGradNormCount(args), run, args=args)
@@ -113,12 +114,12 @@ def test_device_reads_give_the_reference_meters_points_and_weights(accum_iter):
 
 def test_device_reads_happen_where_the_console_prints(monkeypatch):
     reads = []
-    original = StepLog.read
+    original = DeviceLosses.read
 
     def counting(self):
         reads.append(len(self._pending))
         original(self)
-    monkeypatch.setattr(StepLog, 'read', counting)
+    monkeypatch.setattr(DeviceLosses, 'read', counting)
     pretrain_epoch(pretrain_args(no_host_sync=True), batches(22))
     assert [n for n in reads if n] == [1, 20, 1]  # steps 0, 1-20, 21: three host syncs in 22 steps
 
@@ -199,8 +200,8 @@ def test_new_flags_are_marked_new_in_help():
 def test_fused_adamw_where_available_and_kept_on_resume():
     assert speed.fused_adamw_problem('cpu') is None  # torch >= 2.4 has it on the CPU
     model = models_mae.mae_vit_tiny_patch4()
-    plain = speed.adamw(model.parameters(), SimpleNamespace(fused_adamw=False, device='cpu'), lr=1e-3)
-    fused = speed.adamw(model.parameters(), SimpleNamespace(fused_adamw=True, device='cpu'), lr=1e-3)
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-3)  # the entry points without --fused_adamw
+    fused = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=speed.fused_adamw('cpu'))
     assert plain.param_groups[0]['fused'] is None and fused.param_groups[0]['fused'] is True
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -213,8 +214,7 @@ def test_fused_adamw_where_available_and_kept_on_resume():
 
 def test_compile_wraps_the_model_and_keeps_the_state_dict_keys():
     model = models_mae.mae_vit_tiny_patch4()
-    assert speed.compile_model(model, SimpleNamespace(compile=False)) is model
-    compiled = speed.compile_model(model, SimpleNamespace(compile=True))  # compiles lazily: nothing runs here
+    compiled = torch.compile(model)  # what --compile does (compiles lazily: nothing runs here)
     assert compiled is not model and compiled._orig_mod is model
     assert list(model.state_dict()) == list(models_mae.mae_vit_tiny_patch4().state_dict())
 
@@ -379,12 +379,13 @@ def test_bad_files_are_named_or_skipped(tmp_path):
     jpeg_file(root / '0.jpg', size=(40, 40))
     data = (root / '0.jpg').read_bytes()
     (root / '1.jpg').write_bytes(data[:len(data) // 2])  # truncated
-    args = SimpleNamespace(data_loader='fast_cpu', data_path=tmp_path / 'data', input_size=32, skip_bad_images=False)
-    dataset = fast_data.train_dataset(args, None, {})
+    args = SimpleNamespace(data_loader='fast_cpu', data_path=tmp_path / 'data', input_size=32, skip_bad_images=False,
+                           batch_size=1, accum_iter=1, num_workers=0, pin_mem=False)
+    dataset = fast_data.train_loader(args, None, {}, torch.device('cpu')).dataset
     with pytest.raises(misc.UsageError, match='1.jpg'):
         dataset[1]
     args.skip_bad_images = True
-    x, _ = fast_data.train_dataset(args, None, {})[1]
+    x, _ = fast_data.train_loader(args, None, {}, torch.device('cpu')).dataset[1]
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
 
 
@@ -399,14 +400,12 @@ def test_fast_loader_keeps_the_reference_data_order_and_random_streams(tmp_path)
     seed); its iterator exists as soon as iter() is called, as a DataLoader's (a resume restores the random
     streams right after)."""
     args = SimpleNamespace(data_loader='fast_cpu', data_path=TINY, input_size=32, skip_bad_images=False,
-                           batch_size=4, num_workers=0, pin_mem=False)
-    dataset = fast_data.train_dataset(args, None, dict(scale=(0.2, 1.0)))
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True)
-    loader = fast_data.train_loader(args, dataset, sampler, torch.device('cpu'))
-    assert loader.dataset is dataset and loader.sampler is sampler and len(loader) == 4
+                           batch_size=4, accum_iter=1, num_workers=0, pin_mem=False)
+    loader = fast_data.train_loader(args, None, dict(scale=(0.2, 1.0)), torch.device('cpu'))
+    assert len(loader) == 4 and len(loader.dataset) == 16
     args.data_loader = 'pil'
-    ref_loader = fast_data.train_loader(args, fast_data.train_dataset(args, pretrain_transform(32), {}), sampler,
-                                        torch.device('cpu'))
+    ref_loader = fast_data.train_loader(args, pretrain_transform(32), {}, torch.device('cpu'))
+    assert list(loader.sampler) == list(ref_loader.sampler)
     torch.manual_seed(0)
     batches = iter(loader)
     after_iter = torch.get_rng_state()
@@ -441,16 +440,16 @@ def test_gpu_path_parts_run_on_the_cpu(tmp_path):
 
 
 def test_gpu_and_dali_loaders_say_what_is_missing():
-    args = SimpleNamespace(data_loader='gpu', skip_bad_images=False)
+    args = SimpleNamespace(data_loader='gpu', skip_bad_images=False, device='cpu')
     with pytest.raises(misc.UsageError, match='--data_loader gpu decodes on a CUDA GPU and --device is cpu'):
-        fast_data.check_data_loader(args, torch.device('cpu'))
-    args.data_loader = 'dali'
+        check_data_loader(args)
+    args.data_loader, args.device = 'dali', 'cuda'
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
         with pytest.raises(misc.UsageError, match='pip install nvidia-dali-cuda130'):
-            fast_data.check_data_loader(args, torch.device('cuda'))
-    fast_data.check_data_loader(SimpleNamespace(data_loader='fast_cpu'), torch.device('cpu'))
+            check_data_loader(args)
+    check_data_loader(SimpleNamespace(data_loader='fast_cpu', device='cpu'))
 
 
 # ---------------------------------------------------------------------------------------------------- end to end

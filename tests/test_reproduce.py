@@ -25,7 +25,10 @@ def test_default_flags_build_the_reference_model_and_draw_the_same_masks():
     torch.manual_seed(0)
     reference = models_mae.mae_vit_tiny_patch4(img_size=32).state_dict()
     torch.manual_seed(0)
-    model = main_pretrain.build_model(pretrain_args())
+    args = pretrain_args()  # the default flags, as main_pretrain.main builds the model from them
+    model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                          mask_type=args.mask_type, decoder_depth=args.decoder_depth,
+                                          decoder_embed_dim=args.decoder_embed_dim)
     assert model.mask_type == 'random'
     state = model.state_dict()
     assert list(state) == list(reference) and all(torch.equal(state[k], reference[k]) for k in reference)

@@ -175,27 +175,31 @@ class Owner(run_mod.Run):
     def __init__(self, args, script, output_dir):
         self.args, self.script, self.output_dir, self.training = args, script, output_dir, True
 
+    def choose(self):
+        """The checkpoint Run.__init__ continues: the choice between the newest in the folder and --resume."""
+        return self._choose_checkpoint(ckpt_io.newest(self.output_dir) if self.args.auto_resume else '')
+
 
 def test_continues_only_its_own_run(tmp_path):
     argv = ['--model', 'mae_vit_tiny_patch4', '--output_dir', tmp_path, '--epochs', '3']
     torch.save({'model': {}, 'epoch': 0, 'script': 'main_pretrain.py', 'args': stored(main_pretrain, *argv)},
                tmp_path / 'checkpoint-last.pth')
     args = parse(main_pretrain, *argv)
-    assert Owner(args, 'main_pretrain.py', tmp_path)._choose_checkpoint()['epoch'] == 0
+    assert Owner(args, 'main_pretrain.py', tmp_path).choose()['epoch'] == 0
     assert args.resume == str(tmp_path / 'checkpoint-last.pth')
 
     ft = parse(main_finetune, '--model', 'vit_tiny_patch4', '--output_dir', tmp_path)
     with pytest.raises(UsageError) as e:
-        Owner(ft, 'main_finetune.py', tmp_path)._choose_checkpoint()
+        Owner(ft, 'main_finetune.py', tmp_path).choose()
     assert str(e.value) == (f"--output_dir {tmp_path} holds a run of main_pretrain.py --model mae_vit_tiny_patch4 "
                             f"(checkpoint-last.pth, epoch 0), not of main_finetune.py --model vit_tiny_patch4: pass a "
                             f"new --output_dir, or --no_auto_resume to start afresh in that folder")
     with pytest.raises(UsageError, match=r'other training flags \(--mask_ratio 0.75 there, 0.6 here\)'):
-        Owner(parse(main_pretrain, *argv, '--mask_ratio', '0.6'), 'main_pretrain.py', tmp_path)._choose_checkpoint()
+        Owner(parse(main_pretrain, *argv, '--mask_ratio', '0.6'), 'main_pretrain.py', tmp_path).choose()
     with pytest.raises(RunComplete, match='holds this run, complete: it finished epoch 0 of --epochs 1'):
-        Owner(parse(main_pretrain, *argv, '--epochs', '1'), 'main_pretrain.py', tmp_path)._choose_checkpoint()
+        Owner(parse(main_pretrain, *argv, '--epochs', '1'), 'main_pretrain.py', tmp_path).choose()
     assert Owner(parse(main_pretrain, *argv, '--no_auto_resume'), 'main_pretrain.py',
-                 tmp_path)._choose_checkpoint() is None
+                 tmp_path).choose() is None
 
 
 def test_explicit_resume_that_is_not_the_newest_says_so(tmp_path, capsys):
@@ -204,12 +208,12 @@ def test_explicit_resume_that_is_not_the_newest_says_so(tmp_path, capsys):
         torch.save({'model': {}, 'epoch': epoch, 'script': 'main_pretrain.py', 'args': stored(main_pretrain, *argv)},
                    tmp_path / f'checkpoint-{epoch}.pth')
     args = parse(main_pretrain, *argv, '--resume', tmp_path / 'checkpoint-2.pth')
-    assert Owner(args, 'main_pretrain.py', tmp_path)._choose_checkpoint()['epoch'] == 5
+    assert Owner(args, 'main_pretrain.py', tmp_path).choose()['epoch'] == 5
     out = capsys.readouterr().out
     assert f"Auto-resume: continuing from {tmp_path / 'checkpoint-5.pth'} (further along than --resume " in out
     assert 'which is not used; pass --no_auto_resume to start from --resume' in out
     args = parse(main_pretrain, *argv, '--resume', tmp_path / 'checkpoint-2.pth', '--no_auto_resume')
-    assert Owner(args, 'main_pretrain.py', tmp_path)._choose_checkpoint()['epoch'] == 2
+    assert Owner(args, 'main_pretrain.py', tmp_path).choose()['epoch'] == 2
 
 
 def test_a_stop_on_another_rank_names_its_signal(monkeypatch):

@@ -1,6 +1,7 @@
 """Small shims for the oldest torch/timm that requirements.txt admits (torch 2.1, timm 1.0.3; see
 constraints-oldest.txt). Each one does exactly what the newest versions do; nothing here changes numbers.
 """
+import functools
 import pickle
 import time
 import types
@@ -13,22 +14,12 @@ try:  # timm >= 1.0.12 exports it here (and warns when it is imported from optim
 except ImportError:  # timm 1.0.3 to 1.0.11
     from timm.optim.optim_factory import param_groups_weight_decay
 
-__all__ = ['autocast', 'destroy_process_group', 'grad_scaler', 'load_weights_only', 'param_groups_weight_decay']
+__all__ = ['GradScaler', 'destroy_process_group', 'load_weights_only', 'param_groups_weight_decay']
 
 
-def autocast(device_type, dtype, enabled):
-    """``torch.autocast(device_type, dtype, enabled)``. Before torch 2.2 the CPU autocast refuses any dtype but
-    bfloat16, even when it is disabled; a disabled autocast casts nothing, so its dtype can be bfloat16 there."""
-    if device_type == 'cpu' and not enabled:
-        dtype = torch.bfloat16
-    return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled)
-
-
-def grad_scaler(enabled):
-    """CUDA's loss scaler: ``torch.amp.GradScaler('cuda')`` (torch >= 2.3), ``torch.cuda.amp.GradScaler`` before."""
-    if hasattr(torch.amp, 'GradScaler'):
-        return torch.amp.GradScaler('cuda', enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
+# CUDA's loss scaler: torch.amp.GradScaler('cuda') from torch 2.3, torch.cuda.amp.GradScaler before
+GradScaler = functools.partial(torch.amp.GradScaler, 'cuda') if hasattr(torch.amp, 'GradScaler') else \
+    torch.cuda.amp.GradScaler
 
 
 def load_weights_only(path, allowed=(), **kwargs):

@@ -1,5 +1,5 @@
 """The data of the three entry points, as in the reference: training and evaluation transforms (DeiT's recipe for
-fine-tuning), the fine-tuning datasets, and the loaders of supervised training."""
+fine-tuning), the class checks and the evaluation loader of supervised training."""
 import torch
 from PIL import ImageOps
 from timm.data import create_transform
@@ -8,17 +8,6 @@ from torchvision import transforms
 
 import util.misc as misc
 from util.crop import RandomResizedCrop
-from util.flags import check_batches
-from util.image_folder import image_folder
-from util.run import ResumableSampler
-
-
-def build_dataset(is_train, args):
-    """``<data_path>/train`` or ``<data_path>/val`` as an ImageFolder with the fine-tuning transforms."""
-    dataset = image_folder(args.data_path, 'train' if is_train else 'val', build_transform(is_train, args),
-                           skip_bad=getattr(args, 'skip_bad_images', False))
-    print(dataset)
-    return dataset
 
 
 def check_classes(args, dataset_train, dataset_val):
@@ -39,35 +28,23 @@ def check_classes(args, dataset_train, dataset_val):
               f"indices are assigned per folder, so they differ between the two")
 
 
-def build_loaders(args, dataset_train, dataset_val, device):
-    """The reference's loaders: a DistributedSampler for training also on one process (its fixed seed gives the
-    reference's data order), sequential evaluation unless ``--dist_eval``."""
+def val_loader(args, dataset_val, device):
+    """The reference's evaluation loader: sequential, unless ``--dist_eval`` (the training loader is
+    ``util.fast_data.train_loader``)."""
     num_tasks = misc.get_world_size()
-    global_rank = misc.get_rank()
-    pin_memory = args.pin_mem and device.type == 'cuda'
-    data_loader_train = None
-    if dataset_train is not None:
-        check_batches(args, dataset_train, num_tasks)
-        # (wrapped so that an epoch resumed in the middle skips what was trained on)
-        sampler_train = ResumableSampler(torch.utils.data.DistributedSampler(
-            dataset_train, num_replicas=num_tasks, rank=global_rank, shuffle=True))
-        data_loader_train = torch.utils.data.DataLoader(
-            dataset_train, sampler=sampler_train, batch_size=args.batch_size, num_workers=args.num_workers,
-            pin_memory=pin_memory, drop_last=True)
     if args.dist_eval:
         if len(dataset_val) % num_tasks != 0:
             print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
                   'This will slightly alter validation results as extra duplicate entries are added to achieve '
                   'equal num of samples per-process.')
         # shuffle=True to reduce monitor bias
-        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks, rank=global_rank,
-                                                          shuffle=True)
+        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks,
+                                                          rank=misc.get_rank(), shuffle=True)
     else:
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    data_loader_val = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset_val, sampler=sampler_val, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=pin_memory, drop_last=False)
-    return data_loader_train, data_loader_val
+        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=False)
 
 
 def pretrain_transform(input_size):

@@ -20,6 +20,7 @@ ranges of scale and ratio) from its own generator.
 import functools
 import io
 import math
+import os
 
 import torch
 from PIL import Image
@@ -28,28 +29,14 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F2
 
-from util.image_folder import image_folder, load_rgb, to_rgb
+import util.misc as misc
+from util.flags import batch_problem
+from util.image_folder import ImageFolder, to_rgb
 from util.misc import UsageError
+from util.run import ResumableSampler
 
 LOADERS = ('pil', 'fast_cpu', 'gpu', 'dali')
-DALI_INSTALL = 'pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)'
 JPEG_END = b'\xff\xd9'  # a JPEG without its end marker is truncated: PIL's decoder refuses it, libjpeg would pad it
-
-
-def check_data_loader(args, device):
-    """One line before anything runs when the chosen loader cannot run here."""
-    kind = getattr(args, 'data_loader', 'pil')
-    if kind in ('gpu', 'dali') and device.type != 'cuda':
-        raise UsageError(f"--data_loader {kind} decodes on a CUDA GPU and --device is {device.type}: use "
-                         f"--data_loader fast_cpu (or --device cuda on a GPU machine)")
-    if kind == 'dali':
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
-            raise UsageError(f"--data_loader dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}") from None
-        if getattr(args, 'skip_bad_images', False):
-            raise UsageError("--skip_bad_images works with --data_loader pil, fast_cpu or gpu, not dali (DALI stops "
-                             "on a file it cannot decode)")
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -180,35 +167,34 @@ def decode_on_device(items, device, size):
 
 
 # ---------------------------------------------------------------------------------------------------- building
-def train_dataset(args, reference_transform, crop_kwargs):
-    """``<data_path>/train`` for ``--data_loader``: with the reference's PIL ``reference_transform`` ('pil'), or a
-    ``CropFlip(args.input_size, **crop_kwargs)`` loader (the same crop distribution)."""
+def train_loader(args, reference_transform, crop_kwargs, device):
+    """The training loader of ``<data_path>/train`` for ``--data_loader``: the reference's (an ImageFolder with the
+    PIL ``reference_transform``, float batches), the same crop and flip distribution drawn by
+    ``CropFlip(args.input_size, **crop_kwargs)`` with uint8 batches finished on the device ('fast_cpu', 'gpu'), or
+    DALI's. Its sampler is a DistributedSampler also on one process (its fixed seed gives the reference's data
+    order), wrapped so that an epoch resumed in the middle skips what was trained on."""
     kind = getattr(args, 'data_loader', 'pil')
+    root = os.path.join(args.data_path, 'train')
     if kind == 'pil':
-        return image_folder(args.data_path, 'train', reference_transform, skip_bad=args.skip_bad_images)
-    if kind == 'dali':  # only the file list and labels: DALI reads the files
-        return image_folder(args.data_path, 'train', None, loader=load_rgb)
-    crop = CropFlip(args.input_size, encoded=kind == 'gpu', **crop_kwargs)
-    return image_folder(args.data_path, 'train', None, skip_bad=args.skip_bad_images, loader=crop)
+        dataset = ImageFolder(root, reference_transform, skip_bad=args.skip_bad_images)
+    elif kind == 'dali':  # only the file list and labels: DALI reads the files
+        dataset = ImageFolder(root)
+    else:
+        crop = CropFlip(args.input_size, encoded=kind == 'gpu', **crop_kwargs)
+        dataset = ImageFolder(root, skip_bad=args.skip_bad_images, loader=crop)
+    print(dataset)
 
-
-def train_loader(args, dataset, sampler, device):
-    """The training loader for ``--data_loader``: the reference's DataLoader ('pil'), the same with uint8 batches
-    finished on the device ('fast_cpu', 'gpu'), or DALI's."""
-    kind = getattr(args, 'data_loader', 'pil')
+    num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
+    if len(dataset) // num_tasks // args.batch_size < args.accum_iter:  # no full batch, or no optimizer step
+        raise UsageError(batch_problem(args, len(dataset), num_tasks))
+    sampler = ResumableSampler(torch.utils.data.DistributedSampler(
+        dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True))
     if kind == 'dali':
         return DaliLoader(dataset, sampler, args, device)
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True,
         **({'collate_fn': collate_encoded} if kind == 'gpu' else {}))
-    return finish_on_device(args, loader, device)
-
-
-def finish_on_device(args, loader, device):
-    """``loader`` as it is for 'pil', or with its batches finished on the device ('fast_cpu': normalised; 'gpu':
-    decoded, cropped, resized, flipped and normalised)."""
-    kind = getattr(args, 'data_loader', 'pil')
     if kind == 'fast_cpu':
         return OnDevice(loader, device, normalise)
     if kind == 'gpu':

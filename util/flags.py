@@ -6,9 +6,13 @@ import re
 from util.misc import UsageError
 
 
-def add_common_args(parser, data_help, save_freq):
+def add_common_args(parser, data_help, save_freq, optimizer='adamw', checkpointing=True, data_loaders=('pil',)):
     """The flags every entry point has: the reference's (data, output, device, seed, resuming, loading, distributed),
-    with its defaults, and the [new] run-control flags (precision, checkpoint cadence, resuming, fault handling)."""
+    with its defaults, the [new] run-control flags (precision, checkpoint cadence, resuming, fault handling), and
+    the [new] fast path (README, "Speed"), off by default: each flag, and ``--fast`` for all of them but
+    ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder). ``optimizer``: the
+    script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow through the
+    encoder blocks; ``data_loaders``: the --data_loader choices, the reference's 'pil' first."""
     parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str, help=data_help)
     parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
@@ -50,12 +54,6 @@ def add_common_args(parser, data_help, save_freq):
                              'each is replaced by the next readable image, named once on stderr, and counted per '
                              'epoch (train_skipped_images in log.txt). Default: stop with an error naming the file')
 
-
-def add_speed_args(parser, optimizer='adamw', checkpointing=True, data_loaders=('pil',)):
-    """The [new] fast path (README, "Speed"), off by default: each flag, and ``--fast`` for all of them but
-    ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder). ``optimizer``: the
-    script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow through the
-    encoder blocks; ``data_loaders``: the --data_loader choices, the reference's 'pil' first."""
     group = parser.add_argument_group('speed [new]', 'off by default: the reference\'s numerics and host syncs')
     fast = ['--amp bf16'] + (['--fused_adamw'] if optimizer == 'adamw' else []) + ['--compile', '--no_host_sync']
     group.add_argument('--fast', action='store_true',
@@ -86,6 +84,7 @@ def add_speed_args(parser, optimizer='adamw', checkpointing=True, data_loaders=(
                            'distribution; the pixels differ slightly (resampling)')
 
 
+DALI_INSTALL = 'pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)'
 LOADER_HELP = {
     'pil': 'the reference (PIL, float tensors)',
     'fast_cpu': 'libjpeg-turbo decode (reduced-size DCT decode when the crop allows), uint8 crop/resize/flip in the '
@@ -96,18 +95,37 @@ LOADER_HELP = {
 
 
 def resolve_speed_flags(args):
-    """Turn ``--fast`` into its flags (see ``add_speed_args``)."""
-    if getattr(args, 'fast', False):
-        args.amp = 'bf16'
-        args.compile = args.no_host_sync = True
-        if hasattr(args, 'fused_adamw'):
-            args.fused_adamw = True
+    """Turn ``--fast`` into its flags (see ``add_common_args``)."""
+    args.amp = 'bf16'
+    args.compile = args.no_host_sync = True
+    if hasattr(args, 'fused_adamw'):
+        args.fused_adamw = True
 
 
-def check_common(args, models, kind):
+def check_data_loader(args):
+    """One line before anything runs when the chosen ``--data_loader`` (not the reference's 'pil') cannot run
+    here."""
+    kind, device = args.data_loader, str(args.device).split(':')[0]
+    if kind in ('gpu', 'dali') and device != 'cuda':
+        raise UsageError(f"--data_loader {kind} decodes on a CUDA GPU and --device is {device}: use "
+                         f"--data_loader fast_cpu (or --device cuda on a GPU machine)")
+    if kind == 'dali':
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            raise UsageError(f"--data_loader dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}") from None
+        if getattr(args, 'skip_bad_images', False):
+            raise UsageError("--skip_bad_images works with --data_loader pil, fast_cpu or gpu, not dali (DALI stops "
+                             "on a file it cannot decode)")
+
+
+def check_common(args, models, kind, splits):
     """The checks every entry point makes on its flags, before anything is written: ``models`` are the names
-    ``--model`` may take (``kind`` says what they are)."""
-    resolve_speed_flags(args)
+    ``--model`` may take (``kind`` says what they are), ``splits`` the folders of ``--data_path`` it reads."""
+    if getattr(args, 'fast', False):
+        resolve_speed_flags(args)
+    if getattr(args, 'data_loader', 'pil') != 'pil':
+        check_data_loader(args)
     if args.model not in models:
         raise UsageError(f"--model {args.model} is not a {kind} model; choose one of: " + ', '.join(models))
     at_least = {'batch_size': 1, 'accum_iter': 1, 'epochs': 1, 'save_freq': 1, 'input_size': 1, 'num_workers': 0,
@@ -140,18 +158,23 @@ def check_common(args, models, kind):
         path = getattr(args, flag)
         if path and os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"--{flag} {path} is a file, not a folder")
+    for split in splits:
+        root = os.path.join(args.data_path, split)
+        if not os.path.isdir(root):
+            raise UsageError(f"--data_path {args.data_path}: no such folder" if not os.path.isdir(args.data_path) else
+                             f"--data_path {args.data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
 
 
-def check_batches(args, dataset, world_size):
-    """Refuse a dataset that gives no full batch per process (``drop_last`` would leave nothing to train on), or
-    fewer iterations per epoch than ``--accum_iter`` (the optimizer would never step)."""
-    per_rank = len(dataset) // world_size
+def batch_problem(args, num_images, world_size):
+    """Why ``num_images`` training images give no training (None if they do): no full batch per process
+    (``drop_last`` would leave nothing), or fewer iterations per epoch than ``--accum_iter`` (the optimizer would
+    never step)."""
+    per_rank = num_images // world_size
     if per_rank < args.batch_size:
-        raise UsageError(
-            f"{len(dataset)} training images give {per_rank} per process over {world_size} process(es), fewer "
-            f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
+        return (f"{num_images} training images give {per_rank} per process over {world_size} process(es), fewer "
+                f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
     iters = per_rank // args.batch_size
     if args.accum_iter > iters:
-        raise UsageError(f"--accum_iter {args.accum_iter} is more than the {iters} iterations of an epoch "
-                         f"({len(dataset)} images, --batch_size {args.batch_size}, {world_size} process(es)): the "
-                         f"optimizer would never step")
+        return (f"--accum_iter {args.accum_iter} is more than the {iters} iterations of an epoch ({num_images} "
+                f"images, --batch_size {args.batch_size}, {world_size} process(es)): the optimizer would never step")
+    return None

@@ -91,7 +91,10 @@ class ImageFolder(datasets.ImageFolder):
     """
 
     def __init__(self, root, transform=None, skip_bad=False, loader=load_rgb):
-        super().__init__(root, transform=transform, loader=loader)
+        try:
+            super().__init__(root, transform=transform, loader=loader)
+        except FileNotFoundError as e:  # no class folders, or a class folder without an image
+            raise UsageError(f"{root}: {e}") from None
         self.skip_bad = skip_bad
         n = len(self.samples)
         # one byte per sample, in shared memory so that DataLoader workers' marks are seen by the main process
@@ -140,26 +143,12 @@ class ImageFolder(datasets.ImageFolder):
         return sample, target
 
 
-def check_split(data_path, split):
-    """``data_path/split``, or a one-line ``UsageError`` when it is missing."""
-    if not os.path.isdir(data_path):
-        raise UsageError(f"--data_path {data_path}: no such folder")
-    root = os.path.join(data_path, split)
-    if not os.path.isdir(root):
-        raise UsageError(f"--data_path {data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
-    return root
-
-
 def image_folder(data_path, split, transform, skip_bad=False, loader=load_rgb):
-    """``ImageFolder(data_path/split)``, with a one-line ``UsageError`` naming the folder when it is missing, has no
-    class folders, or a class folder holds no image; and naming the file when an image cannot be read (unless
-    ``skip_bad``: see ``ImageFolder``). ``loader(path)`` reads a file (``util.fast_data``'s also augment it)."""
-    root = check_split(data_path, split)
-    try:
-        dataset = ImageFolder(root, transform=transform, skip_bad=skip_bad, loader=loader)
-    except FileNotFoundError as e:
-        raise UsageError(f"{root}: {e}") from None
-    return dataset
+    """``ImageFolder(data_path/split)``: a one-line ``UsageError`` names the folder when it is missing, has no class
+    folders, or a class folder holds no image, and the file when an image cannot be read (unless ``skip_bad``: see
+    ``ImageFolder``). ``loader(path)`` reads a file (``util.fast_data``'s also augment it). The entry points check
+    that the folders exist with their flags first (``util.flags.check_common``)."""
+    return ImageFolder(os.path.join(data_path, split), transform=transform, skip_bad=skip_bad, loader=loader)
 
 
 # ---------------------------------------------------------------------------------------------------- skip counts

@@ -59,17 +59,12 @@ def run_main(main, parser, argv=None):
             sys.stderr.flush()
         sys.exit(2 if isinstance(e, UsageError) else 1)
     finally:
-        while _at_main_exit:
-            _at_main_exit.pop()()
+        while AT_MAIN_EXIT:
+            AT_MAIN_EXIT.pop()()
         shutdown_distributed()
 
 
-_at_main_exit = []
-
-
-def at_main_exit(release):
-    """Call ``release()`` when the entry point's ``main`` returns or fails (e.g. to let go of a lock)."""
-    _at_main_exit.append(release)
+AT_MAIN_EXIT = []  # what to call when the entry point's ``main`` returns or fails (e.g. letting go of a lock)
 
 
 def shutdown_distributed():
@@ -201,27 +196,6 @@ class MetricLogger:
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
-def setup_for_distributed(is_master):
-    """Silence ``print`` on every process but the first (``print(..., force=True)`` still prints), and prefix a
-    time stamp, as the reference does."""
-    builtin_print = getattr(builtins.print, '_mae_builtin', builtins.print)
-
-    def print(*args, **kwargs):
-        force = kwargs.pop('force', False) or get_world_size() > 8
-        if is_master or force:
-            now = datetime.datetime.now().time()
-            builtin_print('[{}] '.format(now), end='')
-            builtin_print(*args, **kwargs)
-
-    print._mae_builtin = builtin_print
-    builtins.print = print
-    # warnings: from the first process only, and the DataLoader's advice on worker counts once (it warns when the
-    # loader is built and again for each iterator)
-    warnings.filterwarnings('once', message='This DataLoader will create')
-    if not is_master:
-        warnings.simplefilter('ignore')
-
-
 def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
 
@@ -252,6 +226,7 @@ def init_distributed_mode(args):
     use_cuda = str(args.device).startswith('cuda')
     if use_cuda and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} was asked for but no CUDA GPU is available; use --device cpu")
+    distributed = True
     if getattr(args, 'dist_on_itp', False):
         args.rank = int(os.environ['OMPI_COMM_WORLD_RANK'])
         args.world_size = int(os.environ['OMPI_COMM_WORLD_SIZE'])
@@ -269,33 +244,42 @@ def init_distributed_mode(args):
         args.gpu = args.rank % torch.cuda.device_count() if use_cuda else 0
     else:
         print('Not using distributed mode')
-        setup_for_distributed(is_master=True)
-        args.distributed = False
+        distributed = False
         args.rank, args.gpu = 0, 0
-        return
+    args.distributed = distributed
 
-    args.distributed = True
-    if use_cuda:
-        torch.cuda.set_device(args.gpu)
-        args.dist_backend = 'nccl'
-    else:
-        args.dist_backend = 'gloo'
-    print('| distributed init (rank {}): {}, {}, {} processes'.format(
-        args.rank, args.dist_url, f'gpu {args.gpu}' if use_cuda else 'gloo on the CPU', args.world_size), flush=True)
-    dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
-    dist.barrier()
-    setup_for_distributed(args.rank == 0)
+    if distributed:
+        if use_cuda:
+            torch.cuda.set_device(args.gpu)
+            args.dist_backend = 'nccl'
+        else:
+            args.dist_backend = 'gloo'
+        print('| distributed init (rank {}): {}, {}, {} processes'.format(
+            args.rank, args.dist_url, f'gpu {args.gpu}' if use_cuda else 'gloo on the CPU', args.world_size),
+            flush=True)
+        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                                world_size=args.world_size, rank=args.rank)
+        dist.barrier()
 
+    # print: time-stamped, and only on the first process (``print(..., force=True)`` prints on any; every process
+    # prints beyond 8), as the reference's setup_for_distributed
+    builtin_print = getattr(builtins.print, '_mae_builtin', builtins.print)
+    is_master, print_everywhere = args.rank == 0, get_world_size() > 8
 
-def wrap_ddp(model, args, device, **ddp_kwargs):
-    """``(model, model_without_ddp)``: the model in DistributedDataParallel when distributed (on the process's GPU,
-    or the CPU with gloo)."""
-    if not args.distributed:
-        return model, model
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[args.gpu] if device.type == 'cuda' else None, **ddp_kwargs)
-    return ddp, ddp.module
+    def stamped_print(*values, **kwargs):
+        force = kwargs.pop('force', False) or print_everywhere
+        if is_master or force:
+            now = datetime.datetime.now().time()
+            builtin_print('[{}] '.format(now), end='')
+            builtin_print(*values, **kwargs)
+
+    stamped_print._mae_builtin = builtin_print
+    builtins.print = stamped_print
+    # warnings: from the first process only, and the DataLoader's advice on worker counts once (it warns when the
+    # loader is built and again for each iterator)
+    warnings.filterwarnings('once', message='This DataLoader will create')
+    if not is_master:
+        warnings.simplefilter('ignore')
 
 
 def all_reduce_mean(x):
@@ -333,7 +317,7 @@ def all_reduce_max(x):
 
 # ---------------------------------------------------------------------------------------------------- AMP
 def amp_settings(args):
-    """``(device_type, dtype, enabled)`` of the forward pass's autocast (``compat.autocast(*amp_settings(args))``):
+    """``(device_type, dtype, enabled)`` of the forward pass's autocast (the engines' ``torch.autocast``):
     fp16 on CUDA as the reference (``--amp fp16``, the default), bf16 with ``--amp bf16``, off with ``--amp none``
     and on the CPU (fp32 there, as the reference)."""
     amp = getattr(args, 'amp', 'fp16')
@@ -347,7 +331,7 @@ class NativeScalerWithGradNormCount:
     steps that update (``None`` on accumulation micro-steps). Scaling is on only for fp16 on CUDA (the forward's
     precision, ``amp_settings(args)``).
 
-    With ``--no_host_sync`` a step whose gradients are not finite (``StepLog.guard`` makes those of a non-finite loss
+    With ``--no_host_sync`` a step whose gradients are not finite (``DeviceLosses.add`` makes those of a non-finite loss
     NaN) is skipped on the device: fp16's GradScaler does that already; without it the check is handed to the
     optimizer as GradScaler hands it (``found_inf``), which fused AdamW applies in its kernel. Other optimizers
     need the answer on the host: one sync per optimizer step."""
@@ -355,7 +339,7 @@ class NativeScalerWithGradNormCount:
     def __init__(self, args):
         device_type, dtype, enabled = amp_settings(args)
         enabled = enabled and dtype == torch.float16
-        self._scaler = compat.grad_scaler(enabled)
+        self._scaler = compat.GradScaler(enabled=enabled)
         self._skip_on_device = getattr(args, 'no_host_sync', False)
 
     def __call__(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):

@@ -124,7 +124,7 @@ def lock_output_dir(path):
                 handle.write(f"process {os.getpid()} on {socket.gethostname()}, started "
                              f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
                 handle.flush()
-                misc.at_main_exit(handle.close)
+                misc.AT_MAIN_EXIT.append(handle.close)
     if misc.get_world_size() > 1:
         error = misc.all_gather(error)[0]
     if error:
@@ -198,7 +198,8 @@ class Run:
             random.seed(seed)
         torch.backends.cudnn.benchmark = True
 
-        self.checkpoint = self._choose_checkpoint()
+        found = ckpt_io.newest(self.output_dir) if self.training and args.auto_resume else ''
+        self.checkpoint = self._choose_checkpoint(found) if found or args.resume else None
         self.log_writer = None
         self.position = None
         self.max_accuracy = None
@@ -207,13 +208,10 @@ class Run:
         self._epoch_start = time.time()
 
     # ------------------------------------------------------------------------------------------ which checkpoint
-    def _choose_checkpoint(self):
-        """The checkpoint to start from: with auto-resume, the newest in --output_dir, checked to belong to this
-        run, unless --resume is further along; else --resume. Sets ``args.resume``."""
+    def _choose_checkpoint(self, found):
+        """The checkpoint to start from: with auto-resume, ``found`` (the newest in --output_dir), checked to belong
+        to this run, unless --resume is further along; else --resume. Sets ``args.resume``."""
         args = self.args
-        if not args.resume and not (self.training and args.auto_resume and self.output_dir):
-            return None
-        found = ckpt_io.newest(self.output_dir) if self.training and args.auto_resume else ''
         given = ckpt_io.load(args.resume) if args.resume else None
         if found and not (args.resume and os.path.realpath(found) == os.path.realpath(args.resume)):
             checkpoint = ckpt_io.load(found)
@@ -278,7 +276,7 @@ class Run:
         self.checkpoint = None  # free the memory
         if not self.training:
             return
-        if self.output_dir and misc.is_main_process():
+        if self.output_dir and misc.is_main_process() and os.path.isfile(os.path.join(self.output_dir, 'log.txt')):
             move_log_rows_after(self.output_dir, args.start_epoch - 1)
         if misc.is_main_process() and args.log_dir:
             if purge_step is None and list(Path(args.log_dir).glob('events.out.tfevents.*')):
@@ -341,7 +339,8 @@ class Run:
         self.position = None
         self._skipped_steps = 0
         self._epoch_start = time.time()
-        reset_skipped(data_loader.dataset)
+        if getattr(data_loader.dataset, 'skip_bad', False):
+            reset_skipped(data_loader.dataset)  # (--skip_bad_images: count this epoch's bad files afresh)
         start = position.iteration if position else 0
         self._iters_per_epoch = len(data_loader) + start
         batches = iter(data_loader)

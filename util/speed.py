@@ -1,27 +1,17 @@
-"""Opt-in speed-ups of the model step (the fast path's ``--compile``, ``--fused_adamw`` and the device-side step
-skip of ``--no_host_sync``)."""
+"""Opt-in speed-ups of the model step: the fast path's ``--fused_adamw`` and the device-side step skip of
+``--no_host_sync`` (``--compile`` is ``torch.compile`` in the entry points)."""
 import torch
 
 
-def compile_model(model, args):
-    """``torch.compile(model)`` with ``--compile`` (after the DDP wrap, so that DDP's buckets still overlap the
-    backward); the checkpoints keep using ``model_without_ddp``, whose state-dict keys stay the reference's."""
-    if not getattr(args, 'compile', False):
-        return model
-    return torch.compile(model)
-
-
-def adamw(param_groups, args, **kwargs):
-    """``torch.optim.AdamW(param_groups, **kwargs)``; with ``--fused_adamw`` its fused implementation (one kernel
-    for all tensors, and the device-side step skip of ``--no_host_sync``) where this torch has it for the device,
-    else the default one with a note."""
-    if getattr(args, 'fused_adamw', False):
-        problem = fused_adamw_problem(args.device)
-        if problem is None:
-            return torch.optim.AdamW(param_groups, fused=True, **kwargs)
-        print(f"Note: --fused_adamw: torch {torch.__version__} has no fused AdamW for --device {args.device} "
-              f"({problem}); using the default AdamW")
-    return torch.optim.AdamW(param_groups, **kwargs)
+def fused_adamw(device):
+    """``--fused_adamw``: True (``AdamW(fused=True)``: one kernel for all tensors, and the device-side step skip of
+    ``--no_host_sync``) where this torch has fused AdamW for ``device``, else None (the default AdamW) with a note."""
+    problem = fused_adamw_problem(device)
+    if problem is None:
+        return True
+    print(f"Note: --fused_adamw: torch {torch.__version__} has no fused AdamW for --device {device} ({problem}); "
+          f"using the default AdamW")
+    return None
 
 
 def fused_adamw_problem(device):

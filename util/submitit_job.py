@@ -283,9 +283,12 @@ def check_before_submitting(args, module):
     trainer = import_trainer(module)
     trainer.check_args(args)
     if not getattr(args, 'eval', False):
-        from util.flags import check_batches
+        from util.flags import batch_problem
         from util.image_folder import image_folder
-        check_batches(args, image_folder(args.data_path, 'train', transform=None), args.nodes * args.ngpus)
+        problem = batch_problem(args, len(image_folder(args.data_path, 'train', transform=None)),
+                                args.nodes * args.ngpus)
+        if problem:
+            raise UsageError(problem)
 
 
 def submit(args, module, cluster=None):
