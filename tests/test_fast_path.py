@@ -373,6 +373,26 @@ def test_other_files_take_the_pil_decoder(tmp_path):
         assert fast.shape == ref.shape == (3, 32, 32) and diff.mean() < 0.05 and diff.max() < 1.01, name
 
 
+def test_jpeg_frame_reads_the_size_pil_reads(tmp_path):
+    """The fast loader takes a JPEG's size from its frame header (not PIL's parser): the same (height, width) as PIL
+    for the files decode_jpeg reads, None for the files that go to PIL."""
+    pil = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # an orientation tag: APP1 comes before the frame header
+    pil.save(tmp_path / 'exif.jpg', exif=exif)
+    pil.save(tmp_path / 'progressive.jpg', progressive=True, quality=95)
+    pil.convert('L').save(tmp_path / 'gray.jpg')
+    pil.convert('CMYK').save(tmp_path / 'cmyk.jpg')
+    pil.save(tmp_path / 'image.png')
+    files = sorted(tmp_path.iterdir()) + sorted(TINY.rglob('*.jpg'))[:4]
+    for path in files:
+        data = path.read_bytes()
+        header = Image.open(path)
+        plain = header.format == 'JPEG' and header.mode in ('RGB', 'L')
+        assert fast_data.jpeg_frame(data) == ((header.size[1], header.size[0]) if plain else None), path.name
+    assert fast_data.jpeg_frame(b'\xff\xd8\xff') is None and fast_data.jpeg_frame(b'') is None
+
+
 def test_bad_files_are_named_or_skipped(tmp_path):
     root = tmp_path / 'data' / 'train' / 'a'
     root.mkdir(parents=True)

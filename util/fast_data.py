@@ -56,22 +56,26 @@ class CropFlip:
 
     def __call__(self, path):
         with open(path, 'rb') as f:
-            data = f.read()
-        header = Image.open(io.BytesIO(data))  # reads the header only: size, mode, format
-        i, j, h, w = self.get_params(header, self.scale, self.ratio)  # the reference's draws, in its order
-        flip = bool(torch.rand(1) < 0.5)
+            data = bytearray(f.read())
+        frame = jpeg_frame(data)
         # decode_jpeg for plain YCbCr/grayscale JPEGs that end properly; PIL (with to_rgb) for everything else
-        plain_jpeg = header.format == 'JPEG' and header.mode in ('RGB', 'L') and data.rstrip(b'\0').endswith(JPEG_END)
+        plain_jpeg = frame is not None and (data.endswith(JPEG_END) or data.rstrip(b'\0').endswith(JPEG_END))
+        if plain_jpeg:  # the size from the frame header (parsing it with PIL costs about a tenth of the decode)
+            size = torch.zeros(1).expand(3, *frame)  # what get_params reads of an image: its size
+        else:
+            size = Image.open(io.BytesIO(data))  # reads the header only: size, mode, format
+        i, j, h, w = self.get_params(size, self.scale, self.ratio)  # the reference's draws, in its order
+        flip = bool(torch.rand(1) < 0.5)
         if self.encoded and plain_jpeg:
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([i, j, h, w, int(flip)])
+            return torch.frombuffer(data, dtype=torch.uint8), torch.tensor([i, j, h, w, int(flip)])
         scale = self._dct_scale(h, w) if plain_jpeg else 1
         if scale > 1:
-            out = self._draft_crop(header, scale, i, j, h, w)
+            out = self._draft_crop(Image.open(io.BytesIO(data)), scale, i, j, h, w)
         else:
             pixels = None
             if plain_jpeg:
                 try:
-                    pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+                    pixels = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
                 except RuntimeError:  # corrupt data: PIL below says what is wrong, as on the reference's path
                     pixels = None
             if pixels is None:
@@ -93,6 +97,32 @@ class CropFlip:
         # PIL resamples a fractional box exactly: the same window as at full size
         box = (j * s, i * s, (j + w) * s, (i + h) * s)
         return pil_to_uint8(img.resize((self.size, self.size), Image.BICUBIC, box=box))
+
+
+# frame headers of the JPEGs PIL and decode_jpeg both read: baseline, extended sequential and progressive (Huffman)
+JPEG_FRAMES = (0xC0, 0xC1, 0xC2)
+
+
+def jpeg_frame(data):
+    """``(height, width)`` of an 8-bit grayscale or YCbCr/RGB JPEG from its frame header, else None (other files,
+    other JPEGs: CMYK, 12-bit, lossless, arithmetic-coded, or a header that does not parse)."""
+    if data[:2] != b'\xff\xd8':
+        return None
+    k = 2
+    while k + 9 < len(data) and data[k] == 0xFF:
+        marker = data[k + 1]
+        if marker == 0xFF:  # fill byte
+            k += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
+            precision, height, width, components = data[k + 4], int.from_bytes(data[k + 5:k + 7], 'big'), \
+                int.from_bytes(data[k + 7:k + 9], 'big'), data[k + 9]
+            ok = marker in JPEG_FRAMES and precision == 8 and components in (1, 3) and height and width
+            return (height, width) if ok else None
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        k += 2 + int.from_bytes(data[k + 2:k + 4], 'big')
+    return None
 
 
 def pil_to_uint8(img):
