@@ -1,7 +1,10 @@
 """Bad and unusual image files: odd modes load as RGB; a bad file stops the run with one line naming it, or, in skip
 mode, is replaced by the next readable image and counted once per epoch."""
 import json
+import multiprocessing
 import shutil
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -199,6 +202,50 @@ def test_skip_mode_full_batches_and_counts(tmp_path, capfd, workers, context):
         assert err.count(f"warning: skipping bad image file {tmp_path / 'train' / 'cat' / name} (") == 1, err
     reset_skipped(ds)
     assert skipped_images(ds) == 0
+
+
+class SlowFlags:
+    """A dataset's shared per-file flags, slow to read a file's first mark: widens the window in which workers that
+    meet the same bad file at once would each see it as new, from microseconds to half a second."""
+
+    def __init__(self, flags):
+        self.flags = flags
+
+    def __getitem__(self, index):
+        value = self.flags[index].clone()  # the value now (indexing gives a view of the shared memory)
+        if not value:
+            time.sleep(0.5)
+        return value
+
+    def __setitem__(self, index, value):
+        self.flags[index] = value
+
+
+def _read_at_once(dataset, index, start, stderr_file):
+    # a file of its own: writes at the same instant to one shared file can overwrite each other
+    with open(stderr_file, 'w') as sys.stderr:
+        start.wait()
+        dataset[index]
+
+
+def test_workers_meeting_a_bad_file_at_once_announce_it_once(tmp_path):
+    mixed_tree(tmp_path)
+    ds = image_folder(str(tmp_path), 'train', TO_TENSOR, skip_bad=True)
+    ds._bad_ever = SlowFlags(ds._bad_ever)
+    bad = tmp_path / 'train' / 'cat' / BAD_NAMES[2]
+    index = [p for p, _ in ds.samples].index(str(bad))
+    Image.init()  # all of PIL's decoders imported before the fork, so that the three reach the file together
+    fork = multiprocessing.get_context('fork')  # the DataLoader's default workers on Linux
+    start = fork.Barrier(3)
+    workers = [fork.Process(target=_read_at_once, args=(ds, index, start, tmp_path / f'stderr{k}')) for k in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    err = ''.join((tmp_path / f'stderr{k}').read_text() for k in range(3))
+    assert err.count(f"warning: skipping bad image file {bad} (") == 1, err
+    assert skipped_images(ds) == 1
 
 
 def test_skip_count_survives_a_resume(tmp_path, capfd):

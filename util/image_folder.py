@@ -5,6 +5,7 @@ torchvision's default loader does for ordinary files. A file that cannot be read
 image, empty, unreadable) stops the run with one line naming it, or, with ``skip_bad=True``
 (``--skip_bad_images``), is replaced by the next readable sample, reported once, and counted per epoch.
 """
+import multiprocessing
 import os
 import sys
 import warnings
@@ -101,6 +102,10 @@ class ImageFolder(datasets.ImageFolder):
         # (inherited with fork; passed as a shared-memory handle by torch.multiprocessing with spawn)
         self._bad_this_epoch = torch.zeros(n, dtype=torch.uint8).share_memory_()
         self._bad_ever = torch.zeros(n, dtype=torch.uint8).share_memory_()
+        # two workers can meet the same bad file at once (one reads it, the other walks onto it from the index
+        # before): the test-and-set of its flag is under a lock, so that exactly one of them announces it. A spawn
+        # context lock is inherited by forked workers and handed to spawned ones alike.
+        self._announce_lock = multiprocessing.get_context('spawn').Lock() if skip_bad else None
 
     def _load(self, index):
         path = self.samples[index][0]
@@ -117,8 +122,10 @@ class ImageFolder(datasets.ImageFolder):
 
     def _mark_bad(self, index, path, reason):
         self._bad_this_epoch[index] = 1
-        if not self._bad_ever[index]:
+        with self._announce_lock:
+            first = not self._bad_ever[index]
             self._bad_ever[index] = 1
+        if first:
             sys.stderr.write(f"warning: skipping bad image file {path} ({reason})\n")
             sys.stderr.flush()
 
