@@ -10,7 +10,8 @@ Scales:
   fine-tuning and linear-probing recipes of FINETUNE.md), each run submitted as a SLURM job through
   ``submitit_*.py``; an evaluation job waits for its pre-training job (``--dependency afterok:<job>``).
 - ``--scale small``: a small ViT (``mae_vit_small_patch4``) on 32x32 images, run here one after the other, with
-  short schedules for a CPU or one GPU (``SMALL`` below says which and why).
+  short schedules for a CPU or one GPU (``SMALL`` below says which and why); ``--pretrain_epochs`` lengthens the
+  pre-training where there is more compute.
 - ``--quick``: the tiny model on a tiny data set, one epoch each: a smoke test of the whole pipeline.
 
 Cells are shared: a pre-training that several cells or studies need (the baseline) runs once. A run whose
@@ -30,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -343,6 +344,9 @@ class Plan:
 
     def pretrain_run(self, pairs):
         flags = dict(self.scale.pretrain, **dict(pairs))
+        if self.scale.pretrain != SCALES[self.scale.name].pretrain:
+            # --pretrain_epochs: folders of their own, so that a longer schedule never continues a shorter one
+            pairs = (('pretrain_epochs', self.scale.pretrain['epochs']),) + tuple(pairs)
         return self._add(Run('pretrain', flags, self.runs_dir / key_of(pairs) / 'pretrain'))
 
     def eval_run(self, m):
@@ -895,6 +899,10 @@ def get_args_parser():
     parser.add_argument('--train_subset', default=0, type=int, metavar='N',
                         help='use N training images (class-balanced, a fixed random choice) instead of all')
     parser.add_argument('--val_subset', default=0, type=int, metavar='N', help='the same for the evaluation split')
+    parser.add_argument('--pretrain_epochs', default=None, type=int, metavar='N',
+                        help="pre-train for N epochs instead of the scale's (small 8, paper 800), the warm-up "
+                             "keeping its share of the schedule; such runs get folders of their own (e.g. "
+                             "runs/pretrain_epochs_50/), evaluations and from-scratch runs are unchanged")
     parser.add_argument('--work_dir', default=None,
                         help='where the runs go (default: reproduce_output/<scale>, reproduce_output/quick)')
     parser.add_argument('--results_dir', default=None,
@@ -930,6 +938,13 @@ def command_line(args):
     return argv
 
 
+def with_pretrain_epochs(scale, epochs):
+    """``scale`` with ``epochs`` of pre-training, the warm-up keeping its share of the schedule (small: 1 of 8)."""
+    recipe = scale.pretrain
+    warmup = round(epochs * recipe['warmup_epochs'] / recipe['epochs'])
+    return replace(scale, pretrain=dict(recipe, epochs=epochs, warmup_epochs=warmup))
+
+
 def check_args(args):
     if not args.study:
         raise UsageError("--study is required: one or more of " + ', '.join(STUDIES) + ", or all")
@@ -949,6 +964,8 @@ def check_args(args):
     for flag in ('train_subset', 'val_subset', 'num_workers'):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
+    if args.pretrain_epochs is not None and args.pretrain_epochs < 1:
+        raise UsageError(f"--pretrain_epochs must be at least 1, got {args.pretrain_epochs}")
     if args.nodes < 1 or args.ngpus < 1:
         raise UsageError("--nodes and --ngpus must be at least 1")
     return studies
@@ -958,6 +975,8 @@ def main(args):
     studies = check_args(args)
     invocation = command_line(args)
     scale = SCALES['quick' if args.quick else args.scale]
+    if args.pretrain_epochs is not None:
+        scale = with_pretrain_epochs(scale, args.pretrain_epochs)
     if args.quick and not args.data_path:
         args.data_path = str(TINY_DATA)
     work_dir = Path(args.work_dir or REPO / 'reproduce_output' / scale.name).absolute()

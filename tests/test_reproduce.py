@@ -264,6 +264,26 @@ def test_small_scale_dry_run_runs_the_entry_points_here(tmp_path, capsys):
             assert f['--nb_classes'] == '2' and f['--finetune'].endswith('pretrain/checkpoint-7.pth')
 
 
+def test_pretrain_epochs_lengthen_pre_training_only_in_folders_of_their_own(tmp_path, capsys):
+    cmds = dry_run_lines(capsys, '--study', 'scratch', '--data_path', TINY, '--work_dir', tmp_path,
+                         '--pretrain_epochs', 50)
+    runs = {flags_of(c)['--output_dir']: (c[1], flags_of(c)) for c in cmds}
+    mae = str(tmp_path / 'runs' / 'pretrain_epochs_50')
+    scratch = str(tmp_path / 'runs' / 'scratch-vit_small_patch4' / 'finetune')
+    assert sorted(runs) == sorted([mae + '/pretrain', mae + '/finetune', scratch])
+    script, pre = runs[mae + '/pretrain']
+    assert script == 'main_pretrain.py'
+    assert (pre['--epochs'], pre['--warmup_epochs']) == ('50', '6')  # the warm-up keeps its 1/8 of the schedule
+    for out in (mae + '/finetune', scratch):  # the evaluations keep the recipe
+        assert runs[out][1]['--epochs'] == '5'
+    assert runs[mae + '/finetune'][1]['--finetune'] == mae + '/pretrain/checkpoint-49.pth'
+    assert '--finetune' not in runs[scratch][1]
+    # the scale's own schedule keeps its folders: neither continues the other
+    default = dry_run_lines(capsys, '--study', 'scratch', '--data_path', TINY, '--work_dir', tmp_path)
+    pre = [flags_of(c) for c in default if c[1] == 'main_pretrain.py']
+    assert [(f['--epochs'], f['--output_dir']) for f in pre] == [('8', str(tmp_path / 'runs' / 'baseline' / 'pretrain'))]
+
+
 def fake_finished(run, acc):
     """Write what a finished run leaves: its log (each epoch, accuracy for evaluations) and final checkpoint."""
     run.out.mkdir(parents=True, exist_ok=True)
@@ -331,6 +351,7 @@ def test_data_folder_links_the_test_split_and_a_balanced_subset(tmp_path):
     (['--study', 'mask_ratio', '--values', '75', '--quick'], 'mask ratios are between 0 and 1'),
     (['--study', 'scratch', '--quick', '--scale', 'paper'], '--quick is a small smoke test'),
     (['--study', 'scratch'], '--data_path is required'),
+    (['--study', 'scratch', '--quick', '--pretrain_epochs', '0'], '--pretrain_epochs must be at least 1'),
     (['--study', 'scratch', '--scale', 'paper', '--data_path', '/imagenet', '--nodes', '3', '--dry_run'],
      'cannot be split over 24 GPUs'),
 ])
