@@ -20,7 +20,7 @@ import util.checkpoint as ckpt_io
 import util.misc as misc
 from util.step_log import DeviceLosses
 import util.speed as speed
-from conftest import TINY, pretrain_argv, read_log, run_script, save_pretrained
+from conftest import TINY, one_line_error, pretrain_argv, read_log, run_script, save_pretrained
 from util import fast_data
 from util.datasets import pretrain_transform
 from util.flags import check_data_loader, resolve_speed_flags
@@ -470,6 +470,18 @@ def test_gpu_and_dali_loaders_say_what_is_missing():
         with pytest.raises(misc.UsageError, match='pip install nvidia-dali-cuda130'):
             check_data_loader(args)
     check_data_loader(SimpleNamespace(data_loader='fast_cpu', device='cpu'))
+
+
+def test_a_torchvision_without_jpeg_decoding_stops_only_the_fast_loaders(tmp_path):
+    """torchvision deprecated torchvision.io's decoders (0.29): once they are gone the scripts still import, and
+    --data_loader fast_cpu says what is missing before anything runs."""
+    run = ("import sys, torchvision.io, torchvision.transforms.v2; del torchvision.io.decode_jpeg; "
+           "import main_pretrain, util.misc as misc; "
+           "misc.run_main(main_pretrain.main, main_pretrain.get_args_parser(), sys.argv[1:])")
+    result = run_script('-c', run, *pretrain_argv(tmp_path / 'out', '--data_loader', 'fast_cpu')[1:])
+    assert one_line_error(result).startswith(
+        'error: --data_loader fast_cpu decodes with torchvision.io.decode_jpeg, which this torchvision (')
+    assert not (tmp_path / 'out').exists()
 
 
 # ---------------------------------------------------------------------------------------------------- end to end

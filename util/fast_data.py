@@ -26,7 +26,10 @@ import torch
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
-from torchvision.io import ImageReadMode, decode_jpeg
+try:  # torchvision 0.29 deprecated its image decoding for TorchCodec; where it is gone, only the fast loaders stop
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # (util.flags.check_data_loader says so before anything runs)
+    ImageReadMode = decode_jpeg = None
 from torchvision.transforms.v2 import functional as F2
 
 import util.misc as misc

@@ -109,6 +109,13 @@ def check_data_loader(args):
     if kind in ('gpu', 'dali') and device != 'cuda':
         raise UsageError(f"--data_loader {kind} decodes on a CUDA GPU and --device is {device}: use "
                          f"--data_loader fast_cpu (or --device cuda on a GPU machine)")
+    if kind in ('fast_cpu', 'gpu'):
+        try:
+            from torchvision.io import decode_jpeg  # noqa: F401
+        except ImportError:
+            import torchvision
+            raise UsageError(f"--data_loader {kind} decodes with torchvision.io.decode_jpeg, which this torchvision "
+                             f"({torchvision.__version__}) no longer has: use --data_loader pil") from None
     if kind == 'dali':
         try:
             import nvidia.dali  # noqa: F401
