@@ -281,7 +281,8 @@ def test_pretrain_epochs_lengthen_pre_training_only_in_folders_of_their_own(tmp_
     # the scale's own schedule keeps its folders: neither continues the other
     default = dry_run_lines(capsys, '--study', 'scratch', '--data_path', TINY, '--work_dir', tmp_path)
     pre = [flags_of(c) for c in default if c[1] == 'main_pretrain.py']
-    assert [(f['--epochs'], f['--output_dir']) for f in pre] == [('8', str(tmp_path / 'runs' / 'baseline' / 'pretrain'))]
+    baseline = str(tmp_path / 'runs' / 'baseline' / 'pretrain')
+    assert [(f['--epochs'], f['--output_dir']) for f in pre] == [('8', baseline)]
 
 
 def fake_finished(run, acc):
