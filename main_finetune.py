@@ -104,8 +104,6 @@ def get_args_parser():
 
 def check_args(args):
     check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
-    if args.train_blocks < -1:
-        raise misc.UsageError(f"--train_blocks must be -1 (all) or a number of blocks >= 0, got {args.train_blocks}")
 
 
 def main(args):

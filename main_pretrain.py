@@ -76,8 +76,6 @@ def check_args(args):
         raise misc.UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
                               f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
                               f"be (leave --mask_ratio out)")
-    if args.decoder_depth is not None and args.decoder_depth < 1:
-        raise misc.UsageError(f"--decoder_depth must be at least 1, got {args.decoder_depth}")
     if args.mask_type != 'random' or args.decoder_depth is not None or args.decoder_embed_dim is not None:
         # the model's own checks (decoder width vs head width, an even patch grid for grid masks) before any
         # compute: built on the meta device, the model takes no memory and no time

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
 import util.checkpoint as ckpt_io  # noqa: E402
 import util.misc as misc  # noqa: E402
+from util.flags import check_ranges  # noqa: E402
 from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb  # noqa: E402
 from util.misc import UsageError  # noqa: E402
 
@@ -434,18 +435,9 @@ def save_png(fig, path, colors=0):
 
 # ---------------------------------------------------------------------------------------------------- main
 def check_args(args):
-    ratios = [args.mask_ratio] + (args.mask_ratios or [])
-    for r in ratios:
-        if not 0 <= r < 1:
-            raise UsageError(f"mask ratio {r} must be in [0, 1)")
+    check_ranges(args)  # --mask_ratio(s), --scale, --colors, --input_size, --seed (util/flags.py's RANGES)
     if args.mask_ratios and not args.grid:
         raise UsageError("--mask_ratios needs --grid (one figure per image uses --mask_ratio)")
-    if args.scale < 0:
-        raise UsageError(f"--scale must be at least 1 (or 0 for automatic), got {args.scale}")
-    if args.colors and not 2 <= args.colors <= 256:
-        raise UsageError(f"--colors must be between 2 and 256 (or 0 for full colour), got {args.colors}")
-    if args.input_size is not None and args.input_size < 1:
-        raise UsageError(f"--input_size must be positive, got {args.input_size}")
     try:
         device = torch.device(args.device)
     except RuntimeError as e:

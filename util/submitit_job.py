@@ -87,12 +87,14 @@ def import_trainer(module):
         raise
 
 
-def parse_args(module, description, argv=None):
+def get_args_parser(module, description):
     """The trainer's flags (``module.get_args_parser()``) plus the reference's submitit flags."""
-    trainer = import_trainer(module)
-    parser = argparse.ArgumentParser(description, parents=[trainer.get_args_parser()])
-    add_submitit_args(parser)
-    return parser.parse_args(argv)
+    parser = argparse.ArgumentParser(description, parents=[import_trainer(module).get_args_parser()])
+    return add_submitit_args(parser)
+
+
+def parse_args(module, description, argv=None):
+    return get_args_parser(module, description).parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------------- folders
@@ -298,8 +300,8 @@ def submit(args, module, cluster=None):
     submitit = import_submitit()
     if args.job_dir:
         args.job_dir = str(Path(args.job_dir).expanduser().absolute())
+    check_before_submitting(args, module)  # (before the shared folder is created: a mistake leaves nothing behind)
     shared = get_shared_folder(args.job_dir)
-    check_before_submitting(args, module)
     if not args.job_dir:
         args.job_dir = str(shared / "%j")
     # Note that the folder will depend on the job_id, to easily track experiments

@@ -1,0 +1,205 @@
+"""Every numeric flag of every entry point has a declared range (util/flags.py's RANGES), and each side of it, nan and
+inf are refused with one line naming the flag; the constraints between flags (what timm's Mixup needs, the seed on
+many processes) too. In-process: the check on parsed flags, and a few whole command lines through run_main."""
+import importlib.util
+import math
+
+import pytest
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+import util.submitit_job as submitit_job
+from conftest import ROOT, TINY, run_in_process
+from util.flags import RANGES, check_between, check_ranges
+from util.misc import UsageError
+
+
+def _visualize():
+    spec = importlib.util.spec_from_file_location('visualize', ROOT / 'demo' / 'visualize.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+VISUALIZE = _visualize()
+# every entry point's parser, and the command line it needs besides numeric flags
+PARSERS = {
+    'main_pretrain.py': (main_pretrain.get_args_parser, []),
+    'main_finetune.py': (main_finetune.get_args_parser, []),
+    'main_linprobe.py': (main_linprobe.get_args_parser, []),
+    'submitit_pretrain.py': (lambda: submitit_job.get_args_parser('main_pretrain', 'submitit'), []),
+    'submitit_finetune.py': (lambda: submitit_job.get_args_parser('main_finetune', 'submitit'), []),
+    'submitit_linprobe.py': (lambda: submitit_job.get_args_parser('main_linprobe', 'submitit'), []),
+    'demo/visualize.py': (VISUALIZE.get_args_parser, ['image.png', '--checkpoint', 'mae.pth']),
+}
+
+
+def numeric_flags(parser):
+    return [a for a in parser._actions if a.type in (int, float)]
+
+
+def test_every_numeric_flag_has_a_range():
+    missing = [f"{script} {a.option_strings[0]}" for script, (make, _) in PARSERS.items()
+               for a in numeric_flags(make()) if a.dest not in RANGES]
+    assert missing == [], 'add these flags to util/flags.py RANGES'
+    # the message says --<dest>: the flag as it is typed
+    for make, _ in PARSERS.values():
+        assert all(f'--{a.dest}' in a.option_strings for a in numeric_flags(make()))
+    used = {a.dest for make, _ in PARSERS.values() for a in numeric_flags(make())}
+    assert sorted(set(RANGES) - used) == []  # no entry for a flag that no longer exists
+
+
+def _step(value, kind, direction):
+    """The next value of ``kind`` beyond ``value`` in ``direction`` (+1/-1)."""
+    return value + direction if kind is int else math.nextafter(value, direction * math.inf)
+
+
+def outside(allowed, kind):
+    """Values just outside each finite bound (not one of its special values), and the non-finite ones."""
+    values = []
+    for bound, is_open, direction in ((allowed.low, allowed.low_open, -1), (allowed.high, allowed.high_open, 1)):
+        if math.isfinite(bound):
+            value = kind(bound) if is_open else _step(kind(bound), kind, direction)
+            while value in allowed.special:
+                value = _step(value, kind, direction)
+            values.append(value)
+    return values + [math.nan, math.inf, -math.inf]
+
+
+def inside(allowed, kind):
+    """Each finite bound, or the value next to it for an open one, and the special values."""
+    values = list(allowed.special)
+    for bound, is_open, direction in ((allowed.low, allowed.low_open, 1), (allowed.high, allowed.high_open, -1)):
+        if math.isfinite(bound):
+            values.append(_step(kind(bound), kind, direction) if is_open else kind(bound))
+    return values
+
+
+CASES = [(script, a.dest) for script, (make, _) in PARSERS.items() for a in numeric_flags(make())]
+
+
+@pytest.mark.parametrize('script,dest', CASES, ids=[f'{s}:{d}' for s, d in CASES])
+def test_each_side_of_each_range_nan_and_inf(script, dest):
+    make, needed = PARSERS[script]
+    parser = make()
+    action, = [a for a in numeric_flags(parser) if a.dest == dest]
+    allowed, kind = RANGES[dest], action.type
+    check_ranges(parser.parse_args(needed))  # the defaults are in range
+
+    def parsed(value):
+        if kind is int and not math.isfinite(value):  # argparse itself refuses 'nan' and 'inf' for an int flag
+            with pytest.raises(SystemExit):
+                parser.parse_args(needed + [f'--{dest}', str(value)])
+            args = parser.parse_args(needed)
+            setattr(args, dest, [value] if action.nargs else value)  # and the check, given one, too
+            return args
+        return parser.parse_args(needed + [f'--{dest}={value!r}'])
+
+    for value in inside(allowed, kind):
+        check_ranges(parsed(value))
+    for value in outside(allowed, kind):
+        with pytest.raises(UsageError) as e:
+            check_ranges(parsed(value))
+        message = str(e.value)
+        assert '\n' not in message and message.startswith(f'--{dest} must be ') and message.endswith(
+            f', got {value}'), message
+        assert ('finite and ' in message) == (not math.isfinite(value))
+
+
+def test_messages_say_the_range():
+    args = main_finetune.get_args_parser().parse_args([])
+    for flag, value, expect in [
+            ('clip_grad', -1.0, '--clip_grad must be positive, got -1.0'),
+            ('layer_decay', -1.0, '--layer_decay must be in (0, 1], got -1.0'),
+            ('layer_decay', 1.5, '--layer_decay must be in (0, 1], got 1.5'),
+            ('smoothing', 1.0, '--smoothing must be in [0, 1), got 1.0'),
+            ('mixup_prob', math.nan, '--mixup_prob must be finite and in [0, 1], got nan'),
+            ('lr', math.inf, '--lr must be finite and positive, got inf'),
+            ('seed', 2 ** 32, '--seed must be in [0, 4294967295], got 4294967296'),
+            ('train_blocks', -2, '--train_blocks must be -1 (all) or at least 0, got -2'),
+            ('recount', 0, '--recount must be at least 1, got 0')]:
+        with pytest.raises(UsageError) as e:
+            check_ranges(argparse_copy(args, **{flag: value}))
+        assert str(e.value) == expect
+
+
+def argparse_copy(args, **changes):
+    out = type(args)(**vars(args))
+    for k, v in changes.items():
+        setattr(out, k, v)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- between flags
+def finetune_args(*argv):
+    return main_finetune.get_args_parser().parse_args([str(a) for a in argv])
+
+
+@pytest.mark.parametrize('argv,expect', [
+    (['--mixup', '0.8', '--batch_size', '5'], '--mixup/--cutmix mix each image with another of its batch (timm\'s '
+                                              'Mixup), which needs an even --batch_size; got 5'),
+    (['--cutmix', '1', '--batch_size', '3'], 'needs an even --batch_size; got 3'),
+    (['--cutmix_minmax', '0.2', '0.8', '--batch_size', '3'], 'needs an even --batch_size; got 3'),
+    (['--mixup_mode', 'pairs'], '--mixup_mode pairs is not one of batch, pair, elem'),
+    (['--cutmix_minmax', '0.5'], '--cutmix_minmax takes two values'),
+    (['--cutmix_minmax', '0.8', '0.2'], 'the first below the second; got 0.8 0.2'),
+    (['--cutmix_minmax', '0.5', '0.51', '--input_size', '32'], '--cutmix_minmax 0.5 0.51 gives cut boxes 16 to 16 '
+                                                              'pixels wide at --input_size 32: no size to draw'),
+    (['--seed', str(2 ** 32 - 1), '--world_size', '2'], 'with 2 processes --seed must be at most 4294967294'),
+])
+def test_constraints_between_flags(argv, expect):
+    args = finetune_args(*argv)
+    check_ranges(args)
+    with pytest.raises(UsageError) as e:
+        check_between(args)
+    assert expect in str(e.value) and '\n' not in str(e.value)
+
+
+def test_what_mixup_accepts_passes():
+    for argv in ([], ['--mixup', '0.8', '--cutmix', '1.0', '--batch_size', '4', '--mixup_mode', 'elem'],
+                 ['--cutmix_minmax', '0.2', '0.8', '--input_size', '32'],
+                 ['--batch_size', '5'], ['--seed', str(2 ** 32 - 1)]):
+        check_between(finetune_args(*argv))
+
+
+def test_even_batch_and_minmax_are_what_timm_needs():
+    """The two constraints are timm's own: an odd batch and a cut-size range of one pixel fail inside Mixup."""
+    import torch
+    from timm.data import Mixup
+    with pytest.raises(AssertionError, match='Batch size should be even'):
+        Mixup(mixup_alpha=0.8, num_classes=2)(torch.zeros(3, 3, 8, 8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError):  # numpy: low >= high
+        Mixup(mixup_alpha=0., cutmix_minmax=[0.5, 0.51], num_classes=2)(
+            torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------- whole scripts
+FT = ['--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '4', '--nb_classes', '2', '--device', 'cpu',
+      '--num_workers', '0', '--data_path', TINY]
+PT = ['--model', 'mae_vit_tiny_patch4', '--input_size', '32', '--batch_size', '8', '--warmup_epochs', '1',
+      '--device', 'cpu', '--num_workers', '0', '--data_path', TINY]
+
+
+@pytest.mark.parametrize('module,argv,expect', [
+    (main_finetune, ['--clip_grad', '-1'], 'error: --clip_grad must be positive, got -1.0'),  # gradient ascent
+    (main_finetune, ['--layer_decay', '-1'], 'error: --layer_decay must be in (0, 1], got -1.0'),  # negative lrs
+    (main_linprobe, ['--blr', 'nan'], 'error: --blr must be finite and positive, got nan'),
+    (main_pretrain, ['--mask_ratio', 'nan'], 'error: --mask_ratio must be finite and in [0, 1), got nan'),
+    (main_pretrain, ['--weight_decay', 'inf'], 'error: --weight_decay must be finite and at least 0, got inf'),
+    (main_pretrain, ['--seed', '-1'], 'error: --seed must be in [0, 4294967295], got -1'),
+])
+def test_scripts_refuse_in_one_line_before_writing(tmp_path, capsys, module, argv, expect):
+    out = tmp_path / 'out'
+    code, err = run_in_process(module, capsys, *(PT if module is main_pretrain else FT), '--output_dir', out, *argv)
+    assert code == 2 and err == expect + '\n'
+    assert not out.exists()
+
+
+def test_visualize_uses_the_table(tmp_path, capsys):
+    for argv, expect in [(['--mask_ratios', '0.5', '1.0', '--grid'], '--mask_ratios must be in [0, 1), got 1.0'),
+                         (['--colors', '1'], '--colors must be 0 (full colour) or in [2, 256], got 1'),
+                         (['--scale', '-1'], '--scale must be 0 (automatic) or at least 1, got -1'),
+                         (['--mask_ratio', 'inf'], '--mask_ratio must be finite and in [0, 1), got inf')]:
+        code, err = run_in_process(VISUALIZE, capsys, 'x.png', '--checkpoint', tmp_path / 'none.pth', *argv)
+        assert code == 2 and err == f'error: {expect}\n'
