@@ -7,6 +7,7 @@ import os
 import pathlib
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -151,14 +152,37 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        full = ' (the disk is full)' if e.errno in (errno.ENOSPC, errno.EDQUOT) else ''
-        raise TrainingStopped(f"cannot write {path}{full}: {e.strerror or e}; free space in {path.parent} and run "
-                              f"the same command again: the previous checkpoint there is intact") from None
+    except (OSError, RuntimeError) as e:
+        error = _write_error(e, path.parent)
+        if error is None:
+            raise
+        full = ' (the disk is full)' if error.errno in (errno.ENOSPC, errno.EDQUOT) else ''
+        raise TrainingStopped(f"cannot write {path}{full}: {error.strerror or error}; free space in {path.parent} "
+                              f"and run the same command again: the previous checkpoint there is intact") from None
     finally:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def _write_error(e, folder):
+    """The ``OSError`` behind a failed write: ``e`` itself, or the one torch's zip writer met in the file's
+    ``write`` and turned into a ``RuntimeError`` ('[enforce fail at inline_container.cc:...] unexpected pos ...'),
+    which keeps it as its context; where that context is lost, the writer's message and the free space of
+    ``folder`` stand for it. None for any other error."""
+    cause = e
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__context__
+    if isinstance(e, RuntimeError) and any(m in str(e) for m in _WRITER_FAILURES):
+        if shutil.disk_usage(folder).free < 2 ** 20:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return OSError(errno.EIO, str(e).splitlines()[0])
+    return None
+
+
+_WRITER_FAILURES = ('unexpected pos', 'PytorchStreamWriter failed')
 
 
 def link_or_copy(src, dst):
@@ -201,21 +225,62 @@ def _safe_load(path, **kwargs):
 
 def load(path, what='--resume'):
     """Load a checkpoint file (ours, the reference's, or a released one) onto the CPU, safely: only tensors,
-    plain values and the reference's Namespace of flags (with path values) are unpickled."""
+    plain values and the reference's Namespace of flags (with path values) are unpickled; a file that changed
+    since it was written (``damage``) is refused. ``what``: the flag that named the file, or '--output_dir' for
+    one found there (auto-resume)."""
     if str(path).startswith('https'):
         return torch.hub.load_state_dict_from_url(str(path), map_location='cpu', check_hash=True)
+    label = (f"--output_dir {os.path.dirname(path)} holds {os.path.basename(path)}" if what == '--output_dir'
+             else f"{what} {path}")
     if os.path.isdir(path):
-        raise UsageError(f"{what} {path} is a folder; give a checkpoint file (e.g. {os.path.join(path, LAST)})")
+        raise UsageError(f"{label} is a folder; give a checkpoint file (e.g. {os.path.join(path, LAST)})")
     if not os.path.isfile(path):
-        raise UsageError(f"{what} {path}: no such file")
+        raise UsageError(f"{label}: no such file")
+    checkpoint, failure = None, None
     try:
         checkpoint = _safe_load(path)
     except Exception as e:  # noqa: BLE001 - any failure to read is the file's fault here
-        raise UsageError(f"{what} {path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
-                         f"{_unpickling_reason(e)})") from None
-    if not isinstance(checkpoint, dict) or 'model' not in checkpoint:
-        raise UsageError(f"{what} {path}: not an MAE checkpoint (no 'model' entry)")
+        failure = e
+    problem = damage(path)
+    if problem:
+        raise UsageError(f"{label}: damaged since it was written ({problem})")
+    if failure is not None:
+        raise UsageError(f"{label}: cannot be read as a PyTorch checkpoint ({type(failure).__name__}: "
+                         f"{_unpickling_reason(failure)})")
+    if not is_mae_checkpoint(checkpoint):
+        raise UsageError(f"{label}: not an MAE checkpoint (no 'model' entry)")
     return checkpoint
+
+
+def is_mae_checkpoint(checkpoint):
+    return isinstance(checkpoint, dict) and 'model' in checkpoint
+
+
+def damage(path):
+    """Why the file at ``path`` no longer holds what was written, or None if it does (or cannot say). torch.save
+    writes a zip archive with a CRC-32 of each record (the pickle of the plain values, the bytes of each tensor),
+    which torch.load never checks: here every record is read and checked against its CRC-32 (about 0.5 s per GB,
+    benchmarks/checkpoint_integrity.py). This covers every checkpoint torch >= 1.6 wrote, the reference's and the
+    released ones included, with nothing added to the file. Files in torch's legacy format, or written without
+    CRC-32s (``torch.serialization.set_crc32_options(False)``), have nothing to be checked against."""
+    if not zipfile.is_zipfile(path):
+        return None  # the legacy format; or a truncated archive, which torch.load itself refuses
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0 and info.file_size:  # written without CRC-32s
+                    continue
+                name = info.filename.split('/', 1)[-1]  # (after the archive's own folder)
+                try:
+                    with archive.open(info) as record:  # BadZipFile at its end if its bytes do not match
+                        while record.read(1 << 24):
+                            pass
+                except zipfile.BadZipFile as e:
+                    return (f"{name} does not match the CRC-32 written with it" if 'CRC' in str(e)
+                            else f"{name}: {e}")
+    except Exception as e:  # noqa: BLE001 - a broken archive, a read error: damage too
+        return str(e) or type(e).__name__
+    return None
 
 
 def position(checkpoint):
@@ -224,19 +289,32 @@ def position(checkpoint):
 
 
 def newest(output_dir):
-    """The newest complete checkpoint in ``output_dir`` (by how far it is), or '' if there is none."""
+    """The newest good checkpoint in ``output_dir`` (by how far it is; ``checkpoint-last.pth`` on a tie), or '' if
+    there is none. Files that cannot be read, that are not MAE checkpoints (e.g. a bare ``state_dict``) or that
+    changed since they were written (``damage``) are passed over, each with a note; only the chosen one, and any
+    damaged one newer than it, is read whole."""
     if not output_dir or not os.path.isdir(output_dir):
         return ''
-    best, best_at = '', None
+    found = []
     for name in sorted(os.listdir(output_dir)):
         if not (name.startswith('checkpoint-') and name.endswith('.pth')):
             continue
         path = os.path.join(output_dir, name)
         try:
-            at = position(_safe_load(path, mmap=True))
+            checkpoint = _safe_load(path, mmap=True)
+            at = position(checkpoint) if is_mae_checkpoint(checkpoint) else None
+            if at is not None:
+                at = (int(at[0]), int(at[1]))
         except Exception as e:  # noqa: BLE001 - a damaged file is passed over, the next newest is used
             print(f"Note: skipping unreadable checkpoint {path} ({type(e).__name__})")
             continue
-        if best_at is None or at > best_at or (at == best_at and name == LAST):
-            best, best_at = path, at
-    return best
+        if at is None:
+            print(f"Note: skipping {path}: not an MAE checkpoint (no 'model' entry)")
+            continue
+        found.append((at, name == LAST, path))
+    for _, _, path in sorted(found, key=lambda f: f[:2], reverse=True):  # (stable: the first name on a tie)
+        problem = damage(path)
+        if problem is None:
+            return path
+        print(f"Note: skipping damaged checkpoint {path} ({problem})")
+    return ''
