@@ -115,7 +115,9 @@ def main(args):
 
     # (evaluation only needs val/)
     data_loader_train = None if args.eval else fast_data.train_loader(args, build_transform(True, args), None, device)
-    dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images)
+    # [new] val/'s classes take train/'s numbers, by name (the reference numbers each split's folders on its own)
+    dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images,
+                               numbered_as='train')
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
     data_loader_val = val_loader(args, dataset_val, device)

@@ -17,15 +17,21 @@ def check_classes(args, dataset_train, dataset_val):
         if dataset is not None and len(dataset.classes) > args.nb_classes:
             raise misc.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {len(dataset.classes)} "
                                   f"classes in {dataset.root}")
+    numbers = max(dataset_val.class_to_idx.values()) + 1  # (val/'s classes take train/'s numbers)
+    if numbers > args.nb_classes:
+        raise misc.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {numbers} classes of "
+                              f"{dataset_val.numbered_as}, whose numbers the classes of {dataset_val.root} take")
     found = len((dataset_train or dataset_val).classes)
     if args.nb_classes > found:
         print(f"Note: --nb_classes {args.nb_classes} is {args.nb_classes - found} more than the {found} class folders "
               f"in {(dataset_train or dataset_val).root}: the head has outputs no image is labelled with (pass "
               f"--nb_classes {found} unless that is what you want)")
     if dataset_train is not None and dataset_train.classes != dataset_val.classes:
-        # ImageFolder numbers each split's folders on its own: the labels of train/ and val/ would not agree
-        print(f"Warning: {dataset_train.root} and {dataset_val.root} do not hold the same class folders; class "
-              f"indices are assigned per folder, so they differ between the two")
+        # (val/'s classes are train/'s, numbered as there: util.image_folder refuses any other)
+        missing = [name for name in dataset_train.classes if name not in dataset_val.class_to_idx]
+        print(f"Note: {dataset_val.root} holds {len(dataset_val.classes)} of the {len(dataset_train.classes)} "
+              f"classes of {dataset_train.root} (not: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "
+              f"its images are labelled with the numbers of their classes there")
 
 
 def val_loader(args, dataset_val, device):

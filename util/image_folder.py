@@ -91,7 +91,8 @@ class ImageFolder(datasets.ImageFolder):
     on stderr and counted once per epoch, in flags shared with the DataLoader workers (``skipped_images``).
     """
 
-    def __init__(self, root, transform=None, skip_bad=False, loader=load_rgb):
+    def __init__(self, root, transform=None, skip_bad=False, loader=load_rgb, numbered_as=None):
+        self.numbered_as = numbered_as
         try:
             super().__init__(root, transform=transform, loader=loader)
         except FileNotFoundError as e:  # no class folders, or a class folder without an image
@@ -106,6 +107,33 @@ class ImageFolder(datasets.ImageFolder):
         # before): the test-and-set of its flag is under a lock, so that exactly one of them announces it. A spawn
         # context lock is inherited by forked workers and handed to spawned ones alike.
         self._announce_lock = multiprocessing.get_context('spawn').Lock() if skip_bad else None
+
+    def find_classes(self, directory):
+        """The class folders, as torchvision finds them, each checked for a link loop (``link_loop``). With
+        ``numbered_as`` (another split's folder, e.g. train/ for val/), each class gets the number it has there, so
+        that labels mean the same classes in both; a class that folder lacks is refused: its images would be scored
+        against whichever class the model's output of that number stands for (a typo'd or extra folder is the
+        likely cause, and counting its images as errors would give an accuracy of a different task)."""
+        classes, class_to_idx = super().find_classes(directory)
+        for name in classes:
+            loop = link_loop(os.path.join(directory, name))
+            if loop:
+                raise UsageError(f"{loop[0]} is a symbolic link to {loop[1]}, a folder it is inside of: its images "
+                                 f"would be listed again and again; remove the link")
+        if self.numbered_as is None or not os.path.isdir(self.numbered_as):
+            return classes, class_to_idx
+        try:
+            numbers = datasets.folder.find_classes(self.numbered_as)[1]
+        except FileNotFoundError:  # no class folders there (the entry points say so for train/ themselves)
+            return classes, class_to_idx
+        unknown = [name for name in classes if name not in numbers]
+        if unknown:
+            raise UsageError(f"{directory} has class folder{'s' if len(unknown) > 1 else ''} that "
+                             f"{self.numbered_as} lacks: {', '.join(unknown[:5])}"
+                             f"{f' (+{len(unknown) - 5} more)' if len(unknown) > 5 else ''}; the model has no "
+                             f"output for {'them' if len(unknown) > 1 else 'it'}: rename or remove "
+                             f"{'them' if len(unknown) > 1 else 'it'} (class folders are matched by name)")
+        return classes, {name: numbers[name] for name in classes}
 
     def _load(self, index):
         path = self.samples[index][0]
@@ -150,12 +178,49 @@ class ImageFolder(datasets.ImageFolder):
         return sample, target
 
 
-def image_folder(data_path, split, transform, skip_bad=False, loader=load_rgb):
+def image_folder(data_path, split, transform, skip_bad=False, loader=load_rgb, numbered_as=None):
     """``ImageFolder(data_path/split)``: a one-line ``UsageError`` names the folder when it is missing, has no class
     folders, or a class folder holds no image, and the file when an image cannot be read (unless ``skip_bad``: see
-    ``ImageFolder``). ``loader(path)`` reads a file (``util.fast_data``'s also augment it). The entry points check
-    that the folders exist with their flags first (``util.flags.check_common``)."""
-    return ImageFolder(os.path.join(data_path, split), transform=transform, skip_bad=skip_bad, loader=loader)
+    ``ImageFolder``). ``loader(path)`` reads a file (``util.fast_data``'s also augment it). ``numbered_as``: the
+    split whose class numbers the classes take, when it is there (an evaluation split takes 'train''s). The entry
+    points check that the folders exist with their flags first (``util.flags.check_common``)."""
+    return ImageFolder(os.path.join(data_path, split), transform=transform, skip_bad=skip_bad, loader=loader,
+                       numbered_as=numbered_as and os.path.join(data_path, numbered_as))
+
+
+def link_loop(folder):
+    """The first symbolic link at or below ``folder`` that leads back to a folder it is inside of, as ``(link,
+    target)``, or None. torchvision lists a class folder's images with ``os.walk(followlinks=True)``, which follows
+    such a link round and round until the path is too long: the images it leads back to would count many times,
+    and a link at the top (``train/loop -> ..``) would be a class of its own. A link to a folder elsewhere is
+    followed, as torchvision does."""
+    return _link_loop(folder, [os.path.realpath(os.path.dirname(folder))])
+
+
+def _link_loop(path, chain):
+    # chain: the real paths of the folders the walk went through to reach ``path``, its parent's last
+    if os.path.islink(path):
+        real = os.path.realpath(path)
+        if any(inside == real or inside.startswith(real.rstrip(os.sep) + os.sep) for inside in chain):
+            return path, real
+    else:
+        real = os.path.join(chain[-1], os.path.basename(path))
+    try:
+        folders = sorted(entry.path for entry in os.scandir(path) if _is_dir(entry))
+    except OSError:
+        return None
+    for sub in folders:
+        found = _link_loop(sub, chain + [real])
+        if found:
+            return found
+    return None
+
+
+def _is_dir(entry):
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------- skip counts
