@@ -17,7 +17,7 @@ import util.misc as misc
 import util.speed as speed
 from engine_finetune import evaluate, train_and_evaluate
 from util import fast_data
-from util.datasets import build_transform, check_classes, val_loader
+from util.datasets import build_transform, check_augmentation, check_classes, val_loader
 from util.flags import add_common_args, check_common
 from util.image_folder import image_folder
 from util.lr_sched import set_lr
@@ -104,6 +104,7 @@ def get_args_parser():
 
 def check_args(args):
     check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
+    check_augmentation(args)
 
 
 def main(args):

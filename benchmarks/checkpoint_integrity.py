@@ -30,25 +30,29 @@ def timed(what, fn, gb):
     print(f"{what:<44} {took:6.2f} s  ({gb / took:5.2f} GB/s)")
 
 
+def hashes_and_save(gb, path):
+    """The hashes over the tensors' bytes in memory, then the file written as Run.save writes it."""
+    tensor = torch.randn(int(gb * 1e9 / 4))
+    data = memoryview(tensor.numpy()).cast('B')
+    print("hashes over the tensor's bytes in memory (what a checksum of our own would cost, at save and at load):")
+    timed('  zlib.crc32', lambda: zlib.crc32(data), gb)
+    timed('  zlib.adler32', lambda: zlib.adler32(data), gb)
+    timed('  hashlib.sha256', lambda: hashlib.sha256(data).digest(), gb)
+    timed('  hashlib.blake2b', lambda: hashlib.blake2b(data).digest(), gb)
+    print("the checkpoint file:")
+    timed('  atomic_save (torch.save + fsync; CRC-32s)', lambda: ckpt_io.atomic_save({'model': {'w': tensor}}, path),
+          gb)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--gb', type=float, default=1.2, help='size of the fp32 tensors (default 1.2: a ViT-L)')
     parser.add_argument('--dir', default=None, help='where to write the file (default: the temporary folder)')
     args = parser.parse_args()
-    tensor = torch.randn(int(args.gb * 1e9 / 4))
-    data = memoryview(tensor.numpy()).cast('B')
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; {args.gb} GB of fp32 tensors")
-    print("hashes over the tensor's bytes in memory (what a checksum of our own would cost, at save and at load):")
-    timed('  zlib.crc32', lambda: zlib.crc32(data), args.gb)
-    timed('  zlib.adler32', lambda: zlib.adler32(data), args.gb)
-    timed('  hashlib.sha256', lambda: hashlib.sha256(data).digest(), args.gb)
-    timed('  hashlib.blake2b', lambda: hashlib.blake2b(data).digest(), args.gb)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path = Path(folder) / 'checkpoint-last.pth'
-        print("the checkpoint file:")
-        timed('  atomic_save (torch.save + fsync; CRC-32s)', lambda: ckpt_io.atomic_save({'model': {'w': tensor}},
-                                                                                         path), args.gb)
-        del tensor, data
+        hashes_and_save(args.gb, path)
         timed('  torch.load (weights_only)', lambda: torch.load(path, weights_only=True), args.gb)
         timed('  util.checkpoint.damage (every CRC-32)', lambda: ckpt_io.damage(path), args.gb)
         timed('  util.checkpoint.load (both)', lambda: ckpt_io.load(path), args.gb)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
 import util.checkpoint as ckpt_io  # noqa: E402
 import util.misc as misc  # noqa: E402
-from util.flags import check_ranges  # noqa: E402
+from util.flags import check_device, check_ranges  # noqa: E402
 from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb  # noqa: E402
 from util.misc import UsageError  # noqa: E402
 
@@ -250,6 +250,10 @@ def load_mae(args):
     except ValueError as e:  # an input size that is not a multiple of the patch size, or a foreign decoder width
         raise UsageError(f"--checkpoint {args.checkpoint} does not fit --model {args.model} at --input_size "
                          f"{args.input_size}: {e}") from None
+    except RuntimeError as e:  # its position embeddings: (input_size / patch)^2 rows
+        if 'allocate' not in str(e):
+            raise
+        raise UsageError(f"--input_size {args.input_size}: {args.model} at that size does not fit in memory") from None
 
     # the position embeddings are fixed sin-cos tables: for another image size the model's own are the right ones
     own = model.state_dict()
@@ -438,10 +442,8 @@ def check_args(args):
     check_ranges(args)  # --mask_ratio(s), --scale, --colors, --input_size, --seed (util/flags.py's RANGES)
     if args.mask_ratios and not args.grid:
         raise UsageError("--mask_ratios needs --grid (one figure per image uses --mask_ratio)")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise UsageError(f"--device {args.device}: {e}") from None
+    check_device(args)  # a device torch knows, a GPU index there is
+    device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device available (use --device cpu)")
     return device

@@ -162,4 +162,5 @@ def test_a_bare_state_dict_in_the_folder_is_passed_over_and_named_as_found(tmp_p
     assert ckpt_io.newest(tmp_path) == str(tmp_path / 'checkpoint-0.pth')
     with pytest.raises(UsageError) as e:
         ckpt_io.load(tmp_path / 'checkpoint-last.pth', what='--output_dir')
-    assert str(e.value) == f"--output_dir {tmp_path} holds checkpoint-last.pth: not an MAE checkpoint (no 'model' entry)"
+    assert str(e.value) == (f"--output_dir {tmp_path} holds checkpoint-last.pth: not an MAE checkpoint (no 'model' "
+                            f"entry)")

@@ -203,3 +203,48 @@ def test_visualize_uses_the_table(tmp_path, capsys):
                          (['--mask_ratio', 'inf'], '--mask_ratio must be finite and in [0, 1), got inf')]:
         code, err = run_in_process(VISUALIZE, capsys, 'x.png', '--checkpoint', tmp_path / 'none.pth', *argv)
         assert code == 2 and err == f'error: {expect}\n'
+
+
+# ---------------------------------------------------------------------------------------------------- other values
+@pytest.mark.parametrize('module,argv,expect', [
+    (main_pretrain, ['--device', 'gpu'], "--device 'gpu' is not a device torch knows; e.g. cuda, cuda:1, cpu"),
+    (main_pretrain, ['--device', ''], "--device '' is not a device torch knows; e.g. cuda, cuda:1, cpu"),
+    (main_linprobe, ['--device', 'cuda:x'], "--device 'cuda:x' is not a device torch knows; e.g. cuda, cuda:1, cpu"),
+    (main_finetune, ['--aa', 'none'], "--aa none is not an augmentation policy timm knows (Unknown AA policy none): "
+                                      "e.g. rand-m9-mstd0.5-inc1, v0, original, or '' for none"),
+    (main_finetune, ['--remode', 'pixels'], '--remode pixels is not one of const, rand, pixel'),
+    (main_finetune, ['--mixup_mode', 'pairs'], '--mixup_mode pairs is not one of batch, pair, elem'),
+])
+def test_other_mistakes_are_one_line_before_writing(tmp_path, capsys, module, argv, expect):
+    out = tmp_path / 'out'
+    code, err = run_in_process(module, capsys, *(PT if module is main_pretrain else FT), '--output_dir', out, *argv)
+    assert code == 2 and err == f'error: {expect}\n'
+    assert not out.exists()
+
+
+def test_log_dir_inside_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / 'file').write_text('')
+    code, err = run_in_process(main_pretrain, capsys, *PT, '--output_dir', tmp_path / 'out', '--log_dir',
+                               tmp_path / 'file' / 'tb')
+    assert code == 2 and err == (f"error: --log_dir {tmp_path / 'file' / 'tb'}: {tmp_path / 'file'} is a file, not a "
+                                 f"folder\n")
+    assert not (tmp_path / 'out').exists()
+
+
+def test_device_index_and_backend(monkeypatch):
+    import torch
+    from types import SimpleNamespace
+    from util.flags import check_device
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    check_device(SimpleNamespace(device='cuda:1'))
+    with pytest.raises(UsageError, match=r'^--device cuda:2: this machine has 2 GPU\(s\), cuda:0 to cuda:1$'):
+        check_device(SimpleNamespace(device='cuda:2'))
+    monkeypatch.setattr(torch, 'empty', lambda *a, **k: (_ for _ in ()).throw(RuntimeError('no mps backend')))
+    with pytest.raises(UsageError, match=r'^--device mps: this torch or machine cannot run on mps; e.g. cuda, cpu$'):
+        check_device(SimpleNamespace(device='mps'))
+
+
+def test_visualize_device_typo(tmp_path, capsys):
+    code, err = run_in_process(VISUALIZE, capsys, 'x.png', '--checkpoint', tmp_path / 'none.pth', '--device', 'gpu')
+    assert code == 2 and err == "error: --device 'gpu' is not a device torch knows; e.g. cuda, cuda:1, cpu\n"

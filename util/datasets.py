@@ -34,6 +34,21 @@ def check_classes(args, dataset_train, dataset_val):
               f"its images are labelled with the numbers of their classes there")
 
 
+RANDOM_ERASE_MODES = ('const', 'rand', 'pixel')
+
+
+def check_augmentation(args):
+    """``--aa`` and ``--remode`` name what timm knows: it asserts otherwise, once the run has started. Checked by
+    building the training transform (it reads no image)."""
+    if args.remode.lower() not in RANDOM_ERASE_MODES + ('',):
+        raise misc.UsageError(f"--remode {args.remode} is not one of {', '.join(RANDOM_ERASE_MODES)}")
+    try:
+        build_transform(True, args)
+    except (AssertionError, ValueError, KeyError, IndexError) as e:
+        raise misc.UsageError(f"--aa {args.aa} is not an augmentation policy timm knows ({e or type(e).__name__}): "
+                              f"e.g. rand-m9-mstd0.5-inc1, v0, original, or '' for none") from None
+
+
 def val_loader(args, dataset_val, device):
     """The reference's evaluation loader: sequential, unless ``--dist_eval`` (the training loader is
     ``util.fast_data.train_loader``)."""

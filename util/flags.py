@@ -5,6 +5,8 @@ import os
 import re
 from typing import NamedTuple
 
+import torch
+
 from util.misc import UsageError
 
 
@@ -257,15 +259,42 @@ def check_common(args, models, kind, splits):
         if not 0 <= args.mask_ratio < 1 or keep in (0, num_patches):
             raise UsageError(f"--mask_ratio {args.mask_ratio} {'keeps no' if not keep else 'masks no'} patch of the "
                              f"{num_patches} at --input_size {args.input_size}: nothing to learn from")
+    check_device(args)
     for flag in ('output_dir', 'log_dir'):
         path = getattr(args, flag)
-        if path and os.path.exists(path) and not os.path.isdir(path):
-            raise UsageError(f"--{flag} {path} is a file, not a folder")
+        if path:
+            found = os.path.abspath(path)  # the folder to be created is inside the nearest one that exists
+            while not os.path.exists(found) and os.path.dirname(found) != found:
+                found = os.path.dirname(found)
+            if os.path.exists(found) and not os.path.isdir(found):
+                raise UsageError(f"--{flag} {path} is a file, not a folder" if found == os.path.abspath(path) else
+                                 f"--{flag} {path}: {found} is a file, not a folder")
     for split in splits:
         root = os.path.join(args.data_path, split)
         if not os.path.isdir(root):
             raise UsageError(f"--data_path {args.data_path}: no such folder" if not os.path.isdir(args.data_path) else
                              f"--data_path {args.data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
+
+
+def check_device(args):
+    """``--device`` names a device torch has: a typo ('gpu', '') or a backend this torch lacks ('mps' on Linux)
+    would fail with a traceback once the run has started; a GPU index this machine lacks too. Whether CUDA is there
+    at all is left to the process start-up (``misc.init_distributed_mode``): the submitit scripts check here, on a
+    machine that may have no GPU, for jobs that run on GPUs."""
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {args.device!r} is not a device torch knows; e.g. cuda, cuda:1, cpu") from None
+    if device.type == 'cuda' and device.index is not None and torch.cuda.is_available() and \
+            device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ('cpu', 'cuda'):
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError):
+            raise UsageError(f"--device {args.device}: this torch or machine cannot run on {device.type}; e.g. "
+                             f"cuda, cpu") from None
 
 
 def batch_problem(args, num_images, world_size):
