@@ -1,6 +1,6 @@
 """Checkpoint files under faults: a write that fails inside torch's zip writer (a full disk) is one line and keeps the
 previous checkpoint; a file damaged after it was written is refused at load and passed over by auto-resume, which
-falls back to the newest good one; files that are not MAE checkpoints are passed over and named as found."""
+falls back to the newest good one; files that are not MAE checkpoints are passed over."""
 import errno
 import struct
 import subprocess
@@ -13,7 +13,7 @@ import torch
 
 import util.checkpoint as ckpt_io
 from conftest import ROOT
-from util.misc import TrainingStopped, UsageError
+from util.errors import TrainingStopped, UsageError
 
 # what torch's zip writer raises when the file's write fails (ENOSPC on a full tmpfs, EFBIG past RLIMIT_FSIZE)
 WRITER_FAILURE = '[enforce fail at inline_container.cc:672] . unexpected pos 768 vs 662'
@@ -33,7 +33,7 @@ def test_write_failing_inside_torchs_zip_writer_is_one_line(tmp_path):
 import resource, signal, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 import util.checkpoint as ckpt_io
-from util.misc import TrainingStopped
+from util.errors import TrainingStopped
 ckpt_io.atomic_save({{'model': {{'w': torch.zeros(10)}}, 'epoch': 1}}, {str(path)!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
@@ -160,7 +160,7 @@ def test_a_bare_state_dict_in_the_folder_is_passed_over_and_named_as_found(tmp_p
                                        f"(no 'model' entry)\n")
     ckpt_io.atomic_save(tiny(0), tmp_path / 'checkpoint-0.pth')
     assert ckpt_io.newest(tmp_path) == str(tmp_path / 'checkpoint-0.pth')
-    with pytest.raises(UsageError) as e:
-        ckpt_io.load(tmp_path / 'checkpoint-last.pth', what='--output_dir')
-    assert str(e.value) == (f"--output_dir {tmp_path} holds checkpoint-last.pth: not an MAE checkpoint (no 'model' "
-                            f"entry)")
+    with pytest.raises(UsageError) as e:  # (as util/resume.py names a file it found)
+        ckpt_io.load(tmp_path / 'checkpoint-last.pth', what='the newest checkpoint in --output_dir,')
+    assert str(e.value) == (f"the newest checkpoint in --output_dir, {tmp_path / 'checkpoint-last.pth'}: not an MAE "
+                            f"checkpoint (no 'model' entry)")

@@ -13,7 +13,7 @@ from conftest import TINY, run_in_process
 from engine_finetune import evaluate
 from util.datasets import check_classes, eval_transform
 from util.image_folder import image_folder
-from util.misc import UsageError
+from util.errors import UsageError
 
 COLOURS = {'a': (255, 0, 0), 'b': (0, 255, 0), 'c': (0, 0, 255), 'airplane': (255, 0, 0), 'cat': (0, 255, 0),
            'dog': (0, 0, 255)}

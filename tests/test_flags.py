@@ -12,7 +12,7 @@ import main_pretrain
 import util.submitit_job as submitit_job
 from conftest import ROOT, TINY, run_in_process
 from util.flags import RANGES, check_between, check_ranges
-from util.misc import UsageError
+from util.errors import UsageError
 
 
 def _visualize():

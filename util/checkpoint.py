@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from util import compat
-from util.misc import TrainingStopped, UsageError
+from util.errors import TrainingStopped, UsageError
 
 LAST = 'checkpoint-last.pth'
 
@@ -226,12 +226,10 @@ def _safe_load(path, **kwargs):
 def load(path, what='--resume'):
     """Load a checkpoint file (ours, the reference's, or a released one) onto the CPU, safely: only tensors,
     plain values and the reference's Namespace of flags (with path values) are unpickled; a file that changed
-    since it was written (``damage``) is refused. ``what``: the flag that named the file, or '--output_dir' for
-    one found there (auto-resume)."""
+    since it was written (``damage``) is refused. ``what``: how the messages name the file's origin (its flag)."""
     if str(path).startswith('https'):
         return torch.hub.load_state_dict_from_url(str(path), map_location='cpu', check_hash=True)
-    label = (f"--output_dir {os.path.dirname(path)} holds {os.path.basename(path)}" if what == '--output_dir'
-             else f"{what} {path}")
+    label = f"{what} {path}"
     if os.path.isdir(path):
         raise UsageError(f"{label} is a folder; give a checkpoint file (e.g. {os.path.join(path, LAST)})")
     if not os.path.isfile(path):
@@ -286,6 +284,15 @@ def damage(path):
 def position(checkpoint):
     """How far a checkpoint is: ``(completed epoch, optimizer-step iteration inside the next epoch or 0)``."""
     return checkpoint.get('epoch', -1), checkpoint.get('resume_iter', 0)
+
+
+def describe_position(checkpoint):
+    """Where a checkpoint is, in words: 'the end of epoch 3', or 'epoch 4 iteration 120' for one written inside an
+    epoch (whose 'epoch' entry is the last completed one)."""
+    if 'resume_iter' in checkpoint:
+        return f"epoch {checkpoint.get('resume_epoch', checkpoint.get('epoch', -1) + 1)} iteration " \
+               f"{checkpoint['resume_iter']}"
+    return f"the end of epoch {checkpoint.get('epoch')}"
 
 
 def newest(output_dir):

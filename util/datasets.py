@@ -1,12 +1,11 @@
 """The data of the three entry points, as in the reference: training and evaluation transforms (DeiT's recipe for
 fine-tuning), the class checks and the evaluation loader of supervised training."""
-import torch
 from PIL import ImageOps
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
-import util.misc as misc
+import util.errors as errors
 from util.crop import RandomResizedCrop
 
 
@@ -15,11 +14,11 @@ def check_classes(args, dataset_train, dataset_val):
     allowed (the reference's default is ImageNet's 1000) but said."""
     for dataset in (dataset_train, dataset_val):
         if dataset is not None and len(dataset.classes) > args.nb_classes:
-            raise misc.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {len(dataset.classes)} "
+            raise errors.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {len(dataset.classes)} "
                                   f"classes in {dataset.root}")
     numbers = max(dataset_val.class_to_idx.values()) + 1  # (val/'s classes take train/'s numbers)
     if numbers > args.nb_classes:
-        raise misc.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {numbers} classes of "
+        raise errors.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {numbers} classes of "
                               f"{dataset_val.numbered_as}, whose numbers the classes of {dataset_val.root} take")
     found = len((dataset_train or dataset_val).classes)
     if args.nb_classes > found:
@@ -41,31 +40,12 @@ def check_augmentation(args):
     """``--aa`` and ``--remode`` name what timm knows: it asserts otherwise, once the run has started. Checked by
     building the training transform (it reads no image)."""
     if args.remode.lower() not in RANDOM_ERASE_MODES + ('',):
-        raise misc.UsageError(f"--remode {args.remode} is not one of {', '.join(RANDOM_ERASE_MODES)}")
+        raise errors.UsageError(f"--remode {args.remode} is not one of {', '.join(RANDOM_ERASE_MODES)}")
     try:
         build_transform(True, args)
     except (AssertionError, ValueError, KeyError, IndexError) as e:
-        raise misc.UsageError(f"--aa {args.aa} is not an augmentation policy timm knows ({e or type(e).__name__}): "
+        raise errors.UsageError(f"--aa {args.aa} is not an augmentation policy timm knows ({e or type(e).__name__}): "
                               f"e.g. rand-m9-mstd0.5-inc1, v0, original, or '' for none") from None
-
-
-def val_loader(args, dataset_val, device):
-    """The reference's evaluation loader: sequential, unless ``--dist_eval`` (the training loader is
-    ``util.fast_data.train_loader``)."""
-    num_tasks = misc.get_world_size()
-    if args.dist_eval:
-        if len(dataset_val) % num_tasks != 0:
-            print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
-                  'This will slightly alter validation results as extra duplicate entries are added to achieve '
-                  'equal num of samples per-process.')
-        # shuffle=True to reduce monitor bias
-        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks,
-                                                          rank=misc.get_rank(), shuffle=True)
-    else:
-        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    return torch.utils.data.DataLoader(
-        dataset_val, sampler=sampler_val, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=False)
 
 
 def pretrain_transform(input_size):
