@@ -25,9 +25,10 @@ would run past its part's share is stopped, and what it printed so far is kept):
    it has room (about 40 GB of checkpoints are written, each flushed with fsync);
 3. bench_step.py's table: faithful, fast_eager and fast for MAE ViT-B/L/H and fine-tuning ViT-B/L/H at
    bench_step's batches (3 warm-up and 10 timed steps a row), and MAE ViT-H at batch 256 with
-   --grad_checkpointing (peak memory). The rows the targets need run first. While part 2 runs, bench_step.py
-   already runs each compiled row for one step in the background, so that part 3 finds torch.compile's caches
-   warm (those processes are stopped before part 3 times anything);
+   --grad_checkpointing (peak memory). The rows the targets need run first. On a GPU of 120 GiB or more (H200),
+   while part 2 runs, bench_step.py already runs each compiled row for one step in the background, so that part 3
+   finds torch.compile's caches warm (those processes are stopped before part 3 times anything); elsewhere each
+   compiled row compiles in part 3, and fewer rows fit;
 4. bench_input.py: the input table at 16 workers (pil, fast_cpu, gpu, and dali) on its ImageNet-like JPEGs (made in
    the background during part 2), and MAE ViT-L pre-training end to end on them against a synthetic batch.
 
@@ -121,7 +122,7 @@ GPU_PLAN = dict(
                         '--train_steps', '60'])],
     input_loaders=['pil', 'fast_cpu', 'gpu'])
 SMOKE_PLAN = dict(
-    device='cpu', budget=900, slots=2, threads=1, image_size=(64, 48), train_per_class=5, val_per_class=2,
+    device='cpu', budget=1500, slots=2, threads=1, image_size=(64, 48), train_per_class=5, val_per_class=2,
     mae='mae_vit_tiny_patch4', vit='vit_tiny_patch4', input_size=32, batch=4, epochs=2, save_every=4,
     finetune_batch=4, linprobe_batch=8, workers=0,
     paths=[('default', [], 'fp32'), ('fast', ['--fast', '--data_loader', 'fast_cpu'], 'fp32')],
@@ -174,8 +175,9 @@ class Job:
 
 class Runner:
     """Starts the scripts as subprocesses (each in its own process group, so that a kill or a time limit ends what
-    it started too: DataLoader workers, inductor's compile workers), keeps their output under ``work/logs`` and
-    the end of it in ``logs.txt``."""
+    it started too: DataLoader workers, inductor's compile workers; in this script's session, so that whatever ends
+    this script's session ends them too), keeps their output under ``work/logs`` and the end of it in
+    ``logs.txt``."""
 
     def __init__(self, work, log_file, env):
         self.logs, self.log_file, self.env = Path(work) / 'logs', Path(log_file), env
@@ -192,8 +194,9 @@ class Runner:
         log = self.logs / f'{name}.txt'
         start = time.monotonic()
         with open(log, 'wb') as out:
-            proc = subprocess.Popen(job.argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=dict(self.env, **(env or {})))
+            group = dict(process_group=0) if sys.version_info >= (3, 11) else dict(start_new_session=True)
+            proc = subprocess.Popen(job.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=dict(self.env, **(env or {})), **group)
             with self.lock:
                 self.live[proc.pid] = tag
             seen = set()
@@ -616,7 +619,8 @@ def kill_check(name, flags, precision, full, killed, resumed, full_dir, part_dir
 # ---------------------------------------------------------------------------------------------------- background
 def start_background(ctx):
     """While part 2 runs (GPU only): bench_input.py makes its JPEGs, and each compiled row of part 3 runs once for a
-    step, filling torch.compile's caches; 2 compiling at a time on a GPU of 120 GiB or more, 1 on 70-120 GiB."""
+    step, filling torch.compile's caches, 2 at a time, on a GPU of 120 GiB or more (an H200; on 80 GB, part 2's
+    runs, about 50 GiB together, leave too little room for them)."""
     plan, threads = ctx.plan, []
     if 'input' in ctx.parts:
         argv = ['benchmarks/bench_input.py', '--workers', '0', '--loaders', 'fast_cpu', '--device', 'cpu',
@@ -626,7 +630,7 @@ def start_background(ctx):
             ctx.runner.run('input_images', argv, ctx.budget.left('input'), tag='input')), daemon=True)
         threads.append(ctx.background['input_images'])
     memory = ctx.env.get('gpu_memory_gib') or 0
-    slots = 2 if memory >= 120 else 1 if memory >= 70 else 0
+    slots = 2 if memory >= 120 else 0
     if 'steps' in ctx.parts and slots:
         rows = [(roles, models, batches, [p for p in paths if p in ('fast', 'fast_ckpt')])
                 for roles, models, batches, paths in plan['step_items']]
@@ -644,7 +648,8 @@ def start_background(ctx):
                                                           '--batch_sizes', *batches, '--paths', *paths, '--warmup',
                                                           '1', '--steps', '1'],
                     ctx.budget.left('correctness') + 30, {'TORCHINDUCTOR_COMPILE_THREADS': '4'}, tag='warm'))
-        threads += [threading.Thread(target=warm, daemon=True) for _ in range(slots)]
+        ctx.warmers = [threading.Thread(target=warm, daemon=True) for _ in range(slots)]
+        threads += ctx.warmers
     for t in threads:
         t.start()
 
@@ -673,7 +678,10 @@ def parse_bench_step(text):
 
 def part_steps(ctx):
     ctx.stop_warming.set()
-    ctx.runner.kill_tagged('warm')  # nothing else may use the GPU while it is timed
+    for t in ctx.warmers:  # nothing else may use the GPU while it is timed
+        while t.is_alive():
+            ctx.runner.kill_tagged('warm')
+            t.join(0.5)
     warmed = [j.to_json() for j in ctx.background_jobs if j.name.startswith('compile_warmup')]
     ctx.part['compile_warmups'] = [dict(name=j['name'], done=j['rc'] == 0, seconds=j['seconds']) for j in warmed]
     ctx.part['rows'], ctx.part['items'] = [], []
@@ -943,7 +951,8 @@ def main():
     parser.add_argument('--smoke', action='store_true', help='on the CPU, tiny models and images, a few steps')
     parser.add_argument('--parts', nargs='+', default=list(PARTS), choices=PARTS, help='default: all, in order')
     parser.add_argument('--budget', type=float, default=None,
-                        help='seconds for all the parts (default 480 on a GPU, 300 with --smoke)')
+                        help='seconds for all the parts (default 480 on a GPU; with --smoke 1500, a bound for a '
+                             'loaded machine: it takes a few minutes on 2 idle cores)')
     parser.add_argument('--cifar', default=None,
                         help='CIFAR-10 JPEG tarball to make the images from (default: the first of '
                              + ', '.join(str(p) for p in CIFAR_CANDIDATES) + ' that exists; "none": demo photos)')
@@ -975,7 +984,7 @@ def main():
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     ctx.runner = Runner(ctx.work, ctx.out / 'logs.txt', env)
     ctx.env, ctx.background, ctx.background_jobs, ctx.stop_warming = {}, {}, [], threading.Event()
-    ctx.part = {}
+    ctx.part, ctx.warmers = {}, []
     report = dict(mode='smoke' if args.smoke else 'gpu', started=datetime.datetime.now(datetime.timezone.utc)
                   .isoformat(timespec='seconds'), command=' '.join(['python'] + sys.argv), budget_s=budget,
                   cifar=ctx.cifar, work=str(ctx.work), parts=[], finished=False, elapsed_s=0.0)
