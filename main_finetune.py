@@ -6,22 +6,27 @@ decay, Mixup/CutMix, label smoothing, checkpoints, logs) are the reference's (fa
 main_finetune.py); flags that are not in the reference are marked [new].
 """
 import argparse
+import datetime
+import time
 
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
+import util.loaders as loaders
 import util.lr_decay as lrd
 import util.misc as misc
+import util.resume as resume
 import util.speed as speed
-from engine_finetune import evaluate, train_and_evaluate
-from util import fast_data
-from util.datasets import build_transform, check_classes, val_loader
+from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
+from util.datasets import build_transform, check_classes
+from util.errors import UsageError, run_main
 from util.flags import add_common_args, check_common
 from util.image_folder import image_folder
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
+from util.process import parallel_model, setup_process
 from util.run import Run
 
 
@@ -105,22 +110,25 @@ def get_args_parser():
 def check_args(args):
     check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
     if args.train_blocks < -1:
-        raise misc.UsageError(f"--train_blocks must be -1 (all) or a number of blocks >= 0, got {args.train_blocks}")
+        raise UsageError(f"--train_blocks must be -1 (all) or a number of blocks >= 0, got {args.train_blocks}")
 
 
 def main(args):
     check_args(args)
+    if args.log_dir is None:  # TensorBoard's events beside the checkpoints
+        args.log_dir = args.output_dir
     # [new] seed_python: RandAugment and random erasing draw from python's `random`; the reference leaves it
     # unseeded, so with --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
-    run = Run(args, __file__, seed_python=True)
-    device = run.device
+    device = setup_process(args, __file__, seed_python=True)  # process group, printing, seeds
+    run = Run(args, __file__)  # --output_dir (locked); log.txt, TensorBoard, checkpoints
+    args.resume, checkpoint = resume.choose_checkpoint(args, run.output_dir, run.script)  # the run to continue
 
     # (evaluation only needs val/)
-    data_loader_train = None if args.eval else fast_data.train_loader(args, build_transform(True, args), None, device)
+    data_loader_train = None if args.eval else loaders.train_loader(args, build_transform(True, args), None, device)
     dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images)
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
-    data_loader_val = val_loader(args, dataset_val, device)
+    data_loader_val = loaders.val_loader(args, dataset_val, device)
 
     mixup_fn = None
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
@@ -138,8 +146,8 @@ def main(args):
         global_pool=args.global_pool,
     )
     if args.train_blocks > len(model.blocks):
-        raise misc.UsageError(f"--train_blocks {args.train_blocks}: {args.model} has only {len(model.blocks)} blocks")
-    load_finetune_weights(args, model, head_init_std=2e-5, resuming=run.checkpoint is not None)
+        raise UsageError(f"--train_blocks {args.train_blocks}: {args.model} has only {len(model.blocks)} blocks")
+    load_finetune_weights(args, model, head_init_std=2e-5, resuming=checkpoint is not None)
 
     if args.train_blocks >= 0:
         trainable = models_vit.train_last_blocks(model, args.train_blocks)
@@ -157,12 +165,7 @@ def main(args):
 
     set_lr(args, misc.get_world_size())
 
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
-    if args.compile:  # [new] after the DDP wrap, so that DDP's buckets still overlap the backward
-        model = torch.compile(model)
+    model = parallel_model(model, args, device)  # DistributedDataParallel across processes; --compile [new]
 
     # layer-wise lr decay; frozen parameters (partial fine-tuning) are left out
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
@@ -180,16 +183,28 @@ def main(args):
         criterion = torch.nn.CrossEntropyLoss()
     print("criterion = %s" % str(criterion))
 
-    run.restore(model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
-
+    start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
+                                           len(data_loader_train) if data_loader_train else 0)
     if args.eval:
         test_stats = evaluate(data_loader_val, model, device, args)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         return
+    args.start_epoch = start.epoch
+    run.begin(start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
 
-    train_and_evaluate(model, criterion, data_loader_train, data_loader_val, optimizer, device, loss_scaler, run,
-                       args, n_parameters, max_norm=args.clip_grad, mixup_fn=mixup_fn)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      run, args.clip_grad, mixup_fn, args=args)
+        evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters)
+    run.close()
+
+    total_time = time.time() - start_time
+    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

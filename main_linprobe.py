@@ -8,20 +8,25 @@ not in the reference are marked [new]. Two reference defects are fixed: with ``-
 and tested for the BatchNorm head.
 """
 import argparse
+import datetime
+import time
 
 import torch
 
 import models_vit
+import util.loaders as loaders
 import util.misc as misc
-from engine_finetune import evaluate, train_and_evaluate
-from util import fast_data
+import util.resume as resume
+from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
 from util.crop import RandomResizedCrop
-from util.datasets import check_classes, eval_transform, linprobe_transform, val_loader
+from util.datasets import check_classes, eval_transform, linprobe_transform
+from util.errors import run_main
 from util.flags import add_common_args, check_common
 from util.image_folder import image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
+from util.process import parallel_model, setup_process
 from util.run import Run
 
 
@@ -96,17 +101,20 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    run = Run(args, __file__)
-    device = run.device
+    if args.log_dir is None:  # TensorBoard's events beside the checkpoints
+        args.log_dir = args.output_dir
+    device = setup_process(args, __file__)  # process group, printing, seeds
+    run = Run(args, __file__)  # --output_dir (locked); log.txt, TensorBoard, checkpoints
+    args.resume, checkpoint = resume.choose_checkpoint(args, run.output_dir, run.script)  # the run to continue
 
     # (evaluation only needs val/); --data_loader fast_cpu draws the same TF-style crops
-    data_loader_train = None if args.eval else fast_data.train_loader(
+    data_loader_train = None if args.eval else loaders.train_loader(
         args, linprobe_transform(args.input_size), dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params),
         device)
     dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size), skip_bad=args.skip_bad_images)
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
-    data_loader_val = val_loader(args, dataset_val, device)
+    data_loader_val = loaders.val_loader(args, dataset_val, device)
 
     model = models_vit.MODELS[args.model](
         img_size=args.input_size,
@@ -114,7 +122,7 @@ def main(args):
         global_pool=args.global_pool,
     )
     # following MoCo v3
-    load_finetune_weights(args, model, head_init_std=0.01, resuming=run.checkpoint is not None)
+    load_finetune_weights(args, model, head_init_std=0.01, resuming=checkpoint is not None)
     trainable = add_probe_head(model)
 
     model.to(device)
@@ -127,12 +135,7 @@ def main(args):
 
     set_lr(args, misc.get_world_size())
 
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
-    if args.compile:  # [new] after the DDP wrap, so that DDP's buckets still overlap the backward
-        model = torch.compile(model)
+    model = parallel_model(model, args, device)  # DistributedDataParallel across processes; --compile [new]
 
     optimizer = LARS(trainable, lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)
@@ -142,16 +145,28 @@ def main(args):
     print("criterion = %s" % str(criterion))
 
     # the model already has its BatchNorm head here, so a linear-probe checkpoint loads as it is
-    run.restore(model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
-
+    start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
+                                           len(data_loader_train) if data_loader_train else 0)
     if args.eval:
         test_stats = evaluate(data_loader_val, model, device, args)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         return
+    args.start_epoch = start.epoch
+    run.begin(start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
 
-    train_and_evaluate(model, criterion, data_loader_train, data_loader_val, optimizer, device, loss_scaler, run,
-                       args, n_parameters)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            data_loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      run, args=args)
+        evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters)
+    run.close()
+
+    total_time = time.time() - start_time
+    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

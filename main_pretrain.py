@@ -10,14 +10,17 @@ import time
 import torch
 
 import models_mae
+import util.loaders as loaders
 import util.misc as misc
+import util.resume as resume
 import util.speed as speed
 from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
-from util import fast_data
 from util.datasets import pretrain_transform
+from util.errors import UsageError, run_main
 from util.flags import add_common_args, check_common
 from util.lr_sched import set_lr
+from util.process import parallel_model, setup_process
 from util.run import Run
 
 
@@ -63,7 +66,7 @@ def get_args_parser():
 
     # Dataset parameters
     add_common_args(parser, data_help='dataset path (an ImageFolder tree with a train/ folder)', save_freq=20,
-                    optimizer='adamw', checkpointing=True, data_loaders=fast_data.LOADERS)
+                    optimizer='adamw', checkpointing=True, data_loaders=loaders.LOADERS)
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')
@@ -73,11 +76,11 @@ def get_args_parser():
 def check_args(args):
     check_common(args, models_mae.MODELS, 'pre-training', splits=['train'])
     if args.mask_type == 'grid' and args.mask_ratio != models_mae.GRID_MASK_RATIO:
-        raise misc.UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
+        raise UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
                               f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
                               f"be (leave --mask_ratio out)")
     if args.decoder_depth is not None and args.decoder_depth < 1:
-        raise misc.UsageError(f"--decoder_depth must be at least 1, got {args.decoder_depth}")
+        raise UsageError(f"--decoder_depth must be at least 1, got {args.decoder_depth}")
     if args.mask_type != 'random' or args.decoder_depth is not None or args.decoder_embed_dim is not None:
         # the model's own checks (decoder width vs head width, an even patch grid for grid masks) before any
         # compute: built on the meta device, the model takes no memory and no time
@@ -87,22 +90,25 @@ def check_args(args):
                     img_size=args.input_size, mask_type=args.mask_type, decoder_depth=args.decoder_depth,
                     decoder_embed_dim=args.decoder_embed_dim)
         except ValueError as e:
-            raise misc.UsageError(f"--decoder_embed_dim {args.decoder_embed_dim} does not fit --model {args.model}: "
+            raise UsageError(f"--decoder_embed_dim {args.decoder_embed_dim} does not fit --model {args.model}: "
                                   f"{e}") from None
         grid_h, grid_w = model.patch_embed.grid_size
         if args.mask_type == 'grid' and (grid_h % 2 or grid_w % 2):
-            raise misc.UsageError(f"--mask_type grid needs an even patch grid (2x2 cells); --input_size "
+            raise UsageError(f"--mask_type grid needs an even patch grid (2x2 cells); --input_size "
                                   f"{args.input_size} gives {grid_h}x{grid_w} patches with --model {args.model}")
 
 
 def main(args):
     check_args(args)
-    run = Run(args, __file__)  # process group, --output_dir, seeds, the checkpoint to continue
-    device = run.device
+    if args.log_dir is None:  # TensorBoard's events beside the checkpoints
+        args.log_dir = args.output_dir
+    device = setup_process(args, __file__)  # process group, printing, seeds
+    run = Run(args, __file__)  # --output_dir (locked); log.txt, TensorBoard, checkpoints
+    args.resume, checkpoint = resume.choose_checkpoint(args, run.output_dir, run.script)  # the run to continue
 
     # the reference's simple augmentation (PIL), or --data_loader's uint8 crop and flip (the same distribution)
-    data_loader_train = fast_data.train_loader(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)),
-                                               device)
+    data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)),
+                                             device)
 
     # define the model; --decoder_depth/--decoder_embed_dim/--mask_type [new] left out are the reference's model
     model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
@@ -113,16 +119,9 @@ def main(args):
     model_without_ddp = model
     print("Model = %s" % str(model_without_ddp))
 
-    set_lr(args, misc.get_world_size())
+    set_lr(args, misc.get_world_size())  # unless --lr: --blr x effective batch size / 256
 
-    if args.distributed:
-        # (the reference passes find_unused_parameters=True; every parameter takes part in every step, so DDP's
-        # search for unused ones only costs time and warns on every process: the gradients are the same without it)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
-    if args.compile:  # [new] after the DDP wrap, so that DDP's buckets still overlap the backward
-        model = torch.compile(model)
+    model = parallel_model(model, args, device)  # DistributedDataParallel across processes; --compile [new]
 
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
@@ -131,7 +130,10 @@ def main(args):
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
-    run.restore(model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
+                                           len(data_loader_train))
+    args.start_epoch = start.epoch
+    run.begin(start, model_without_ddp, optimizer, loss_scaler, data_loader_train)
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
@@ -147,4 +149,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

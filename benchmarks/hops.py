@@ -29,7 +29,7 @@ import torch  # noqa: E402
 MODEL_FILES = ('models_mae.py', 'models_vit.py', os.path.join('util', 'pos_embed.py'))
 ACCESSORS = {'get_rank', 'get_world_size', 'is_main_process', 'is_dist_avail_and_initialized', 'add_meter',
              'stamped_print', '__len__'}
-PER_SAMPLE = {(os.path.join('util', 'run.py'), '__iter__'), (os.path.join('util', 'image_folder.py'), '__getitem__'),
+PER_SAMPLE = {(os.path.join('util', 'loaders.py'), '__iter__'), (os.path.join('util', 'image_folder.py'), '__getitem__'),
               (os.path.join('util', 'image_folder.py'), '_load'), (os.path.join('util', 'image_folder.py'), 'load_rgb'),
               (os.path.join('util', 'image_folder.py'), 'to_rgb')}
 
@@ -41,7 +41,7 @@ class Stepped(Exception):
 def trace(argv):
     """The project functions entered, in order, until the first optimizer step."""
     import main_pretrain
-    import util.misc as misc
+    import util.errors as errors
     entered, stepped = [], []
 
     def step(self, *args, **kwargs):
@@ -60,14 +60,14 @@ def trace(argv):
     torch.optim.AdamW.step = step
     sys.setprofile(profile)
     try:
-        misc.run_main(main_pretrain.main, main_pretrain.get_args_parser(), argv)
+        errors.run_main(main_pretrain.main, main_pretrain.get_args_parser(), argv)
     except Stepped:
         pass
     finally:
         sys.setprofile(None)
         torch.optim.AdamW.step = real_step
-        while misc.AT_MAIN_EXIT:
-            misc.AT_MAIN_EXIT.pop()()
+        while errors.AT_MAIN_EXIT:
+            errors.AT_MAIN_EXIT.pop()()
     return entered
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import util.misc as misc  # noqa: E402
+import util.errors as errors  # noqa: E402
 import util.run as run  # noqa: E402
 
 fault, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -46,4 +46,4 @@ def faulty_replace(src, dst):
 run.Run.after_step = faulty_after_step
 os.replace = faulty_replace
 module = importlib.import_module(Path(script).stem)
-misc.run_main(module.main, module.get_args_parser(), argv)
+errors.run_main(module.main, module.get_args_parser(), argv)

@@ -17,7 +17,7 @@ import submitit_finetune  # noqa: E402
 import submitit_linprobe  # noqa: E402
 import submitit_pretrain  # noqa: E402
 import util.submitit_job as submitit_job  # noqa: E402
-from util.misc import UsageError  # noqa: E402
+from util.errors import UsageError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
 

@@ -20,7 +20,6 @@ ranges of scale and ratio) from its own generator.
 import functools
 import io
 import math
-import os
 
 import torch
 from PIL import Image
@@ -28,17 +27,12 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 try:  # torchvision 0.29 deprecated its image decoding for TorchCodec; where it is gone, only the fast loaders stop
     from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # (util.flags.check_data_loader says so before anything runs)
+except ImportError:  # (util.loaders.check_data_loader says so before anything runs)
     ImageReadMode = decode_jpeg = None
 from torchvision.transforms.v2 import functional as F2
 
-import util.misc as misc
-from util.flags import batch_problem
-from util.image_folder import ImageFolder, to_rgb
-from util.misc import UsageError
-from util.run import ResumableSampler
+from util.image_folder import to_rgb
 
-LOADERS = ('pil', 'fast_cpu', 'gpu', 'dali')
 JPEG_END = b'\xff\xd9'  # a JPEG without its end marker is truncated: PIL's decoder refuses it, libjpeg would pad it
 
 
@@ -197,42 +191,6 @@ def decode_on_device(items, device, size):
             out[k] = item.to(device, non_blocking=True)
     scale, shift = _scale_shift(device)
     return out.mul_(scale).add_(shift)
-
-
-# ---------------------------------------------------------------------------------------------------- building
-def train_loader(args, reference_transform, crop_kwargs, device):
-    """The training loader of ``<data_path>/train`` for ``--data_loader``: the reference's (an ImageFolder with the
-    PIL ``reference_transform``, float batches), the same crop and flip distribution drawn by
-    ``CropFlip(args.input_size, **crop_kwargs)`` with uint8 batches finished on the device ('fast_cpu', 'gpu'), or
-    DALI's. Its sampler is a DistributedSampler also on one process (its fixed seed gives the reference's data
-    order), wrapped so that an epoch resumed in the middle skips what was trained on."""
-    kind = getattr(args, 'data_loader', 'pil')
-    root = os.path.join(args.data_path, 'train')
-    if kind == 'pil':
-        dataset = ImageFolder(root, reference_transform, skip_bad=args.skip_bad_images)
-    elif kind == 'dali':  # only the file list and labels: DALI reads the files
-        dataset = ImageFolder(root)
-    else:
-        crop = CropFlip(args.input_size, encoded=kind == 'gpu', **crop_kwargs)
-        dataset = ImageFolder(root, skip_bad=args.skip_bad_images, loader=crop)
-    print(dataset)
-
-    num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
-    if len(dataset) // num_tasks // args.batch_size < args.accum_iter:  # no full batch, or no optimizer step
-        raise UsageError(batch_problem(args, len(dataset), num_tasks))
-    sampler = ResumableSampler(torch.utils.data.DistributedSampler(
-        dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True))
-    if kind == 'dali':
-        return DaliLoader(dataset, sampler, args, device)
-    loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True,
-        **({'collate_fn': collate_encoded} if kind == 'gpu' else {}))
-    if kind == 'fast_cpu':
-        return OnDevice(loader, device, normalise)
-    if kind == 'gpu':
-        return OnDevice(loader, device, functools.partial(decode_on_device, size=args.input_size))
-    return loader
 
 
 # ---------------------------------------------------------------------------------------------------- DALI

@@ -1,9 +1,11 @@
 """The flags every entry point shares (the reference's and the [new] run-control ones), and the checks that turn a
 wrong value into one line before anything is written or computed."""
+import argparse
 import os
 import re
 
-from util.misc import UsageError
+from util.errors import UsageError
+from util.loaders import LOADER_HELP, check_data_loader
 
 
 def add_common_args(parser, data_help, save_freq, optimizer='adamw', checkpointing=True, data_loaders=('pil',)):
@@ -55,10 +57,13 @@ def add_common_args(parser, data_help, save_freq, optimizer='adamw', checkpointi
                              'epoch (train_skipped_images in log.txt). Default: stop with an error naming the file')
 
     group = parser.add_argument_group('speed [new]', 'off by default: the reference\'s numerics and host syncs')
-    fast = ['--amp bf16'] + (['--fused_adamw'] if optimizer == 'adamw' else []) + ['--compile', '--no_host_sync']
-    group.add_argument('--fast', action='store_true',
-                       help='[new] the fast path in one flag: ' + ' '.join(fast) + ' (see each; the data loader '
-                            'and --grad_checkpointing are chosen separately)')
+    fast = dict(amp='bf16', **({'fused_adamw': True} if optimizer == 'adamw' else {}), compile=True,
+                no_host_sync=True)
+    group.add_argument('--fast', action=SetsFlags, implies=fast,
+                       help='[new] the fast path in one flag: ' + ' '.join(
+                           f'--{k}' if v is True else f'--{k} {v}' for k, v in fast.items()) + ' (see each; a flag '
+                       'given after --fast overrides it; the data loader and --grad_checkpointing are chosen '
+                       'separately)')
     if optimizer == 'adamw':
         group.add_argument('--fused_adamw', action='store_true',
                            help='[new] AdamW(fused=True): one kernel for all tensors, where this torch has it for '
@@ -84,53 +89,23 @@ def add_common_args(parser, data_help, save_freq, optimizer='adamw', checkpointi
                            'distribution; the pixels differ slightly (resampling)')
 
 
-DALI_INSTALL = 'pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)'
-LOADER_HELP = {
-    'pil': 'the reference (PIL, float tensors)',
-    'fast_cpu': 'libjpeg-turbo decode (reduced-size DCT decode when the crop allows), uint8 crop/resize/flip in the '
-                'workers, normalised on the device',
-    'gpu': 'JPEGs decoded in batches on the GPU (nvJPEG), crop/resize/flip/normalise there',
-    'dali': 'NVIDIA DALI, crop-window decode on the GPU (pip install nvidia-dali-cuda130)',
-}
+class SetsFlags(argparse.Action):
+    """A flag that stands for others (``--fast``): it sets them where it stands on the command line, so that the
+    parsed flags are the ones the run uses, and a flag given after it overrides it."""
 
+    def __init__(self, option_strings, dest, implies, **kwargs):
+        self.implies = implies
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
 
-def resolve_speed_flags(args):
-    """Turn ``--fast`` into its flags (see ``add_common_args``)."""
-    args.amp = 'bf16'
-    args.compile = args.no_host_sync = True
-    if hasattr(args, 'fused_adamw'):
-        args.fused_adamw = True
-
-
-def check_data_loader(args):
-    """One line before anything runs when the chosen ``--data_loader`` (not the reference's 'pil') cannot run
-    here."""
-    kind, device = args.data_loader, str(args.device).split(':')[0]
-    if kind in ('gpu', 'dali') and device != 'cuda':
-        raise UsageError(f"--data_loader {kind} decodes on a CUDA GPU and --device is {device}: use "
-                         f"--data_loader fast_cpu (or --device cuda on a GPU machine)")
-    if kind in ('fast_cpu', 'gpu'):
-        try:
-            from torchvision.io import decode_jpeg  # noqa: F401
-        except ImportError:
-            import torchvision
-            raise UsageError(f"--data_loader {kind} decodes with torchvision.io.decode_jpeg, which this torchvision "
-                             f"({torchvision.__version__}) no longer has: use --data_loader pil") from None
-    if kind == 'dali':
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
-            raise UsageError(f"--data_loader dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}") from None
-        if getattr(args, 'skip_bad_images', False):
-            raise UsageError("--skip_bad_images works with --data_loader pil, fast_cpu or gpu, not dali (DALI stops "
-                             "on a file it cannot decode)")
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        for flag, value in self.implies.items():
+            setattr(namespace, flag, value)
 
 
 def check_common(args, models, kind, splits):
     """The checks every entry point makes on its flags, before anything is written: ``models`` are the names
     ``--model`` may take (``kind`` says what they are), ``splits`` the folders of ``--data_path`` it reads."""
-    if getattr(args, 'fast', False):
-        resolve_speed_flags(args)
     if getattr(args, 'data_loader', 'pil') != 'pil':
         check_data_loader(args)
     if args.model not in models:
@@ -170,18 +145,3 @@ def check_common(args, models, kind, splits):
         if not os.path.isdir(root):
             raise UsageError(f"--data_path {args.data_path}: no such folder" if not os.path.isdir(args.data_path) else
                              f"--data_path {args.data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
-
-
-def batch_problem(args, num_images, world_size):
-    """Why ``num_images`` training images give no training (None if they do): no full batch per process
-    (``drop_last`` would leave nothing), or fewer iterations per epoch than ``--accum_iter`` (the optimizer would
-    never step)."""
-    per_rank = num_images // world_size
-    if per_rank < args.batch_size:
-        return (f"{num_images} training images give {per_rank} per process over {world_size} process(es), fewer "
-                f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
-    iters = per_rank // args.batch_size
-    if args.accum_iter > iters:
-        return (f"--accum_iter {args.accum_iter} is more than the {iters} iterations of an epoch ({num_images} "
-                f"images, --batch_size {args.batch_size}, {world_size} process(es)): the optimizer would never step")
-    return None

@@ -17,7 +17,7 @@ from scratch).
 
 So ``Trainer.__call__`` takes the signals over before training: its handlers only ask the training loop to stop
 (``util.run.request_stop``). The loop finishes the current step, all ranks agree, ``checkpoint-last.pth`` is written
-(resumable in the middle of an epoch) and ``misc.RunInterrupted`` comes out of ``main(args)``. Then, unless the
+(resumable in the middle of an epoch) and ``errors.RunInterrupted`` comes out of ``main(args)``. Then, unless the
 signal was ``SIGTERM`` (submitit's signal, ``SIGUSR1``, or a signal that reached another rank only), the job hands
 over to submitit's own handler, saved when the job started, which does what it would have done on the signal:
 checks the timeout count, calls ``checkpoint()`` (a fresh ``Trainer`` with a new ``--dist_url`` init file, the same
@@ -42,7 +42,7 @@ import time
 import uuid
 from pathlib import Path
 
-from util.misc import UsageError
+from util.errors import RunInterrupted, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_ROOT = Path('/checkpoint')  # the reference's shared file system
@@ -155,7 +155,7 @@ class Trainer:
         try:
             # main() changes its args (lr, resume, ...): keep ours as submitted, for checkpoint()
             trainer.main(copy.deepcopy(self.args))
-        except misc.RunInterrupted as e:
+        except RunInterrupted as e:
             # the signal this process received; None when only another rank received one (all ranks stop together)
             signum = run.stop_signal()
             print(f"Run interrupted (signal {signum} here): {e}", flush=True)
@@ -283,7 +283,7 @@ def check_before_submitting(args, module):
     trainer = import_trainer(module)
     trainer.check_args(args)
     if not getattr(args, 'eval', False):
-        from util.flags import batch_problem
+        from util.loaders import batch_problem
         from util.image_folder import image_folder
         problem = batch_problem(args, len(image_folder(args.data_path, 'train', transform=None)),
                                 args.nodes * args.ngpus)
@@ -326,7 +326,7 @@ def submit(args, module, cluster=None):
 
 def main(module, description, argv=None):
     """The submitit_*.py scripts: parse, submit, print the job id; a mistake is one line and exit code 2."""
-    from util.misc import RunInterrupted, TrainingStopped
+    from util.errors import RunInterrupted, TrainingStopped
     try:
         args = parse_args(module, description, argv)
         submit(args, module)
