@@ -533,8 +533,7 @@ def part_correctness(ctx):
     checks.append(run_check('main_linprobe.py, one epoch from the pre-trained checkpoint', graph.results['linprobe'],
                             lambda job: rows_check(lp, 'test_acc1')))
     checks.append(run_check('main_finetune.py --eval of the fine-tuned checkpoint', graph.results['eval'],
-                            lambda job: next((line.split('] ', 1)[-1].strip() for line in job.output.splitlines()
-                                              if '* Acc@1' in line), None) or 'no "* Acc@1" line printed'))
+                            accuracy_line))
     checks.append(run_check('demo/visualize.py on the pre-trained checkpoint', graph.results['visualize'],
                             lambda job: figure_check(figures, ctx.out)))
     for c in checks:
@@ -557,6 +556,13 @@ def rows_check(folder, key):
                            for r in rows):
         raise ValueError(f'log.txt in {folder} has no finite {key}: {rows}')
     return ', '.join(f"{k} {v:.4g}" for k, v in rows[-1].items() if isinstance(v, float))
+
+
+def accuracy_line(job):
+    lines = [line.split('] ', 1)[-1].strip() for line in job.output.splitlines() if '* Acc@1' in line]
+    if not lines:
+        raise ValueError('no "* Acc@1" line printed')
+    return lines[-1]
 
 
 def figure_check(folder, out):

@@ -72,6 +72,30 @@ def test_bench_step_rows_are_parsed():
     assert rows[1]['oom'] and peaks == {'float16': 780.2, 'bfloat16': 791.0}
 
 
+def job(rc, output='', killed=False):
+    j = gpu_check.Job('job', ['python', 'x.py'])
+    j.rc, j.output, j.killed = rc, output, killed
+    return j
+
+
+def test_a_check_fails_unless_its_job_shows_what_it_should(tmp_path):
+    assert gpu_check.run_check('eval', job(0, 'done\n'), gpu_check.accuracy_line)['status'] == 'failed'
+    assert gpu_check.run_check('eval', job(1, '* Acc@1 1\n'), gpu_check.accuracy_line)['status'] == 'failed'
+    ok = gpu_check.run_check('eval', job(0, '[10:00:01] * Acc@1 15.000 Acc@5 45.000 loss 2.303\n'),
+                             gpu_check.accuracy_line)
+    assert ok['status'] == 'ok' and ok['detail'] == '* Acc@1 15.000 Acc@5 45.000 loss 2.303'
+    full = write_log(tmp_path / 'full', [1.2, 1.0], [5e-5, 1e-4])
+    same = write_log(tmp_path / 'same', [1.2, 1.0], [5e-5, 1e-4])
+    resumed = job(0, 'Resuming epoch 1 at iteration 8 of 16\n')
+    verdict = gpu_check.kill_check('x', '', 'fp16', job(0), job(-9, killed=True), resumed, full, same)
+    assert verdict['status'] == 'ok', verdict
+    late = gpu_check.kill_check('x', '', 'fp16', job(0), job(0), resumed, full, same)  # the run ended first
+    assert late['status'] == 'failed' and late['detail'].startswith('the killed run')
+    fresh = gpu_check.kill_check('x', '', 'fp16', job(0), job(-9, killed=True), job(0, 'Auto-resume: ...'), full,
+                                 same)  # resumed from an epoch's end, not inside one
+    assert fresh['status'] == 'failed' and 'did not resume inside an epoch' in fresh['detail']
+
+
 @pytest.mark.slow
 def test_smoke_run_writes_every_part_and_the_resumed_runs_match(tmp_path):
     out = tmp_path / 'report'
