@@ -22,11 +22,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     checkpoints after optimizer steps. Returns the epoch's averaged meters (``lr``, ``loss``)."""
     model.train(True)
     accum_iter = args.accum_iter
-    autocast = misc.autocast(args)  # the forward's precision: fp16 on CUDA (the reference), --amp bf16 or none
     optimizer.zero_grad()
 
     log = EpochLog(run, epoch, data_loader, args, loss_tag='loss')
-    for data_iter_step, (samples, targets) in log:
+    for data_iter_step, (samples, targets) in log.batches:
         # per-iteration (not per-epoch) lr schedule
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / log.iters_per_epoch + epoch, args)
@@ -39,7 +38,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
         update = (data_iter_step + 1) % accum_iter == 0
         with contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync():
-            with autocast:
+            with loss_scaler.autocast:  # the forward's precision: fp16 on CUDA (the reference), --amp bf16, none
                 outputs = model(samples)
                 loss = criterion(outputs, targets)
             # with layer-wise decay the groups' lrs differ: report the largest (the head's)
@@ -61,8 +60,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 @torch.no_grad()
 def evaluate(data_loader, model, device, args=None):
     """Top-1/top-5 accuracy (in %) and cross-entropy over ``data_loader``, averaged over all processes; prints
-    ``* Acc@1 .. Acc@5 .. loss ..``. The loss is the mean of the per-batch means, as in the reference. ``args``
-    selects the precision (``--amp``); without it, fp16 autocast on CUDA and fp32 on the CPU."""
+    ``* Acc@1 .. Acc@5 .. loss ..`` and the accuracy line of the reference's entry points. The loss is the mean of
+    the per-batch means, as in the reference. ``args`` selects the precision (``--amp``); without it, fp16 autocast
+    on CUDA and fp32 on the CPU."""
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = misc.MetricLogger(delimiter="  ")
     header = 'Test:'
@@ -89,6 +89,8 @@ def evaluate(data_loader, model, device, args=None):
     metric_logger.synchronize_between_processes()
     print('* Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f} loss {losses.global_avg:.3f}'
           .format(top1=metric_logger.acc1, top5=metric_logger.acc5, losses=metric_logger.loss))
+    print(f"Accuracy of the network on the {len(data_loader.dataset)} test images: "
+          f"{metric_logger.acc1.global_avg:.1f}%")
 
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
@@ -101,7 +103,6 @@ def evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args
     except UsageError:  # a bad validation image: the epoch's training is not lost
         run.keep_trained_epoch(epoch)
         raise
-    print(f"Accuracy of the network on the {len(data_loader_val.dataset)} test images: {test_stats['acc1']:.1f}%")
     run.max_accuracy = max(run.max_accuracy, test_stats["acc1"])
     print(f'Max accuracy: {run.max_accuracy:.2f}%')
 

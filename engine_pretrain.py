@@ -5,7 +5,6 @@ from typing import Iterable
 import torch
 
 import util.lr_sched as lr_sched
-import util.misc as misc
 from util.step_log import EpochLog, drop_gradients
 
 
@@ -16,11 +15,10 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     the console and TensorBoard (with ``--no_host_sync``, read from the device every 20 steps)."""
     model.train(True)
     accum_iter = args.accum_iter
-    autocast = misc.autocast(args)  # the forward's precision: fp16 on CUDA (the reference), --amp bf16 or none
     optimizer.zero_grad()
 
     log = EpochLog(run, epoch, data_loader, args, loss_tag='train_loss')
-    for data_iter_step, (samples, _) in log:
+    for data_iter_step, (samples, _) in log.batches:
         # per-iteration (not per-epoch) lr schedule
         if data_iter_step % accum_iter == 0:
             lr_sched.adjust_learning_rate(optimizer, data_iter_step / log.iters_per_epoch + epoch, args)
@@ -31,7 +29,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
 
         # accumulation micro-steps keep their gradients local; DDP all-reduces once, on the step that updates
         with contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync():
-            with autocast:
+            with loss_scaler.autocast:  # the forward's precision: fp16 on CUDA (the reference), --amp bf16, none
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
             loss, skip = log.add(loss, lr, data_iter_step, update)
             if skip:  # a non-finite loss (--skip_nonfinite)

@@ -6,8 +6,6 @@ decay, Mixup/CutMix, label smoothing, checkpoints, logs) are the reference's (fa
 main_finetune.py); flags that are not in the reference are marked [new].
 """
 import argparse
-import datetime
-import time
 
 import torch
 from timm.data import Mixup
@@ -22,7 +20,7 @@ import util.speed as speed
 from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
 from util.datasets import build_transform, check_classes
 from util.errors import UsageError, run_main
-from util.flags import add_common_args, check_common
+from util.flags import add_classifier_args, add_common_args, check_common
 from util.image_folder import image_folder
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
@@ -32,17 +30,13 @@ from util.run import Run
 
 def get_args_parser():
     parser = argparse.ArgumentParser('MAE fine-tuning for image classification', add_help=False)
-    parser.add_argument('--batch_size', default=64, type=int,
-                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
-    parser.add_argument('--epochs', default=50, type=int)
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
-                             'constraints)')
+    add_common_args(parser, models_vit.MODELS,
+                    dict(batch_size=64, epochs=50, model='vit_large_patch16', weight_decay=0.05, blr=1e-3, min_lr=1e-6,
+                         warmup_epochs=5),
+                    data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
+                    optimizer='adamw', checkpointing=True)
 
     # Model parameters
-    parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
-                        help='Name of model to train: ' + ', '.join(models_vit.MODELS))
-    parser.add_argument('--input_size', default=224, type=int, help='images input size')
     parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', help='Drop path rate (default: 0.1)')
     parser.add_argument('--train_blocks', type=int, default=-1, metavar='K',
                         help='[new] partial fine-tuning: train only the last K Transformer blocks, the final norm and '
@@ -52,14 +46,7 @@ def get_args_parser():
     # Optimizer parameters
     parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
                         help='Clip gradient norm (default: None, no clipping)')
-    parser.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
-    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
-    parser.add_argument('--blr', type=float, default=1e-3, metavar='LR',
-                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
     parser.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
-    parser.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
-                        help='lower lr bound for cyclic schedulers that hit 0')
-    parser.add_argument('--warmup_epochs', type=int, default=5, metavar='N', help='epochs to warmup LR')
 
     # Augmentation parameters
     parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT',
@@ -88,22 +75,7 @@ def get_args_parser():
     parser.add_argument('--mixup_mode', type=str, default='batch',
                         help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
 
-    # * Finetuning params
-    parser.add_argument('--finetune', default='', help='finetune from checkpoint')
-    parser.add_argument('--global_pool', action='store_true')
-    parser.set_defaults(global_pool=True)
-    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
-                        help='Use class token instead of global pool for classification')
-
-    # Dataset parameters
-    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
-    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
-    parser.add_argument('--dist_eval', action='store_true', default=False,
-                        help='Enabling distributed evaluation (recommended during training for faster monitor')
-
-    # (the input keeps timm's RandAugment: PIL only)
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
-                    optimizer='adamw', checkpointing=True)
+    add_classifier_args(parser, global_pool=True)
     return parser
 
 
@@ -115,13 +87,10 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    if args.log_dir is None:  # TensorBoard's events beside the checkpoints
-        args.log_dir = args.output_dir
     # [new] seed_python: RandAugment and random erasing draw from python's `random`; the reference leaves it
     # unseeded, so with --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
-    device = setup_process(args, __file__, seed_python=True)  # process group, printing, seeds
-    run = Run(args, __file__)  # --output_dir (locked); log.txt, TensorBoard, checkpoints
-    args.resume, checkpoint = resume.choose_checkpoint(args, run.output_dir, run.script)  # the run to continue
+    device = setup_process(args, __file__, seed_python=True)  # process group, --output_dir locked, flags printed, seeds
+    args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # (evaluation only needs val/)
     data_loader_train = None if args.eval else loaders.train_loader(args, build_transform(True, args), None, device)
@@ -148,6 +117,9 @@ def main(args):
     if args.train_blocks > len(model.blocks):
         raise UsageError(f"--train_blocks {args.train_blocks}: {args.model} has only {len(model.blocks)} blocks")
     load_finetune_weights(args, model, head_init_std=2e-5, resuming=checkpoint is not None)
+    if args.eval:  # the accuracy of the --resume checkpoint, nothing trained
+        resume.restart_from_checkpoint(checkpoint, args.resume, args, model)
+        return evaluate(data_loader_val, model.to(device), device, args)
 
     if args.train_blocks >= 0:
         trainable = models_vit.train_last_blocks(model, args.train_blocks)
@@ -155,17 +127,15 @@ def main(args):
               f"norm and the head ({len(trainable)} tensors); everything else is frozen")
 
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(device)
-
-    model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    print("Model = %s" % str(model_without_ddp))
+    print("Model = %s" % str(model))
     print('number of params (M): %.2f' % (n_parameters / 1.e6))
 
     set_lr(args, misc.get_world_size())
 
-    model = parallel_model(model, args, device)  # DistributedDataParallel across processes; --compile [new]
+    # on the device, DistributedDataParallel across processes, --compile [new]
+    model_without_ddp, model = model, parallel_model(model, args, device)
 
     # layer-wise lr decay; frozen parameters (partial fine-tuning) are left out
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
@@ -184,26 +154,15 @@ def main(args):
     print("criterion = %s" % str(criterion))
 
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
-                                           len(data_loader_train) if data_loader_train else 0)
-    if args.eval:
-        test_stats = evaluate(data_loader_val, model, device, args)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        return
-    args.start_epoch = start.epoch
-    run.begin(start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
+                                           len(data_loader_train))
+    # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
+    run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
 
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            data_loader_train.sampler.set_epoch(epoch)
+    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.loaders.start_epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       run, args.clip_grad, mixup_fn, args=args)
         evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters)
-    run.close()
-
-    total_time = time.time() - start_time
-    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
+    run.close()  # prints the training time
 
 
 if __name__ == '__main__':

@@ -8,8 +8,6 @@ not in the reference are marked [new]. Two reference defects are fixed: with ``-
 and tested for the BatchNorm head.
 """
 import argparse
-import datetime
-import time
 
 import torch
 
@@ -21,7 +19,7 @@ from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
 from util.crop import RandomResizedCrop
 from util.datasets import check_classes, eval_transform, linprobe_transform
 from util.errors import run_main
-from util.flags import add_common_args, check_common
+from util.flags import add_classifier_args, add_common_args, check_common
 from util.image_folder import image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr
@@ -32,45 +30,15 @@ from util.run import Run
 
 def get_args_parser():
     parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=False)
-    parser.add_argument('--batch_size', default=512, type=int,
-                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
-    parser.add_argument('--epochs', default=90, type=int)
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
-                             'constraints)')
-
-    # Model parameters
-    parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
-                        help='Name of model to train: ' + ', '.join(models_vit.MODELS))
-    parser.add_argument('--input_size', default=224, type=int,
-                        help='[new] images input size (the reference is fixed at 224)')
-
-    # Optimizer parameters
-    parser.add_argument('--weight_decay', type=float, default=0,
-                        help='weight decay (default: 0 for linear probe following MoCo v1)')
-    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
-    parser.add_argument('--blr', type=float, default=0.1, metavar='LR',
-                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
-    parser.add_argument('--min_lr', type=float, default=0., metavar='LR',
-                        help='lower lr bound for cyclic schedulers that hit 0')
-    parser.add_argument('--warmup_epochs', type=int, default=10, metavar='N', help='epochs to warmup LR')
-
-    # * Finetuning params
-    parser.add_argument('--finetune', default='', help='finetune from checkpoint')
-    parser.add_argument('--global_pool', action='store_true',
-                        help='pool the mean of the patch tokens (its fc_norm is trained with the head)')
-    parser.set_defaults(global_pool=False)
-    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
-                        help='Use class token instead of global pool for classification')
-
-    # Dataset parameters
-    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
-    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
-    parser.add_argument('--dist_eval', action='store_true', default=False,
-                        help='Enabling distributed evaluation (recommended during training for faster monitor')
-
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
+    # (weight decay 0 for the linear probe, following MoCo v1)
+    add_common_args(parser, models_vit.MODELS,
+                    dict(batch_size=512, epochs=90, model='vit_large_patch16', weight_decay=0, blr=0.1, min_lr=0.,
+                         warmup_epochs=10),
+                    data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
                     optimizer='lars', checkpointing=False, data_loaders=('pil', 'fast_cpu'))
+
+    add_classifier_args(parser, global_pool=False,
+                        global_pool_help='pool the mean of the patch tokens (its fc_norm is trained with the head)')
     return parser
 
 
@@ -101,11 +69,8 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    if args.log_dir is None:  # TensorBoard's events beside the checkpoints
-        args.log_dir = args.output_dir
-    device = setup_process(args, __file__)  # process group, printing, seeds
-    run = Run(args, __file__)  # --output_dir (locked); log.txt, TensorBoard, checkpoints
-    args.resume, checkpoint = resume.choose_checkpoint(args, run.output_dir, run.script)  # the run to continue
+    device = setup_process(args, __file__)  # process group, --output_dir locked, flags printed, seeds
+    args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # (evaluation only needs val/); --data_loader fast_cpu draws the same TF-style crops
     data_loader_train = None if args.eval else loaders.train_loader(
@@ -124,48 +89,36 @@ def main(args):
     # following MoCo v3
     load_finetune_weights(args, model, head_init_std=0.01, resuming=checkpoint is not None)
     trainable = add_probe_head(model)
+    if args.eval:  # the accuracy of the --resume checkpoint (with its BatchNorm head), nothing trained
+        resume.restart_from_checkpoint(checkpoint, args.resume, args, model)
+        return evaluate(data_loader_val, model.to(device), device, args)
 
-    model.to(device)
-
-    model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    print("Model = %s" % str(model_without_ddp))
+    print("Model = %s" % str(model))
     print('number of params (M): %.2f' % (n_parameters / 1.e6))
 
     set_lr(args, misc.get_world_size())
 
-    model = parallel_model(model, args, device)  # DistributedDataParallel across processes; --compile [new]
+    # on the device, DistributedDataParallel across processes, --compile [new]
+    model_without_ddp, model = model, parallel_model(model, args, device)
 
+    criterion = torch.nn.CrossEntropyLoss()
+    print("criterion = %s" % str(criterion))
     optimizer = LARS(trainable, lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
-    criterion = torch.nn.CrossEntropyLoss()
-    print("criterion = %s" % str(criterion))
-
-    # the model already has its BatchNorm head here, so a linear-probe checkpoint loads as it is
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
-                                           len(data_loader_train) if data_loader_train else 0)
-    if args.eval:
-        test_stats = evaluate(data_loader_val, model, device, args)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        return
-    args.start_epoch = start.epoch
-    run.begin(start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
+                                           len(data_loader_train))
+    # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
+    run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
 
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed:
-            data_loader_train.sampler.set_epoch(epoch)
+    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.loaders.start_epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       run, args=args)
         evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters)
-    run.close()
-
-    total_time = time.time() - start_time
-    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
+    run.close()  # prints the training time
 
 
 if __name__ == '__main__':

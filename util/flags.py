@@ -8,13 +8,33 @@ from util.errors import UsageError
 from util.loaders import LOADER_HELP, check_data_loader
 
 
-def add_common_args(parser, data_help, save_freq, optimizer='adamw', checkpointing=True, data_loaders=('pil',)):
-    """The flags every entry point has: the reference's (data, output, device, seed, resuming, loading, distributed),
-    with its defaults, the [new] run-control flags (precision, checkpoint cadence, resuming, fault handling), and
-    the [new] fast path (README, "Speed"), off by default: each flag, and ``--fast`` for all of them but
-    ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder). ``optimizer``: the
-    script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow through the
-    encoder blocks; ``data_loaders``: the --data_loader choices, the reference's 'pil' first."""
+def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='adamw', checkpointing=True,
+                    data_loaders=('pil',)):
+    """The flags every entry point has: the reference's (batch, model, schedule, data, output, device, seed,
+    resuming, loading, distributed) with the script's ``defaults`` (batch_size, epochs, model, weight_decay, blr,
+    min_lr, warmup_epochs) and ``models`` to choose from, the [new] run-control flags (precision, checkpoint cadence,
+    resuming, fault handling), and the [new] fast path (README, "Speed"), off by default: each flag, and ``--fast`` for
+    all of them but ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder).
+    ``optimizer``: the script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow
+    through the encoder blocks; ``data_loaders``: the --data_loader choices, the reference's 'pil' first."""
+    parser.add_argument('--batch_size', default=defaults['batch_size'], type=int,
+                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
+    parser.add_argument('--epochs', default=defaults['epochs'], type=int)
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
+                             'constraints)')
+    parser.add_argument('--model', default=defaults['model'], type=str, metavar='MODEL',
+                        help='Name of model to train: ' + ', '.join(models))
+    parser.add_argument('--input_size', default=224, type=int, help='images input size')
+    parser.add_argument('--weight_decay', type=float, default=defaults['weight_decay'],
+                        help='weight decay (default: %(default)s)')
+    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
+    parser.add_argument('--blr', type=float, default=defaults['blr'], metavar='LR',
+                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    parser.add_argument('--min_lr', type=float, default=defaults['min_lr'], metavar='LR',
+                        help='lower lr bound for cyclic schedulers that hit 0')
+    parser.add_argument('--warmup_epochs', type=int, default=defaults['warmup_epochs'], metavar='N',
+                        help='epochs to warmup LR')
     parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str, help=data_help)
     parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
@@ -87,6 +107,20 @@ def add_common_args(parser, data_help, save_freq, optimizer='adamw', checkpointi
                            help='[new] how training images are decoded and augmented: ' + '; '.join(
                                f'{k}: {LOADER_HELP[k]}' for k in data_loaders) + '. The same crop and flip '
                            'distribution; the pixels differ slightly (resampling)')
+
+
+def add_classifier_args(parser, global_pool, global_pool_help=None):
+    """The flags of the two classifier scripts (fine-tuning, linear probing): the encoder to start from, the pooling
+    (``global_pool``: its default), the classes, evaluation only."""
+    parser.add_argument('--finetune', default='', help='finetune from checkpoint')
+    parser.add_argument('--global_pool', action='store_true', help=global_pool_help)
+    parser.set_defaults(global_pool=global_pool)
+    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
+                        help='Use class token instead of global pool for classification')
+    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
+    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
+    parser.add_argument('--dist_eval', action='store_true', default=False,
+                        help='Enabling distributed evaluation (recommended during training for faster monitor')
 
 
 class SetsFlags(argparse.Action):

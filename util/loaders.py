@@ -50,14 +50,16 @@ def check_data_loader(args):
 # ---------------------------------------------------------------------------------------------------- training
 class ResumableSampler(torch.utils.data.Sampler):
     """Wraps the training sampler so that an epoch resumed in the middle starts after the samples already trained
-    on (``skip``, this rank's count); otherwise it yields exactly the wrapped sampler's indices."""
+    on (``skip``, this rank's count); otherwise it yields exactly the wrapped sampler's indices. ``reshuffle``: a new
+    order every epoch (``set_epoch``); without it every epoch has the first epoch's order."""
 
-    def __init__(self, sampler):
-        self.sampler = sampler
+    def __init__(self, sampler, reshuffle):
+        self.sampler, self.reshuffle = sampler, reshuffle
         self.skip = 0
 
     def set_epoch(self, epoch):
-        self.sampler.set_epoch(epoch)
+        if self.reshuffle:
+            self.sampler.set_epoch(epoch)
 
     def __iter__(self):
         indices = iter(self.sampler)
@@ -105,8 +107,10 @@ def train_loader(args, reference_transform, crop_kwargs, device):
     num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
     if len(dataset) // num_tasks // args.batch_size < args.accum_iter:  # no full batch, or no optimizer step
         raise UsageError(batch_problem(args, len(dataset), num_tasks))
+    # a new order every epoch when distributed, as the reference, or with --shuffle_every_epoch [new]
+    reshuffle = getattr(args, 'distributed', False) or getattr(args, 'shuffle_every_epoch', False)
     sampler = ResumableSampler(torch.utils.data.DistributedSampler(
-        dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True))
+        dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True), reshuffle)
     if kind == 'dali':
         return DaliLoader(dataset, sampler, args, device)
     loader = torch.utils.data.DataLoader(
@@ -120,10 +124,11 @@ def train_loader(args, reference_transform, crop_kwargs, device):
     return loader
 
 
-def start_epoch(loader, resume_at=0, skipped=()):
-    """Before an epoch's iterator is made: start after this rank's first ``resume_at`` samples (an epoch resumed in
-    the middle; 0 otherwise), and count the bad files skipped afresh, or, resuming, from ``skipped`` (the
-    ``skipped_files`` saved with the position)."""
+def start_epoch(loader, epoch, resume_at=0, skipped=()):
+    """Before epoch ``epoch``'s iterator is made: its data order (``ResumableSampler.set_epoch``), starting after
+    this rank's first ``resume_at`` samples (an epoch resumed in the middle; 0 otherwise), and the count of bad files
+    skipped afresh, or, resuming, from ``skipped`` (the ``skipped_files`` saved with the position)."""
+    loader.sampler.set_epoch(epoch)
     loader.sampler.skip = resume_at
     if getattr(loader.dataset, 'skip_bad', False):  # (--skip_bad_images)
         images.reset_skipped(loader.dataset)

@@ -217,9 +217,9 @@ def autocast(args):
 class NativeScalerWithGradNormCount:
     """Backward with loss scaling, optional gradient clipping, optimizer step; returns the gradient norm on the
     steps that update (``None`` on accumulation micro-steps). Scaling is on only for fp16 on CUDA (the forward's
-    precision, ``amp_settings(args)``).
+    precision, ``amp_settings(args)``); ``autocast`` is the forward's context that goes with it, chosen once.
 
-    With ``--no_host_sync`` a step whose gradients are not finite (``DeviceLosses.add`` makes those of a non-finite loss
+    With ``--no_host_sync`` a step whose gradients are not finite (``EpochLog.add`` makes those of a non-finite loss
     NaN) is skipped on the device: fp16's GradScaler does that already; without it the check is handed to the
     optimizer as GradScaler hands it (``found_inf``), which fused AdamW applies in its kernel. Other optimizers
     need the answer on the host: one sync per optimizer step."""
@@ -228,6 +228,7 @@ class NativeScalerWithGradNormCount:
         device_type, dtype, enabled = amp_settings(args)
         enabled = enabled and dtype == torch.float16
         self._scaler = compat.GradScaler(enabled=enabled)
+        self.autocast = autocast(args)  # the forward's context that goes with this scaling
         self._skip_on_device = getattr(args, 'no_host_sync', False)
 
     def __call__(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):

@@ -1,5 +1,6 @@
 """A process's start, as the reference's ``main`` begins: join the process group (torchrun, SLURM or OpenMPI; one
-process otherwise), print only on the first process, print the flags, and seed the random streams."""
+process otherwise), print only on the first process, lock the output folder, print the flags, and seed the random
+streams; and the model the training loop runs (DistributedDataParallel, ``--compile``)."""
 import builtins
 import datetime
 import os
@@ -12,13 +13,20 @@ import torch.distributed as dist
 
 import util.misc as misc
 from util.errors import UsageError
+from util.output_dir import lock_output_dir
 
 
 def setup_process(args, script, seed_python=False):
     """Join the process group (``init_distributed_mode``: it fills in ``args.rank``, ``world_size``, ``gpu`` and
-    ``distributed``), print the job dir and the flags, and seed torch and numpy with ``--seed`` + rank (also python's
-    ``random`` with ``seed_python``), as the reference does at the top of its ``main``. Returns the device."""
+    ``distributed``), fill in ``--log_dir`` (default: ``--output_dir``), take ``--output_dir`` for this run when
+    training (one run at a time in a folder), print the job dir and the flags, and seed torch and numpy with ``--seed``
+    + rank (also python's ``random`` with ``seed_python``), as the reference does at the top of its ``main``. Returns
+    the device."""
     init_distributed_mode(args)
+    if args.log_dir is None:  # TensorBoard's events beside the checkpoints
+        args.log_dir = args.output_dir
+    if args.output_dir and not getattr(args, 'eval', False):
+        lock_output_dir(args.output_dir)
     print('job dir: {}'.format(os.path.dirname(os.path.realpath(script))))
     print("{}".format(args).replace(', ', ',\n'))
     device = torch.device(args.device)
@@ -34,11 +42,12 @@ def setup_process(args, script, seed_python=False):
 
 
 def parallel_model(model, args, device):
-    """The model the training loop runs: ``model`` wrapped in DistributedDataParallel when distributed, then
-    compiled with ``--compile`` [new] (after the DDP wrap, so that DDP's buckets still overlap the backward). The
-    optimizer and the checkpoints keep using ``model`` itself. (The reference's pre-training passes
-    ``find_unused_parameters=True``; every parameter takes part in every step, so DDP's search for unused ones only
-    costs time and warns on every process: the gradients are the same without it.)"""
+    """The model the training loop runs: ``model`` moved to ``device``, wrapped in DistributedDataParallel when
+    distributed, then compiled with ``--compile`` [new] (after the DDP wrap, so that DDP's buckets still overlap the
+    backward). The optimizer and the checkpoints keep using ``model`` itself (on the device). (The reference's
+    pre-training passes ``find_unused_parameters=True``; every parameter takes part in every step, so DDP's search for
+    unused ones only costs time and warns on every process: the gradients are the same without it.)"""
+    model.to(device)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == 'cuda' else None)

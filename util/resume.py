@@ -48,11 +48,12 @@ class Start:
 
 
 # ---------------------------------------------------------------------------------------------------- which one
-def choose_checkpoint(args, output_dir, script):
-    """``(path, checkpoint)`` to start from, or ``(args.resume, None)`` when there is none: with auto-resume (when
-    training), the newest checkpoint in ``output_dir``, checked to belong to this run, unless ``--resume`` is further
-    along; else ``--resume``."""
+def choose_checkpoint(args, script):
+    """``(path, checkpoint)`` for the run of ``script`` to start from, or ``(args.resume, None)`` when there is
+    none: with auto-resume (when training), the newest checkpoint in ``--output_dir``, checked to belong to this run,
+    unless ``--resume`` is further along; else ``--resume``."""
     training = not getattr(args, 'eval', False)
+    output_dir, script = args.output_dir if training else '', os.path.basename(script)
     found = ckpt_io.newest(output_dir) if training and args.auto_resume else ''
     given = ckpt_io.load(args.resume) if args.resume else None
     if found and not (args.resume and os.path.realpath(found) == os.path.realpath(args.resume)):
@@ -117,8 +118,9 @@ def changed_flags(there, args):
 # ---------------------------------------------------------------------------------------------------- restoring
 def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_scaler=None, iters_per_epoch=0):
     """Load ``checkpoint`` (read from ``path``) into ``model`` and, when training, ``optimizer`` and
-    ``loss_scaler``; restore the random streams at an epoch boundary. Returns the ``Start`` after it (at
-    ``--start_epoch`` for ``checkpoint`` None). ``iters_per_epoch``: the training loader's length."""
+    ``loss_scaler`` (setting ``args.start_epoch``, as the reference's ``load_model``); restore the random streams at an
+    epoch boundary. Returns the ``Start`` after it (at ``--start_epoch`` for ``checkpoint`` None). ``iters_per_epoch``:
+    the training loader's length."""
     if checkpoint is None:
         return Start(epoch=args.start_epoch)
     problem = ckpt_io.state_dict_mismatch(model, checkpoint['model'])
@@ -129,11 +131,12 @@ def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_
     if getattr(args, 'eval', False) or not ('optimizer' in checkpoint and 'epoch' in checkpoint):
         return Start(epoch=args.start_epoch)
     ckpt_io.load_optimizer_state(optimizer, checkpoint['optimizer'], f"--resume {path}")
+    args.start_epoch = checkpoint['epoch'] + 1  # (as the reference's load_model; the checkpoints keep it)
     if 'scaler' in checkpoint:
         loss_scaler.load_state_dict(checkpoint['scaler'])
     print("With optim & sched!")
     # ours keep the best accuracy; the reference restarts it on resuming
-    start = Start(epoch=checkpoint['epoch'] + 1, max_accuracy=float(checkpoint.get('max_accuracy', 0.0)))
+    start = Start(epoch=args.start_epoch, max_accuracy=float(checkpoint.get('max_accuracy', 0.0)))
     return continue_position(start, checkpoint, args, iters_per_epoch)
 
 

@@ -6,7 +6,8 @@ finished epoch, and what the run writes (``log.txt`` rows, TensorBoard points, c
 keeps nothing (benchmarks, tests). ``Run`` is the entry points' run in ``--output_dir``.
 
 The rules that keep a run's history whole whatever instant it is killed:
-- one run at a time in a folder: rank 0 holds an OS lock on ``<output_dir>/.run.lock`` (``util/output_dir.py``);
+- one run at a time in a folder: rank 0 holds an OS lock on ``<output_dir>/.run.lock`` (``util/output_dir.py``,
+  taken by ``util.process.setup_process``);
 - an epoch's ``log.txt`` row is written before its checkpoint; a run that continues from a checkpoint moves the
   rows written after it (by a run that died before its checkpoint was complete) to a side file and writes them
   again, and TensorBoard is told to hide the points after it (``purge_step``); the event files are kept;
@@ -26,7 +27,7 @@ import util.loaders as loaders
 import util.misc as misc
 from util.checkpoint_saver import CheckpointSaver
 from util.errors import RunInterrupted, TrainingStopped
-from util.output_dir import append_log, lock_output_dir, move_log_rows_after
+from util.output_dir import append_log, move_log_rows_after
 
 LOG_DIR_OWNER = '.output_dir'  # in a --log_dir apart from --output_dir: the run folder whose events it holds
 
@@ -106,29 +107,21 @@ class LoopHooks:
 
 # ---------------------------------------------------------------------------------------------------- the run
 class Run(LoopHooks):
-    """The run of ``script`` in ``--output_dir`` (none for ``--eval``). ``Run(args, __file__)`` locks the folder;
-    ``begin(...)``, once the model, optimizer and loss scaler exist and ``util.resume`` has said where the run
-    starts, cuts ``log.txt`` back to that point, opens TensorBoard and installs the stop signals; then, per epoch,
-    ``epoch_batches`` and ``after_step`` (through the engine's ``EpochLog``) and ``end_epoch``."""
+    """The training run of ``script`` in ``--output_dir`` (which ``util.process.setup_process`` has locked),
+    started once the model, optimizer and loss scaler exist and ``util.resume`` has said where the run starts
+    (``start``): it cuts ``log.txt`` back to that point, opens TensorBoard and installs the stop signals; then, per
+    epoch, ``epoch_batches`` and ``after_step`` (through the engine's ``EpochLog``) and ``end_epoch``.
+    ``track_accuracy``: keep the best test accuracy across the run (``max_accuracy``, saved in the checkpoints)."""
 
-    def __init__(self, args, script):
+    def __init__(self, args, script, start, model, optimizer, loss_scaler, data_loader, track_accuracy=False):
         super().__init__(args.skip_nonfinite)
-        self.args, self.script = args, os.path.basename(script)
-        self.training = not getattr(args, 'eval', False)
-        self.output_dir = args.output_dir if self.training else ''
-        self._lock = lock_output_dir(self.output_dir) if self.output_dir else None
-        self.saver = self.data_loader = self.position = self.max_accuracy = None
+        self.args, self.output_dir = args, args.output_dir
+        self.saver = CheckpointSaver(model, optimizer, loss_scaler, args, self.output_dir, os.path.basename(script))
+        self.data_loader, self.position = data_loader, start.position
+        self.max_accuracy = start.max_accuracy if track_accuracy else None
         self._iters_per_epoch = 0
         self._epoch_trained = None  # a TrainedEpoch
         self._epoch_start = time.time()
-
-    def begin(self, start, model, optimizer, loss_scaler, data_loader, track_accuracy=False):
-        """Start training from ``start`` (``util.resume.Start``). ``track_accuracy``: keep the best test accuracy
-        across the run (``max_accuracy``, saved in the checkpoints)."""
-        args = self.args
-        self.saver = CheckpointSaver(model, optimizer, loss_scaler, args, self.output_dir, self.script)
-        self.data_loader, self.position = data_loader, start.position
-        self.max_accuracy = start.max_accuracy if track_accuracy else None
         if self.output_dir and misc.is_main_process():
             move_log_rows_after(self.output_dir, start.epoch - 1)
         if misc.is_main_process() and args.log_dir:
@@ -136,6 +129,8 @@ class Run(LoopHooks):
             self.log_writer = SummaryWriter(log_dir=args.log_dir, purge_step=self._purge_step(start.purge_step))
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # save and stop at the next optimizer step
             signal.signal(sig, request_stop)
+        print(f"Start training for {args.epochs} epochs")
+        self._start_time = time.time()
 
     def _purge_step(self, purge_step):
         """TensorBoard's purge step in ``--log_dir``: the resumed point, or 0 where an earlier run of this folder
@@ -167,7 +162,7 @@ class Run(LoopHooks):
         self._skipped_steps = 0
         self._epoch_start = time.time()
         start = position.iteration if position else 0
-        loaders.start_epoch(data_loader, start * self.args.batch_size, position.skipped if position else ())
+        loaders.start_epoch(data_loader, epoch, start * self.args.batch_size, position.skipped if position else ())
         self._iters_per_epoch = len(data_loader) + start
         batches = iter(data_loader)
         if position:
@@ -176,7 +171,7 @@ class Run(LoopHooks):
         return batches, start, self._iters_per_epoch
 
     def last_good(self):
-        return self.saver.last_good() if self.saver else super().last_good()
+        return self.saver.last_good()
 
     def checkpoint_due(self, next_iter):
         """Whether ``--save_every_iters`` asks for a checkpoint after the optimizer step before ``next_iter``."""
@@ -237,5 +232,7 @@ class Run(LoopHooks):
         self.saver.save(epoch, keep, at, rng=rng, **best, **extra)
 
     def close(self):
+        """After the last epoch: TensorBoard's files closed, the training time printed."""
         if self.log_writer is not None:
             self.log_writer.close()
+        print('Training time {}'.format(str(datetime.timedelta(seconds=int(time.time() - self._start_time)))))

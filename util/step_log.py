@@ -19,12 +19,13 @@ import util.misc as misc
 
 
 class EpochLog:
-    """One epoch of ``run`` (a ``util.run.LoopHooks``) over ``data_loader``. Iterate over it for
-    ``(iteration, batch)``; per step, ``add`` the loss, and after each optimizer step call ``after_update``;
-    ``finish`` returns the epoch's averaged meters. ``loss_tag`` names the loss's TensorBoard curve."""
+    """One epoch of ``run`` (a ``util.run.LoopHooks``) over ``data_loader``: ``batches`` gives ``(iteration,
+    batch)`` with the console's progress lines; per step, ``add`` the loss, and after each optimizer step call
+    ``after_update``; ``finish`` returns the epoch's averaged meters. ``loss_tag`` names the loss's TensorBoard
+    curve."""
 
     def __init__(self, run, epoch, data_loader, args, loss_tag, print_freq=20):
-        self.run, self.epoch, self.loss_tag, self.print_freq = run, epoch, loss_tag, print_freq
+        self.run, self.epoch, self.loss_tag = run, epoch, loss_tag
         self.accum_iter = args.accum_iter
         self.every = print_freq if getattr(args, 'no_host_sync', False) else None
         self.metric_logger = misc.MetricLogger(delimiter="  ")
@@ -32,14 +33,11 @@ class EpochLog:
         if run.log_writer is not None:
             print('log_dir: {}'.format(run.log_writer.log_dir))
         # (after a resume in the middle of the epoch, its batches start further on, with the meters so far)
-        self._batches, self.start, self.iters_per_epoch = run.epoch_batches(epoch, data_loader, self.metric_logger)
+        batches, self.start, self.iters_per_epoch = run.epoch_batches(epoch, data_loader, self.metric_logger)
+        self.batches = enumerate(self.metric_logger.log_every(batches, print_freq, 'Epoch: [{}]'.format(epoch),
+                                                              self.iters_per_epoch, self.start), start=self.start)
         self._pending = []  # --no_host_sync: (loss on the device, lr, iteration, whether it updates)
         self._fresh = False  # read since the last run.after_step
-
-    def __iter__(self):
-        batches = self.metric_logger.log_every(self._batches, self.print_freq, 'Epoch: [{}]'.format(self.epoch),
-                                               self.iters_per_epoch, self.start)
-        return enumerate(batches, start=self.start)
 
     def add(self, loss, lr, step, update):
         """Iteration ``step``'s loss (a 0-d tensor) and lr. Returns ``(loss to back-propagate, skip)``: ``skip``
