@@ -55,9 +55,10 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __init__(self, sampler, reshuffle):
         self.sampler, self.reshuffle = sampler, reshuffle
-        self.skip = 0
+        self.skip = self.epoch = 0
 
     def set_epoch(self, epoch):
+        self.epoch = epoch  # (the training epoch, also without reshuffling: DALI seeds its crops with it)
         if self.reshuffle:
             self.sampler.set_epoch(epoch)
 
