@@ -199,14 +199,13 @@ class DaliLoader:
     the reference's), read by the main process and decoded by DALI on the GPU, crop window only
     (``decoders.image_random_crop``: area 0.2-1, ratio 3/4-4/3, as RandomResizedCrop; EXIF orientation ignored, as
     PIL's loader does), resized bicubic with antialiasing, flipped with p=0.5 and normalised. DALI draws the crops and
-    flips from its own generator (seeded from ``--seed``, the rank and the epoch). A pipeline is built per epoch,
-    after ``set_epoch``, because DALI starts reading ahead as soon as it is built. Not run in this repository's
-    tests (no GPU there)."""
+    flips from its own generator (seeded from ``--seed``, the rank and the training epoch, so a resumed run draws its
+    epoch's crops). A pipeline is built per epoch, after ``set_epoch``, because DALI starts reading ahead as soon as
+    it is built. Not run in this repository's tests (no GPU there)."""
 
     def __init__(self, dataset, sampler, args, device):
         self.dataset, self.sampler, self.args = dataset, sampler, args
         self.device_id = torch.cuda.current_device()
-        self._epoch = 0
 
     def __len__(self):
         return len(self.sampler) // self.args.batch_size
@@ -226,7 +225,7 @@ class DaliLoader:
                        [np.array(label, dtype=np.int64) for _, label in chunk])
 
         @pipeline_def(batch_size=batch_size, num_threads=max(args.num_workers, 1), device_id=self.device_id,
-                      seed=args.seed + 1000 * getattr(args, 'rank', 0) + self._epoch)
+                      seed=args.seed + 1000 * getattr(args, 'rank', 0) + self.sampler.epoch)
         def pipeline():
             jpegs, labels = fn.external_source(source=batches, num_outputs=2, cycle='raise',
                                                dtype=[types.UINT8, types.INT64])
@@ -240,7 +239,6 @@ class DaliLoader:
                                               mirror=fn.random.coin_flip(probability=0.5))
             return images, labels.gpu()
 
-        self._epoch += 1
         pipe = pipeline()
         pipe.build()
         iterator = DALIGenericIterator(pipe, ['images', 'labels'], last_batch_policy=LastBatchPolicy.DROP)

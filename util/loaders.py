@@ -3,6 +3,7 @@ reference's PIL pipeline or a fast one of ``util/fast_data.py``) with its resuma
 and what an epoch of the training loader needs to start, resume in the middle and count its bad files."""
 import functools
 import os
+import signal
 
 import torch
 
@@ -55,9 +56,10 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __init__(self, sampler, reshuffle):
         self.sampler, self.reshuffle = sampler, reshuffle
-        self.skip = 0
+        self.skip = self.epoch = 0
 
     def set_epoch(self, epoch):
+        self.epoch = epoch  # (the training epoch, also without reshuffling: DALI seeds its crops with it)
         if self.reshuffle:
             self.sampler.set_epoch(epoch)
 
@@ -115,13 +117,19 @@ def train_loader(args, reference_transform, crop_kwargs, device):
         return DaliLoader(dataset, sampler, args, device)
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True,
+        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True, worker_init_fn=ignore_ctrl_c,
         **({'collate_fn': collate_encoded} if kind == 'gpu' else {}))
     if kind == 'fast_cpu':
         return OnDevice(loader, device, normalise)
     if kind == 'gpu':
         return OnDevice(loader, device, functools.partial(decode_on_device, size=args.input_size))
     return loader
+
+
+def ignore_ctrl_c(worker_id):
+    """A DataLoader worker's start: Ctrl-C reaches the whole process group, and the main process alone decides what
+    it means (save at the next optimizer step); a worker that took it would end and fail the epoch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def start_epoch(loader, epoch, resume_at=0, skipped=()):
@@ -161,4 +169,4 @@ def val_loader(args, dataset_val, device):
         sampler_val = torch.utils.data.SequentialSampler(dataset_val)
     return torch.utils.data.DataLoader(
         dataset_val, sampler=sampler_val, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=False)
+        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=False, worker_init_fn=ignore_ctrl_c)
