@@ -20,7 +20,8 @@ import util.speed as speed
 from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
 from util.datasets import build_transform, check_augmentation, check_classes
 from util.errors import UsageError, run_main
-from util.flags import add_classifier_args, add_common_args, check_common
+from util.flag_checks import check_common
+from util.flags import add_classifier_args, add_common_args
 from util.image_folder import image_folder
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights

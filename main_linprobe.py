@@ -19,7 +19,8 @@ from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
 from util.crop import RandomResizedCrop
 from util.datasets import check_classes, eval_transform, linprobe_transform
 from util.errors import run_main
-from util.flags import add_classifier_args, add_common_args, check_common
+from util.flag_checks import check_common
+from util.flags import add_classifier_args, add_common_args
 from util.image_folder import image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr

@@ -16,7 +16,8 @@ from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
 from util.datasets import pretrain_transform
 from util.errors import UsageError, run_main
-from util.flags import add_common_args, check_common
+from util.flag_checks import check_common
+from util.flags import add_common_args
 from util.lr_sched import set_lr
 from util.process import parallel_model, setup_process
 from util.run import Run

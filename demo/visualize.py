@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
 import util.checkpoint as ckpt_io  # noqa: E402
 import util.errors as errors  # noqa: E402
-from util.flags import check_device, check_ranges  # noqa: E402
+from util.flag_checks import check_device, check_ranges  # noqa: E402
 from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 
@@ -439,7 +439,7 @@ def save_png(fig, path, colors=0):
 
 # ---------------------------------------------------------------------------------------------------- main
 def check_args(args):
-    check_ranges(args)  # --mask_ratio(s), --scale, --colors, --input_size, --seed (util/flags.py's RANGES)
+    check_ranges(args)  # --mask_ratio(s), --scale, --colors, --input_size, --seed (util/flag_checks.py's RANGES)
     if args.mask_ratios and not args.grid:
         raise UsageError("--mask_ratios needs --grid (one figure per image uses --mask_ratio)")
     check_device(args)  # a device torch knows, a GPU index there is

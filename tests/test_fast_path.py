@@ -16,9 +16,9 @@ import main_linprobe
 import main_pretrain
 import models_mae
 import models_vit
-import util.checkpoint as ckpt_io
 import util.errors as errors
 import util.misc as misc
+import util.resume as resume
 import util.speed as speed
 from conftest import TINY, one_line_error, pretrain_argv, read_log, run_script, save_pretrained
 from util import fast_data
@@ -203,7 +203,7 @@ def test_fused_adamw_where_available_and_kept_on_resume():
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     plain.step()
-    ckpt_io.load_optimizer_state(fused, plain.state_dict(), 'test')  # a faithful run resumed with --fused_adamw
+    resume.load_optimizer_state(fused, plain.state_dict(), 'test')  # a faithful run resumed with --fused_adamw
     assert fused.param_groups[0]['fused'] is True
     fused.step()
     assert float(next(iter(fused.state.values()))['step']) == 2

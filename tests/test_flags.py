@@ -1,4 +1,4 @@
-"""Every numeric flag of every entry point has a declared range (util/flags.py's RANGES), and each side of it, nan and
+"""Every numeric flag of every entry point has a declared range (util/flag_checks.py's RANGES), and each side of it, nan and
 inf are refused with one line naming the flag; the constraints between flags (what timm's Mixup needs, the seed on
 many processes) too. In-process: the check on parsed flags, and a few whole command lines through run_main."""
 import importlib.util
@@ -11,7 +11,7 @@ import main_linprobe
 import main_pretrain
 import util.submitit_job as submitit_job
 from conftest import ROOT, TINY, run_in_process
-from util.flags import RANGES, check_between, check_ranges
+from util.flag_checks import RANGES, check_between, check_ranges
 from util.errors import UsageError
 
 
@@ -42,7 +42,7 @@ def numeric_flags(parser):
 def test_every_numeric_flag_has_a_range():
     missing = [f"{script} {a.option_strings[0]}" for script, (make, _) in PARSERS.items()
                for a in numeric_flags(make()) if a.dest not in RANGES]
-    assert missing == [], 'add these flags to util/flags.py RANGES'
+    assert missing == [], 'add these flags to util/flag_checks.py RANGES'
     # the message says --<dest>: the flag as it is typed
     for make, _ in PARSERS.values():
         assert all(f'--{a.dest}' in a.option_strings for a in numeric_flags(make()))
@@ -234,7 +234,7 @@ def test_log_dir_inside_a_file_is_one_line(tmp_path, capsys):
 def test_device_index_and_backend(monkeypatch):
     import torch
     from types import SimpleNamespace
-    from util.flags import check_device
+    from util.flag_checks import check_device
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     check_device(SimpleNamespace(device='cuda:1'))

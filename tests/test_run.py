@@ -103,13 +103,13 @@ def test_reference_linear_probe_optimizer_with_fewer_tensors_loads_with_a_note(c
         p.grad = torch.ones_like(p)
     reference.step()
     ours = torch.optim.SGD(head + fc_norm, lr=0.1, momentum=0.9)
-    ckpt_io.load_optimizer_state(ours, reference.state_dict(), '--resume ref.pth')
+    resume.load_optimizer_state(ours, reference.state_dict(), '--resume ref.pth')
     assert torch.equal(ours.state[head[0]]['momentum_buffer'], reference.state[head[0]]['momentum_buffer'])
     assert fc_norm[0] not in ours.state
     assert "holds 2 of this run's 4 trained tensors" in capsys.readouterr().out
     other = torch.optim.SGD([torch.nn.Parameter(torch.randn(5))], lr=0.1)
     with pytest.raises(UsageError, match='its optimizer state does not fit this run'):
-        ckpt_io.load_optimizer_state(other, reference.state_dict(), '--resume ref.pth')
+        resume.load_optimizer_state(other, reference.state_dict(), '--resume ref.pth')
 
 
 # ---------------------------------------------------------------------------------------------------- the folder

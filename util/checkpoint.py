@@ -5,12 +5,10 @@ import argparse
 import errno
 import os
 import pathlib
-import random
 import shutil
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from util import compat
@@ -46,31 +44,6 @@ def stored_args(checkpoint):
     return dict(args) if isinstance(args, dict) else {}
 
 
-# ---------------------------------------------------------------------------------------------------- random streams
-def rng_state():
-    """This process's random streams (torch CPU and CUDA, numpy, python) as tensors and plain values."""
-    np_state = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        'torch': torch.get_rng_state(),
-        'cuda': list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        'numpy': {'name': np_state[0], 'keys': torch.from_numpy(np_state[1].astype(np.int64)),
-                  'pos': int(np_state[2]), 'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
-        'python': {'version': py_version, 'state': torch.tensor(py_state, dtype=torch.int64), 'gauss': py_gauss},
-    }
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state['cuda'])
-    n = state['numpy']
-    np.random.set_state((n['name'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
-    p = state['python']
-    random.setstate((p['version'], tuple(p['state'].tolist()), p['gauss']))
-
-
 # ---------------------------------------------------------------------------------------------------- checks
 def nonfinite(named_tensors):
     """The names of the floating-point tensors that hold a NaN or an infinity."""
@@ -100,41 +73,6 @@ def state_dict_mismatch(model, state_dict):
             ([f"unexpected keys: {fmt_keys(unexpected)}"] if unexpected else []) + \
             ([f"other shapes (checkpoint vs model): {fmt_keys(shapes, 4)}"] if shapes else [])
     return '; '.join(parts)
-
-
-def load_optimizer_state(optimizer, state, what):
-    """``optimizer.load_state_dict(state)``; a saved optimizer that holds the first tensors of each of this
-    optimizer's groups only (a reference linear probe with ``--global_pool`` kept ``fc_norm`` frozen, so its LARS
-    has the head's 2 tensors where this run trains 4) is loaded for those, the others start fresh, and a note says
-    so. Anything else that does not fit is a ``UsageError``."""
-    saved, own = state['param_groups'], optimizer.state_dict()['param_groups']
-    if len(saved) == len(own) and any(len(s['params']) < len(o['params']) for s, o in zip(saved, own)):
-        groups, remap, fresh = [], {}, 0
-        for s, o in zip(saved, own):
-            if len(s['params']) > len(o['params']):
-                break
-            remap.update(zip(s['params'], o['params']))
-            groups.append({**s, 'params': list(o['params'])})
-            fresh += len(o['params']) - len(s['params'])
-        else:
-            state = {'state': {remap[k]: v for k, v in state['state'].items() if k in remap}, 'param_groups': groups}
-            print(f"Note: {what}'s optimizer holds {sum(len(s['params']) for s in saved)} of this run's "
-                  f"{sum(len(o['params']) for o in own)} trained tensors (a reference linear probe with --global_pool "
-                  f"froze fc_norm); their state is restored, the {fresh} others start fresh")
-    # how the update is computed (--fused_adamw) is this run's choice, not the checkpoint's: load_state_dict would
-    # take the saved groups' settings
-    implementation = [{k: g[k] for k in ('fused', 'foreach') if k in g} for g in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as e:
-        raise UsageError(f"{what}: its optimizer state does not fit this run ({e})") from None
-    for group, own in zip(optimizer.param_groups, implementation):
-        group.update(own)
-        if own.get('fused'):  # the fused kernel keeps the step count beside the weights, as a float
-            for p in group['params']:
-                step = optimizer.state.get(p, {}).get('step')
-                if torch.is_tensor(step):
-                    optimizer.state[p]['step'] = step.to(p.device, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- files

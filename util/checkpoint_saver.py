@@ -7,6 +7,7 @@ from pathlib import Path
 
 import util.checkpoint as ckpt_io
 import util.misc as misc
+import util.rng as rng_streams
 from util.errors import TrainingStopped
 
 
@@ -29,7 +30,7 @@ class CheckpointSaver:
         if bad:
             raise TrainingStopped(f"non-finite values in {ckpt_io.fmt_keys(bad, 3)} at {at} (the loss was still "
                                   f"finite): not saved; {self.last_good()}")
-        states = misc.all_gather(rng if rng is not None else ckpt_io.rng_state())
+        states = misc.all_gather(rng if rng is not None else rng_streams.rng_state())
         if not misc.is_main_process():
             return
         to_save = {

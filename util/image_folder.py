@@ -183,7 +183,7 @@ def image_folder(data_path, split, transform, skip_bad=False, loader=load_rgb, n
     folders, or a class folder holds no image, and the file when an image cannot be read (unless ``skip_bad``: see
     ``ImageFolder``). ``loader(path)`` reads a file (``util.fast_data``'s also augment it). ``numbered_as``: the
     split whose class numbers the classes take, when it is there (an evaluation split takes 'train''s). The entry
-    points check that the folders exist with their flags first (``util.flags.check_common``)."""
+    points check that the folders exist with their flags first (``util.flag_checks.check_common``)."""
     return ImageFolder(os.path.join(data_path, split), transform=transform, skip_bad=skip_bad, loader=loader,
                        numbered_as=numbered_as and os.path.join(data_path, numbered_as))
 

@@ -9,8 +9,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 import util.checkpoint as ckpt_io
 import util.misc as misc
+import util.rng as rng
 from util.errors import RunComplete, UsageError
 
 # Flags a continued run may change (README, "Long runs"). Every other flag stored in the checkpoint must be the same.
@@ -130,7 +133,7 @@ def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_
     print("Resume checkpoint %s" % path)
     if getattr(args, 'eval', False) or not ('optimizer' in checkpoint and 'epoch' in checkpoint):
         return Start(epoch=args.start_epoch)
-    ckpt_io.load_optimizer_state(optimizer, checkpoint['optimizer'], f"--resume {path}")
+    load_optimizer_state(optimizer, checkpoint['optimizer'], f"--resume {path}")
     args.start_epoch = checkpoint['epoch'] + 1  # (as the reference's load_model; the checkpoints keep it)
     if 'scaler' in checkpoint:
         loss_scaler.load_state_dict(checkpoint['scaler'])
@@ -172,6 +175,41 @@ def continue_position(start, checkpoint, args, iters_per_epoch):
         where = f"restarting epoch {start.epoch} from its beginning" if 'resume_iter' in checkpoint else "continuing"
         print(f"Note: {layout_note}; {where} with fresh random streams")
     elif states:
-        ckpt_io.set_rng_state(states[rank])
+        rng.set_rng_state(states[rank])
     start.purge_step = start.epoch * 1000 if start.epoch > 0 else None
     return start
+
+
+def load_optimizer_state(optimizer, state, what):
+    """``optimizer.load_state_dict(state)``; a saved optimizer that holds the first tensors of each of this
+    optimizer's groups only (a reference linear probe with ``--global_pool`` kept ``fc_norm`` frozen, so its LARS
+    has the head's 2 tensors where this run trains 4) is loaded for those, the others start fresh, and a note says
+    so. Anything else that does not fit is a ``UsageError``."""
+    saved, own = state['param_groups'], optimizer.state_dict()['param_groups']
+    if len(saved) == len(own) and any(len(s['params']) < len(o['params']) for s, o in zip(saved, own)):
+        groups, remap, fresh = [], {}, 0
+        for s, o in zip(saved, own):
+            if len(s['params']) > len(o['params']):
+                break
+            remap.update(zip(s['params'], o['params']))
+            groups.append({**s, 'params': list(o['params'])})
+            fresh += len(o['params']) - len(s['params'])
+        else:
+            state = {'state': {remap[k]: v for k, v in state['state'].items() if k in remap}, 'param_groups': groups}
+            print(f"Note: {what}'s optimizer holds {sum(len(s['params']) for s in saved)} of this run's "
+                  f"{sum(len(o['params']) for o in own)} trained tensors (a reference linear probe with --global_pool "
+                  f"froze fc_norm); their state is restored, the {fresh} others start fresh")
+    # how the update is computed (--fused_adamw) is this run's choice, not the checkpoint's: load_state_dict would
+    # take the saved groups' settings
+    implementation = [{k: g[k] for k in ('fused', 'foreach') if k in g} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"{what}: its optimizer state does not fit this run ({e})") from None
+    for group, own in zip(optimizer.param_groups, implementation):
+        group.update(own)
+        if own.get('fused'):  # the fused kernel keeps the step count beside the weights, as a float
+            for p in group['params']:
+                step = optimizer.state.get(p, {}).get('step')
+                if torch.is_tensor(step):
+                    optimizer.state[p]['step'] = step.to(p.device, torch.float32)

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import util.checkpoint as ckpt_io
 import util.loaders as loaders
 import util.misc as misc
+import util.rng as rng
 from util.checkpoint_saver import CheckpointSaver
 from util.errors import RunInterrupted, TrainingStopped
 from util.output_dir import append_log, move_log_rows_after
@@ -166,7 +166,7 @@ class Run(LoopHooks):
         self._iters_per_epoch = len(data_loader) + start
         batches = iter(data_loader)
         if position:
-            ckpt_io.set_rng_state(position.rng)
+            rng.set_rng_state(position.rng)
             metric_logger.load_state(position.meters)
         return batches, start, self._iters_per_epoch
 
@@ -182,7 +182,7 @@ class Run(LoopHooks):
         """After each optimizer step (every rank): every ``--save_every_iters`` steps, and when a stop was
         requested (then ``RunInterrupted`` is raised), write a checkpoint to continue this epoch from."""
         if next_iter == self._iters_per_epoch:  # (the streams as the evaluation that follows finds them)
-            self._epoch_trained = TrainedEpoch(epoch, next_iter, metric_logger, ckpt_io.rng_state())
+            self._epoch_trained = TrainedEpoch(epoch, next_iter, metric_logger, rng.rng_state())
         periodic = self.checkpoint_due(next_iter)
         signum = stop_requested()
         if not (periodic or signum):
