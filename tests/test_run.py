@@ -165,7 +165,7 @@ def test_changed_flags_allow_what_a_resume_may_change():
     assert resume.changed_flags(there, parse(main_pretrain, *base, '--epochs', '800', '--num_workers', '3',
                                               '--save_every_iters', '5', '--data_path', '/elsewhere')) == []
     assert resume.changed_flags(there, parse(main_pretrain, *base, '--blr', '2e-3', '--mask_ratio', '0.5')) == [
-        '--mask_ratio 0.75 there, 0.5 here', '--blr 0.001 there, 0.002 here']
+        '--blr 0.001 there, 0.002 here', '--mask_ratio 0.75 there, 0.5 here']  # (in the parser's order)
     given = stored(main_pretrain, *base, '--lr', '0.1')
     assert resume.changed_flags(given, parse(main_pretrain, *base, '--lr', '0.1')) == []
     assert resume.changed_flags(given, parse(main_pretrain, *base)) == ['--lr 0.1 there, none here']
