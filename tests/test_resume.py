@@ -180,8 +180,8 @@ def test_auto_resume_never_continues_another_scripts_run(tmp_path):
                     TINY, '--finetune', out / 'checkpoint-0.pth', '--output_dir', out, '--log_dir', out)
     assert ft.returncode == 2 and ft.stderr.strip().splitlines() == [
         f"error: --output_dir {out} holds a run of main_pretrain.py --model mae_vit_tiny_patch4 (checkpoint-last.pth, "
-        f"epoch 0), not of main_finetune.py --model vit_tiny_patch4: pass a new --output_dir, or --no_auto_resume to "
-        f"start afresh in that folder"]
+        f"the end of epoch 0), not of main_finetune.py --model vit_tiny_patch4: pass a new --output_dir, or "
+        f"--no_auto_resume to start afresh in that folder"]
     done = run_script(*pretrain_args(out, '--epochs', '1'))
     assert done.returncode == 0 and 'holds this run, complete: it finished epoch 0 of --epochs 1' in done.stdout
     assert len((out / 'log.txt').read_text().splitlines()) == 1

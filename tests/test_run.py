@@ -165,7 +165,7 @@ def test_changed_flags_allow_what_a_resume_may_change():
     assert resume.changed_flags(there, parse(main_pretrain, *base, '--epochs', '800', '--num_workers', '3',
                                               '--save_every_iters', '5', '--data_path', '/elsewhere')) == []
     assert resume.changed_flags(there, parse(main_pretrain, *base, '--blr', '2e-3', '--mask_ratio', '0.5')) == [
-        '--mask_ratio 0.75 there, 0.5 here', '--blr 0.001 there, 0.002 here']
+        '--blr 0.001 there, 0.002 here', '--mask_ratio 0.75 there, 0.5 here']  # (in the parser's order)
     given = stored(main_pretrain, *base, '--lr', '0.1')
     assert resume.changed_flags(given, parse(main_pretrain, *base, '--lr', '0.1')) == []
     assert resume.changed_flags(given, parse(main_pretrain, *base)) == ['--lr 0.1 there, none here']
@@ -191,8 +191,9 @@ def test_continues_only_its_own_run(tmp_path):
     with pytest.raises(UsageError) as e:
         choose(ft, 'main_finetune.py', tmp_path)
     assert str(e.value) == (f"--output_dir {tmp_path} holds a run of main_pretrain.py --model mae_vit_tiny_patch4 "
-                            f"(checkpoint-last.pth, the end of epoch 0), not of main_finetune.py --model vit_tiny_patch4: pass a "
-                            f"new --output_dir, or --no_auto_resume to start afresh in that folder")
+                            f"(checkpoint-last.pth, the end of epoch 0), not of main_finetune.py --model "
+                            f"vit_tiny_patch4: pass a new --output_dir, or --no_auto_resume to start afresh in that "
+                            f"folder")
     with pytest.raises(UsageError, match=r'other training flags \(--mask_ratio 0.75 there, 0.6 here\)'):
         choose(parse(main_pretrain, *argv, '--mask_ratio', '0.6'), 'main_pretrain.py', tmp_path)
     with pytest.raises(RunComplete, match='holds this run, complete: it finished epoch 0 of --epochs 1'):
@@ -288,3 +289,18 @@ def test_help_works_on_every_entry_point(capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert '--save_every_iters' in out and '[new]' in out and '-h, --help' in out
+
+
+def test_a_log_dir_shared_with_another_run_hides_none_of_its_points(tmp_path, capsys):
+    """Two runs (other --output_dir) in one --log_dir: the second one's writer gets no purge step, which would hide
+    the first one's points, and it says so; the run that owns the folder purges as before."""
+    shared = tmp_path / 'tb'
+    shared.mkdir()
+    (shared / 'events.out.tfevents.1.other').write_bytes(b'')
+    (shared / run_mod.LOG_DIR_OWNER).write_text('/elsewhere/run1\n')
+    owner = run_mod.Run.__new__(run_mod.Run)  # (no lock, no TensorBoard)
+    owner.args, owner.output_dir = SimpleNamespace(log_dir=str(shared)), str(tmp_path / 'run2')
+    assert owner._purge_step(None) is None and owner._purge_step(3000) is None
+    assert 'holds the TensorBoard events of another run (/elsewhere/run1)' in capsys.readouterr().out
+    (shared / run_mod.LOG_DIR_OWNER).write_text(os.path.realpath(tmp_path / 'run2') + '\n')
+    assert owner._purge_step(3000) == 3000 and owner._purge_step(None) == 0

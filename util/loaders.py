@@ -11,7 +11,6 @@ import util.misc as misc
 from util import image_folder as images
 from util.errors import UsageError
 from util.fast_data import CropFlip, DaliLoader, OnDevice, collate_encoded, decode_on_device, normalise
-from util.image_folder import ImageFolder
 
 LOADERS = ('pil', 'fast_cpu', 'gpu', 'dali')
 DALI_INSTALL = 'pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)'
@@ -98,12 +97,12 @@ def train_loader(args, reference_transform, crop_kwargs, device):
     kind = getattr(args, 'data_loader', 'pil')
     root = os.path.join(args.data_path, 'train')
     if kind == 'pil':
-        dataset = ImageFolder(root, reference_transform, skip_bad=args.skip_bad_images)
+        dataset = images.ImageFolder(root, reference_transform, skip_bad=args.skip_bad_images)
     elif kind == 'dali':  # only the file list and labels: DALI reads the files
-        dataset = ImageFolder(root)
+        dataset = images.ImageFolder(root)
     else:
         crop = CropFlip(args.input_size, encoded=kind == 'gpu', **crop_kwargs)
-        dataset = ImageFolder(root, skip_bad=args.skip_bad_images, loader=crop)
+        dataset = images.ImageFolder(root, skip_bad=args.skip_bad_images, loader=crop)
     print(dataset)
 
     num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
@@ -138,9 +137,8 @@ def start_epoch(loader, epoch, resume_at=0, skipped=()):
     skipped afresh, or, resuming, from ``skipped`` (the ``skipped_files`` saved with the position)."""
     loader.sampler.set_epoch(epoch)
     loader.sampler.skip = resume_at
-    if getattr(loader.dataset, 'skip_bad', False):  # (--skip_bad_images)
-        images.reset_skipped(loader.dataset)
-        images.restore_skipped(loader.dataset, skipped)
+    images.reset_skipped(loader.dataset)  # (both only with --skip_bad_images)
+    images.restore_skipped(loader.dataset, skipped)
 
 
 def skipped_files(loader):
