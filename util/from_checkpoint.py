@@ -251,22 +251,24 @@ def encode(model, images):
 def features(model, images, pool='cls'):
     """``pool`` of the encoder's tokens (see ``encode``), under ``torch.no_grad`` and in eval mode (the model's
     train/eval mode is put back): 'cls' the class token (N, D), 'mean' the mean of the patch tokens (N, D; a
-    global-pool classifier's ``fc_norm`` applied to it), 'tokens' all (N, 1 + L, D)."""
-    if pool not in POOLS:
-        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    global-pool classifier's ``fc_norm`` applied to it), 'tokens' all (N, 1 + L, D). A tuple of pools gives a dict
+    of them, from one pass of the encoder."""
+    pools = (pool,) if isinstance(pool, str) else tuple(pool)
+    for p in pools:
+        if p not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {p!r}")
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             tokens = encode(model, images)
-            if pool == 'tokens':
-                return tokens
-            if pool == 'cls':
-                return tokens[:, 0]
-            mean = tokens[:, 1:, :].mean(dim=1)
-            fc_norm = getattr(model, 'fc_norm', None)
-            if getattr(model, 'norm', None) is None and fc_norm is not None:
-                mean = fc_norm(mean)
-            return mean
+            out = {'tokens': tokens, 'cls': tokens[:, 0]}
+            if 'mean' in pools:
+                mean = tokens[:, 1:, :].mean(dim=1)
+                fc_norm = getattr(model, 'fc_norm', None)
+                if getattr(model, 'norm', None) is None and fc_norm is not None:
+                    mean = fc_norm(mean)
+                out['mean'] = mean
     finally:
         model.train(was_training)
+    return out[pool] if isinstance(pool, str) else {p: out[p] for p in pools}
