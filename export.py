@@ -236,7 +236,8 @@ def export_hf(path, out, model=None):
     kind = from_checkpoint.layout(state_dict)
     if kind == 'classifier':
         raise UsageError(f"--checkpoint {path} is a classifier (head.*), not an MAE: --to hf writes MAE "
-                         f"pre-training models (ViTMAEForPreTraining / ViTMAEModel); export a classifier with --to timm")
+                         f"pre-training models (ViTMAEForPreTraining / ViTMAEModel); export a classifier with "
+                         f"--to timm")
     try:
         import transformers
     except ImportError:

@@ -48,7 +48,7 @@ def test_timm_export_of_a_pretraining_checkpoint_loads_strictly(tmp_path, capsys
     assert name == 'vit_tiny_patch16_224'
     assert {k: v for k, v in kwargs.items() if k not in ('pretrained', 'pretrained_cfg_overlay')} == dict(
         patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0, img_size=32)
-    assert f"timm.create_model('vit_tiny_patch16_224', pretrained=True" in printed
+    assert "timm.create_model('vit_tiny_patch16_224', pretrained=True" in printed
     model = timm.create_model(name, **kwargs).eval()
     x = images()
     with torch.no_grad():

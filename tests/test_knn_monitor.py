@@ -118,3 +118,11 @@ def test_resume_with_the_monitor_on_is_exact(tmp_path):
     assert resumed.returncode == 0 and 'Resuming epoch 1 at iteration 2' in resumed.stdout, resumed.stderr[-2000:]
     assert (tmp_path / 'resumed' / 'log.txt').read_text() == (whole / 'log.txt').read_text()
     assert tb_scalars(tmp_path / 'resumed') == tb_scalars(whole)
+
+
+def test_the_flags_are_marked_new_and_off_by_default():
+    parser = main_pretrain.get_args_parser()
+    actions = {a.dest: a for a in parser._actions if a.dest.startswith('knn_')}
+    assert sorted(actions) == ['knn_data_path', 'knn_every', 'knn_train_subset', 'knn_val_subset']
+    assert all(a.help.startswith('[new]') for a in actions.values())
+    assert parser.parse_args([]).knn_every == 0
