@@ -19,6 +19,7 @@ run (log.txt, TensorBoard, checkpoints) is the same as without it, and resuming 
 process embeds every world_size-th image and the features are gathered. Off (the default) it costs nothing: no
 dataset is scanned, nothing runs. ``extract_features.py --knn`` gives the same numbers for a checkpoint.
 """
+import math
 import os
 import time
 
@@ -108,6 +109,9 @@ def embed(model, dataset, device, batch_size, num_workers=0, autocast=None):
     CPU, in float32."""
     rank, world = misc.get_rank(), misc.get_world_size()
     indices = list(range(rank, len(dataset), world))
+    # starting workers costs more than they save on a few batches (1.9 s against 6.9 s per evaluation of the
+    # 27 demo photos on 2 busy cores): at most one worker per 4 batches
+    num_workers = min(num_workers, math.ceil(len(indices) / batch_size) // 4)
     # own generator: creating the iterator would otherwise draw the workers' base seed from torch's global one
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers, drop_last=False,
