@@ -35,9 +35,8 @@ import os
 import torch
 
 import models_mae
-import util.misc as misc
 from util import from_checkpoint
-from util.misc import UsageError
+from util.errors import UsageError, run_main
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -322,4 +321,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import util.misc as misc
 from util import from_checkpoint, knn_monitor
 from util.datasets import eval_transform
 from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb
-from util.misc import UsageError
+from util.errors import UsageError, run_main
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -189,4 +188,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

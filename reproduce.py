@@ -35,8 +35,8 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
-import util.misc as misc
-from util.misc import RunInterrupted, TrainingStopped, UsageError
+import util.errors as errors
+from util.errors import RunInterrupted, TrainingStopped, UsageError
 
 REPO = Path(__file__).resolve().parent
 TINY_DATA = REPO / 'tests' / 'data' / 'tiny_imagefolder'
@@ -1054,4 +1054,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    errors.run_main(main, get_args_parser())

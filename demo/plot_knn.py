@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import util.misc as misc  # noqa: E402
-from util.misc import UsageError  # noqa: E402
+from util.errors import UsageError, run_main  # noqa: E402
 
 
 def get_args_parser():
@@ -58,4 +57,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

@@ -8,7 +8,7 @@ import torch
 import models_mae
 import models_vit
 from util import from_checkpoint as fc
-from util.misc import UsageError
+from util.errors import UsageError
 
 
 def tiny_mae(seed=0, **kwargs):

@@ -38,7 +38,7 @@ import torch
 import models_mae
 import models_vit
 import util.checkpoint as ckpt_io
-from util.misc import UsageError
+from util.errors import UsageError
 from util.pos_embed import interpolate_pos_embed
 
 ENCODER_KEYS = ('patch_embed.proj.weight', 'pos_embed')

@@ -32,7 +32,7 @@ from util.datasets import eval_transform
 from util.from_checkpoint import features
 from util.image_folder import image_folder
 from util.knn import K, TEMPERATURE, knn_accuracy
-from util.misc import UsageError
+from util.errors import UsageError
 
 POOLS = ('cls', 'mean')  # the headline (cls) first
 SUBSET_SEED = 0
