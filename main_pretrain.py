@@ -14,6 +14,7 @@ import util.resume as resume
 import util.speed as speed
 from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
+from util import knn_monitor
 from util.datasets import pretrain_transform
 from util.errors import UsageError, run_main
 from util.flag_checks import check_common
@@ -52,11 +53,13 @@ def get_args_parser():
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')
+    knn_monitor.add_args(parser)  # [new] --knn_every, --knn_data_path, --knn_train_subset, --knn_val_subset
     return parser
 
 
 def check_args(args):
     check_common(args, models_mae.MODELS, 'pre-training', splits=['train'])
+    knn_monitor.check_args(args)
     if args.mask_type == 'grid' and args.mask_ratio != models_mae.GRID_MASK_RATIO:
         raise UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
                               f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
@@ -86,6 +89,7 @@ def main(args):
     # the reference's simple augmentation (PIL), or --data_loader's uint8 crop and flip (the same distribution)
     data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)),
                                              device)
+    knn = knn_monitor.from_args(args, device)  # [new] None when --knn_every is 0 (off); draws no random number
 
     # define the model; --decoder_depth/--decoder_embed_dim/--mask_type [new] left out are the reference's model
     model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
@@ -113,7 +117,9 @@ def main(args):
 
     for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.loaders.start_epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler, run, args=args)
-        run.end_epoch(epoch, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
+        knn_stats = knn(model_without_ddp, epoch) if knn else {}  # its own random streams: training is unchanged
+        run.end_epoch(epoch, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, **knn_stats},
+                      points=knn_stats)
     run.close()  # prints the training time
 
 

@@ -26,7 +26,6 @@ says so. ``--denorm neighbours`` estimates them from the visible patches around 
 pixel of the masked patch.
 """
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -37,8 +36,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
-import util.checkpoint as ckpt_io  # noqa: E402
 import util.errors as errors  # noqa: E402
+from util import from_checkpoint  # noqa: E402
 from util.flag_checks import check_device, check_ranges  # noqa: E402
 from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb  # noqa: E402
 from util.errors import UsageError  # noqa: E402
@@ -58,9 +57,6 @@ CAPTION_LINES = 2
 GREY = 0.5  # colour of removed patches in the masked-input panel
 BACKGROUND = (255, 255, 255)
 TEXT = (0, 0, 0)
-
-DECODER_KEYS = ('decoder_embed.weight', 'decoder_pred.weight', 'mask_token')
-ENCODER_KEYS = ('patch_embed.proj.weight', 'pos_embed')
 
 
 def get_args_parser():
@@ -150,121 +146,18 @@ def load_image(path, input_size):
 
 
 # ---------------------------------------------------------------------------------------------------- model
-def checkpoint_args(checkpoint):
-    """The flags a checkpoint was trained with, as a dict (ours store a dict, the reference's a Namespace, the
-    released files none)."""
-    args = checkpoint.get('args')
-    if isinstance(args, argparse.Namespace):
-        return vars(args)
-    return args if isinstance(args, dict) else {}
-
-
-def check_state_dict(state_dict, path):
-    """Refuse, with the layout that is needed, a file that cannot reconstruct: no ViT encoder, or no decoder."""
-    if not isinstance(state_dict, dict) or any(k not in state_dict for k in ENCODER_KEYS):
-        raise UsageError(f"--checkpoint {path} is not an MAE checkpoint (its 'model' has no "
-                         f"{' / '.join(ENCODER_KEYS)})")
-    missing = [k for k in DECODER_KEYS if k not in state_dict]
-    if missing:
-        what = ('a fine-tuned classifier (head.weight)' if 'head.weight' in state_dict
-                else 'an encoder only (like the released mae_pretrain_vit_*.pth)')
-        raise UsageError(f"--checkpoint {path} holds {what}, no decoder ({', '.join(missing)} missing): "
-                         f"reconstructions need a full MAE checkpoint with the decoder_* keys, e.g. "
-                         f"main_pretrain.py's checkpoint-*.pth or the reference's mae_visualize_vit_*.pth")
-
-
-def _unique_models():
-    seen, names = set(), []
-    for name, fn in models_mae.MODELS.items():  # aliases (the *_dec512d8b names) map to the same builder
-        if fn not in seen:
-            seen.add(fn)
-            names.append(name)
-    return names
-
-
-def infer_model(state_dict):
-    """The name in ``models_mae.MODELS`` whose weights have the shapes of ``state_dict`` (patch size, width, depth,
-    decoder width and depth), or None. Candidates are built on the meta device: no memory, no time."""
-    proj = state_dict['patch_embed.proj.weight']
-    p, in_chans = proj.shape[-1], proj.shape[1]
-    ignore = ('pos_embed', 'decoder_pos_embed')  # their length depends on the image size, not the architecture
-    own = {k: tuple(v.shape) for k, v in state_dict.items() if k not in ignore}
-    for name in _unique_models():
-        try:
-            with torch.device('meta'):
-                candidate = models_mae.MODELS[name](img_size=p, in_chans=in_chans,
-                                                    **models_mae.decoder_size(state_dict))
-        except ValueError:  # another patch size (p is not a multiple of it), or decoder head width
-            continue
-        theirs = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if k not in ignore}
-        if theirs == own:
-            return name
-    return None
-
-
-def grid_input_size(state_dict):
-    """The image size of a square patch grid from the position embedding's length, or None."""
-    n = state_dict['pos_embed'].shape[1] - 1
-    g = math.isqrt(n)
-    return g * state_dict['patch_embed.proj.weight'].shape[-1] if g * g == n else None
-
-
 def load_mae(args):
-    """Build the MAE of ``args.checkpoint`` and load its weights; resolves ``args.model``, ``args.input_size`` and
-    ``args.norm_pix_loss`` from the flags, the checkpoint's args and its shapes. Returns the model, in eval mode."""
-    checkpoint = ckpt_io.load(args.checkpoint, what='--checkpoint')
-    state_dict = checkpoint['model']
-    check_state_dict(state_dict, args.checkpoint)
-    saved = checkpoint_args(checkpoint)
-
-    if args.model is None:
-        args.model = saved.get('model')
-    if args.model is None:
-        args.model = infer_model(state_dict)
-        if args.model is None:
-            raise UsageError(f"--checkpoint {args.checkpoint}: its weights fit none of "
-                             f"{', '.join(_unique_models())}; pass --model")
-    if args.model not in models_mae.MODELS:
-        raise UsageError(f"--model {args.model} is not an MAE model; choose one of: " + ', '.join(models_mae.MODELS))
-    if args.input_size is None:
-        args.input_size = saved.get('input_size') or grid_input_size(state_dict) or 224
-    if args.norm_pix_loss is None:
-        if 'norm_pix_loss' in saved:
-            args.norm_pix_loss = bool(saved['norm_pix_loss'])
-        else:
-            # the released files say nothing; their authors' word is that the *_full ones predict normalised
-            # pixels and the visualisation ones plain pixels
-            name = os.path.basename(str(args.checkpoint))
-            args.norm_pix_loss = name.startswith('mae_pretrain_vit_') and name.endswith('_full.pth')
-            print(f"Note: {name} does not say how it was trained; taking its target to be "
-                  f"{'normalised' if args.norm_pix_loss else 'plain'} pixels "
-                  f"(--{'no_' if args.norm_pix_loss else ''}norm_pix_loss to change)")
-
-    in_chans = state_dict['patch_embed.proj.weight'].shape[1]
-    if in_chans != 3:
-        raise UsageError(f"--checkpoint {args.checkpoint} is a {in_chans}-channel model; this script shows RGB images")
-    try:
-        # the decoder as trained (main_pretrain.py --decoder_depth/--decoder_embed_dim), from the weights' shapes
-        model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                                              **models_mae.decoder_size(state_dict))
-    except ValueError as e:  # an input size that is not a multiple of the patch size, or a foreign decoder width
-        raise UsageError(f"--checkpoint {args.checkpoint} does not fit --model {args.model} at --input_size "
-                         f"{args.input_size}: {e}") from None
-    except RuntimeError as e:  # its position embeddings: (input_size / patch)^2 rows
-        if 'allocate' not in str(e):
-            raise
-        raise UsageError(f"--input_size {args.input_size}: {args.model} at that size does not fit in memory") from None
-
-    # the position embeddings are fixed sin-cos tables: for another image size the model's own are the right ones
-    own = model.state_dict()
-    state_dict = {k: v for k, v in state_dict.items()
-                  if not (k in ('pos_embed', 'decoder_pos_embed') and k in own and v.shape != own[k].shape)}
-    state_dict.update({k: own[k] for k in ('pos_embed', 'decoder_pos_embed') if k not in state_dict})
-    problem = ckpt_io.state_dict_mismatch(model, state_dict)
-    if problem:
-        raise UsageError(f"--checkpoint {args.checkpoint} does not fit --model {args.model}: {problem}")
-    model.load_state_dict(state_dict)
-    return model.eval()
+    """Build the MAE of ``args.checkpoint`` and load its weights (``util.from_checkpoint.load_mae``: the model is
+    recognised from the weights' shapes when the file does not say); resolves ``args.model``, ``args.input_size``
+    and ``args.norm_pix_loss`` from the flags, the checkpoint's args and its shapes. Returns the model, in eval
+    mode."""
+    model, info = from_checkpoint.load_mae(args.checkpoint, model=args.model, input_size=args.input_size,
+                                           norm_pix_loss=args.norm_pix_loss)
+    if info['in_chans'] != 3:
+        raise UsageError(f"--checkpoint {args.checkpoint} is a {info['in_chans']}-channel model; this script shows "
+                         f"RGB images")
+    args.model, args.input_size, args.norm_pix_loss = info['mae_model'], info['input_size'], info['norm_pix_loss']
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- reconstruction

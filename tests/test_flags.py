@@ -8,6 +8,7 @@ import pytest
 
 import main_finetune
 import main_linprobe
+import extract_features
 import main_pretrain
 import util.submitit_job as submitit_job
 from conftest import ROOT, TINY, run_in_process
@@ -32,6 +33,7 @@ PARSERS = {
     'submitit_finetune.py': (lambda: submitit_job.get_args_parser('main_finetune', 'submitit'), []),
     'submitit_linprobe.py': (lambda: submitit_job.get_args_parser('main_linprobe', 'submitit'), []),
     'demo/visualize.py': (VISUALIZE.get_args_parser, ['image.png', '--checkpoint', 'mae.pth']),
+    'extract_features.py': (extract_features.get_args_parser, ['images/', '--checkpoint', 'mae.pth']),
 }
 
 

@@ -46,8 +46,8 @@ PROBABILITY = Range(0, 1)
 AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
 MIXUP_MODES = ('batch', 'pair', 'elem')  # timm's Mixup: any other name silently mixes per batch
 # what each numeric flag of every entry point may take, by its argparse dest (main_pretrain.py, main_finetune.py,
-# main_linprobe.py, the submitit_*.py scripts, demo/visualize.py): checked by ``check_ranges`` before anything is
-# written; tests/test_flags.py fails for a numeric flag without an entry here
+# main_linprobe.py, the submitit_*.py scripts, extract_features.py, demo/visualize.py): checked by ``check_ranges``
+# before anything is written; tests/test_flags.py fails for a numeric flag without an entry here
 RANGES = {
     # sizes and counts
     'batch_size': AT_LEAST_1, 'accum_iter': AT_LEAST_1, 'epochs': AT_LEAST_1, 'input_size': AT_LEAST_1,
@@ -70,6 +70,10 @@ RANGES = {
     'smoothing': Range(0, 1, high_open=True), 'reprob': PROBABILITY, 'recount': AT_LEAST_1,
     'color_jitter': AT_LEAST_0, 'mixup': AT_LEAST_0, 'cutmix': AT_LEAST_0, 'cutmix_minmax': PROBABILITY,
     'mixup_prob': PROBABILITY, 'mixup_switch_prob': PROBABILITY,
+    # the kNN monitor (main_pretrain.py) and extract_features.py: 0 is off / all images
+    'knn_every': Range(1, special=(0,), meaning='0 (off)'),
+    'knn_train_subset': Range(1, special=(0,), meaning='0 (all)'),
+    'knn_val_subset': Range(1, special=(0,), meaning='0 (all)'),
     # demo/visualize.py
     'mask_ratios': Range(0, 1, high_open=True), 'scale': Range(1, special=(0,), meaning='0 (automatic)'),
     'colors': Range(2, 256, special=(0,), meaning='0 (full colour)'),

@@ -24,6 +24,8 @@ CHANGEABLE_ON_RESUME = {
     'save_freq', 'save_every_iters', 'skip_nonfinite', 'skip_bad_images', 'seed',
     # how fast the same training runs (README, "Speed")
     'fast', 'fused_adamw', 'compile', 'no_host_sync', 'grad_checkpointing', 'data_loader',
+    # the kNN monitor only watches (its own random streams; training is unchanged)
+    'knn_every', 'knn_data_path', 'knn_train_subset', 'knn_val_subset',
     # the process layout (filled in by the launcher)
     'world_size', 'rank', 'gpu', 'local_rank', 'distributed', 'dist_backend', 'dist_url', 'dist_on_itp',
     # submitit's own flags

@@ -1,0 +1,189 @@
+"""export.py: --to timm (timm loads the weights strictly and computes the same features / logits), --to hf (the key
+layouts of transformers 4.x and 5.x; a round trip through the installed transformers gives the same loss for the
+same noise), and the mistakes."""
+import json
+import sys
+
+import pytest
+import timm
+import torch
+
+import export
+import models_mae
+import models_vit
+from conftest import run_in_process
+from util.from_checkpoint import features
+
+
+def tiny_mae(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = models_mae.mae_vit_tiny_patch4(**kwargs).eval()
+    with torch.no_grad():  # trained-looking weights: no zero biases, no unit norms
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def save(path, model, args=None, **extra):
+    torch.save({'model': model.state_dict(), **({'args': args} if args else {}), **extra}, path)
+    return path
+
+
+def images(n=2, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def run_export(*argv):
+    return export.main(export.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+# ---------------------------------------------------------------------------------------------------- timm
+def test_timm_export_of_a_pretraining_checkpoint_loads_strictly(tmp_path, capsys):
+    mae = tiny_mae()
+    path = save(tmp_path / 'checkpoint-9.pth', mae, {'model': 'mae_vit_tiny_patch4', 'input_size': 32})
+    run_export('--checkpoint', path, '--to', 'timm', '--out', tmp_path / 'tiny.pth')
+    printed = capsys.readouterr().out
+    name, kwargs = export.export_timm(path, tmp_path / 'tiny.pth')
+    assert name == 'vit_tiny_patch16_224'
+    assert {k: v for k, v in kwargs.items() if k not in ('pretrained', 'pretrained_cfg_overlay')} == dict(
+        patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=0, img_size=32)
+    assert "timm.create_model('vit_tiny_patch16_224', pretrained=True" in printed
+    model = timm.create_model(name, **kwargs).eval()
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), features(mae, x, 'tokens'), rtol=0, atol=1e-6)
+    # strictly: one key more and timm refuses the file
+    tensors = torch.load(tmp_path / 'tiny.pth', weights_only=True)
+    torch.save({**tensors, 'extra.weight': torch.zeros(1)}, tmp_path / 'extra.pth')
+    with pytest.raises(RuntimeError, match='extra.weight'):
+        timm.create_model(name, **{**kwargs, 'pretrained_cfg_overlay': dict(file=str(tmp_path / 'extra.pth'),
+                                                                           num_classes=0)})
+
+
+@pytest.mark.parametrize('head', ['global_pool', 'cls_token', 'linear_probe'])
+def test_timm_export_of_classifiers_gives_the_same_logits(tmp_path, head):
+    torch.manual_seed(0)
+    model = models_vit.vit_tiny_patch4(num_classes=3, global_pool=head == 'global_pool')
+    if head == 'linear_probe':
+        bn = torch.nn.BatchNorm1d(64, affine=False, eps=1e-6)
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+        model.head = torch.nn.Sequential(bn, model.head)
+    model.eval()
+    path = save(tmp_path / 'ft.pth', model, {'model': 'vit_tiny_patch4', 'input_size': 32})
+    name, kwargs = export.export_timm(path, tmp_path / 'ft.safetensors')
+    assert kwargs['num_classes'] == 3 and kwargs['global_pool'] == ('avg' if head == 'global_pool' else 'token')
+    theirs = timm.create_model(name, **kwargs).eval()
+    x = images(3)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name, timm_name', [('mae_vit_base_patch16', 'vit_base_patch16_224.mae'),
+                                             ('mae_vit_large_patch16', 'vit_large_patch16_224.mae'),
+                                             ('mae_vit_huge_patch14', 'vit_huge_patch14_224.mae')])
+def test_timm_names_of_the_papers_models(name, timm_name):
+    with torch.device('meta'):
+        ours = export.timm_state_dict(models_mae.MODELS[name]().state_dict())
+        called, kwargs = export.timm_call(ours, name, 224, 'x.pth')
+        kwargs = {k: v for k, v in kwargs.items() if k not in ('pretrained', 'pretrained_cfg_overlay')}
+        theirs = timm.create_model(called, **kwargs).state_dict()
+    assert (called, kwargs) == (timm_name, {'num_classes': 0})
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- HF layouts
+EXPECTED_BLOCK0 = {
+    '4': ['vit.encoder.layer.0.attention.attention.query.weight', 'vit.encoder.layer.0.attention.attention.key.weight',
+          'vit.encoder.layer.0.attention.attention.value.weight', 'vit.encoder.layer.0.attention.output.dense.weight',
+          'vit.encoder.layer.0.intermediate.dense.weight', 'vit.encoder.layer.0.output.dense.weight',
+          'vit.encoder.layer.0.layernorm_before.weight', 'vit.encoder.layer.0.layernorm_after.weight'],
+    '5': ['vit.layers.0.attention.q_proj.weight', 'vit.layers.0.attention.k_proj.weight',
+          'vit.layers.0.attention.v_proj.weight', 'vit.layers.0.attention.o_proj.weight',
+          'vit.layers.0.mlp.fc1.weight', 'vit.layers.0.mlp.fc2.weight',
+          'vit.layers.0.layernorm_before.weight', 'vit.layers.0.layernorm_after.weight'],
+}
+
+
+@pytest.mark.parametrize('layout', ['4', '5'])
+def test_hf_key_layouts(layout):
+    sd = tiny_mae().state_dict()
+    hf = export.to_hf(sd, layout)
+    assert len(hf) == len(sd) + 2 * (2 + 2) * 2  # each block's qkv weight and bias become three tensors
+    for key in EXPECTED_BLOCK0[layout]:
+        assert key in hf, key
+    assert 'decoder.decoder_layers.1.' + EXPECTED_BLOCK0[layout][0].split('.0.', 1)[1] in hf
+    q, k, v = (hf[key] for key in EXPECTED_BLOCK0[layout][:3])
+    assert torch.equal(torch.cat([q, k, v]), sd['blocks.0.attn.qkv.weight']) and q.shape == (64, 64)
+    assert torch.equal(hf['vit.embeddings.position_embeddings'], sd['pos_embed'])
+    back = export.from_hf(hf, layout)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_hf_round_trip_gives_the_same_loss(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    mae = tiny_mae(seed=4, norm_pix_loss=True)
+    (tmp_path / 'run').mkdir()
+    args = {'model': 'mae_vit_tiny_patch4', 'input_size': 32, 'norm_pix_loss': True, 'mask_ratio': 0.75,
+            'blr': 0.0015, 'data_path': 'demo/data'}
+    path = save(tmp_path / 'run' / 'checkpoint-last.pth', mae, args, epoch=2)
+    rows = [json.dumps({'train_loss': 1.0 - e / 10, 'epoch': e}) for e in range(7)]
+    (tmp_path / 'run' / 'log.txt').write_text('\n'.join(rows) + '\n')
+    out = tmp_path / 'hf'
+    run_export('--checkpoint', path, '--to', 'hf', '--out', out)
+
+    theirs = transformers.ViTMAEForPreTraining.from_pretrained(out).eval()
+    x = images(3)
+    noise = torch.rand(3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loss, pred, mask = mae(x, mask_ratio=0.75, noise=noise)
+        result = theirs(pixel_values=x, noise=noise)
+        latent, _, _ = mae.forward_encoder(x, 0.75, noise)
+        encoder = transformers.ViTMAEModel.from_pretrained(out).eval()(pixel_values=x, noise=noise)
+    assert result.loss.item() == pytest.approx(loss.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(result.logits, pred, rtol=1e-4, atol=1e-4)
+    assert torch.equal(result.mask, mask)
+    torch.testing.assert_close(encoder.last_hidden_state, latent, rtol=1e-4, atol=1e-4)
+
+    card = (out / 'README.md').read_text()
+    assert '| `--blr` | `0.0015` |' in card and '`data_path`: demo/data' in card
+    assert rows[-1] in card and rows[1] not in card  # the last 5 rows
+    assert f'transformers {transformers.__version__}' in card
+    assert json.loads((out / 'preprocessor_config.json').read_text())['image_mean'] == list(export.IMAGENET_MEAN)
+
+
+def test_hf_export_of_an_encoder_only_checkpoint(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    mae = tiny_mae(seed=5)
+    encoder_only = {k: v for k, v in mae.state_dict().items() if not k.startswith('decoder') and k != 'mask_token'}
+    torch.save({'model': encoder_only}, tmp_path / 'mae_pretrain_vit_tiny.pth')  # the released layout
+    run_export('--checkpoint', tmp_path / 'mae_pretrain_vit_tiny.pth', '--to', 'hf', '--out', tmp_path / 'hf')
+    x, noise = images(), torch.rand(2, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = transformers.ViTMAEModel.from_pretrained(tmp_path / 'hf').eval()(pixel_values=x, noise=noise)
+        latent, _, _ = mae.forward_encoder(x, 0.75, noise)
+    torch.testing.assert_close(theirs.last_hidden_state, latent, rtol=1e-4, atol=1e-4)
+    assert 'holds no flags' in (tmp_path / 'hf' / 'README.md').read_text()
+
+
+@pytest.mark.parametrize('case, expected', [
+    ('classifier', 'is a classifier (head.*), not an MAE: --to hf writes MAE pre-training models'),
+    ('no_encoder', 'holds no MAE/ViT encoder'),
+    ('no_transformers', '--to hf needs the optional package transformers, which is not installed: pip install'),
+    ('timm_out_is_folder', 'give a file name in an existing folder'),
+])
+def test_mistakes_are_one_line(tmp_path, capsys, monkeypatch, case, expected):
+    path, to, out = save(tmp_path / 'c.pth', tiny_mae()), 'hf', tmp_path / 'hf'
+    if case == 'classifier':
+        torch.manual_seed(0)
+        save(path, models_vit.vit_tiny_patch4(num_classes=3))
+    elif case == 'no_encoder':
+        torch.save({'model': {'head.weight': torch.zeros(3, 3)}}, path)
+    elif case == 'no_transformers':
+        monkeypatch.setitem(sys.modules, 'transformers', None)  # import transformers then fails
+    elif case == 'timm_out_is_folder':
+        to, out = 'timm', tmp_path
+    code, err = run_in_process(export, capsys, '--checkpoint', path, '--to', to, '--out', out)
+    assert code == 2 and err.count('\n') == 1 and expected in err, err
+    assert not (tmp_path / 'hf').exists()
