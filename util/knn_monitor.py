@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-import util.checkpoint as ckpt_io
+from util import rng
 import util.misc as misc
 from util.datasets import eval_transform
 from util.from_checkpoint import features
@@ -168,14 +168,14 @@ class KnnMonitor:
         if not self.due(epoch):
             return {}
         start = time.time()
-        streams = ckpt_io.rng_state()  # put back afterwards: nothing of training may depend on the monitor
+        streams = rng.rng_state()  # put back afterwards: nothing of training may depend on the monitor
         device_type, dtype, enabled = self.amp
         try:
             stats = knn_evaluate(model, self.train_set, self.val_set, self.num_classes, self.device,
                                  self.batch_size, self.num_workers, torch.autocast(device_type, dtype=dtype,
                                                                                    enabled=enabled))
         finally:
-            ckpt_io.set_rng_state(streams)
+            rng.set_rng_state(streams)
         print(f"kNN monitor after epoch {epoch}: {describe(stats)}; took {time.time() - start:.1f}s")
         return stats
 
