@@ -291,7 +291,7 @@ class Run:
     out: Path
     source: 'Run' = None
     job_id: str = ''  # the SLURM job, once submitted (paper scale)
-    status: str = 'todo'  # todo, done, ran, failed, skipped, submitted
+    status: str = 'todo'  # todo, done, ran, failed, interrupted, skipped, submitted
     message: str = ''
 
     @property
@@ -588,11 +588,14 @@ class Runner:
                 if self.setup.scale.name == 'paper':
                     self._submit(run, where)
                     continue
+                if self.stop_signal:  # it came between two runs
+                    raise RunInterrupted(f"signal {self.stop_signal} received before {self._rel(run.out)} started; "
+                                         f"the same command continues")
                 print(f"{where}: running ({run.epochs} epochs; {progress.line()})", flush=True)
                 took = self._run_local(run)
                 if self.stop_signal:
-                    raise RunInterrupted(f"signal {self.stop_signal} received: {self._rel(run.out)} saved where it "
-                                         f"was; the same command continues")
+                    raise RunInterrupted(f"signal {self.stop_signal} received: {self._rel(run.out)} {run.message}; "
+                                         f"the same command continues")
                 progress.finished(run, took)
                 if run.status == 'failed':
                     print(f"{where}: FAILED after {fmt_time(took)}: {run.message} (see "
@@ -606,6 +609,7 @@ class Runner:
     def _run_local(self, run):
         run.out.mkdir(parents=True, exist_ok=True)
         cmd = command(run, self.setup)
+        before = checkpoints(run.out)
         start = time.time()
         with open(run.out / 'console.txt', 'a', encoding='utf-8') as console:
             console.write(f"\n$ {shown(cmd)}\n")
@@ -620,6 +624,15 @@ class Runner:
         self._write(self.timings_file, self.timings)
         if code == 0 and run.finished():
             run.status = 'ran'
+        elif self.stop_signal:
+            # the entry point saves where it is when asked to stop, unless it had not started training yet
+            run.status = 'interrupted'
+            if checkpoints(run.out) != before:
+                run.message = 'saved where it was'
+            elif before:
+                run.message = 'saved nothing new (it continues from its last checkpoint)'
+            else:
+                run.message = 'had nothing saved yet (stopped before its first checkpoint)'
         else:
             run.status, run.message = 'failed', last_message(run.out / 'console.txt', code)
         return took
@@ -645,6 +658,11 @@ class Runner:
         self._write(self.jobs_file, self.jobs)
         after = f" after job {run.source.job_id}" if run.source is not None and run.source.job_id else ''
         print(f"{where}: submitted as job {run.job_id}{after}")
+
+
+def checkpoints(folder):
+    """The checkpoints in ``folder`` as they are now (name, size and time of each), to tell whether a run wrote one."""
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob('checkpoint-*.pth')}
 
 
 def last_message(console, code):
@@ -673,8 +691,8 @@ def cell_value(run):
     acc = run.accuracy() if run.finished() else None
     if acc:
         return f"{acc[0]:.1f}"
-    if run.status == 'failed':
-        return 'failed'
+    if run.status in ('failed', 'interrupted'):
+        return run.status
     if run.status == 'skipped':
         return 'skipped'
     if run.status == 'submitted':

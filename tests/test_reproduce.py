@@ -1,8 +1,11 @@
 """The ablation flags of main_pretrain.py (decoder size, mask sampling) and the study runner reproduce.py."""
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -415,3 +418,48 @@ def test_paper_scale_submits_each_run_after_its_pre_training(tmp_path, capsys, m
     code, out, err = run_reproduce(capsys, *argv)
     assert code == 0, err
     assert len(submitted) == 6 and out.count('still queued or running; not submitted again') == 6
+
+
+class StoppedChild:
+    """A run's process, faked: the user's Ctrl-C reaches the runner (the child has a session of its own), which asks
+    the child to stop with SIGTERM; the child then exits 1, having written checkpoint-last.pth only if ``saves``."""
+    saves = False
+
+    def __init__(self, cmd, stdout=None, **kwargs):
+        self.out = Path(cmd[cmd.index('--output_dir') + 1])
+        self.signals = []
+
+    def poll(self):
+        return None
+
+    def send_signal(self, signum):
+        self.signals.append(signum)
+
+    def wait(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs in this (the main) thread before kill returns
+        assert self.signals == [signal.SIGTERM]
+        if self.saves:
+            (self.out / 'checkpoint-last.pth').write_bytes(b'')
+        return 1
+
+
+@pytest.mark.parametrize('saves, earlier, expected', [
+    (True, False, 'saved where it was; the same command continues'),
+    (False, False, 'had nothing saved yet'),
+    (False, True, 'saved nothing new (it continues from its last checkpoint)'),
+])
+def test_an_interrupted_cell_says_interrupted_and_whether_it_saved(tmp_path, capsys, monkeypatch, saves, earlier,
+                                                                    expected):
+    monkeypatch.setattr(StoppedChild, 'saves', saves)
+    monkeypatch.setattr(reproduce.subprocess, 'Popen', StoppedChild)
+    first = tmp_path / 'runs' / 'scratch-vit_tiny_patch4' / 'finetune'
+    if earlier:  # a checkpoint of an earlier attempt
+        first.mkdir(parents=True)
+        (first / 'checkpoint-last.pth').write_bytes(b'earlier')
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'scratch', '--work_dir', tmp_path)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith('stopped: signal 2 received: runs/scratch-vit_tiny_patch4/finetune ') and expected in err
+    assert saves or 'saved where it was' not in err
+    table = (tmp_path / 'scratch.md').read_text()
+    assert 'failed' not in table
+    assert '| ViT-tiny/4 (64-d, 2 blocks; decoder 32-d, 2 blocks) | interrupted | — | not run | — |' in table
