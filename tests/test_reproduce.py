@@ -15,6 +15,10 @@ import models_mae
 import models_vit
 import reproduce
 from conftest import TINY, one_line_error, pretrain_argv, run_in_process, run_script
+from studies import paper, plan, recipes, runner
+from studies.data import prepare_data
+from studies.plan import PlannedRun
+from util.misc import UsageError
 from util.pretrained import load_pretrained_encoder
 
 
@@ -298,17 +302,17 @@ def fake_finished(run, acc):
 
 
 def test_finished_runs_are_not_run_again(tmp_path, capsys, monkeypatch):
-    scale = reproduce.SCALES['quick']
-    plan = reproduce.Plan(scale, tmp_path)
-    study = reproduce.build_study('partial_ft', scale)
-    plan.add_study(study)
-    assert [r.kind for r in plan.runs.values()] == ['pretrain', 'linprobe', 'finetune', 'finetune']
-    for i, run in enumerate(plan.runs.values()):
+    scale = recipes.SCALES['quick']
+    planned = plan.Plan(scale, tmp_path)
+    study = paper.build_study('partial_ft', scale)
+    planned.add_study(study)
+    assert [r.kind for r in planned.runs.values()] == ['pretrain', 'linprobe', 'finetune', 'finetune']
+    for i, run in enumerate(planned.runs.values()):
         fake_finished(run, 50.0 + i)
 
     def no_run(*args, **kwargs):
         raise AssertionError('nothing should run')
-    monkeypatch.setattr(reproduce.Runner, '_run_local', no_run)
+    monkeypatch.setattr(runner.Runner, '_run_local', no_run)
     code, out, err = run_reproduce(capsys, '--quick', '--study', 'partial_ft', '--work_dir', tmp_path)
     assert code == 0, err
     assert '4 runs in 3 cells: 4 done before, 0 to run' in out
@@ -320,7 +324,7 @@ def test_finished_runs_are_not_run_again(tmp_path, capsys, monkeypatch):
 
 
 def test_a_run_is_finished_only_with_its_last_epoch_and_checkpoint(tmp_path):
-    run = reproduce.Run('finetune', {'epochs': 3}, tmp_path)
+    run = PlannedRun('finetune', {'epochs': 3}, tmp_path)
     assert not run.finished()
     (tmp_path / 'log.txt').write_text('{"epoch": 0, "test_acc1": 10}\n{"epoch": 1, "test_acc1": 20}\n{"epo')
     assert not run.finished() and run.accuracy() == (20, 20)
@@ -339,13 +343,13 @@ def test_data_folder_links_the_test_split_and_a_balanced_subset(tmp_path):
                 (src / split / cls / f'{i}.jpg').write_bytes(b'x')
     args = reproduce.get_args_parser().parse_args(['--data_path', str(src), '--val_split', 'test',
                                                    '--train_subset', '9'])
-    data = reproduce.prepare_data(args, tmp_path / 'work', dry_run=False)
+    data = prepare_data(args, tmp_path / 'work', dry_run=False)
     assert sorted(len(list((data / 'train' / c).iterdir())) for c in ('cat', 'dog')) == [4, 5]
     assert (data / 'val').resolve() == (src / 'test').resolve()
-    assert reproduce.prepare_data(args, tmp_path / 'work', dry_run=False) == data  # made once
+    assert prepare_data(args, tmp_path / 'work', dry_run=False) == data  # made once
     args.train_subset = 4
-    with pytest.raises(reproduce.UsageError, match='was made from other data'):
-        reproduce.prepare_data(args, tmp_path / 'work', dry_run=False)
+    with pytest.raises(UsageError, match='was made from other data'):
+        prepare_data(args, tmp_path / 'work', dry_run=False)
 
 
 @pytest.mark.parametrize('argv, expected', [
@@ -396,7 +400,7 @@ def test_paper_scale_submits_each_run_after_its_pre_training(tmp_path, capsys, m
         queued.add(job)
         return subprocess.CompletedProcess(cmd, 0, stdout=f'{job}\n', stderr='')
     monkeypatch.setattr(reproduce.shutil, 'which', lambda name: f'/usr/bin/{name}')
-    monkeypatch.setattr(reproduce.subprocess, 'run', fake_run)
+    monkeypatch.setattr(runner.subprocess, 'run', fake_run)
     argv = ['--scale', 'paper', '--study', 'target', '--data_path', TINY, '--work_dir', tmp_path, '--nodes', 1]
     code, out, err = run_reproduce(capsys, *argv)
     assert code == 0, err
@@ -451,7 +455,7 @@ class StoppedChild:
 def test_an_interrupted_cell_says_interrupted_and_whether_it_saved(tmp_path, capsys, monkeypatch, saves, earlier,
                                                                     expected):
     monkeypatch.setattr(StoppedChild, 'saves', saves)
-    monkeypatch.setattr(reproduce.subprocess, 'Popen', StoppedChild)
+    monkeypatch.setattr(runner.subprocess, 'Popen', StoppedChild)
     first = tmp_path / 'runs' / 'scratch-vit_tiny_patch4' / 'finetune'
     if earlier:  # a checkpoint of an earlier attempt
         first.mkdir(parents=True)
