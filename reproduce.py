@@ -135,6 +135,7 @@ def main(args):
     scale = SCALES['quick' if args.quick else args.scale]
     if args.pretrain_epochs is not None:
         scale = with_pretrain_epochs(scale, args.pretrain_epochs)
+    studies = [build_study(name, scale, args.values, kinds) for name, kinds in evals.items()]
     if args.quick and not args.data_path:
         args.data_path = str(TINY_DATA)
     work_dir = Path(args.work_dir or REPO / 'reproduce_output' / scale.name).absolute()
@@ -166,7 +167,6 @@ def main(args):
         setup.data_summary = data_summary(args, data_path, nb_classes, scale)
 
     plan = Plan(scale, work_dir)
-    studies = [build_study(name, scale, args.values, kinds) for name, kinds in evals.items()]
     for study in studies:
         plan.add_study(study)
     for run in plan.runs.values():  # every command checked before anything runs (e.g. the batch split)
