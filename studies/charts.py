@@ -57,8 +57,11 @@ def draw_panel(axes, title, xs, ys, colour, empty, evenly_spaced, percent):
     axes.plot(*zip(*points), '-o', color=colour, markersize=4, linewidth=1.5)
     below = False
     for i, (x, y) in enumerate(points):
-        # a label whose neighbour on the left is close goes on the other side of its point than that one's
-        below = i > 0 and x - points[i - 1][0] < 2 * pad and not below
+        # a label goes under a point lower than its neighbours (off the line), and on the other side of its point
+        # than the label of a close neighbour on the left
+        neighbours = [n for _, n in points[max(i - 1, 0):i] + points[i + 1:i + 2]]
+        close = i > 0 and x - points[i - 1][0] < 2 * pad
+        below = (not below) if close else bool(neighbours) and y < min(neighbours)
         axes.annotate(f"{y:.1f}", (x, y), textcoords='offset points', xytext=(0, -12 if below else 5), ha='center',
                       fontsize=8, color=colour)
     axes.margins(y=0.3)
