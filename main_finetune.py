@@ -12,32 +12,31 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
+import util.loaders as loaders
 import util.lr_decay as lrd
 import util.misc as misc
+import util.resume as resume
 import util.speed as speed
-from engine_finetune import evaluate, train_and_evaluate
-from util import fast_data
-from util.datasets import build_transform, check_classes, val_loader
-from util.flags import add_common_args, check_common
+from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
+from util.datasets import build_transform, check_classes
+from util.errors import UsageError, run_main
+from util.flags import add_classifier_args, add_common_args, check_common
 from util.image_folder import image_folder
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
+from util.process import parallel_model, setup_process
 from util.run import Run
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('MAE fine-tuning for image classification', add_help=False)
-    parser.add_argument('--batch_size', default=64, type=int,
-                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
-    parser.add_argument('--epochs', default=50, type=int)
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
-                             'constraints)')
+    add_common_args(parser, models_vit.MODELS,
+                    dict(batch_size=64, epochs=50, model='vit_large_patch16', weight_decay=0.05, blr=1e-3, min_lr=1e-6,
+                         warmup_epochs=5),
+                    data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
+                    optimizer='adamw', checkpointing=True)
 
     # Model parameters
-    parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
-                        help='Name of model to train: ' + ', '.join(models_vit.MODELS))
-    parser.add_argument('--input_size', default=224, type=int, help='images input size')
     parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', help='Drop path rate (default: 0.1)')
     parser.add_argument('--train_blocks', type=int, default=-1, metavar='K',
                         help='[new] partial fine-tuning: train only the last K Transformer blocks, the final norm and '
@@ -47,14 +46,7 @@ def get_args_parser():
     # Optimizer parameters
     parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
                         help='Clip gradient norm (default: None, no clipping)')
-    parser.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
-    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
-    parser.add_argument('--blr', type=float, default=1e-3, metavar='LR',
-                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
     parser.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
-    parser.add_argument('--min_lr', type=float, default=1e-6, metavar='LR',
-                        help='lower lr bound for cyclic schedulers that hit 0')
-    parser.add_argument('--warmup_epochs', type=int, default=5, metavar='N', help='epochs to warmup LR')
 
     # Augmentation parameters
     parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT',
@@ -83,44 +75,29 @@ def get_args_parser():
     parser.add_argument('--mixup_mode', type=str, default='batch',
                         help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
 
-    # * Finetuning params
-    parser.add_argument('--finetune', default='', help='finetune from checkpoint')
-    parser.add_argument('--global_pool', action='store_true')
-    parser.set_defaults(global_pool=True)
-    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
-                        help='Use class token instead of global pool for classification')
-
-    # Dataset parameters
-    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
-    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
-    parser.add_argument('--dist_eval', action='store_true', default=False,
-                        help='Enabling distributed evaluation (recommended during training for faster monitor')
-
-    # (the input keeps timm's RandAugment: PIL only)
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
-                    optimizer='adamw', checkpointing=True)
+    add_classifier_args(parser, global_pool=True)
     return parser
 
 
 def check_args(args):
     check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
     if args.train_blocks < -1:
-        raise misc.UsageError(f"--train_blocks must be -1 (all) or a number of blocks >= 0, got {args.train_blocks}")
+        raise UsageError(f"--train_blocks must be -1 (all) or a number of blocks >= 0, got {args.train_blocks}")
 
 
 def main(args):
     check_args(args)
     # [new] seed_python: RandAugment and random erasing draw from python's `random`; the reference leaves it
     # unseeded, so with --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
-    run = Run(args, __file__, seed_python=True)
-    device = run.device
+    device = setup_process(args, __file__, seed_python=True)  # process group, --output_dir locked, flags printed, seeds
+    args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # (evaluation only needs val/)
-    data_loader_train = None if args.eval else fast_data.train_loader(args, build_transform(True, args), None, device)
+    data_loader_train = None if args.eval else loaders.train_loader(args, build_transform(True, args), None, device)
     dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images)
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
-    data_loader_val = val_loader(args, dataset_val, device)
+    data_loader_val = loaders.val_loader(args, dataset_val, device)
 
     mixup_fn = None
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
@@ -138,8 +115,11 @@ def main(args):
         global_pool=args.global_pool,
     )
     if args.train_blocks > len(model.blocks):
-        raise misc.UsageError(f"--train_blocks {args.train_blocks}: {args.model} has only {len(model.blocks)} blocks")
-    load_finetune_weights(args, model, head_init_std=2e-5, resuming=run.checkpoint is not None)
+        raise UsageError(f"--train_blocks {args.train_blocks}: {args.model} has only {len(model.blocks)} blocks")
+    load_finetune_weights(args, model, head_init_std=2e-5, resuming=checkpoint is not None)
+    if args.eval:  # the accuracy of the --resume checkpoint, nothing trained
+        resume.restart_from_checkpoint(checkpoint, args.resume, args, model)
+        return evaluate(data_loader_val, model.to(device), device, args)
 
     if args.train_blocks >= 0:
         trainable = models_vit.train_last_blocks(model, args.train_blocks)
@@ -147,22 +127,15 @@ def main(args):
               f"norm and the head ({len(trainable)} tensors); everything else is frozen")
 
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(device)
-
-    model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    print("Model = %s" % str(model_without_ddp))
+    print("Model = %s" % str(model))
     print('number of params (M): %.2f' % (n_parameters / 1.e6))
 
     set_lr(args, misc.get_world_size())
 
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
-    if args.compile:  # [new] after the DDP wrap, so that DDP's buckets still overlap the backward
-        model = torch.compile(model)
+    # on the device, DistributedDataParallel across processes, --compile [new]
+    model_without_ddp, model = model, parallel_model(model, args, device)
 
     # layer-wise lr decay; frozen parameters (partial fine-tuning) are left out
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
@@ -180,16 +153,17 @@ def main(args):
         criterion = torch.nn.CrossEntropyLoss()
     print("criterion = %s" % str(criterion))
 
-    run.restore(model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
+    start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
+                                           len(data_loader_train))
+    # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
+    run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
 
-    if args.eval:
-        test_stats = evaluate(data_loader_val, model, device, args)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        return
-
-    train_and_evaluate(model, criterion, data_loader_train, data_loader_val, optimizer, device, loss_scaler, run,
-                       args, n_parameters, max_norm=args.clip_grad, mixup_fn=mixup_fn)
+    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.loaders.start_epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      run, args.clip_grad, mixup_fn, args=args)
+        evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters)
+    run.close()  # prints the training time
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

@@ -12,60 +12,33 @@ import argparse
 import torch
 
 import models_vit
+import util.loaders as loaders
 import util.misc as misc
-from engine_finetune import evaluate, train_and_evaluate
-from util import fast_data
+import util.resume as resume
+from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
 from util.crop import RandomResizedCrop
-from util.datasets import check_classes, eval_transform, linprobe_transform, val_loader
-from util.flags import add_common_args, check_common
+from util.datasets import check_classes, eval_transform, linprobe_transform
+from util.errors import run_main
+from util.flags import add_classifier_args, add_common_args, check_common
 from util.image_folder import image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
+from util.process import parallel_model, setup_process
 from util.run import Run
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=False)
-    parser.add_argument('--batch_size', default=512, type=int,
-                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
-    parser.add_argument('--epochs', default=90, type=int)
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
-                             'constraints)')
-
-    # Model parameters
-    parser.add_argument('--model', default='vit_large_patch16', type=str, metavar='MODEL',
-                        help='Name of model to train: ' + ', '.join(models_vit.MODELS))
-    parser.add_argument('--input_size', default=224, type=int,
-                        help='[new] images input size (the reference is fixed at 224)')
-
-    # Optimizer parameters
-    parser.add_argument('--weight_decay', type=float, default=0,
-                        help='weight decay (default: 0 for linear probe following MoCo v1)')
-    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
-    parser.add_argument('--blr', type=float, default=0.1, metavar='LR',
-                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
-    parser.add_argument('--min_lr', type=float, default=0., metavar='LR',
-                        help='lower lr bound for cyclic schedulers that hit 0')
-    parser.add_argument('--warmup_epochs', type=int, default=10, metavar='N', help='epochs to warmup LR')
-
-    # * Finetuning params
-    parser.add_argument('--finetune', default='', help='finetune from checkpoint')
-    parser.add_argument('--global_pool', action='store_true',
-                        help='pool the mean of the patch tokens (its fc_norm is trained with the head)')
-    parser.set_defaults(global_pool=False)
-    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
-                        help='Use class token instead of global pool for classification')
-
-    # Dataset parameters
-    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
-    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
-    parser.add_argument('--dist_eval', action='store_true', default=False,
-                        help='Enabling distributed evaluation (recommended during training for faster monitor')
-
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
+    # (weight decay 0 for the linear probe, following MoCo v1)
+    add_common_args(parser, models_vit.MODELS,
+                    dict(batch_size=512, epochs=90, model='vit_large_patch16', weight_decay=0, blr=0.1, min_lr=0.,
+                         warmup_epochs=10),
+                    data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
                     optimizer='lars', checkpointing=False, data_loaders=('pil', 'fast_cpu'))
+
+    add_classifier_args(parser, global_pool=False,
+                        global_pool_help='pool the mean of the patch tokens (its fc_norm is trained with the head)')
     return parser
 
 
@@ -96,17 +69,17 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    run = Run(args, __file__)
-    device = run.device
+    device = setup_process(args, __file__)  # process group, --output_dir locked, flags printed, seeds
+    args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # (evaluation only needs val/); --data_loader fast_cpu draws the same TF-style crops
-    data_loader_train = None if args.eval else fast_data.train_loader(
+    data_loader_train = None if args.eval else loaders.train_loader(
         args, linprobe_transform(args.input_size), dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params),
         device)
     dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size), skip_bad=args.skip_bad_images)
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
-    data_loader_val = val_loader(args, dataset_val, device)
+    data_loader_val = loaders.val_loader(args, dataset_val, device)
 
     model = models_vit.MODELS[args.model](
         img_size=args.input_size,
@@ -114,44 +87,39 @@ def main(args):
         global_pool=args.global_pool,
     )
     # following MoCo v3
-    load_finetune_weights(args, model, head_init_std=0.01, resuming=run.checkpoint is not None)
+    load_finetune_weights(args, model, head_init_std=0.01, resuming=checkpoint is not None)
     trainable = add_probe_head(model)
+    if args.eval:  # the accuracy of the --resume checkpoint (with its BatchNorm head), nothing trained
+        resume.restart_from_checkpoint(checkpoint, args.resume, args, model)
+        return evaluate(data_loader_val, model.to(device), device, args)
 
-    model.to(device)
-
-    model_without_ddp = model
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    print("Model = %s" % str(model_without_ddp))
+    print("Model = %s" % str(model))
     print('number of params (M): %.2f' % (n_parameters / 1.e6))
 
     set_lr(args, misc.get_world_size())
 
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
-    if args.compile:  # [new] after the DDP wrap, so that DDP's buckets still overlap the backward
-        model = torch.compile(model)
+    # on the device, DistributedDataParallel across processes, --compile [new]
+    model_without_ddp, model = model, parallel_model(model, args, device)
 
+    criterion = torch.nn.CrossEntropyLoss()
+    print("criterion = %s" % str(criterion))
     optimizer = LARS(trainable, lr=args.lr, weight_decay=args.weight_decay)
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
-    criterion = torch.nn.CrossEntropyLoss()
-    print("criterion = %s" % str(criterion))
+    start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
+                                           len(data_loader_train))
+    # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
+    run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
 
-    # the model already has its BatchNorm head here, so a linear-probe checkpoint loads as it is
-    run.restore(model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
-
-    if args.eval:
-        test_stats = evaluate(data_loader_val, model, device, args)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        return
-
-    train_and_evaluate(model, criterion, data_loader_train, data_loader_val, optimizer, device, loss_scaler, run,
-                       args, n_parameters)
+    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.loaders.start_epoch)
+        train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      run, args=args)
+        evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters)
+    run.close()  # prints the training time
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

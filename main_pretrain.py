@@ -4,36 +4,33 @@ The flags, their defaults and the training behaviour (data order, augmentation, 
 reference's (facebookresearch/mae, main_pretrain.py); flags that are not in the reference are marked [new].
 """
 import argparse
-import datetime
-import time
 
 import torch
 
 import models_mae
+import util.loaders as loaders
 import util.misc as misc
+import util.resume as resume
 import util.speed as speed
 from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
-from util import fast_data
 from util.datasets import pretrain_transform
+from util.errors import UsageError, run_main
 from util.flags import add_common_args, check_common
 from util.lr_sched import set_lr
+from util.process import parallel_model, setup_process
 from util.run import Run
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser('MAE pre-training', add_help=False)
-    parser.add_argument('--batch_size', default=64, type=int,
-                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
-    parser.add_argument('--epochs', default=400, type=int)
-    parser.add_argument('--accum_iter', default=1, type=int,
-                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
-                             'constraints)')
+    add_common_args(parser, models_mae.MODELS,
+                    dict(batch_size=64, epochs=400, model='mae_vit_large_patch16', weight_decay=0.05, blr=1e-3,
+                         min_lr=0., warmup_epochs=40),
+                    data_help='dataset path (an ImageFolder tree with a train/ folder)', save_freq=20,
+                    optimizer='adamw', checkpointing=True, data_loaders=loaders.LOADERS)
 
     # Model parameters
-    parser.add_argument('--model', default='mae_vit_large_patch16', type=str, metavar='MODEL',
-                        help='Name of model to train: ' + ', '.join(models_mae.MODELS))
-    parser.add_argument('--input_size', default=224, type=int, help='images input size')
     parser.add_argument('--mask_ratio', default=0.75, type=float,
                         help='Masking ratio (percentage of removed patches).')
     parser.add_argument('--norm_pix_loss', action='store_true',
@@ -51,19 +48,6 @@ def get_args_parser():
                         help='[new] decoder width (the paper\'s Table 1b; default: the model\'s own, 512 for the '
                              'paper\'s models). The attention heads keep their width (32 for the paper\'s models: '
                              '16 heads at 512, 8 at 256), so D must be a multiple of it')
-
-    # Optimizer parameters
-    parser.add_argument('--weight_decay', type=float, default=0.05, help='weight decay (default: 0.05)')
-    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
-    parser.add_argument('--blr', type=float, default=1e-3, metavar='LR',
-                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
-    parser.add_argument('--min_lr', type=float, default=0., metavar='LR',
-                        help='lower lr bound for cyclic schedulers that hit 0')
-    parser.add_argument('--warmup_epochs', type=int, default=40, metavar='N', help='epochs to warmup LR')
-
-    # Dataset parameters
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with a train/ folder)', save_freq=20,
-                    optimizer='adamw', checkpointing=True, data_loaders=fast_data.LOADERS)
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')
@@ -73,11 +57,11 @@ def get_args_parser():
 def check_args(args):
     check_common(args, models_mae.MODELS, 'pre-training', splits=['train'])
     if args.mask_type == 'grid' and args.mask_ratio != models_mae.GRID_MASK_RATIO:
-        raise misc.UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
+        raise UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
                               f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
                               f"be (leave --mask_ratio out)")
     if args.decoder_depth is not None and args.decoder_depth < 1:
-        raise misc.UsageError(f"--decoder_depth must be at least 1, got {args.decoder_depth}")
+        raise UsageError(f"--decoder_depth must be at least 1, got {args.decoder_depth}")
     if args.mask_type != 'random' or args.decoder_depth is not None or args.decoder_embed_dim is not None:
         # the model's own checks (decoder width vs head width, an even patch grid for grid masks) before any
         # compute: built on the meta device, the model takes no memory and no time
@@ -87,42 +71,34 @@ def check_args(args):
                     img_size=args.input_size, mask_type=args.mask_type, decoder_depth=args.decoder_depth,
                     decoder_embed_dim=args.decoder_embed_dim)
         except ValueError as e:
-            raise misc.UsageError(f"--decoder_embed_dim {args.decoder_embed_dim} does not fit --model {args.model}: "
+            raise UsageError(f"--decoder_embed_dim {args.decoder_embed_dim} does not fit --model {args.model}: "
                                   f"{e}") from None
         grid_h, grid_w = model.patch_embed.grid_size
         if args.mask_type == 'grid' and (grid_h % 2 or grid_w % 2):
-            raise misc.UsageError(f"--mask_type grid needs an even patch grid (2x2 cells); --input_size "
+            raise UsageError(f"--mask_type grid needs an even patch grid (2x2 cells); --input_size "
                                   f"{args.input_size} gives {grid_h}x{grid_w} patches with --model {args.model}")
 
 
 def main(args):
     check_args(args)
-    run = Run(args, __file__)  # process group, --output_dir, seeds, the checkpoint to continue
-    device = run.device
+    device = setup_process(args, __file__)  # process group, --output_dir locked, flags printed, seeds
+    args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # the reference's simple augmentation (PIL), or --data_loader's uint8 crop and flip (the same distribution)
-    data_loader_train = fast_data.train_loader(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)),
-                                               device)
+    data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)),
+                                             device)
 
     # define the model; --decoder_depth/--decoder_embed_dim/--mask_type [new] left out are the reference's model
     model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
                                           mask_type=args.mask_type, decoder_depth=args.decoder_depth,
                                           decoder_embed_dim=args.decoder_embed_dim)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(device)
-    model_without_ddp = model
-    print("Model = %s" % str(model_without_ddp))
+    print("Model = %s" % str(model))
 
-    set_lr(args, misc.get_world_size())
+    set_lr(args, misc.get_world_size())  # unless --lr: --blr x effective batch size / 256
 
-    if args.distributed:
-        # (the reference passes find_unused_parameters=True; every parameter takes part in every step, so DDP's
-        # search for unused ones only costs time and warns on every process: the gradients are the same without it)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
-    if args.compile:  # [new] after the DDP wrap, so that DDP's buckets still overlap the backward
-        model = torch.compile(model)
+    # on the device, DistributedDataParallel across processes, --compile [new]
+    model_without_ddp, model = model, parallel_model(model, args, device)
 
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
@@ -131,20 +107,16 @@ def main(args):
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
-    run.restore(model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
+                                           len(data_loader_train))
+    # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
+    run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train)
 
-    print(f"Start training for {args.epochs} epochs")
-    start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        if args.distributed or args.shuffle_every_epoch:
-            data_loader_train.sampler.set_epoch(epoch)
+    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.loaders.start_epoch)
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler, run, args=args)
         run.end_epoch(epoch, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch})
-    run.close()
-
-    total_time = time.time() - start_time
-    print('Training time {}'.format(str(datetime.timedelta(seconds=int(total_time)))))
+    run.close()  # prints the training time
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    run_main(main, get_args_parser())

@@ -25,14 +25,14 @@ import argparse
 import shutil
 from pathlib import Path
 
-import util.misc as misc
+import util.errors as errors
 from studies.data import class_folders, data_summary, prepare_data
 from studies.paper import STUDIES, VALUE_STUDIES, build_study, evals_per_study
 from studies.plan import REPO, Plan, Setup, command, print_commands
 from studies.recipes import EVALUATIONS, SCALES, with_pretrain_epochs
 from studies.report import markdown_table, write_report
 from studies.runner import Runner
-from util.misc import TrainingStopped, UsageError
+from util.errors import TrainingStopped, UsageError
 
 TINY_DATA = REPO / 'tests' / 'data' / 'tiny_imagefolder'
 
@@ -194,4 +194,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    errors.run_main(main, get_args_parser())

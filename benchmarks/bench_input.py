@@ -32,6 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from util import fast_data  # noqa: E402
+from util.loaders import LOADERS, train_loader  # noqa: E402
 from util.datasets import pretrain_transform  # noqa: E402
 
 CIFAR = Path('/work/shared/datasets/cifar10_jpg.tar.gz')
@@ -77,7 +78,7 @@ def loader_for(kind, data_path, input_size, batch_size, workers, device):
     args = argparse.Namespace(data_loader=kind, data_path=str(data_path), input_size=input_size, skip_bad_images=False,
                               batch_size=batch_size, accum_iter=1, num_workers=workers,
                               pin_mem=device.type == 'cuda', device=str(device), seed=0, rank=0)
-    loader = fast_data.train_loader(args, pretrain_transform(input_size), dict(scale=(0.2, 1.0)), device)
+    loader = train_loader(args, pretrain_transform(input_size), dict(scale=(0.2, 1.0)), device)
     # an endless stream instead of one epoch: the resumable sampler's inner sampler is replaced
     loader.sampler.sampler = torch.utils.data.RandomSampler(loader.dataset, replacement=True, num_samples=10 ** 7)
     return loader
@@ -127,7 +128,7 @@ def train_images_per_second(model_name, batches, device, steps, input_size):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--workers', nargs='+', type=int, default=[0, 1, 2])
-    parser.add_argument('--loaders', nargs='+', default=None, choices=list(fast_data.LOADERS),
+    parser.add_argument('--loaders', nargs='+', default=None, choices=list(LOADERS),
                         help='default: pil fast_cpu, plus gpu (and dali if installed) on a GPU')
     parser.add_argument('--images', default=256, type=int, help='JPEGs to make, and images timed per row')
     parser.add_argument('--batch_size', default=32, type=int)

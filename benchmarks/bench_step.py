@@ -39,6 +39,7 @@ import models_vit  # noqa: E402
 import util.lr_decay as lrd  # noqa: E402
 import util.misc as misc  # noqa: E402
 import util.speed as speed  # noqa: E402
+from util.run import LoopHooks  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
@@ -55,23 +56,6 @@ DEFAULT_MODELS = ['mae_vit_base_patch16', 'mae_vit_large_patch16', 'mae_vit_huge
 DEFAULT_BATCH = {'mae_vit_base_patch16': 256, 'mae_vit_large_patch16': 128, 'mae_vit_huge_patch14': 64,
                  'vit_base_patch16': 128, 'vit_large_patch16': 64, 'vit_huge_patch14': 32,
                  'mae_vit_tiny_patch4': 32, 'vit_tiny_patch4': 32}
-
-
-class BenchRun:
-    """util.run.Run's part the engines use, for a list of batches: no checkpoints, no TensorBoard."""
-    log_writer = None
-
-    def epoch_batches(self, epoch, batches, metric_logger):
-        return iter(batches), 0, len(batches)
-
-    def checkpoint_due(self, next_iter):
-        return False
-
-    def after_step(self, epoch, next_iter, metric_logger):
-        pass
-
-    def skip_nonfinite(self, loss_value, epoch, step):
-        raise misc.TrainingStopped(f"loss {loss_value} at step {step}")
 
 
 def sync(device):
@@ -132,10 +116,10 @@ class Bench:
         with contextlib.redirect_stdout(io.StringIO()):  # the engines' progress lines
             if self.pretrain:
                 engine_pretrain.train_one_epoch(self.step_model, data, self.optimizer, self.device, 0, self.scaler,
-                                                BenchRun(), args=self.args)
+                                                LoopHooks(), args=self.args)
             else:
                 engine_finetune.train_one_epoch(self.step_model, SoftTargetCrossEntropy(), data, self.optimizer,
-                                                self.device, 0, self.scaler, BenchRun(), mixup_fn=self.mixup,
+                                                self.device, 0, self.scaler, LoopHooks(), mixup_fn=self.mixup,
                                                 args=self.args)
 
     def flops(self):

@@ -38,9 +38,9 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
 import util.checkpoint as ckpt_io  # noqa: E402
-import util.misc as misc  # noqa: E402
+import util.errors as errors  # noqa: E402
 from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb  # noqa: E402
-from util.misc import UsageError  # noqa: E402
+from util.errors import UsageError  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -522,4 +522,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    misc.run_main(main, get_args_parser())
+    errors.run_main(main, get_args_parser())

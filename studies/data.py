@@ -6,7 +6,7 @@ import random
 import shutil
 from pathlib import Path
 
-from util.misc import UsageError
+from util.errors import UsageError
 
 
 def class_folders(folder):

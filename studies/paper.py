@@ -6,7 +6,7 @@ the tables' are exact.
 from dataclasses import dataclass
 
 from studies.recipes import EVALUATIONS, PAPER_FINETUNE_BASE, PAPER_LINPROBE_BASE
-from util.misc import UsageError
+from util.errors import UsageError
 
 APPROX = 'approx'
 

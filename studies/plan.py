@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studies.recipes import EVALUATIONS, SCALES, Scale
-from util.misc import UsageError
+from util.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN_ENTRY_POINT, PRETRAIN_SUBMITIT_SCRIPT = 'main_pretrain.py', 'submitit_pretrain.py'

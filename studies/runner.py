@@ -13,7 +13,7 @@ import time
 
 from studies.plan import REPO, command, shown
 from studies.recipes import EVALUATIONS
-from util.misc import RunInterrupted
+from util.errors import RunInterrupted
 
 
 def relative_cost(run):

@@ -28,18 +28,20 @@ def pytest_configure(config):
 
 
 def run_script(*argv, timeout=600, env=None, module=False):
-    """Run ``python <script> argv...`` (or ``python -m <module> ...``) from the repo root; returns the
-    CompletedProcess with text stdout/stderr."""
+    """Run ``python <script> argv...`` (or ``python -m <module> ...``) from the repo root, in a session of its own
+    (a Ctrl-C it sends to its process group stays there); returns the CompletedProcess with text stdout/stderr."""
     full_env = dict(os.environ, PYTHONUNBUFFERED='1')
     full_env.update(env or {})
     cmd = [sys.executable] + (['-m'] if module else []) + [str(a) for a in argv]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          start_new_session=True)
 
 
 def run_with_fault(fault, argv, signal_name=None, **kwargs):
     """``run_script(*argv)`` (script first) with a fault injected by ``tests/faults.py``: ``step:E:I`` kills the
     run right after optimizer step I of epoch E, ``save:N`` during its N-th checkpoint write, ``stop:N`` asks it to
-    stop (as SIGUSR1 does) at its N-th optimizer step. ``signal_name`` (e.g. 'TERM') replaces SIGKILL."""
+    stop (as SIGUSR1 does) at its N-th optimizer step. ``signal_name`` (e.g. 'TERM'; 'INT', 'INT2': Ctrl-C once,
+    twice) replaces SIGKILL."""
     env = dict(kwargs.pop('env', None) or {}, **({'FAULT_SIGNAL': signal_name} if signal_name else {}))
     return run_script('tests/faults.py', fault, *argv, env=env, **kwargs)
 
@@ -168,8 +170,8 @@ def assert_acc_lines(stdout, reference_lines):
 
 
 def run_in_process(module, capsys, *argv):
-    """An entry point's main() through misc.run_main, as the script runs it; returns (exit code, stderr)."""
-    import util.misc as misc
+    """An entry point's main() through errors.run_main, as the script runs it; returns (exit code, stderr)."""
+    import util.errors as errors
     with pytest.raises(SystemExit) as exc:
-        misc.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
+        errors.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
     return exc.value.code, capsys.readouterr().err

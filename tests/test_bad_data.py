@@ -17,7 +17,7 @@ from torchvision.datasets.folder import default_loader
 from conftest import TINY, run_script
 from util.image_folder import (image_folder, load_rgb, reset_skipped, restore_skipped, skipped_images,
                                skipped_indices, skipped_report)
-from util.misc import UsageError
+from util.errors import UsageError
 
 GOOD = sorted((TINY / 'train' / 'airplane').glob('*.jpg')) + sorted((TINY / 'train' / 'cat').glob('*.jpg'))
 TO_TENSOR = transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])
@@ -163,8 +163,8 @@ def test_default_error_through_dataloader(tmp_path, workers):
     # in a worker the message gets the worker's traceback; its last line is still the one-line error
     last = str(e.value).strip().splitlines()[-1]
     if workers:
-        assert last.startswith('util.misc.UsageError: ')
-        last = last[len('util.misc.UsageError: '):]
+        assert last.startswith('util.errors.UsageError: ')
+        last = last[len('util.errors.UsageError: '):]
     assert last.startswith(f"bad image file {bad} (image file is truncated")
 
 

@@ -4,7 +4,7 @@ a console without misleading lines, with a whole-run ETA."""
 import pytest
 import torch
 
-import util.run as run_mod
+import util.resume as resume
 from conftest import TINY, pretrain_argv, run_script, save_pretrained
 from util.datasets import check_classes
 from util.image_folder import image_folder
@@ -57,21 +57,11 @@ def test_nb_classes_above_the_class_folders_is_said(capsys):
     assert capsys.readouterr().out == ''
 
 
-class Loader:
-    def __init__(self, n):
-        self.n, self.sampler = n, type('S', (), {'skip': 0})()
-
-    def __len__(self):
-        return self.n
-
-
 def test_resuming_on_fewer_processes_says_what_changed(capsys):
-    owner = run_mod.Run.__new__(run_mod.Run)
-    owner.args = type('A', (), dict(batch_size=4, accum_iter=1, lr=4 * 1e-3 / 256, start_epoch=3))()
-    owner.data_loader = Loader(8)
+    args = type('A', (), dict(batch_size=4, accum_iter=1, lr=4 * 1e-3 / 256, start_epoch=3))()
     checkpoint = {'epoch': 2, 'rng': [{}, {}], 'args': {'batch_size': 4, 'accum_iter': 1, 'world_size': 2,
                                                         'lr': 8 * 1e-3 / 256}}
-    assert owner._continue_position(checkpoint) == 3000
+    assert resume.continue_position(resume.Start(epoch=3), checkpoint, args, 8).purge_step == 3000
     out = capsys.readouterr().out
     assert ('Note: the effective batch size (batch_size x accum_iter x processes) is 4, it was 8: the lr is '
             '1.56e-05, it was 3.13e-05. To keep the recipe, keep the effective batch size (e.g. --accum_iter 2)') in out

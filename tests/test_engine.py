@@ -10,6 +10,7 @@ import models_mae
 import util.misc as misc
 from util import compat
 from engine_pretrain import train_one_epoch
+from util.run import LoopHooks
 
 
 @pytest.mark.parametrize('device,amp,expected', [
@@ -55,17 +56,6 @@ class CountingDDP(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
-class PlainRun:
-    """Stands in for util.run.Run: a fresh epoch over a list of batches, no checkpoints."""
-    log_writer = None
-
-    def epoch_batches(self, epoch, batches, metric_logger):
-        return iter(batches), 0, len(batches)
-
-    def after_step(self, epoch, next_iter, metric_logger):
-        pass
-
-
 def test_accumulation_micro_steps_skip_the_gradient_sync():
     torch.manual_seed(0)
     model = CountingDDP(models_mae.mae_vit_tiny_patch4())
@@ -74,6 +64,6 @@ def test_accumulation_micro_steps_skip_the_gradient_sync():
     args = SimpleNamespace(accum_iter=3, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=1, epochs=2,
                            device='cpu', amp='fp16', skip_nonfinite=0, output_dir='')
     stats = train_one_epoch(model, batches, optimizer, torch.device('cpu'), 0,
-                            misc.NativeScalerWithGradNormCount(args), PlainRun(), args=args)
+                            misc.NativeScalerWithGradNormCount(args), LoopHooks(), args=args)
     assert (model.unsynced, model.synced) == (4, 2)  # 2 of every 3 micro-steps stay local
     assert stats['loss'] > 0

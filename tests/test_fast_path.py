@@ -17,13 +17,15 @@ import main_pretrain
 import models_mae
 import models_vit
 import util.checkpoint as ckpt_io
+import util.errors as errors
 import util.misc as misc
-from util.step_log import DeviceLosses
 import util.speed as speed
 from conftest import TINY, one_line_error, pretrain_argv, read_log, run_script, save_pretrained
 from util import fast_data
 from util.datasets import pretrain_transform
-from util.flags import check_data_loader, resolve_speed_flags
+from util.loaders import check_data_loader, train_loader
+from util.run import LoopHooks
+from util.step_log import EpochLog
 
 # features of newer versions than the oldest supported (constraints-oldest.txt): there the fast path falls back
 NEEDS_CPU_FUSED_ADAMW = pytest.mark.skipif(speed.fused_adamw_problem('cpu') is not None,
@@ -46,27 +48,22 @@ class Writer:
         self.points.append((tag, value, step))
 
 
-class PlainRun:
-    """Stands in for util.run.Run: a fresh epoch over a list of batches, no checkpoints; records after_step calls
-    and non-finite reports (stopping past ``limit``, as Run.skip_nonfinite)."""
+class PlainRun(LoopHooks):
+    """The engines' util.run.LoopHooks as they are (a fresh epoch over a list of batches, no checkpoints, stopping
+    past ``limit`` non-finite losses), with TensorBoard points kept and after_step calls and non-finite reports
+    recorded."""
 
     def __init__(self, limit=10):
+        super().__init__(skip_nonfinite=limit)
         self.log_writer = Writer()
-        self.limit, self.skipped, self.told = limit, [], []
-
-    def epoch_batches(self, epoch, batches, metric_logger):
-        return iter(batches), 0, len(batches)
-
-    def checkpoint_due(self, next_iter):
-        return False
+        self.skipped, self.told = [], []
 
     def after_step(self, epoch, next_iter, metric_logger):
         self.told.append(next_iter)
 
     def skip_nonfinite(self, loss_value, epoch, step):
         self.skipped.append((loss_value, epoch, step))
-        if len(self.skipped) > self.limit:
-            raise misc.TrainingStopped(f"Loss is {loss_value}")
+        super().skip_nonfinite(loss_value, epoch, step)
 
 
 def pretrain_args(**kw):
@@ -114,12 +111,12 @@ def test_device_reads_give_the_reference_meters_points_and_weights(accum_iter):
 
 def test_device_reads_happen_where_the_console_prints(monkeypatch):
     reads = []
-    original = DeviceLosses.read
+    original = EpochLog._read
 
     def counting(self):
         reads.append(len(self._pending))
         original(self)
-    monkeypatch.setattr(DeviceLosses, 'read', counting)
+    monkeypatch.setattr(EpochLog, '_read', counting)
     pretrain_epoch(pretrain_args(no_host_sync=True), batches(22))
     assert [n for n in reads if n] == [1, 20, 1]  # steps 0, 1-20, 21: three host syncs in 22 steps
 
@@ -145,7 +142,7 @@ def test_nan_loss_reported_late_stops_past_the_limit():
     """--skip_nonfinite 0 on the fast path: the run stops at the next read (the step itself was already skipped)."""
     args = pretrain_args(no_host_sync=True, fused_adamw=True)
     run = PlainRun(limit=0)
-    with pytest.raises(misc.TrainingStopped, match='Loss is nan'):
+    with pytest.raises(errors.TrainingStopped, match='Loss is nan'):
         pretrain_epoch(args, batches(22, nan_at=[3]), run=run)
     assert [s for _, _, s in run.skipped] == [3] and run.told == [1]  # seen at the read of step 20
 
@@ -162,10 +159,10 @@ def test_step_if_finite_fused_and_fallback():
         p = torch.nn.Parameter(torch.ones(3))
         opt = torch.optim.AdamW([p], lr=0.1, fused=fused or None)
         p.grad = torch.full((3,), math.nan)
-        speed.step_if_finite(opt, torch.tensor(math.nan))
+        misc.step_if_finite(opt, torch.tensor(math.nan))
         assert torch.equal(p.detach(), torch.ones(3)) and float(opt.state.get(p, {}).get('step', 0)) == 0
         p.grad = torch.ones(3)
-        speed.step_if_finite(opt, torch.tensor(1.0))
+        misc.step_if_finite(opt, torch.tensor(1.0))
         assert float(opt.state[p]['step']) == 1 and p.detach()[0] < 1
         assert not hasattr(opt, 'found_inf')
 
@@ -173,19 +170,19 @@ def test_step_if_finite_fused_and_fallback():
 # ---------------------------------------------------------------------------------------------------- the flags
 def test_fast_turns_on_its_flags():
     args = main_pretrain.get_args_parser().parse_args(['--fast'])
-    resolve_speed_flags(args)
     assert (args.amp, args.fused_adamw, args.compile, args.no_host_sync) == ('bf16', True, True, True)
     assert not args.grad_checkpointing and args.data_loader == 'pil'
     default = main_pretrain.get_args_parser().parse_args([])
     assert (default.amp, default.fused_adamw, default.compile, default.no_host_sync, default.grad_checkpointing,
             default.data_loader) == ('fp16', False, False, False, False, 'pil')
     probe = main_linprobe.get_args_parser().parse_args(['--fast'])
-    resolve_speed_flags(probe)
     assert (probe.amp, probe.compile, probe.no_host_sync) == ('bf16', True, True)
     assert not hasattr(probe, 'fused_adamw') and not hasattr(probe, 'grad_checkpointing')
     ft = main_finetune.get_args_parser().parse_args(['--fast'])
-    resolve_speed_flags(ft)
     assert ft.fused_adamw and not hasattr(ft, 'data_loader')
+    # a flag after --fast overrides it; one before it is overridden
+    assert main_pretrain.get_args_parser().parse_args(['--fast', '--amp', 'fp16']).amp == 'fp16'
+    assert main_pretrain.get_args_parser().parse_args(['--amp', 'fp16', '--fast']).amp == 'bf16'
 
 
 def test_new_flags_are_marked_new_in_help():
@@ -242,8 +239,8 @@ def test_grad_checkpointing_gives_identical_losses_and_gradients():
 
 
 def run_ok(module, *argv):
-    """An entry point's main() through misc.run_main, as the script runs it (a failure raises SystemExit)."""
-    misc.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
+    """An entry point's main() through errors.run_main, as the script runs it (a failure raises SystemExit)."""
+    errors.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
 
 
 def test_finetune_fast_flags_give_the_reference_log_in_fp32(tmp_path):
@@ -401,11 +398,11 @@ def test_bad_files_are_named_or_skipped(tmp_path):
     (root / '1.jpg').write_bytes(data[:len(data) // 2])  # truncated
     args = SimpleNamespace(data_loader='fast_cpu', data_path=tmp_path / 'data', input_size=32, skip_bad_images=False,
                            batch_size=1, accum_iter=1, num_workers=0, pin_mem=False)
-    dataset = fast_data.train_loader(args, None, {}, torch.device('cpu')).dataset
-    with pytest.raises(misc.UsageError, match='1.jpg'):
+    dataset = train_loader(args, None, {}, torch.device('cpu')).dataset
+    with pytest.raises(errors.UsageError, match='1.jpg'):
         dataset[1]
     args.skip_bad_images = True
-    x, _ = fast_data.train_loader(args, None, {}, torch.device('cpu')).dataset[1]
+    x, _ = train_loader(args, None, {}, torch.device('cpu')).dataset[1]
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
 
 
@@ -421,10 +418,10 @@ def test_fast_loader_keeps_the_reference_data_order_and_random_streams(tmp_path)
     streams right after)."""
     args = SimpleNamespace(data_loader='fast_cpu', data_path=TINY, input_size=32, skip_bad_images=False,
                            batch_size=4, accum_iter=1, num_workers=0, pin_mem=False)
-    loader = fast_data.train_loader(args, None, dict(scale=(0.2, 1.0)), torch.device('cpu'))
+    loader = train_loader(args, None, dict(scale=(0.2, 1.0)), torch.device('cpu'))
     assert len(loader) == 4 and len(loader.dataset) == 16
     args.data_loader = 'pil'
-    ref_loader = fast_data.train_loader(args, pretrain_transform(32), {}, torch.device('cpu'))
+    ref_loader = train_loader(args, pretrain_transform(32), {}, torch.device('cpu'))
     assert list(loader.sampler) == list(ref_loader.sampler)
     torch.manual_seed(0)
     batches = iter(loader)
@@ -461,13 +458,13 @@ def test_gpu_path_parts_run_on_the_cpu(tmp_path):
 
 def test_gpu_and_dali_loaders_say_what_is_missing():
     args = SimpleNamespace(data_loader='gpu', skip_bad_images=False, device='cpu')
-    with pytest.raises(misc.UsageError, match='--data_loader gpu decodes on a CUDA GPU and --device is cpu'):
+    with pytest.raises(errors.UsageError, match='--data_loader gpu decodes on a CUDA GPU and --device is cpu'):
         check_data_loader(args)
     args.data_loader, args.device = 'dali', 'cuda'
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
-        with pytest.raises(misc.UsageError, match='pip install nvidia-dali-cuda130'):
+        with pytest.raises(errors.UsageError, match='pip install nvidia-dali-cuda130'):
             check_data_loader(args)
     check_data_loader(SimpleNamespace(data_loader='fast_cpu', device='cpu'))
 
@@ -476,8 +473,8 @@ def test_a_torchvision_without_jpeg_decoding_stops_only_the_fast_loaders(tmp_pat
     """torchvision deprecated torchvision.io's decoders (0.29): once they are gone the scripts still import, and
     --data_loader fast_cpu says what is missing before anything runs."""
     run = ("import sys, torchvision.io, torchvision.transforms.v2; del torchvision.io.decode_jpeg; "
-           "import main_pretrain, util.misc as misc; "
-           "misc.run_main(main_pretrain.main, main_pretrain.get_args_parser(), sys.argv[1:])")
+           "import main_pretrain, util.errors as errors; "
+           "errors.run_main(main_pretrain.main, main_pretrain.get_args_parser(), sys.argv[1:])")
     result = run_script('-c', run, *pretrain_argv(tmp_path / 'out', '--data_loader', 'fast_cpu')[1:])
     assert one_line_error(result).startswith(
         'error: --data_loader fast_cpu decodes with torchvision.io.decode_jpeg, which this torchvision (')

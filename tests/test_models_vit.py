@@ -16,7 +16,7 @@ from util.crop import RandomResizedCrop
 from util.datasets import build_transform
 from util.lars import LARS
 from util.lr_decay import param_groups_lrd
-from util.misc import UsageError
+from util.errors import UsageError
 from util.pos_embed import interpolate_pos_embed
 from util.pretrained import load_pretrained_encoder
 from versions import meta_device

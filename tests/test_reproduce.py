@@ -19,7 +19,7 @@ from conftest import TINY, one_line_error, pretrain_argv, run_in_process, run_sc
 from studies import paper, plan, recipes, runner
 from studies.data import prepare_data
 from studies.plan import PlannedRun
-from util.misc import UsageError
+from util.errors import UsageError
 from util.pretrained import load_pretrained_encoder
 
 
@@ -177,9 +177,9 @@ def test_checkpoint_keeps_the_flags_and_loads_for_fine_tuning_and_figures(tmp_pa
 # ---------------------------------------------------------------------------------------------------- the runner
 def run_reproduce(capsys, *argv):
     """reproduce.py in this process; returns (exit code, stdout, stderr)."""
-    import util.misc as misc
+    import util.errors as errors
     with pytest.raises(SystemExit) as exc:
-        misc.run_main(reproduce.main, reproduce.get_args_parser(), [str(a) for a in argv])
+        errors.run_main(reproduce.main, reproduce.get_args_parser(), [str(a) for a in argv])
         raise SystemExit(0)
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err

@@ -75,6 +75,32 @@ def test_sigterm_saves_and_resumes(tmp_path, uninterrupted):
     assert tb_points(tmp_path) == points
 
 
+def test_ctrl_c_saves_like_sigterm_and_twice_stops_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the process group, DataLoader workers included): saved at the next optimizer step, one
+    line, the same command continues. (With workers a resume inside an epoch keeps the data order, and the workers'
+    augmentation draws start afresh: README, "Long runs"; the rows before it are the uninterrupted run's.) Twice:
+    stopped at once, one line, exit 130."""
+    workers = ['--num_workers', '2']  # (the workers get the Ctrl-C too)
+    whole = run_script(*pretrain_args(tmp_path / 'whole', *workers))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / 'stopped'
+    crashed, resumed = crash_then_resume(out, 'step:1:5', *workers, signal_name='INT')
+    assert crashed.returncode == 1, crashed.stderr[-2000:]
+    last = crashed.stderr.strip().splitlines()[-1]
+    assert last.startswith('stopped: signal 2 received, stopped at epoch 1 iteration 5: saved '), last
+    assert 'Traceback' not in crashed.stderr
+    assert 'Resuming epoch 1 at iteration 5 of 8' in resumed.stdout
+    rows = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    whole_rows = [json.loads(line) for line in (tmp_path / 'whole' / 'log.txt').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [0, 1, 2] and rows[0] == whole_rows[0]
+
+    twice = run_with_fault('step:1:5', pretrain_args(tmp_path / 'twice', *workers), signal_name='INT2')
+    assert twice.returncode == 130, twice.stderr[-2000:]
+    assert twice.stderr.strip().splitlines()[-1] == ('stopped: interrupted (Ctrl-C twice), nothing saved since the '
+                                                     'last checkpoint')
+    assert 'Traceback' not in twice.stderr
+
+
 # ---------------------------------------------------------------------------------------------------- misuse
 @pytest.mark.parametrize('extra', [[], ['--save_every_iters', '2']])
 def test_kill_during_the_very_first_checkpoint_write(tmp_path, uninterrupted, extra):

@@ -18,10 +18,14 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import util.checkpoint as ckpt_io
+import util.errors as errors
 import util.misc as misc
+import util.output_dir as output_dir
+import util.resume as resume
 import util.run as run_mod
+from util.checkpoint_saver import CheckpointSaver
 from conftest import TINY, run_in_process
-from util.misc import RunComplete, RunInterrupted, TrainingStopped, UsageError
+from util.errors import RunComplete, RunInterrupted, TrainingStopped, UsageError
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -110,36 +114,36 @@ def test_reference_linear_probe_optimizer_with_fewer_tensors_loads_with_a_note(c
 
 # ---------------------------------------------------------------------------------------------------- the folder
 def test_lock_refuses_a_second_run_and_names_the_holder(tmp_path):
-    first = run_mod.lock_output_dir(tmp_path)
+    first = output_dir.lock_output_dir(tmp_path)
     with pytest.raises(UsageError) as e:
-        run_mod.lock_output_dir(tmp_path)
+        output_dir.lock_output_dir(tmp_path)
     assert f'--output_dir {tmp_path} is in use by another run (process {os.getpid()} on ' in str(e.value)
     first.close()
-    run_mod.lock_output_dir(tmp_path).close()
+    output_dir.lock_output_dir(tmp_path).close()
 
 
 def test_lock_of_a_killed_process_does_not_block(tmp_path):
     holder = subprocess.Popen([sys.executable, '-c', f'''
-import sys; sys.path.insert(0, {str(run_mod.Path(__file__).parents[1])!r})
-import util.run as r, time
+import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parents[1])!r})
+import util.output_dir as r, time
 held = r.lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)'''], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == 'locked'
     with pytest.raises(UsageError, match=f'process {holder.pid} on '):
-        run_mod.lock_output_dir(tmp_path)
+        output_dir.lock_output_dir(tmp_path)
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    run_mod.lock_output_dir(tmp_path).close()
+    output_dir.lock_output_dir(tmp_path).close()
 
 
 def test_log_rows_after_the_checkpoint_are_moved_not_deleted(tmp_path, capsys):
     rows = [json.dumps({'epoch': e}) + '\n' for e in range(4)]
     (tmp_path / 'log.txt').write_text(''.join(rows) + '{"epoch": 4, "tra')  # a row cut short by a kill
-    run_mod.move_log_rows_after(tmp_path, 1)
+    output_dir.move_log_rows_after(tmp_path, 1)
     assert (tmp_path / 'log.txt').read_text() == ''.join(rows[:2])
     side, = tmp_path.glob('log-moved-*.txt')
     assert side.read_text() == ''.join(rows[2:]) + '{"epoch": 4, "tra\n'
     assert str(side) in capsys.readouterr().out
-    run_mod.move_log_rows_after(tmp_path, 1)  # nothing to move: no new side file
+    output_dir.move_log_rows_after(tmp_path, 1)  # nothing to move: no new side file
     assert len(list(tmp_path.glob('log-moved-*.txt'))) == 1
 
 
@@ -157,27 +161,22 @@ def stored(module, *argv, **changes):
 def test_changed_flags_allow_what_a_resume_may_change():
     base = ['--model', 'mae_vit_tiny_patch4', '--batch_size', '8']
     there = stored(main_pretrain, *base)
-    assert run_mod.changed_flags(there, parse(main_pretrain, *base)) == []
-    assert run_mod.changed_flags(there, parse(main_pretrain, *base, '--epochs', '800', '--num_workers', '3',
+    assert resume.changed_flags(there, parse(main_pretrain, *base)) == []
+    assert resume.changed_flags(there, parse(main_pretrain, *base, '--epochs', '800', '--num_workers', '3',
                                               '--save_every_iters', '5', '--data_path', '/elsewhere')) == []
-    assert run_mod.changed_flags(there, parse(main_pretrain, *base, '--blr', '2e-3', '--mask_ratio', '0.5')) == [
+    assert resume.changed_flags(there, parse(main_pretrain, *base, '--blr', '2e-3', '--mask_ratio', '0.5')) == [
         '--mask_ratio 0.75 there, 0.5 here', '--blr 0.001 there, 0.002 here']
     given = stored(main_pretrain, *base, '--lr', '0.1')
-    assert run_mod.changed_flags(given, parse(main_pretrain, *base, '--lr', '0.1')) == []
-    assert run_mod.changed_flags(given, parse(main_pretrain, *base)) == ['--lr 0.1 there, none here']
-    assert run_mod.changed_flags(there, parse(main_pretrain, *base, '--lr', '0.1')) == [
+    assert resume.changed_flags(given, parse(main_pretrain, *base, '--lr', '0.1')) == []
+    assert resume.changed_flags(given, parse(main_pretrain, *base)) == ['--lr 0.1 there, none here']
+    assert resume.changed_flags(there, parse(main_pretrain, *base, '--lr', '0.1')) == [
         '--lr 3.125e-05 there, 0.1 here']
 
 
-class Owner(run_mod.Run):
-    """A Run whose start-up is only the checkpoint choice (no process group, seeds or lock)."""
-
-    def __init__(self, args, script, output_dir):
-        self.args, self.script, self.output_dir, self.training = args, script, output_dir, True
-
-    def choose(self):
-        """The checkpoint Run.__init__ continues: the choice between the newest in the folder and --resume."""
-        return self._choose_checkpoint(ckpt_io.newest(self.output_dir) if self.args.auto_resume else '')
+def choose(args, script, folder):
+    """The checkpoint a run of ``script`` with ``args`` continues in ``folder`` (with its path)."""
+    assert str(args.output_dir) == str(folder)
+    return resume.choose_checkpoint(args, script)
 
 
 def test_continues_only_its_own_run(tmp_path):
@@ -185,21 +184,20 @@ def test_continues_only_its_own_run(tmp_path):
     torch.save({'model': {}, 'epoch': 0, 'script': 'main_pretrain.py', 'args': stored(main_pretrain, *argv)},
                tmp_path / 'checkpoint-last.pth')
     args = parse(main_pretrain, *argv)
-    assert Owner(args, 'main_pretrain.py', tmp_path).choose()['epoch'] == 0
-    assert args.resume == str(tmp_path / 'checkpoint-last.pth')
+    path, checkpoint = choose(args, 'main_pretrain.py', tmp_path)
+    assert checkpoint['epoch'] == 0 and path == str(tmp_path / 'checkpoint-last.pth')
 
     ft = parse(main_finetune, '--model', 'vit_tiny_patch4', '--output_dir', tmp_path)
     with pytest.raises(UsageError) as e:
-        Owner(ft, 'main_finetune.py', tmp_path).choose()
+        choose(ft, 'main_finetune.py', tmp_path)
     assert str(e.value) == (f"--output_dir {tmp_path} holds a run of main_pretrain.py --model mae_vit_tiny_patch4 "
-                            f"(checkpoint-last.pth, epoch 0), not of main_finetune.py --model vit_tiny_patch4: pass a "
+                            f"(checkpoint-last.pth, the end of epoch 0), not of main_finetune.py --model vit_tiny_patch4: pass a "
                             f"new --output_dir, or --no_auto_resume to start afresh in that folder")
     with pytest.raises(UsageError, match=r'other training flags \(--mask_ratio 0.75 there, 0.6 here\)'):
-        Owner(parse(main_pretrain, *argv, '--mask_ratio', '0.6'), 'main_pretrain.py', tmp_path).choose()
+        choose(parse(main_pretrain, *argv, '--mask_ratio', '0.6'), 'main_pretrain.py', tmp_path)
     with pytest.raises(RunComplete, match='holds this run, complete: it finished epoch 0 of --epochs 1'):
-        Owner(parse(main_pretrain, *argv, '--epochs', '1'), 'main_pretrain.py', tmp_path).choose()
-    assert Owner(parse(main_pretrain, *argv, '--no_auto_resume'), 'main_pretrain.py',
-                 tmp_path).choose() is None
+        choose(parse(main_pretrain, *argv, '--epochs', '1'), 'main_pretrain.py', tmp_path)
+    assert choose(parse(main_pretrain, *argv, '--no_auto_resume'), 'main_pretrain.py', tmp_path) == ('', None)
 
 
 def test_explicit_resume_that_is_not_the_newest_says_so(tmp_path, capsys):
@@ -208,31 +206,31 @@ def test_explicit_resume_that_is_not_the_newest_says_so(tmp_path, capsys):
         torch.save({'model': {}, 'epoch': epoch, 'script': 'main_pretrain.py', 'args': stored(main_pretrain, *argv)},
                    tmp_path / f'checkpoint-{epoch}.pth')
     args = parse(main_pretrain, *argv, '--resume', tmp_path / 'checkpoint-2.pth')
-    assert Owner(args, 'main_pretrain.py', tmp_path).choose()['epoch'] == 5
+    assert choose(args, 'main_pretrain.py', tmp_path)[1]['epoch'] == 5
     out = capsys.readouterr().out
     assert f"Auto-resume: continuing from {tmp_path / 'checkpoint-5.pth'} (further along than --resume " in out
     assert 'which is not used; pass --no_auto_resume to start from --resume' in out
     args = parse(main_pretrain, *argv, '--resume', tmp_path / 'checkpoint-2.pth', '--no_auto_resume')
-    assert Owner(args, 'main_pretrain.py', tmp_path).choose()['epoch'] == 2
+    assert choose(args, 'main_pretrain.py', tmp_path)[1]['epoch'] == 2
 
 
 def test_a_stop_on_another_rank_names_its_signal(monkeypatch):
-    owner = Owner(SimpleNamespace(save_every_iters=0), 'main_pretrain.py', '')
-    owner._iters_per_epoch = 8
+    owner = run_mod.Run.__new__(run_mod.Run)  # (no lock, no TensorBoard)
+    owner.args, owner.output_dir, owner._iters_per_epoch = SimpleNamespace(save_every_iters=0), '', 8
     monkeypatch.setattr(misc, 'all_reduce_max', lambda x: 15.0)  # this rank got none, another got SIGTERM
     with pytest.raises(RunInterrupted, match='^signal 15 received, stopped at epoch 1 iteration 3: nothing was'):
         owner.after_step(1, 3, misc.MetricLogger())
 
 
 def test_nonfinite_weights_are_never_saved(tmp_path):
-    owner = Owner(SimpleNamespace(), 'main_pretrain.py', str(tmp_path))
     torch.save({'model': {}, 'epoch': 0}, tmp_path / 'checkpoint-0.pth')
-    owner.model = torch.nn.Linear(2, 2)
-    owner.optimizer = torch.optim.AdamW(owner.model.parameters())
+    model = torch.nn.Linear(2, 2)
+    saver = CheckpointSaver(model, torch.optim.AdamW(model.parameters()), None, SimpleNamespace(), str(tmp_path),
+                            'main_pretrain.py')
     with torch.no_grad():
-        owner.model.weight[0, 0] = float('nan')
+        model.weight[0, 0] = float('nan')
     with pytest.raises(TrainingStopped) as e:
-        owner.save(1, keep=True, where='the end of epoch 1')
+        saver.save(1, keep=True, at='the end of epoch 1')
     assert str(e.value) == (f"non-finite values in weight at the end of epoch 1 (the loss was still finite): not "
                             f"saved; the last good checkpoint is {tmp_path / 'checkpoint-0.pth'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-0.pth']
@@ -286,7 +284,7 @@ def test_log_dir_naming_a_file_and_missing_data_come_before_the_output_folder(tm
 def test_help_works_on_every_entry_point(capsys):
     for module in (main_pretrain, main_finetune, main_linprobe):
         with pytest.raises(SystemExit) as e:
-            misc.run_main(module.main, module.get_args_parser(), ['--help'])
+            errors.run_main(module.main, module.get_args_parser(), ['--help'])
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert '--save_every_iters' in out and '[new]' in out and '-h, --help' in out

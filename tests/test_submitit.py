@@ -17,7 +17,8 @@ import submitit_finetune  # noqa: E402
 import submitit_linprobe  # noqa: E402
 import submitit_pretrain  # noqa: E402
 import util.submitit_job as submitit_job  # noqa: E402
-from util.misc import UsageError  # noqa: E402
+import util.submitit_trainer as submitit_trainer  # noqa: E402
+from util.errors import UsageError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the scripts
 
@@ -126,7 +127,7 @@ def test_generated_slurm_job(tmp_path, monkeypatch):
     # the pickled job: our Trainer, with a file:// init in the shared folder and the job folder as output
     delayed = submitit.helpers.DelayedSubmission.load(job.paths.submitted_pickle)
     trainer = delayed.function
-    assert isinstance(trainer, submitit_job.Trainer) and trainer.module == 'main_pretrain'
+    assert isinstance(trainer, submitit_trainer.Trainer) and trainer.module == 'main_pretrain'
     assert trainer.args.output_dir == str(tmp_path / 'jobs' / '%j')
     assert trainer.args.dist_url.startswith('file://' + str(tmp_path / 'jobs') + '/')
     assert delayed._timeout_countdown == 30  # slurm_max_num_timeout
@@ -137,11 +138,11 @@ def test_checkpoint_returns_fresh_submission(tmp_path):
     args = tiny_args(tmp_path / '%j', '--no_auto_resume')
     job = submitit_job.submit(args, 'main_pretrain', cluster='debug')  # the debug executor runs nothing until asked
     trainer = job.submission().function
-    assert isinstance(trainer, submitit_job.Trainer)
+    assert isinstance(trainer, submitit_trainer.Trainer)
     delayed = trainer.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
     new = delayed.function
-    assert isinstance(new, submitit_job.Trainer) and new is not trainer and new.module == 'main_pretrain'
+    assert isinstance(new, submitit_trainer.Trainer) and new is not trainer and new.module == 'main_pretrain'
     assert new.args.dist_url != trainer.args.dist_url and new.args.dist_url.startswith('file://')
     init = Path(new.args.dist_url[len('file://'):])
     assert init.parent == tmp_path and not init.exists()

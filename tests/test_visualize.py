@@ -10,7 +10,7 @@ from PIL import Image
 
 import models_mae
 from conftest import ROOT, one_line_error
-from util.misc import UsageError
+from util.errors import UsageError
 
 spec = importlib.util.spec_from_file_location('visualize', ROOT / 'demo' / 'visualize.py')
 vis = importlib.util.module_from_spec(spec)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from util import compat
-from util.misc import TrainingStopped, UsageError
+from util.errors import TrainingStopped, UsageError
 
 LAST = 'checkpoint-last.pth'
 
@@ -221,6 +221,15 @@ def load(path, what='--resume'):
 def position(checkpoint):
     """How far a checkpoint is: ``(completed epoch, optimizer-step iteration inside the next epoch or 0)``."""
     return checkpoint.get('epoch', -1), checkpoint.get('resume_iter', 0)
+
+
+def describe_position(checkpoint):
+    """Where a checkpoint is, in words: 'the end of epoch 3', or 'epoch 4 iteration 120' for one written inside an
+    epoch (whose 'epoch' entry is the last completed one)."""
+    if 'resume_iter' in checkpoint:
+        return f"epoch {checkpoint.get('resume_epoch', checkpoint.get('epoch', -1) + 1)} iteration " \
+               f"{checkpoint['resume_iter']}"
+    return f"the end of epoch {checkpoint.get('epoch')}"
 
 
 def newest(output_dir):

@@ -1,12 +1,11 @@
 """The data of the three entry points, as in the reference: training and evaluation transforms (DeiT's recipe for
 fine-tuning), the class checks and the evaluation loader of supervised training."""
-import torch
 from PIL import ImageOps
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
-import util.misc as misc
+import util.errors as errors
 from util.crop import RandomResizedCrop
 
 
@@ -15,7 +14,7 @@ def check_classes(args, dataset_train, dataset_val):
     allowed (the reference's default is ImageNet's 1000) but said."""
     for dataset in (dataset_train, dataset_val):
         if dataset is not None and len(dataset.classes) > args.nb_classes:
-            raise misc.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {len(dataset.classes)} "
+            raise errors.UsageError(f"--nb_classes {args.nb_classes} is smaller than the {len(dataset.classes)} "
                                   f"classes in {dataset.root}")
     found = len((dataset_train or dataset_val).classes)
     if args.nb_classes > found:
@@ -26,25 +25,6 @@ def check_classes(args, dataset_train, dataset_val):
         # ImageFolder numbers each split's folders on its own: the labels of train/ and val/ would not agree
         print(f"Warning: {dataset_train.root} and {dataset_val.root} do not hold the same class folders; class "
               f"indices are assigned per folder, so they differ between the two")
-
-
-def val_loader(args, dataset_val, device):
-    """The reference's evaluation loader: sequential, unless ``--dist_eval`` (the training loader is
-    ``util.fast_data.train_loader``)."""
-    num_tasks = misc.get_world_size()
-    if args.dist_eval:
-        if len(dataset_val) % num_tasks != 0:
-            print('Warning: Enabling distributed evaluation with an eval dataset not divisible by process number. '
-                  'This will slightly alter validation results as extra duplicate entries are added to achieve '
-                  'equal num of samples per-process.')
-        # shuffle=True to reduce monitor bias
-        sampler_val = torch.utils.data.DistributedSampler(dataset_val, num_replicas=num_tasks,
-                                                          rank=misc.get_rank(), shuffle=True)
-    else:
-        sampler_val = torch.utils.data.SequentialSampler(dataset_val)
-    return torch.utils.data.DataLoader(
-        dataset_val, sampler=sampler_val, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=False)
 
 
 def pretrain_transform(input_size):

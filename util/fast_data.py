@@ -20,7 +20,6 @@ ranges of scale and ratio) from its own generator.
 import functools
 import io
 import math
-import os
 
 import torch
 from PIL import Image
@@ -28,17 +27,12 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 try:  # torchvision 0.29 deprecated its image decoding for TorchCodec; where it is gone, only the fast loaders stop
     from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # (util.flags.check_data_loader says so before anything runs)
+except ImportError:  # (util.loaders.check_data_loader says so before anything runs)
     ImageReadMode = decode_jpeg = None
 from torchvision.transforms.v2 import functional as F2
 
-import util.misc as misc
-from util.flags import batch_problem
-from util.image_folder import ImageFolder, to_rgb
-from util.misc import UsageError
-from util.run import ResumableSampler
+from util.image_folder import to_rgb
 
-LOADERS = ('pil', 'fast_cpu', 'gpu', 'dali')
 JPEG_END = b'\xff\xd9'  # a JPEG without its end marker is truncated: PIL's decoder refuses it, libjpeg would pad it
 
 
@@ -199,56 +193,19 @@ def decode_on_device(items, device, size):
     return out.mul_(scale).add_(shift)
 
 
-# ---------------------------------------------------------------------------------------------------- building
-def train_loader(args, reference_transform, crop_kwargs, device):
-    """The training loader of ``<data_path>/train`` for ``--data_loader``: the reference's (an ImageFolder with the
-    PIL ``reference_transform``, float batches), the same crop and flip distribution drawn by
-    ``CropFlip(args.input_size, **crop_kwargs)`` with uint8 batches finished on the device ('fast_cpu', 'gpu'), or
-    DALI's. Its sampler is a DistributedSampler also on one process (its fixed seed gives the reference's data
-    order), wrapped so that an epoch resumed in the middle skips what was trained on."""
-    kind = getattr(args, 'data_loader', 'pil')
-    root = os.path.join(args.data_path, 'train')
-    if kind == 'pil':
-        dataset = ImageFolder(root, reference_transform, skip_bad=args.skip_bad_images)
-    elif kind == 'dali':  # only the file list and labels: DALI reads the files
-        dataset = ImageFolder(root)
-    else:
-        crop = CropFlip(args.input_size, encoded=kind == 'gpu', **crop_kwargs)
-        dataset = ImageFolder(root, skip_bad=args.skip_bad_images, loader=crop)
-    print(dataset)
-
-    num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
-    if len(dataset) // num_tasks // args.batch_size < args.accum_iter:  # no full batch, or no optimizer step
-        raise UsageError(batch_problem(args, len(dataset), num_tasks))
-    sampler = ResumableSampler(torch.utils.data.DistributedSampler(
-        dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True))
-    if kind == 'dali':
-        return DaliLoader(dataset, sampler, args, device)
-    loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True,
-        **({'collate_fn': collate_encoded} if kind == 'gpu' else {}))
-    if kind == 'fast_cpu':
-        return OnDevice(loader, device, normalise)
-    if kind == 'gpu':
-        return OnDevice(loader, device, functools.partial(decode_on_device, size=args.input_size))
-    return loader
-
-
 # ---------------------------------------------------------------------------------------------------- DALI
 class DaliLoader:
     """``--data_loader dali``: the files in the sampler's order (so the data order and a resumed epoch's skip are
     the reference's), read by the main process and decoded by DALI on the GPU, crop window only
     (``decoders.image_random_crop``: area 0.2-1, ratio 3/4-4/3, as RandomResizedCrop; EXIF orientation ignored, as
     PIL's loader does), resized bicubic with antialiasing, flipped with p=0.5 and normalised. DALI draws the crops and
-    flips from its own generator (seeded from ``--seed``, the rank and the epoch). A pipeline is built per epoch,
-    after ``set_epoch``, because DALI starts reading ahead as soon as it is built. Not run in this repository's
-    tests (no GPU there)."""
+    flips from its own generator (seeded from ``--seed``, the rank and the training epoch, so a resumed run draws its
+    epoch's crops). A pipeline is built per epoch, after ``set_epoch``, because DALI starts reading ahead as soon as
+    it is built. Not run in this repository's tests (no GPU there)."""
 
     def __init__(self, dataset, sampler, args, device):
         self.dataset, self.sampler, self.args = dataset, sampler, args
         self.device_id = torch.cuda.current_device()
-        self._epoch = 0
 
     def __len__(self):
         return len(self.sampler) // self.args.batch_size
@@ -268,7 +225,7 @@ class DaliLoader:
                        [np.array(label, dtype=np.int64) for _, label in chunk])
 
         @pipeline_def(batch_size=batch_size, num_threads=max(args.num_workers, 1), device_id=self.device_id,
-                      seed=args.seed + 1000 * getattr(args, 'rank', 0) + self._epoch)
+                      seed=args.seed + 1000 * getattr(args, 'rank', 0) + self.sampler.epoch)
         def pipeline():
             jpegs, labels = fn.external_source(source=batches, num_outputs=2, cycle='raise',
                                                dtype=[types.UINT8, types.INT64])
@@ -282,7 +239,6 @@ class DaliLoader:
                                               mirror=fn.random.coin_flip(probability=0.5))
             return images, labels.gpu()
 
-        self._epoch += 1
         pipe = pipeline()
         pipe.build()
         iterator = DALIGenericIterator(pipe, ['images', 'labels'], last_batch_policy=LastBatchPolicy.DROP)

@@ -1,18 +1,40 @@
 """The flags every entry point shares (the reference's and the [new] run-control ones), and the checks that turn a
 wrong value into one line before anything is written or computed."""
+import argparse
 import os
 import re
 
-from util.misc import UsageError
+from util.errors import UsageError
+from util.loaders import LOADER_HELP, check_data_loader
 
 
-def add_common_args(parser, data_help, save_freq, optimizer='adamw', checkpointing=True, data_loaders=('pil',)):
-    """The flags every entry point has: the reference's (data, output, device, seed, resuming, loading, distributed),
-    with its defaults, the [new] run-control flags (precision, checkpoint cadence, resuming, fault handling), and
-    the [new] fast path (README, "Speed"), off by default: each flag, and ``--fast`` for all of them but
-    ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder). ``optimizer``: the
-    script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow through the
-    encoder blocks; ``data_loaders``: the --data_loader choices, the reference's 'pil' first."""
+def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='adamw', checkpointing=True,
+                    data_loaders=('pil',)):
+    """The flags every entry point has: the reference's (batch, model, schedule, data, output, device, seed,
+    resuming, loading, distributed) with the script's ``defaults`` (batch_size, epochs, model, weight_decay, blr,
+    min_lr, warmup_epochs) and ``models`` to choose from, the [new] run-control flags (precision, checkpoint cadence,
+    resuming, fault handling), and the [new] fast path (README, "Speed"), off by default: each flag, and ``--fast`` for
+    all of them but ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder).
+    ``optimizer``: the script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow
+    through the encoder blocks; ``data_loaders``: the --data_loader choices, the reference's 'pil' first."""
+    parser.add_argument('--batch_size', default=defaults['batch_size'], type=int,
+                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
+    parser.add_argument('--epochs', default=defaults['epochs'], type=int)
+    parser.add_argument('--accum_iter', default=1, type=int,
+                        help='Accumulate gradient iterations (for increasing the effective batch size under memory '
+                             'constraints)')
+    parser.add_argument('--model', default=defaults['model'], type=str, metavar='MODEL',
+                        help='Name of model to train: ' + ', '.join(models))
+    parser.add_argument('--input_size', default=224, type=int, help='images input size')
+    parser.add_argument('--weight_decay', type=float, default=defaults['weight_decay'],
+                        help='weight decay (default: %(default)s)')
+    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
+    parser.add_argument('--blr', type=float, default=defaults['blr'], metavar='LR',
+                        help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
+    parser.add_argument('--min_lr', type=float, default=defaults['min_lr'], metavar='LR',
+                        help='lower lr bound for cyclic schedulers that hit 0')
+    parser.add_argument('--warmup_epochs', type=int, default=defaults['warmup_epochs'], metavar='N',
+                        help='epochs to warmup LR')
     parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str, help=data_help)
     parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
@@ -55,10 +77,13 @@ def add_common_args(parser, data_help, save_freq, optimizer='adamw', checkpointi
                              'epoch (train_skipped_images in log.txt). Default: stop with an error naming the file')
 
     group = parser.add_argument_group('speed [new]', 'off by default: the reference\'s numerics and host syncs')
-    fast = ['--amp bf16'] + (['--fused_adamw'] if optimizer == 'adamw' else []) + ['--compile', '--no_host_sync']
-    group.add_argument('--fast', action='store_true',
-                       help='[new] the fast path in one flag: ' + ' '.join(fast) + ' (see each; the data loader '
-                            'and --grad_checkpointing are chosen separately)')
+    fast = dict(amp='bf16', **({'fused_adamw': True} if optimizer == 'adamw' else {}), compile=True,
+                no_host_sync=True)
+    group.add_argument('--fast', action=SetsFlags, implies=fast,
+                       help='[new] the fast path in one flag: ' + ' '.join(
+                           f'--{k}' if v is True else f'--{k} {v}' for k, v in fast.items()) + ' (see each; a flag '
+                       'given after --fast overrides it; the data loader and --grad_checkpointing are chosen '
+                       'separately)')
     if optimizer == 'adamw':
         group.add_argument('--fused_adamw', action='store_true',
                            help='[new] AdamW(fused=True): one kernel for all tensors, where this torch has it for '
@@ -84,53 +109,37 @@ def add_common_args(parser, data_help, save_freq, optimizer='adamw', checkpointi
                            'distribution; the pixels differ slightly (resampling)')
 
 
-DALI_INSTALL = 'pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)'
-LOADER_HELP = {
-    'pil': 'the reference (PIL, float tensors)',
-    'fast_cpu': 'libjpeg-turbo decode (reduced-size DCT decode when the crop allows), uint8 crop/resize/flip in the '
-                'workers, normalised on the device',
-    'gpu': 'JPEGs decoded in batches on the GPU (nvJPEG), crop/resize/flip/normalise there',
-    'dali': 'NVIDIA DALI, crop-window decode on the GPU (pip install nvidia-dali-cuda130)',
-}
+def add_classifier_args(parser, global_pool, global_pool_help=None):
+    """The flags of the two classifier scripts (fine-tuning, linear probing): the encoder to start from, the pooling
+    (``global_pool``: its default), the classes, evaluation only."""
+    parser.add_argument('--finetune', default='', help='finetune from checkpoint')
+    parser.add_argument('--global_pool', action='store_true', help=global_pool_help)
+    parser.set_defaults(global_pool=global_pool)
+    parser.add_argument('--cls_token', action='store_false', dest='global_pool',
+                        help='Use class token instead of global pool for classification')
+    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
+    parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
+    parser.add_argument('--dist_eval', action='store_true', default=False,
+                        help='Enabling distributed evaluation (recommended during training for faster monitor')
 
 
-def resolve_speed_flags(args):
-    """Turn ``--fast`` into its flags (see ``add_common_args``)."""
-    args.amp = 'bf16'
-    args.compile = args.no_host_sync = True
-    if hasattr(args, 'fused_adamw'):
-        args.fused_adamw = True
+class SetsFlags(argparse.Action):
+    """A flag that stands for others (``--fast``): it sets them where it stands on the command line, so that the
+    parsed flags are the ones the run uses, and a flag given after it overrides it."""
 
+    def __init__(self, option_strings, dest, implies, **kwargs):
+        self.implies = implies
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
 
-def check_data_loader(args):
-    """One line before anything runs when the chosen ``--data_loader`` (not the reference's 'pil') cannot run
-    here."""
-    kind, device = args.data_loader, str(args.device).split(':')[0]
-    if kind in ('gpu', 'dali') and device != 'cuda':
-        raise UsageError(f"--data_loader {kind} decodes on a CUDA GPU and --device is {device}: use "
-                         f"--data_loader fast_cpu (or --device cuda on a GPU machine)")
-    if kind in ('fast_cpu', 'gpu'):
-        try:
-            from torchvision.io import decode_jpeg  # noqa: F401
-        except ImportError:
-            import torchvision
-            raise UsageError(f"--data_loader {kind} decodes with torchvision.io.decode_jpeg, which this torchvision "
-                             f"({torchvision.__version__}) no longer has: use --data_loader pil") from None
-    if kind == 'dali':
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError:
-            raise UsageError(f"--data_loader dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}") from None
-        if getattr(args, 'skip_bad_images', False):
-            raise UsageError("--skip_bad_images works with --data_loader pil, fast_cpu or gpu, not dali (DALI stops "
-                             "on a file it cannot decode)")
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        for flag, value in self.implies.items():
+            setattr(namespace, flag, value)
 
 
 def check_common(args, models, kind, splits):
     """The checks every entry point makes on its flags, before anything is written: ``models`` are the names
     ``--model`` may take (``kind`` says what they are), ``splits`` the folders of ``--data_path`` it reads."""
-    if getattr(args, 'fast', False):
-        resolve_speed_flags(args)
     if getattr(args, 'data_loader', 'pil') != 'pil':
         check_data_loader(args)
     if args.model not in models:
@@ -170,18 +179,3 @@ def check_common(args, models, kind, splits):
         if not os.path.isdir(root):
             raise UsageError(f"--data_path {args.data_path}: no such folder" if not os.path.isdir(args.data_path) else
                              f"--data_path {args.data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
-
-
-def batch_problem(args, num_images, world_size):
-    """Why ``num_images`` training images give no training (None if they do): no full batch per process
-    (``drop_last`` would leave nothing), or fewer iterations per epoch than ``--accum_iter`` (the optimizer would
-    never step)."""
-    per_rank = num_images // world_size
-    if per_rank < args.batch_size:
-        return (f"{num_images} training images give {per_rank} per process over {world_size} process(es), fewer "
-                f"than --batch_size {args.batch_size}: no full batch to train on (lower --batch_size)")
-    iters = per_rank // args.batch_size
-    if args.accum_iter > iters:
-        return (f"--accum_iter {args.accum_iter} is more than the {iters} iterations of an epoch ({num_images} "
-                f"images, --batch_size {args.batch_size}, {world_size} process(es)): the optimizer would never step")
-    return None

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import datasets
 
 import util.misc as misc
-from util.misc import UsageError
+from util.errors import UsageError
 
 SKIP_FLAG = '--skip_bad_images'
 MAX_PIXELS_ENV = 'MAE_MAX_IMAGE_PIXELS'

@@ -1,77 +1,15 @@
-"""Plumbing the entry points share, as in the reference: errors reported in one line, metric logging, distributed
-helpers, and mixed precision with its loss scaler."""
-import builtins
+"""What the reference keeps in its ``util/misc.py``: metric logging, the distributed helpers, and mixed precision
+with its loss scaler."""
+import contextlib
 import datetime
 import math
-import os
-import sys
 import time
-import warnings
 from collections import defaultdict, deque
 
 import torch
 import torch.distributed as dist
 
-import util.speed as speed
 from util import compat
-
-
-class UsageError(Exception):
-    """A mistake the user can fix (a flag, a path, a file): reported as one line, exit code 2, nothing written."""
-
-
-class TrainingStopped(Exception):
-    """Training cannot go on (e.g. a non-finite loss): reported as one line, exit code 1."""
-
-
-class RunInterrupted(Exception):
-    """A requested stop (SIGUSR1/SIGTERM, e.g. SLURM's warning before the time limit) after a checkpoint from which
-    the run continues was written: reported as one line, exit code 1."""
-
-
-class RunComplete(Exception):
-    """Nothing to do (e.g. the run in --output_dir already finished): reported as one line, exit code 0."""
-
-
-def _one_line(e):
-    # an exception raised in a DataLoader worker comes back with the worker's traceback in its message;
-    # its last line is the message itself
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    last = lines[-1] if lines else type(e).__name__
-    prefix = f"{type(e).__module__}.{type(e).__name__}: "
-    return last[len(prefix):] if last.startswith(prefix) else last
-
-
-def run_main(main, parser, argv=None):
-    """Parse the command line with ``parser`` (plus ``-h/--help``: the parsers are built without it, as the
-    reference's, so that the submitit scripts can extend them) and run the entry point's ``main(args)``. A
-    ``UsageError`` becomes one line on stderr and exit code 2, a ``TrainingStopped`` or ``RunInterrupted`` one line
-    and exit code 1, a ``RunComplete`` one line on stdout and exit code 0."""
-    parser.add_argument('-h', '--help', action='help', help='show this help message and exit')
-    args = parser.parse_args(argv)
-    try:
-        main(args)
-    except RunComplete as e:
-        print(_one_line(e))
-    except (UsageError, TrainingStopped, RunInterrupted) as e:
-        if is_main_process() or not isinstance(e, RunInterrupted):  # every rank stops together: say it once
-            sys.stderr.write(f"{'stopped' if isinstance(e, RunInterrupted) else 'error'}: {_one_line(e)}\n")
-            sys.stderr.flush()
-        sys.exit(2 if isinstance(e, UsageError) else 1)
-    finally:
-        while AT_MAIN_EXIT:
-            AT_MAIN_EXIT.pop()()
-        shutdown_distributed()
-
-
-AT_MAIN_EXIT = []  # what to call when the entry point's ``main`` returns or fails (e.g. letting go of a lock)
-
-
-def shutdown_distributed():
-    """Leave the process group before exiting: a process that exits with gloo's threads still running can abort
-    ('terminate called without an active exception')."""
-    if is_dist_avail_and_initialized():
-        compat.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -219,67 +157,11 @@ def dist_device():
     return torch.device('cpu')
 
 
-def init_distributed_mode(args):
-    """Join the process group described by torchrun (RANK/WORLD_SIZE/LOCAL_RANK), SLURM (SLURM_PROCID, with
-    ``args.world_size``/``args.dist_url`` set by submitit) or OpenMPI (``--dist_on_itp``); otherwise run as one
-    process. NCCL on GPUs, gloo on ``--device cpu``."""
-    use_cuda = str(args.device).startswith('cuda')
-    if use_cuda and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} was asked for but no CUDA GPU is available; use --device cpu")
-    distributed = True
-    if getattr(args, 'dist_on_itp', False):
-        args.rank = int(os.environ['OMPI_COMM_WORLD_RANK'])
-        args.world_size = int(os.environ['OMPI_COMM_WORLD_SIZE'])
-        args.gpu = int(os.environ['OMPI_COMM_WORLD_LOCAL_RANK'])
-        args.dist_url = "tcp://%s:%s" % (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'])
-        os.environ['LOCAL_RANK'] = str(args.gpu)
-        os.environ['RANK'] = str(args.rank)
-        os.environ['WORLD_SIZE'] = str(args.world_size)
-    elif 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ['WORLD_SIZE'])
-        args.gpu = int(os.environ.get('LOCAL_RANK', 0))
-    elif 'SLURM_PROCID' in os.environ:
-        args.rank = int(os.environ['SLURM_PROCID'])
-        args.gpu = args.rank % torch.cuda.device_count() if use_cuda else 0
-    else:
-        print('Not using distributed mode')
-        distributed = False
-        args.rank, args.gpu = 0, 0
-    args.distributed = distributed
-
-    if distributed:
-        if use_cuda:
-            torch.cuda.set_device(args.gpu)
-            args.dist_backend = 'nccl'
-        else:
-            args.dist_backend = 'gloo'
-        print('| distributed init (rank {}): {}, {}, {} processes'.format(
-            args.rank, args.dist_url, f'gpu {args.gpu}' if use_cuda else 'gloo on the CPU', args.world_size),
-            flush=True)
-        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
-                                world_size=args.world_size, rank=args.rank)
-        dist.barrier()
-
-    # print: time-stamped, and only on the first process (``print(..., force=True)`` prints on any; every process
-    # prints beyond 8), as the reference's setup_for_distributed
-    builtin_print = getattr(builtins.print, '_mae_builtin', builtins.print)
-    is_master, print_everywhere = args.rank == 0, get_world_size() > 8
-
-    def stamped_print(*values, **kwargs):
-        force = kwargs.pop('force', False) or print_everywhere
-        if is_master or force:
-            now = datetime.datetime.now().time()
-            builtin_print('[{}] '.format(now), end='')
-            builtin_print(*values, **kwargs)
-
-    stamped_print._mae_builtin = builtin_print
-    builtins.print = stamped_print
-    # warnings: from the first process only, and the DataLoader's advice on worker counts once (it warns when the
-    # loader is built and again for each iterator)
-    warnings.filterwarnings('once', message='This DataLoader will create')
-    if not is_master:
-        warnings.simplefilter('ignore')
+def shutdown_distributed():
+    """Leave the process group before exiting: a process that exits with gloo's threads still running can abort
+    ('terminate called without an active exception')."""
+    if is_dist_avail_and_initialized():
+        compat.destroy_process_group()
 
 
 def all_reduce_mean(x):
@@ -326,12 +208,18 @@ def amp_settings(args):
     return ('cuda' if use_cuda else 'cpu'), dtype, use_cuda and amp != 'none'
 
 
+def autocast(args):
+    """The forward pass's autocast context (``amp_settings``), or a context that does nothing."""
+    device_type, dtype, enabled = amp_settings(args)
+    return torch.autocast(device_type, dtype=dtype) if enabled else contextlib.nullcontext()
+
+
 class NativeScalerWithGradNormCount:
     """Backward with loss scaling, optional gradient clipping, optimizer step; returns the gradient norm on the
     steps that update (``None`` on accumulation micro-steps). Scaling is on only for fp16 on CUDA (the forward's
-    precision, ``amp_settings(args)``).
+    precision, ``amp_settings(args)``); ``autocast`` is the forward's context that goes with it, chosen once.
 
-    With ``--no_host_sync`` a step whose gradients are not finite (``DeviceLosses.add`` makes those of a non-finite loss
+    With ``--no_host_sync`` a step whose gradients are not finite (``EpochLog.add`` makes those of a non-finite loss
     NaN) is skipped on the device: fp16's GradScaler does that already; without it the check is handed to the
     optimizer as GradScaler hands it (``found_inf``), which fused AdamW applies in its kernel. Other optimizers
     need the answer on the host: one sync per optimizer step."""
@@ -340,6 +228,7 @@ class NativeScalerWithGradNormCount:
         device_type, dtype, enabled = amp_settings(args)
         enabled = enabled and dtype == torch.float16
         self._scaler = compat.GradScaler(enabled=enabled)
+        self.autocast = autocast(args)  # the forward's context that goes with this scaling
         self._skip_on_device = getattr(args, 'no_host_sync', False)
 
     def __call__(self, loss, optimizer, clip_grad=None, parameters=None, update_grad=True):
@@ -353,7 +242,7 @@ class NativeScalerWithGradNormCount:
         else:
             norm = get_grad_norm_(parameters)
         if self._skip_on_device and not self._scaler.is_enabled():
-            speed.step_if_finite(optimizer, norm)
+            step_if_finite(optimizer, norm)
         else:
             self._scaler.step(optimizer)
         self._scaler.update()
@@ -380,3 +269,18 @@ def get_grad_norm_(parameters, norm_type: float = 2.0) -> torch.Tensor:
         return max(p.grad.detach().abs().max().to(device) for p in parameters)
     return torch.norm(torch.stack([torch.norm(p.grad.detach(), norm_type).to(device) for p in parameters]),
                       norm_type)
+
+
+def step_if_finite(optimizer, grad_norm):
+    """``optimizer.step()`` unless ``grad_norm`` (a tensor) is not finite, decided on the device where the optimizer
+    takes GradScaler's ``found_inf`` (fused Adam/AdamW: the kernel leaves weights, moments and step count as they
+    are), else on the host."""
+    found_inf = (~torch.isfinite(grad_norm)).float()
+    if getattr(optimizer, '_step_supports_amp_scaling', False):
+        optimizer.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not found_inf.item():
+        optimizer.step()

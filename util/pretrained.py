@@ -4,7 +4,7 @@ from timm.layers import trunc_normal_
 
 from util.checkpoint import fmt_keys
 from util.checkpoint import load as load_checkpoint
-from util.misc import UsageError
+from util.errors import UsageError
 from util.pos_embed import interpolate_pos_embed
 
 # keys every MAE/ViT encoder has

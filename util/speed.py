@@ -1,5 +1,5 @@
-"""Opt-in speed-ups of the model step: the fast path's ``--fused_adamw`` and the device-side step skip of
-``--no_host_sync`` (``--compile`` is ``torch.compile`` in the entry points)."""
+"""The fast path's ``--fused_adamw``: fused AdamW where this torch has it for the device (``--compile`` is
+``torch.compile`` in the entry points, ``--no_host_sync`` the step logger of ``util/step_log.py``)."""
 import torch
 
 
@@ -24,18 +24,3 @@ def fused_adamw_problem(device):
     except (RuntimeError, TypeError) as e:
         return (str(e).splitlines() or [type(e).__name__])[0]
     return None
-
-
-def step_if_finite(optimizer, grad_norm):
-    """``optimizer.step()`` unless ``grad_norm`` (a tensor) is not finite, decided on the device where the optimizer
-    takes GradScaler's ``found_inf`` (fused Adam/AdamW: the kernel leaves weights, moments and step count as they
-    are), else on the host."""
-    found_inf = (~torch.isfinite(grad_norm)).float()
-    if getattr(optimizer, '_step_supports_amp_scaling', False):
-        optimizer.found_inf = found_inf
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif not found_inf.item():
-        optimizer.step()

@@ -1,55 +1,25 @@
 """What ``submitit_pretrain.py``, ``submitit_finetune.py`` and ``submitit_linprobe.py`` share: their flags, the shared
-folder, and the job (``Trainer``) that submitit runs on every task, which saves and requeues itself before SLURM's
-time limit or on preemption.
+folder, the checks before anything is queued, and the submission of the job (``util.submitit_trainer.Trainer``).
 
 submitit is an optional dependency (``pip install submitit``); nothing here imports it at module level.
 
-Requeueing, and why it is done this way
----------------------------------------
-submitit (``submitit/core/job_environment.py``) installs, in every task, a handler for its pre-timeout/preemption
-signal (``SIGUSR2`` by default: ``#SBATCH --signal=USR2@<slurm_signal_delay_s>``; ``$SUBMITIT_PREEMPT_SIGNAL``
-changes it), and logs and ignores ``SIGTERM``. On rank 0 that handler calls the job's ``checkpoint()``, writes the
-returned ``DelayedSubmission`` over the job's pickle, runs ``scontrol requeue`` and calls ``sys.exit`` right away,
-inside the signal handler; on the other ranks it does nothing. A ``checkpoint()`` that only asked the training loop
-to save would therefore lose the save: the process exits before the loop gets to it (the reference's
-``checkpoint()`` points ``--resume`` at a ``checkpoint.pth`` that nothing writes, so its requeued jobs restarted
-from scratch).
-
-So ``Trainer.__call__`` takes the signals over before training: its handlers only ask the training loop to stop
-(``util.run.request_stop``). The loop finishes the current step, all ranks agree, ``checkpoint-last.pth`` is written
-(resumable in the middle of an epoch) and ``misc.RunInterrupted`` comes out of ``main(args)``. Then, unless the
-signal was ``SIGTERM`` (submitit's signal, ``SIGUSR1``, or a signal that reached another rank only), the job hands
-over to submitit's own handler, saved when the job started, which does what it would have done on the signal:
-checks the timeout count, calls ``checkpoint()`` (a fresh ``Trainer`` with a new ``--dist_url`` init file, the same
-``--output_dir``, ``--auto_resume`` on), requeues and exits. The requeued job continues from the newest checkpoint
-in its ``--output_dir`` (auto-resume). Under SLURM the other ranks then wait (at most ``PEER_WAIT_S``) to be
-stopped by the requeue rather than exit first. A signal that arrives before the handlers are taken over (while the
-job is still importing) is handled by submitit as usual: there is nothing to save yet.
-
-``SIGTERM`` saves and stops without requeueing: it is what ``scancel`` sends (a cancel must stay a cancel), what a
-preemption with ``PreemptMode=REQUEUE`` sends (SLURM requeues the job itself, which then auto-resumes), and what
-the time limit sends when no warning signal came (submitit does not requeue then either).
+The job itself, and how it saves and requeues, is ``util/submitit_trainer.py``.
 """
 import argparse
 import contextlib
-import copy
+import functools
 import getpass
 import importlib
 import os
-import signal
 import sys
-import time
 import uuid
 from pathlib import Path
 
-from util.misc import UsageError
+from util.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_ROOT = Path('/checkpoint')  # the reference's shared file system
 SUBMITIT_MISSING = "submitit is not installed: pip install submitit"
-# how long ranks other than 0 wait, after the checkpoint is written, for SLURM to stop them when rank 0 requeues
-# (exiting earlier could make srun end the step before rank 0's `scontrol requeue` has run)
-PEER_WAIT_S = 300
 
 
 def import_submitit():
@@ -133,99 +103,10 @@ def get_init_file(shared_folder) -> Path:
     return init_file.absolute()
 
 
-# ---------------------------------------------------------------------------------------------------- the job
-class Trainer:
-    """The callable submitit runs on every task: ``<module>.main(args)`` with the rank and output folder of the job;
-    saves and requeues itself on submitit's signal (see the module's docstring)."""
-
-    def __init__(self, args, module='main_pretrain', shared_folder=None):
-        self.args = args
-        self.module = module
-        self.shared_folder = str(shared_folder if shared_folder is not None else get_shared_folder(args.job_dir))
-
-    def __call__(self):
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))
-        trainer = import_trainer(self.module)
-        import util.misc as misc
-        import util.run as run
-
-        self._setup_gpu_args()
-        previous, submitit_handler, usr_sig = self._take_over_signals()
-        try:
-            # main() changes its args (lr, resume, ...): keep ours as submitted, for checkpoint()
-            trainer.main(copy.deepcopy(self.args))
-        except misc.RunInterrupted as e:
-            # the signal this process received; None when only another rank received one (all ranks stop together)
-            signum = run.stop_signal()
-            print(f"Run interrupted (signal {signum} here): {e}", flush=True)
-            if signum != signal.SIGTERM:
-                self._requeue(submitit_handler, signum if signum in (usr_sig, signal.SIGUSR1) else usr_sig)
-            raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            misc.shutdown_distributed()
-
-    def _take_over_signals(self):
-        submitit = import_submitit()
-        usr_sig = getattr(signal, 'SIG' + submitit.JobEnvironment.USR_SIG, signal.SIGUSR2)
-        submitit_handler = signal.getsignal(usr_sig)
-        import util.run as run
-        previous = {}
-        for sig in (usr_sig, signal.SIGUSR1, signal.SIGTERM):
-            previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, run.request_stop)
-        requeue_on = sorted({signal.Signals(usr_sig).name, 'SIGUSR1'})
-        print(f"Stop handlers installed (save then requeue on {', '.join(requeue_on)}; save then stop on SIGTERM)",
-              flush=True)
-        return previous, submitit_handler, usr_sig
-
-    def _requeue(self, submitit_handler, signum):
-        """After the checkpoint is written: requeue through submitit's own signal handler (rank 0 calls our
-        ``checkpoint()``, requeues and exits; other ranks wait to be stopped by the requeue)."""
-        submitit = import_submitit()
-        job_env = submitit.JobEnvironment()
-        if getattr(submitit_handler, '__name__', '') != 'checkpoint_and_try_requeue':
-            print("Not requeued: the job does not run under submitit's signal handling (e.g. the debug executor)",
-                  flush=True)
-            return
-        submitit_handler(signum, None)  # rank 0: requeues and exits (or raises: too many timeouts)
-        if job_env.global_rank != 0 and job_env.cluster == 'slurm':
-            # submitit's handler does nothing on these ranks; SLURM stops them when rank 0 requeues the job
-            deadline = time.time() + PEER_WAIT_S
-            while time.time() < deadline:
-                time.sleep(1)
-
-    def checkpoint(self):
-        """Called by submitit (rank 0) to requeue: the same job, a fresh distributed init file, auto-resume on."""
-        submitit = import_submitit()
-        args = copy.deepcopy(self.args)
-        args.dist_url = get_init_file(self.shared_folder).as_uri()
-        args.auto_resume = True  # continue from the newest checkpoint in args.output_dir
-        print("Requeuing ", args, flush=True)
-        empty_trainer = type(self)(args, self.module, self.shared_folder)
-        return submitit.helpers.DelayedSubmission(empty_trainer)
-
-    def _setup_gpu_args(self):
-        submitit = import_submitit()
-        job_env = submitit.JobEnvironment()
-        self.args.output_dir = str(self.args.output_dir).replace("%j", str(job_env.job_id))
-        self.args.log_dir = self.args.output_dir
-        self.args.gpu = job_env.local_rank
-        self.args.rank = job_env.global_rank
-        self.args.world_size = job_env.num_tasks
-        if job_env.num_tasks > 1 and 'SLURM_PROCID' not in os.environ:
-            # submitit's local executor: let init_distributed_mode join the group as under torchrun
-            os.environ.update(RANK=str(job_env.global_rank), WORLD_SIZE=str(job_env.num_tasks),
-                              LOCAL_RANK=str(job_env.local_rank))
-        print(f"Process group: {job_env.num_tasks} tasks, rank: {job_env.global_rank}", flush=True)
-
-
 # ---------------------------------------------------------------------------------------------------- submitting
 @contextlib.contextmanager
 def _repo_on_pythonpath():
-    """The jobs unpickle ``util.submitit_job.Trainer`` and import the trainer: put the repo on their PYTHONPATH
+    """The jobs unpickle ``util.submitit_trainer.Trainer`` and import the trainer: put the repo on their PYTHONPATH
     (sbatch and the local executor pass the submitting environment on)."""
     old = os.environ.get('PYTHONPATH')
     os.environ['PYTHONPATH'] = os.pathsep.join([str(REPO)] + ([old] if old else []))
@@ -283,7 +164,7 @@ def check_before_submitting(args, module):
     trainer = import_trainer(module)
     trainer.check_args(args)
     if not getattr(args, 'eval', False):
-        from util.flags import batch_problem
+        from util.loaders import batch_problem
         from util.image_folder import image_folder
         problem = batch_problem(args, len(image_folder(args.data_path, 'train', transform=None)),
                                 args.nodes * args.ngpus)
@@ -308,6 +189,7 @@ def submit(args, module, cluster=None):
     args.dist_url = get_init_file(shared).as_uri()
     args.output_dir = args.job_dir
 
+    from util.submitit_trainer import Trainer  # (it imports this module)
     trainer = Trainer(args, module, shared)
     with _repo_on_pythonpath():
         job = executor.submit(trainer)
@@ -324,9 +206,14 @@ def submit(args, module, cluster=None):
     return job
 
 
+def entry_points(module, description):
+    """A ``submitit_*.py`` script's ``parse_args(argv=None)`` and ``main(argv=None)`` for the trainer ``module``."""
+    return functools.partial(parse_args, module, description), functools.partial(main, module, description)
+
+
 def main(module, description, argv=None):
     """The submitit_*.py scripts: parse, submit, print the job id; a mistake is one line and exit code 2."""
-    from util.misc import RunInterrupted, TrainingStopped
+    from util.errors import RunInterrupted, TrainingStopped
     try:
         args = parse_args(module, description, argv)
         submit(args, module)

@@ -1,0 +1,60 @@
+"""Writing a run's checkpoints, one object for it (as timm's ``CheckpointSaver``): the reference's keys plus what an
+exact resume needs, never a checkpoint with non-finite weights or optimizer state (so the newest one is always
+good), ``checkpoint-last.pth`` replaced atomically, kept epochs as ``checkpoint-<epoch>.pth`` with ``last`` a hard
+link to the newest of them."""
+import os
+from pathlib import Path
+
+import util.checkpoint as ckpt_io
+import util.misc as misc
+from util.errors import TrainingStopped
+
+
+class CheckpointSaver:
+    """Saves ``model``, ``optimizer`` and ``loss_scaler`` with the run's flags (``args``) into ``output_dir``
+    (``''``: nothing is saved); ``script`` names the entry point that wrote them (a resume checks it)."""
+
+    def __init__(self, model, optimizer, loss_scaler, args, output_dir, script):
+        self.model, self.optimizer, self.loss_scaler, self.args = model, optimizer, loss_scaler, args
+        self.output_dir, self.script = output_dir, script
+
+    def save(self, epoch, keep, at, rng=None, **extra):
+        """A checkpoint after epoch ``epoch`` (``at`` says where, for the messages) with the reference's keys
+        (``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``), every rank's random streams (``rng``: this
+        rank's now, or the ones given), the script and ``extra``; ``checkpoint-last.pth`` always,
+        ``checkpoint-<epoch>.pth`` too with ``keep``. Every rank calls it (the random streams are gathered); rank 0
+        writes."""
+        bad = ckpt_io.nonfinite(self.model.state_dict().items()) + ckpt_io.nonfinite(
+            ckpt_io.optimizer_tensors(self.optimizer))
+        if bad:
+            raise TrainingStopped(f"non-finite values in {ckpt_io.fmt_keys(bad, 3)} at {at} (the loss was still "
+                                  f"finite): not saved; {self.last_good()}")
+        states = misc.all_gather(rng if rng is not None else ckpt_io.rng_state())
+        if not misc.is_main_process():
+            return
+        to_save = {
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'epoch': epoch,
+            'scaler': self.loss_scaler.state_dict(),
+            'args': ckpt_io.args_to_dict(self.args),
+            'rng': states,
+            'script': self.script,
+            **extra,
+        }
+        last = Path(self.output_dir) / ckpt_io.LAST
+        if keep:
+            kept = Path(self.output_dir) / f'checkpoint-{epoch}.pth'
+            ckpt_io.atomic_save(to_save, kept)
+            ckpt_io.link_or_copy(kept, last)
+        else:
+            ckpt_io.atomic_save(to_save, last)
+
+    def last_good(self):
+        """Which checkpoint a run stopped now would continue from, in words."""
+        last = ckpt_io.newest(self.output_dir) if self.output_dir else ''
+        return f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+
+    @property
+    def last_path(self):
+        return os.path.join(self.output_dir, ckpt_io.LAST)

@@ -1,0 +1,82 @@
+"""``--output_dir``'s own files besides the checkpoints: the lock that lets one run at a time use the folder, and the
+``log.txt`` rows, appended durably and cut back to the point a continued run starts from."""
+import datetime
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+import util.misc as misc
+from util.errors import AT_MAIN_EXIT, UsageError
+
+LOCK = '.run.lock'
+
+
+def lock_output_dir(path):
+    """Create ``path``, check it is writable, and hold its lock for the life of this process (rank 0; every rank
+    gets the same answer) or until the entry point's ``main`` ends. Returns the open lock file."""
+    error, handle = None, None
+    if misc.is_main_process():
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            handle = open(Path(path) / LOCK, 'a+', encoding='utf-8')
+        except OSError as e:
+            error = f"--output_dir {path} is not writable ({e.strerror or e})"
+        else:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or 'a process that holds its lock'
+                handle.close()
+                error = (f"--output_dir {path} is in use by another run ({holder}): let it finish or stop it, or "
+                         f"pass another --output_dir")
+            else:
+                handle.seek(0)
+                handle.truncate()
+                handle.write(f"process {os.getpid()} on {socket.gethostname()}, started "
+                             f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
+                handle.flush()
+                AT_MAIN_EXIT.append(handle.close)
+    if misc.get_world_size() > 1:
+        error = misc.all_gather(error)[0]
+    if error:
+        raise UsageError(error)
+    return handle
+
+
+def move_log_rows_after(output_dir, last_epoch):
+    """Move the ``log.txt`` rows of epochs after ``last_epoch`` (and any row cut short by a kill) to a side file
+    named on the console, so that the run continued from that epoch neither duplicates nor loses rows."""
+    path = os.path.join(output_dir, 'log.txt')
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = f.readlines()
+    kept, moved = [], []
+    for line in lines:
+        try:
+            keep = json.loads(line).get('epoch', -1) <= last_epoch
+        except json.JSONDecodeError:
+            keep = False
+        (kept if keep else moved).append(line if line.endswith('\n') else line + '\n')
+    if not moved:
+        return
+    side = os.path.join(output_dir, f"log-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.txt")
+    with open(side, 'w', encoding='utf-8') as f:
+        f.writelines(moved)
+    tmp = os.path.join(output_dir, '.log.txt.tmp')
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    print(f"Note: moved {len(moved)} log.txt row(s) written after the point this run starts from to {side}")
+
+
+def append_log(output_dir, stats):
+    with open(os.path.join(output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
+        f.write(json.dumps(stats) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+

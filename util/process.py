@@ -1,0 +1,121 @@
+"""A process's start, as the reference's ``main`` begins: join the process group (torchrun, SLURM or OpenMPI; one
+process otherwise), print only on the first process, lock the output folder, print the flags, and seed the random
+streams; and the model the training loop runs (DistributedDataParallel, ``--compile``)."""
+import builtins
+import datetime
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import util.misc as misc
+from util.errors import UsageError
+from util.output_dir import lock_output_dir
+
+
+def setup_process(args, script, seed_python=False):
+    """Join the process group (``init_distributed_mode``: it fills in ``args.rank``, ``world_size``, ``gpu`` and
+    ``distributed``), fill in ``--log_dir`` (default: ``--output_dir``), take ``--output_dir`` for this run when
+    training (one run at a time in a folder), print the job dir and the flags, and seed torch and numpy with ``--seed``
+    + rank (also python's ``random`` with ``seed_python``), as the reference does at the top of its ``main``. Returns
+    the device."""
+    init_distributed_mode(args)
+    if args.log_dir is None:  # TensorBoard's events beside the checkpoints
+        args.log_dir = args.output_dir
+    if args.output_dir and not getattr(args, 'eval', False):
+        lock_output_dir(args.output_dir)
+    print('job dir: {}'.format(os.path.dirname(os.path.realpath(script))))
+    print("{}".format(args).replace(', ', ',\n'))
+    device = torch.device(args.device)
+    if device.type != 'cuda':
+        print(f"Precision: fp32 (--amp {args.amp} applies on CUDA only)")
+    seed = args.seed + misc.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if seed_python:
+        random.seed(seed)
+    torch.backends.cudnn.benchmark = True
+    return device
+
+
+def parallel_model(model, args, device):
+    """The model the training loop runs: ``model`` moved to ``device``, wrapped in DistributedDataParallel when
+    distributed, then compiled with ``--compile`` [new] (after the DDP wrap, so that DDP's buckets still overlap the
+    backward). The optimizer and the checkpoints keep using ``model`` itself (on the device). (The reference's
+    pre-training passes ``find_unused_parameters=True``; every parameter takes part in every step, so DDP's search for
+    unused ones only costs time and warns on every process: the gradients are the same without it.)"""
+    model.to(device)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+def init_distributed_mode(args):
+    """Join the process group described by torchrun (RANK/WORLD_SIZE/LOCAL_RANK), SLURM (SLURM_PROCID, with
+    ``args.world_size``/``args.dist_url`` set by submitit) or OpenMPI (``--dist_on_itp``); otherwise run as one
+    process. NCCL on GPUs, gloo on ``--device cpu``."""
+    use_cuda = str(args.device).startswith('cuda')
+    if use_cuda and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} was asked for but no CUDA GPU is available; use --device cpu")
+    distributed = True
+    if getattr(args, 'dist_on_itp', False):
+        args.rank = int(os.environ['OMPI_COMM_WORLD_RANK'])
+        args.world_size = int(os.environ['OMPI_COMM_WORLD_SIZE'])
+        args.gpu = int(os.environ['OMPI_COMM_WORLD_LOCAL_RANK'])
+        args.dist_url = "tcp://%s:%s" % (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT'])
+        os.environ['LOCAL_RANK'] = str(args.gpu)
+        os.environ['RANK'] = str(args.rank)
+        os.environ['WORLD_SIZE'] = str(args.world_size)
+    elif 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', 0))
+    elif 'SLURM_PROCID' in os.environ:
+        args.rank = int(os.environ['SLURM_PROCID'])
+        args.gpu = args.rank % torch.cuda.device_count() if use_cuda else 0
+    else:
+        print('Not using distributed mode')
+        distributed = False
+        args.rank, args.gpu = 0, 0
+    args.distributed = distributed
+
+    if distributed:
+        if use_cuda:
+            torch.cuda.set_device(args.gpu)
+            args.dist_backend = 'nccl'
+        else:
+            args.dist_backend = 'gloo'
+        print('| distributed init (rank {}): {}, {}, {} processes'.format(
+            args.rank, args.dist_url, f'gpu {args.gpu}' if use_cuda else 'gloo on the CPU', args.world_size),
+            flush=True)
+        dist.init_process_group(backend=args.dist_backend, init_method=args.dist_url,
+                                world_size=args.world_size, rank=args.rank)
+        dist.barrier()
+
+    # print: time-stamped, and only on the first process (``print(..., force=True)`` prints on any; every process
+    # prints beyond 8), as the reference's setup_for_distributed
+    builtin_print = getattr(builtins.print, '_mae_builtin', builtins.print)
+    is_master, print_everywhere = args.rank == 0, misc.get_world_size() > 8
+
+    def stamped_print(*values, **kwargs):
+        force = kwargs.pop('force', False) or print_everywhere
+        if is_master or force:
+            now = datetime.datetime.now().time()
+            builtin_print('[{}] '.format(now), end='')
+            builtin_print(*values, **kwargs)
+
+    stamped_print._mae_builtin = builtin_print
+    builtins.print = stamped_print
+    # warnings: from the first process only, and the DataLoader's advice on worker counts once (it warns when the
+    # loader is built and again for each iterator)
+    warnings.filterwarnings('once', message='This DataLoader will create')
+    if not is_master:
+        warnings.simplefilter('ignore')
+
+

@@ -1,0 +1,177 @@
+"""Resuming: which checkpoint a run continues, whether it may continue it, and what it restores from it.
+
+``choose_checkpoint`` picks the checkpoint (with auto-resume, the newest in ``--output_dir``, unless ``--resume`` is
+further along) and refuses one that another script, model or set of training flags wrote; after the model, optimizer
+and loss scaler are built, ``restart_from_checkpoint`` (one call, as DINO's) loads them and returns where the run
+starts: a ``Start`` (epoch, position inside it, best accuracy so far, TensorBoard's purge step).
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import util.checkpoint as ckpt_io
+import util.misc as misc
+from util.errors import RunComplete, UsageError
+
+# Flags a continued run may change (README, "Long runs"). Every other flag stored in the checkpoint must be the same.
+CHANGEABLE_ON_RESUME = {
+    'epochs', 'batch_size', 'accum_iter',  # a longer run; a smaller batch after running out of memory
+    'num_workers', 'pin_mem', 'device', 'amp', 'data_path',  # how, and from where, the same data is read
+    'output_dir', 'log_dir', 'resume', 'auto_resume', 'start_epoch', 'finetune', 'eval', 'dist_eval',
+    'save_freq', 'save_every_iters', 'skip_nonfinite', 'skip_bad_images', 'seed',
+    # how fast the same training runs (README, "Speed")
+    'fast', 'fused_adamw', 'compile', 'no_host_sync', 'grad_checkpointing', 'data_loader',
+    # the process layout (filled in by the launcher)
+    'world_size', 'rank', 'gpu', 'local_rank', 'distributed', 'dist_backend', 'dist_url', 'dist_on_itp',
+    # submitit's own flags
+    'job_dir', 'ngpus', 'nodes', 'timeout', 'partition', 'use_volta32', 'comment', 'cluster', 'dependency',
+}
+
+
+@dataclass
+class Position:
+    """Where an epoch interrupted in the middle continues, on this rank."""
+    epoch: int
+    iteration: int  # batches trained on (an optimizer-step boundary)
+    meters: dict  # the running averages so far
+    rng: dict  # the random streams at that point
+    skipped: list = field(default_factory=list)  # indices of bad image files skipped so far
+
+
+@dataclass
+class Start:
+    """Where a run starts: a fresh one at --start_epoch (0); a continued one after its checkpoint."""
+    epoch: int = 0
+    position: Optional[Position] = None  # set when the checkpoint is inside an epoch
+    max_accuracy: float = 0.0  # the best test accuracy of the epochs before (fine-tuning, linear probing)
+    purge_step: Optional[int] = None  # TensorBoard hides the points from this step on (written after the checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------- which one
+def choose_checkpoint(args, script):
+    """``(path, checkpoint)`` for the run of ``script`` to start from, or ``(args.resume, None)`` when there is
+    none: with auto-resume (when training), the newest checkpoint in ``--output_dir``, checked to belong to this run,
+    unless ``--resume`` is further along; else ``--resume``."""
+    training = not getattr(args, 'eval', False)
+    output_dir, script = args.output_dir if training else '', os.path.basename(script)
+    found = ckpt_io.newest(output_dir) if training and args.auto_resume else ''
+    given = ckpt_io.load(args.resume) if args.resume else None
+    if found and not (args.resume and os.path.realpath(found) == os.path.realpath(args.resume)):
+        checkpoint = ckpt_io.load(found, what="the newest checkpoint in --output_dir,")
+        if given is not None and ckpt_io.position(given) > ckpt_io.position(checkpoint):
+            print(f"Note: --resume {args.resume} ({ckpt_io.describe_position(given)}) is further along than {found} in "
+                  f"--output_dir: continuing from --resume")
+            return args.resume, given
+        check_continues(checkpoint, found, args, output_dir, script)
+        print(f"Auto-resume: continuing from {found}" + (
+            f" (further along than --resume {args.resume}, which is not used; pass --no_auto_resume to start "
+            f"from --resume)" if args.resume else ''))
+        return found, checkpoint
+    if given is not None and found:
+        check_continues(given, found, args, output_dir, script)
+    return args.resume, given
+
+
+def check_continues(checkpoint, path, args, output_dir, script):
+    """Refuse to continue a checkpoint in ``output_dir`` that another script, model or set of training flags
+    wrote; stop with exit code 0 if it is this very run, finished."""
+    there = ckpt_io.stored_args(checkpoint)
+    folder = f"--output_dir {output_dir}"
+    fix = "pass a new --output_dir, or --no_auto_resume to start afresh in that folder"
+    wrote, model = checkpoint.get('script'), there.get('model', args.model)
+    if (wrote and wrote != script) or model != args.model:
+        raise UsageError(f"{folder} holds a run of {wrote or 'another script'} --model {model} "
+                         f"({os.path.basename(path)}, {ckpt_io.describe_position(checkpoint)}), not of {script} "
+                         f"--model {args.model}: {fix}")
+    changed = changed_flags(there, args)
+    if changed:
+        raise UsageError(f"{folder} holds a run with other training flags ({'; '.join(changed)}): run it with its "
+                         f"own flags to continue it, or {fix}")
+    if checkpoint.get('epoch', -1) + 1 >= args.epochs:  # (a checkpoint inside a later epoch too: --epochs lowered)
+        beyond = (f" and was stopped inside epoch {checkpoint['epoch'] + 1}, beyond --epochs"
+                  if 'resume_iter' in checkpoint else '')
+        raise RunComplete(f"{folder} holds this run, complete: it finished epoch {checkpoint['epoch']} of "
+                          f"--epochs {args.epochs}{beyond}; nothing to do (raise --epochs to train longer)")
+
+
+def changed_flags(there, args):
+    """``--flag <stored> there, <now> here`` for each training flag that differs from a checkpoint's."""
+    here = ckpt_io.args_to_dict(args)
+    changed = []
+    for key, value in there.items():
+        if key in CHANGEABLE_ON_RESUME or key not in here or key == 'lr':
+            continue
+        if here[key] != value:
+            changed.append(f"--{key} {value} there, {here[key]} here")
+    # the stored lr is the actual one; it came from --lr when it is not the linear scaling of --blr
+    stored_lr, blr = there.get('lr'), there.get('blr')
+    eff = there.get('batch_size', 0) * there.get('accum_iter', 1) * there.get('world_size', 1)
+    lr_was_given = stored_lr is not None and blr is not None and abs(stored_lr - blr * eff / 256) > 1e-12 * abs(
+        stored_lr)
+    if args.lr is not None and stored_lr is not None and args.lr != stored_lr:
+        changed.append(f"--lr {stored_lr} there, {args.lr} here")
+    elif args.lr is None and lr_was_given:
+        changed.append(f"--lr {stored_lr} there, none here")
+    return changed
+
+
+# ---------------------------------------------------------------------------------------------------- restoring
+def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_scaler=None, iters_per_epoch=0):
+    """Load ``checkpoint`` (read from ``path``) into ``model`` and, when training, ``optimizer`` and
+    ``loss_scaler`` (setting ``args.start_epoch``, as the reference's ``load_model``); restore the random streams at an
+    epoch boundary. Returns the ``Start`` after it (at ``--start_epoch`` for ``checkpoint`` None). ``iters_per_epoch``:
+    the training loader's length."""
+    if checkpoint is None:
+        return Start(epoch=args.start_epoch)
+    problem = ckpt_io.state_dict_mismatch(model, checkpoint['model'])
+    if problem:
+        raise UsageError(f"--resume {path} does not fit --model {args.model}: {problem}")
+    model.load_state_dict(checkpoint['model'])
+    print("Resume checkpoint %s" % path)
+    if getattr(args, 'eval', False) or not ('optimizer' in checkpoint and 'epoch' in checkpoint):
+        return Start(epoch=args.start_epoch)
+    ckpt_io.load_optimizer_state(optimizer, checkpoint['optimizer'], f"--resume {path}")
+    args.start_epoch = checkpoint['epoch'] + 1  # (as the reference's load_model; the checkpoints keep it)
+    if 'scaler' in checkpoint:
+        loss_scaler.load_state_dict(checkpoint['scaler'])
+    print("With optim & sched!")
+    # ours keep the best accuracy; the reference restarts it on resuming
+    start = Start(epoch=args.start_epoch, max_accuracy=float(checkpoint.get('max_accuracy', 0.0)))
+    return continue_position(start, checkpoint, args, iters_per_epoch)
+
+
+def continue_position(start, checkpoint, args, iters_per_epoch):
+    """The position inside ``start.epoch`` (a checkpoint written in the middle of an epoch, with the same batch
+    layout and process count), or the random streams at the epoch boundary; and TensorBoard's purge step."""
+    world, rank = misc.get_world_size(), misc.get_rank()
+    there = ckpt_io.stored_args(checkpoint)
+    states = checkpoint.get('rng') or []
+    layout_note = ''
+    if states and len(states) != world:
+        layout_note = f"its random streams are for {len(states)} processes, this run has {world}"
+    elif 'resume_iter' in checkpoint and (there.get('batch_size'), there.get('accum_iter')) != (
+            args.batch_size, args.accum_iter):
+        layout_note = (f"its position is in batches of --batch_size {there.get('batch_size')} --accum_iter "
+                       f"{there.get('accum_iter')}, this run has {args.batch_size} and {args.accum_iter}")
+    if 'resume_iter' in checkpoint and not layout_note and states:
+        it = checkpoint['resume_iter']
+        start.position = Position(start.epoch, it, checkpoint['meters'][rank], states[rank],
+                                  list(checkpoint.get('skipped_images') or []))
+        print(f"Resuming epoch {start.epoch} at iteration {it} of {iters_per_epoch}")
+        start.purge_step = int(((it - 1) / iters_per_epoch + start.epoch) * 1000) + 1
+        return start
+    eff_there = there.get('batch_size', 0) * there.get('accum_iter', 1) * there.get('world_size', 1)
+    eff_here = args.batch_size * args.accum_iter * world
+    if eff_there and eff_there != eff_here:
+        advice = (f"keep the effective batch size (e.g. --accum_iter {eff_there // (args.batch_size * world)})"
+                  if eff_there % (args.batch_size * world) == 0 else
+                  f"keep the effective batch size (--batch_size x --accum_iter x processes = {eff_there})")
+        print(f"Note: the effective batch size (batch_size x accum_iter x processes) is {eff_here}, it was "
+              f"{eff_there}: the lr is {args.lr:.2e}, it was {there.get('lr', 0):.2e}. To keep the recipe, {advice}")
+    if layout_note:
+        where = f"restarting epoch {start.epoch} from its beginning" if 'resume_iter' in checkpoint else "continuing"
+        print(f"Note: {layout_note}; {where} with fresh random streams")
+    elif states:
+        ckpt_io.set_rng_state(states[rank])
+    start.purge_step = start.epoch * 1000 if start.epoch > 0 else None
+    return start
