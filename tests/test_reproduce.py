@@ -1,8 +1,12 @@
 """The ablation flags of main_pretrain.py (decoder size, mask sampling) and the study runner reproduce.py."""
 import json
+import os
 import re
 import shlex
+import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,10 @@ import models_mae
 import models_vit
 import reproduce
 from conftest import TINY, one_line_error, pretrain_argv, run_in_process, run_script
+from studies import paper, plan, recipes, runner
+from studies.data import prepare_data
+from studies.plan import PlannedRun
+from util.errors import UsageError
 from util.pretrained import load_pretrained_encoder
 
 
@@ -295,29 +303,55 @@ def fake_finished(run, acc):
 
 
 def test_finished_runs_are_not_run_again(tmp_path, capsys, monkeypatch):
-    scale = reproduce.SCALES['quick']
-    plan = reproduce.Plan(scale, tmp_path)
-    study = reproduce.build_study('partial_ft', scale)
-    plan.add_study(study)
-    assert [r.kind for r in plan.runs.values()] == ['pretrain', 'linprobe', 'finetune', 'finetune']
-    for i, run in enumerate(plan.runs.values()):
+    scale = recipes.SCALES['quick']
+    planned = plan.Plan(scale, tmp_path)
+    study = paper.build_study('partial_ft', scale)
+    planned.add_study(study)
+    assert [r.kind for r in planned.runs.values()] == ['pretrain', 'linprobe', 'finetune', 'finetune']
+    for i, run in enumerate(planned.runs.values()):
         fake_finished(run, 50.0 + i)
 
     def no_run(*args, **kwargs):
         raise AssertionError('nothing should run')
-    monkeypatch.setattr(reproduce.Runner, '_run_local', no_run)
+    monkeypatch.setattr(runner.Runner, '_run_local', no_run)
+    # the compute of earlier invocations, as the runner keeps it (two of the four runs timed)
+    (tmp_path / 'timings.json').write_text(json.dumps({'runs/baseline/pretrain': 60.5, 'runs/baseline/linprobe': 40}))
     code, out, err = run_reproduce(capsys, '--quick', '--study', 'partial_ft', '--work_dir', tmp_path)
     assert code == 0, err
     assert '4 runs in 3 cells: 4 done before, 0 to run' in out
     table = (tmp_path / 'partial_ft.md').read_text()
     assert '| 0 (linear probe) | 51.0 |' in table and '| 1 | 52.0 |' in table and '| 2 (all) | 53.0 |' in table
-    assert (tmp_path / 'partial_ft.png').stat().st_size > 1000
+    assert 'Compute: 0:01:40 for the 2 of 4 runs of this study timed by the runner' in table
+    if charts_drawn():
+        assert (tmp_path / 'partial_ft.png').stat().st_size > 1000
     results = json.loads((tmp_path / 'partial_ft.json').read_text())
     assert results['cells'][1]['ours']['top1'] == {'final': 52.0, 'best': 52.0}
 
 
+def charts_drawn():
+    try:
+        import matplotlib  # noqa: F401 (optional: requirements-test.txt has it, so CI draws the charts)
+        return True
+    except ImportError:
+        return False
+
+
+def test_without_matplotlib_the_chart_is_skipped_with_a_note(tmp_path, capsys, monkeypatch):
+    planned = plan.Plan(recipes.SCALES['quick'], tmp_path)
+    planned.add_study(paper.build_study('mask_ratio', recipes.SCALES['quick'], values=[0.5, 0.75]))
+    for run in planned.runs.values():
+        fake_finished(run, 40.0)
+    monkeypatch.setitem(sys.modules, 'matplotlib.figure', None)  # import fails as if not installed
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'mask_ratio', '--values', 0.5, 0.75, '--work_dir',
+                                   tmp_path)
+    assert code == 0, err
+    assert '# note: mask_ratio.png not drawn: matplotlib is not installed (pip install matplotlib)' in out
+    assert not (tmp_path / 'mask_ratio.png').exists()
+    assert '| 0.75 (default) | 40.0 | 84.9 | 40.0 | 73.5 |' in (tmp_path / 'mask_ratio.md').read_text()
+
+
 def test_a_run_is_finished_only_with_its_last_epoch_and_checkpoint(tmp_path):
-    run = reproduce.Run('finetune', {'epochs': 3}, tmp_path)
+    run = PlannedRun('finetune', {'epochs': 3}, tmp_path)
     assert not run.finished()
     (tmp_path / 'log.txt').write_text('{"epoch": 0, "test_acc1": 10}\n{"epoch": 1, "test_acc1": 20}\n{"epo')
     assert not run.finished() and run.accuracy() == (20, 20)
@@ -336,13 +370,13 @@ def test_data_folder_links_the_test_split_and_a_balanced_subset(tmp_path):
                 (src / split / cls / f'{i}.jpg').write_bytes(b'x')
     args = reproduce.get_args_parser().parse_args(['--data_path', str(src), '--val_split', 'test',
                                                    '--train_subset', '9'])
-    data = reproduce.prepare_data(args, tmp_path / 'work', dry_run=False)
+    data = prepare_data(args, tmp_path / 'work', dry_run=False)
     assert sorted(len(list((data / 'train' / c).iterdir())) for c in ('cat', 'dog')) == [4, 5]
     assert (data / 'val').resolve() == (src / 'test').resolve()
-    assert reproduce.prepare_data(args, tmp_path / 'work', dry_run=False) == data  # made once
+    assert prepare_data(args, tmp_path / 'work', dry_run=False) == data  # made once
     args.train_subset = 4
-    with pytest.raises(reproduce.UsageError, match='was made from other data'):
-        reproduce.prepare_data(args, tmp_path / 'work', dry_run=False)
+    with pytest.raises(UsageError, match='was made from other data'):
+        prepare_data(args, tmp_path / 'work', dry_run=False)
 
 
 @pytest.mark.parametrize('argv, expected', [
@@ -393,7 +427,7 @@ def test_paper_scale_submits_each_run_after_its_pre_training(tmp_path, capsys, m
         queued.add(job)
         return subprocess.CompletedProcess(cmd, 0, stdout=f'{job}\n', stderr='')
     monkeypatch.setattr(reproduce.shutil, 'which', lambda name: f'/usr/bin/{name}')
-    monkeypatch.setattr(reproduce.subprocess, 'run', fake_run)
+    monkeypatch.setattr(runner.subprocess, 'run', fake_run)
     argv = ['--scale', 'paper', '--study', 'target', '--data_path', TINY, '--work_dir', tmp_path, '--nodes', 1]
     code, out, err = run_reproduce(capsys, *argv)
     assert code == 0, err
@@ -415,3 +449,109 @@ def test_paper_scale_submits_each_run_after_its_pre_training(tmp_path, capsys, m
     code, out, err = run_reproduce(capsys, *argv)
     assert code == 0, err
     assert len(submitted) == 6 and out.count('still queued or running; not submitted again') == 6
+
+
+class StoppedChild:
+    """A run's process, faked: the user's Ctrl-C reaches the runner (the child has a session of its own), which asks
+    the child to stop with SIGTERM; the child then exits 1, having written checkpoint-last.pth only if ``saves``."""
+    saves = False
+
+    def __init__(self, cmd, stdout=None, **kwargs):
+        self.out = Path(cmd[cmd.index('--output_dir') + 1])
+        self.signals = []
+
+    def poll(self):
+        return None
+
+    def send_signal(self, signum):
+        self.signals.append(signum)
+
+    def wait(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs in this (the main) thread before kill returns
+        assert self.signals == [signal.SIGTERM]
+        if self.saves:
+            (self.out / 'checkpoint-last.pth').write_bytes(b'')
+        return 1
+
+
+@pytest.mark.parametrize('saves, earlier, expected', [
+    (True, False, 'saved where it was; the same command continues'),
+    (False, False, 'had nothing saved yet'),
+    (False, True, 'saved nothing new (it continues from its last checkpoint)'),
+])
+def test_an_interrupted_cell_says_interrupted_and_whether_it_saved(tmp_path, capsys, monkeypatch, saves, earlier,
+                                                                    expected):
+    monkeypatch.setattr(StoppedChild, 'saves', saves)
+    monkeypatch.setattr(runner.subprocess, 'Popen', StoppedChild)
+    first = tmp_path / 'runs' / 'scratch-vit_tiny_patch4' / 'finetune'
+    if earlier:  # a checkpoint of an earlier attempt
+        first.mkdir(parents=True)
+        (first / 'checkpoint-last.pth').write_bytes(b'earlier')
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'scratch', '--work_dir', tmp_path)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert err.startswith('stopped: signal 2 received: runs/scratch-vit_tiny_patch4/finetune ') and expected in err
+    assert saves or 'saved where it was' not in err
+    table = (tmp_path / 'scratch.md').read_text()
+    assert 'failed' not in table
+    assert '| ViT-tiny/4 (64-d, 2 blocks; decoder 32-d, 2 blocks) | interrupted | — | not run | — |' in table
+
+
+def test_quick_plans_every_study_with_each_evaluation_kind(tmp_path, capsys):
+    """The --quick smoke test covers every study and each kind of evaluation: by default, and with each kind alone."""
+    cmds = dry_run_lines(capsys, '--quick', '--study', 'all', '--work_dir', tmp_path)
+    scripts = {c[1] for c in cmds}
+    assert scripts == {'main_pretrain.py'} | {e.entry_point for e in recipes.EVALUATIONS.values()}
+    for name in paper.STUDIES:
+        study = paper.build_study(name, recipes.SCALES['quick'])
+        assert study.cells and all(cell.measures for cell in study.cells if cell.label not in ('PCA', 'dVAE token'))
+    for kind in recipes.EVALUATIONS:
+        cmds = dry_run_lines(capsys, '--quick', '--study', 'all', '--evals', kind, '--work_dir', tmp_path)
+        assert {c[1] for c in cmds} == {'main_pretrain.py', recipes.EVALUATIONS[kind].entry_point}
+
+
+def test_evals_choose_the_evaluations_of_each_study(tmp_path, capsys):
+    cmds = dry_run_lines(capsys, '--quick', '--study', 'scratch', 'mask_sampling', 'partial_ft', '--work_dir',
+                         tmp_path, '--evals', 'linprobe', 'scratch=finetune,linprobe')
+    runs = {flags_of(c)['--output_dir']: (c[1], flags_of(c)) for c in cmds}
+    rel = sorted(str(Path(out).relative_to(tmp_path / 'runs')) for out in runs)
+    # scratch: fine-tuning and linear probing, each from random weights and from the MAE; the others: linear probes
+    # only (partial_ft: its K=0 point)
+    assert rel == ['baseline/finetune', 'baseline/linprobe', 'baseline/pretrain', 'mask_ratio_0.5+mask_type_block/'
+                   'linprobe', 'mask_ratio_0.5+mask_type_block/pretrain', 'mask_type_block/linprobe',
+                   'mask_type_block/pretrain', 'mask_type_grid/linprobe', 'mask_type_grid/pretrain',
+                   'scratch-vit_tiny_patch4/finetune', 'scratch-vit_tiny_patch4/linprobe']
+    script, probe = runs[str(tmp_path / 'runs/scratch-vit_tiny_patch4/linprobe')]
+    assert script == 'main_linprobe.py' and '--finetune' not in probe and probe['--cls_token'] is True
+    source = runs[str(tmp_path / 'runs/baseline/linprobe')][1]['--finetune']
+    assert source == str(tmp_path / 'runs/baseline/pretrain/checkpoint-0.pth')
+    # the columns follow: the scratch study's table has both pairs, Table 3's first
+    study = paper.build_study('scratch', recipes.SCALES['quick'], evals=('finetune', 'linprobe'))
+    assert study.columns == [('scratch', 'from scratch'), ('mae', 'fine-tuned from MAE'),
+                             ('scratch_linprobe', 'linear probing of random weights'),
+                             ('mae_linprobe', 'linear probing of MAE')]
+    study = paper.build_study('partial_ft', recipes.SCALES['quick'], evals=('finetune',))
+    assert [cell.label for cell in study.cells] == ['1', '2 (all)']
+    # the default is the paper's columns
+    assert paper.evals_per_study(None, ['mask_ratio', 'scratch']) == {'mask_ratio': ('finetune', 'linprobe'),
+                                                                      'scratch': ('finetune',)}
+
+
+@pytest.mark.parametrize('evals, expected', [
+    (['knn'], "--evals knn: no evaluation 'knn'; choose from finetune, linprobe"),
+    (['target=linprobe'], '--evals target=linprobe: target is not one of the studies run (scratch)'),
+    (['scratch=linprobe,fine'], "--evals scratch=linprobe,fine: no evaluation 'fine'"),
+])
+def test_evals_mistakes_are_one_line(tmp_path, capsys, evals, expected):
+    work = tmp_path / 'w'
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'scratch', '--evals', *evals, '--work_dir', work)
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not work.exists()
+
+
+def test_partial_ft_without_its_evaluations_is_one_line(tmp_path, capsys):
+    work = tmp_path / 'w'
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'partial_ft', '--evals', 'finetune', '--values', 0,
+                                   '--work_dir', work)
+    assert code == 2 and "partial_ft measures fine-tuning (K > 0 blocks) and linear probing (K = 0); it has no " \
+                          "cell for finetune" in err
+    assert not work.exists()

@@ -1,0 +1,80 @@
+"""The data of the runs: the ``--data_path`` the entry points get (links to a split or a subset, made once in the
+work dir, which owns ``data/SOURCE.json``), and how it is described in the reports."""
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+from util.errors import UsageError
+
+
+def class_folders(folder):
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def prepare_data(args, work_dir, dry_run):
+    """The ``--data_path`` the entry points get: the given one when it has train/ and val/ as they are, else a folder
+    in the work dir of links to it: ``val`` -> the ``--val_split`` folder (e.g. CIFAR's test/), and with
+    ``--train_subset``/``--val_subset`` a class-balanced random subset of links to the images (seed 0)."""
+    src = Path(args.data_path).absolute()
+    for split in ('train', args.val_split):
+        if not (src / split).is_dir():
+            message = f"--data_path {args.data_path} has no '{split}/' folder (expected {src / split}/<class>/<image>)"
+            if not dry_run:
+                raise UsageError(message)
+            print(f"# note: {message}; the runs would stop on it")
+    if args.val_split == 'val' and not args.train_subset and not args.val_subset:
+        return src
+    data = work_dir / 'data'
+    spec = {'data_path': str(src), 'val_split': args.val_split, 'train_subset': args.train_subset,
+            'val_subset': args.val_subset}
+    spec_file = data / 'SOURCE.json'
+    if spec_file.is_file():
+        made = json.loads(spec_file.read_text())
+        if made != spec:
+            raise UsageError(f"{work_dir} was made from other data ({made}); its runs would mix the two: pass "
+                             f"another --work_dir")
+        return data
+    if dry_run:
+        print(f"# would make {data}: links to {src} (train/ -> train/{' subset' if args.train_subset else ''}, "
+              f"val/ -> {args.val_split}/{' subset' if args.val_subset else ''})")
+        return data
+    tmp = work_dir / '.data.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for split, target, subset in (('train', 'train', args.train_subset), ('val', args.val_split, args.val_subset)):
+        if not subset:
+            os.symlink(src / target, tmp / split)
+            continue
+        classes = class_folders(src / target)
+        rng = random.Random(0)
+        for i, cls in enumerate(classes):
+            files = sorted(e.name for e in os.scandir(src / target / cls) if e.is_file())
+            n = subset // len(classes) + (i < subset % len(classes))
+            (tmp / split / cls).mkdir(parents=True)
+            for name in sorted(rng.sample(files, min(n, len(files)))):
+                os.symlink(src / target / cls / name, tmp / split / cls / name)
+    (tmp / 'SOURCE.json').write_text(json.dumps(spec) + '\n')
+    os.replace(tmp, data)
+    return data
+
+
+def count_images(data_path, split):
+    root = Path(data_path) / split
+    if not root.is_dir():
+        return '?'
+    return sum(len(files) for _, _, files in os.walk(root, followlinks=True))
+
+
+def data_summary(args, data_path, nb_classes, scale):
+    """E.g. "`cifar10_jpg`: 5000 training images of train/ (a class-balanced subset), 1000 evaluation images of
+    test/ (a class-balanced subset), 10 classes"."""
+    def split(name, folder, subset):
+        # (walking ImageNet's folders would take minutes on a cluster's file system)
+        count = '' if scale.name == 'paper' else f"{count_images(data_path, name)} "
+        return f"{count}{'training' if name == 'train' else 'evaluation'} images of {folder}/" + (
+            ' (a class-balanced subset)' if subset else '')
+    return (f"`{args.data_path}`: {split('train', 'train', args.train_subset)}, "
+            f"{split('val', args.val_split, args.val_subset)}, {nb_classes} classes")
+
