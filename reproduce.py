@@ -33,6 +33,7 @@ from studies.recipes import EVALUATIONS, SCALES, with_pretrain_epochs
 from studies.report import markdown_table, write_report
 from studies.runner import Runner
 from util.errors import TrainingStopped, UsageError
+from util.flag_checks import check_ranges
 
 TINY_DATA = REPO / 'tests' / 'data' / 'tiny_imagefolder'
 
@@ -104,6 +105,7 @@ def command_line(args):
 
 def check_args(args):
     """The studies to run, each with its evaluations ({study: kinds}), once every flag is checked."""
+    check_ranges(args)  # every numeric flag (util/flag_checks.py's RANGES)
     if not args.study:
         raise UsageError("--study is required: one or more of " + ', '.join(STUDIES) + ", or all")
     studies = list(STUDIES) if args.study == ['all'] else args.study
@@ -115,17 +117,14 @@ def check_args(args):
             raise UsageError("--values goes with one study of: " + ', '.join(VALUE_STUDIES))
         if studies[0] == 'mask_ratio' and not all(0 < v < 1 for v in args.values):
             raise UsageError(f"--values: mask ratios are between 0 and 1, got {args.values}")
+        if studies[0] != 'mask_ratio' and not all(v == int(v) for v in args.values):
+            raise UsageError(f"--values: {studies[0]} takes whole numbers, got {args.values}")
+        if studies[0] in ('decoder_depth', 'decoder_width') and min(args.values) < 1:
+            raise UsageError(f"--values: {studies[0]} takes numbers of at least 1, got {args.values}")
     if args.quick and args.scale == 'paper':
         raise UsageError("--quick is a small smoke test; it does not go with --scale paper")
     if not args.quick and not args.data_path:
         raise UsageError("--data_path is required (an ImageFolder tree with train/ and --val_split), unless --quick")
-    for flag in ('train_subset', 'val_subset', 'num_workers'):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag} must not be negative, got {getattr(args, flag)}")
-    if args.pretrain_epochs is not None and args.pretrain_epochs < 1:
-        raise UsageError(f"--pretrain_epochs must be at least 1, got {args.pretrain_epochs}")
-    if args.nodes < 1 or args.ngpus < 1:
-        raise UsageError("--nodes and --ngpus must be at least 1")
     return evals_per_study(args.evals, studies)
 
 

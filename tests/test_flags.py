@@ -3,12 +3,13 @@ inf are refused with one line naming the flag; the constraints between flags (wh
 many processes) too. In-process: the check on parsed flags, and a few whole command lines through run_main."""
 import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 
+import extract_features
 import main_finetune
 import main_linprobe
-import extract_features
 import main_pretrain
 import util.submitit_job as submitit_job
 from conftest import ROOT, TINY, run_in_process
@@ -16,14 +17,15 @@ from util.flag_checks import RANGES, check_between, check_ranges
 from util.errors import UsageError
 
 
-def _visualize():
-    spec = importlib.util.spec_from_file_location('visualize', ROOT / 'demo' / 'visualize.py')
+def _load(script):
+    spec = importlib.util.spec_from_file_location(Path(script).stem, ROOT / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-VISUALIZE = _visualize()
+VISUALIZE = _load('demo/visualize.py')
+REPRODUCE = _load('reproduce.py')
 # every entry point's parser, and the command line it needs besides numeric flags
 PARSERS = {
     'main_pretrain.py': (main_pretrain.get_args_parser, []),
@@ -34,6 +36,7 @@ PARSERS = {
     'submitit_linprobe.py': (lambda: submitit_job.get_args_parser('main_linprobe', 'submitit'), []),
     'demo/visualize.py': (VISUALIZE.get_args_parser, ['image.png', '--checkpoint', 'mae.pth']),
     'extract_features.py': (extract_features.get_args_parser, ['images/', '--checkpoint', 'mae.pth']),
+    'reproduce.py': (REPRODUCE.get_args_parser, ['--study', 'mask_ratio', '--quick']),
 }
 
 

@@ -46,8 +46,8 @@ PROBABILITY = Range(0, 1)
 AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
 MIXUP_MODES = ('batch', 'pair', 'elem')  # timm's Mixup: any other name silently mixes per batch
 # what each numeric flag of every entry point may take, by its argparse dest (main_pretrain.py, main_finetune.py,
-# main_linprobe.py, the submitit_*.py scripts, extract_features.py, demo/visualize.py): checked by ``check_ranges``
-# before anything is written; tests/test_flags.py fails for a numeric flag without an entry here
+# main_linprobe.py, the submitit_*.py scripts, extract_features.py, reproduce.py, demo/visualize.py): checked by
+# ``check_ranges`` before anything is written; tests/test_flags.py fails for a numeric flag without an entry here
 RANGES = {
     # sizes and counts
     'batch_size': AT_LEAST_1, 'accum_iter': AT_LEAST_1, 'epochs': AT_LEAST_1, 'input_size': AT_LEAST_1,
@@ -74,6 +74,9 @@ RANGES = {
     'knn_every': Range(1, special=(0,), meaning='0 (off)'),
     'knn_train_subset': Range(1, special=(0,), meaning='0 (all)'),
     'knn_val_subset': Range(1, special=(0,), meaning='0 (all)'),
+    # reproduce.py (--values: a study's x values, each study checks its own kind further)
+    'values': AT_LEAST_0, 'train_subset': Range(1, special=(0,), meaning='0 (all)'),
+    'val_subset': Range(1, special=(0,), meaning='0 (all)'), 'pretrain_epochs': AT_LEAST_1,
     # demo/visualize.py
     'mask_ratios': Range(0, 1, high_open=True), 'scale': Range(1, special=(0,), meaning='0 (automatic)'),
     'colors': Range(2, 256, special=(0,), meaning='0 (full colour)'),
@@ -82,11 +85,12 @@ RANGES = {
 
 def check_ranges(args):
     """One line naming the first flag of ``args`` whose value (each value, for a list) is outside its ``RANGES``
-    entry, or not finite."""
+    entry, or not finite. A flag of the same name that is a word in another script (reproduce.py's --scale) is
+    not one of them."""
     for flag, allowed in RANGES.items():
         values = getattr(args, flag, None)
         for value in values if isinstance(values, (list, tuple)) else [values]:
-            if not allowed.admits(value):
+            if not isinstance(value, str) and not allowed.admits(value):
                 finite = isinstance(value, (int, float)) and math.isfinite(value)
                 raise UsageError(f"--{flag} must be {'' if finite else 'finite and '}{allowed.rule()}, got {value}")
 
