@@ -16,8 +16,8 @@ schedule, autocast, loss scaling, gradient norm, AdamW, the per-step loss read; 
 
 Achieved TFLOP/s counts the matmul/attention FLOPs of one forward+backward with torch.utils.flop_counter (no
 recomputation counted), and "of peak" divides by the best of a few large matmuls this script times on the same
-device in the path's precision (fp16 for faithful, bf16 for the fast paths on CUDA; fp32 on the CPU, which runs
-fp32 whatever --amp says).
+device in the path's precision (fp16 for faithful, bf16 for the fast paths; on the CPU the faithful path runs fp32
+and the fast paths bf16, as --amp bf16 does there).
 """
 import argparse
 import contextlib
@@ -187,8 +187,8 @@ def run_one(name, batch_size, path, device, args, peaks):
     sync(device)
     elapsed = (time.perf_counter() - start) / args.steps
     tflops = flops / elapsed / 1e12
-    dtype = torch.float32 if device.type != 'cuda' else (torch.float16 if PATHS[path]['amp'] == 'fp16'
-                                                          else torch.bfloat16)
+    _, amp_dtype, autocast_on = misc.amp_settings(bench.args)
+    dtype = amp_dtype if autocast_on else torch.float32
     if dtype not in peaks:
         peaks[dtype] = matmul_peak(device, dtype)
     memory = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == 'cuda' else 'n/a'

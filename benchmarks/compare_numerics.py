@@ -8,8 +8,8 @@ train_loss) with the reference path's.
 Paths: 'faithful' (fp32, the reference's), 'faithful seed 1' (the same with --seed 1: how far two equally good runs
 drift apart, the scale to judge the others by), 'fast fp32' (--fused_adamw --no_host_sync), 'fast bf16' (the same
 under bf16 autocast), and with --compile 'fast bf16 compiled' (= --fast; its masks come from inductor's generator,
-so its curve is another seed's). The CPU runs fp32 whatever --amp says (util.misc.amp_settings, as the reference);
-to put bf16 on the CPU this script turns CPU autocast on for --amp bf16, which the training scripts never do.
+so its curve is another seed's). On the CPU --amp bf16 runs the forward under bf16 autocast (util.misc.amp_settings;
+the default --amp fp16 runs fp32 there, as the reference).
 """
 import argparse
 import os
@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import main_pretrain  # noqa: E402
 import util.errors as errors
-import util.misc as misc  # noqa: E402
 
 PATHS = {
     'faithful': [],
@@ -33,17 +32,6 @@ PATHS = {
     'fast bf16': ['--fused_adamw', '--no_host_sync', '--amp', 'bf16'],
     'fast bf16 compiled': ['--fast'],
 }
-
-
-def cpu_autocast_for_bf16(args):
-    """misc.amp_settings, but bf16 autocast also on the CPU (for this comparison only)."""
-    device_type, dtype, enabled = reference_amp_settings(args)
-    if device_type == 'cpu' and getattr(args, 'amp', '') == 'bf16':
-        return 'cpu', torch.bfloat16, True
-    return device_type, dtype, enabled
-
-
-reference_amp_settings = misc.amp_settings
 
 
 def step_losses(folder):
@@ -60,7 +48,6 @@ def main():
     parser.add_argument('--out', default=None, help='keep the runs here (default: a temporary folder)')
     args = parser.parse_args()
 
-    misc.amp_settings = cpu_autocast_for_bf16
     out = Path(args.out or tempfile.mkdtemp(prefix='mae_numerics_'))
     curves = {}
     for name, extra in PATHS.items():

@@ -78,7 +78,7 @@ def test_pretraining_console_and_tensorboard_beside_the_checkpoints(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert list(out.glob('events.out.tfevents.*'))  # --log_dir follows --output_dir
     assert 'Sampler_train' not in r.stdout and 'distributed init' not in r.stdout
-    assert "Precision: fp32 (--amp fp16 applies on CUDA only)" in r.stdout
+    assert "Precision: fp32 (--amp fp16 applies on CUDA only; --amp bf16 runs bf16 autocast on the CPU)" in r.stdout
     assert 'Epoch 0 took 0:00:0' in r.stdout and '1 epoch(s) left, the run ends in about 0:00:0' in r.stdout
     assert 'Epoch 1 took' in r.stdout and '0 epoch(s) left' in r.stdout
 

@@ -200,12 +200,15 @@ def all_reduce_max(x):
 # ---------------------------------------------------------------------------------------------------- AMP
 def amp_settings(args):
     """``(device_type, dtype, enabled)`` of the forward pass's autocast (the engines' ``torch.autocast``):
-    fp16 on CUDA as the reference (``--amp fp16``, the default), bf16 with ``--amp bf16``, off with ``--amp none``
-    and on the CPU (fp32 there, as the reference)."""
+    fp16 on CUDA as the reference (``--amp fp16``, the default), bf16 with ``--amp bf16``, off with ``--amp none``.
+    On the CPU only ``--amp bf16`` turns autocast on (bf16 matrix products, about 1.3x faster on CPUs with AVX-512
+    BF16 or AMX); fp16 and none run fp32 there, as the reference, so that the default stays its numbers."""
     amp = getattr(args, 'amp', 'fp16')
     use_cuda = str(args.device).startswith('cuda')
     dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
-    return ('cuda' if use_cuda else 'cpu'), dtype, use_cuda and amp != 'none'
+    on_cpu = str(args.device).startswith('cpu')
+    enabled = (use_cuda and amp != 'none') or (on_cpu and amp == 'bf16')
+    return ('cuda' if use_cuda else 'cpu'), dtype, enabled
 
 
 def autocast(args):

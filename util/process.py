@@ -31,7 +31,7 @@ def setup_process(args, script, seed_python=False):
     print("{}".format(args).replace(', ', ',\n'))
     device = torch.device(args.device)
     if device.type != 'cuda':
-        print(f"Precision: fp32 (--amp {args.amp} applies on CUDA only)")
+        print(precision_line(args, device))
     seed = args.seed + misc.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -39,6 +39,17 @@ def setup_process(args, script, seed_python=False):
         random.seed(seed)
     torch.backends.cudnn.benchmark = True
     return device
+
+
+def precision_line(args, device):
+    """What the forward runs in off CUDA: fp32 unless --amp bf16 on the CPU (util.misc.amp_settings)."""
+    _, _, enabled = misc.amp_settings(args)
+    if enabled:
+        return (f"Precision: bf16 autocast on the {device.type.upper()} (--amp bf16 [new]: the forward's matrix "
+                f"products in bfloat16; weights, gradients and optimizer in fp32)")
+    if args.amp == 'fp16':
+        return "Precision: fp32 (--amp fp16 applies on CUDA only; --amp bf16 runs bf16 autocast on the CPU)"
+    return f"Precision: fp32 (--amp {args.amp})"
 
 
 def parallel_model(model, args, device):
