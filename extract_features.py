@@ -18,8 +18,19 @@ sorted class folder names of all the inputs), plus ``pool``, ``model`` and ``che
 ``--knn DIR`` instead classifies ``DIR/val`` from ``DIR/train`` with the weighted k-NN classifier of the kNN monitor
 (``main_pretrain.py --knn_every``: k = 20, temperature 0.07, class token and mean of patch tokens) and prints its
 numbers: for a pre-training checkpoint, the same numbers the monitor logged for that epoch.
+
+``--probe DIR`` [new] fits a linear probe on the cached features of ``DIR/train`` and evaluates it on ``DIR/val``
+(``util.feature_probe``: logistic regression of the standardised features, full batch, L-BFGS from zero weights:
+seconds, deterministic; class token, and mean of patch tokens) and prints its numbers. ``--results FILE.json``
+[new] also writes the numbers of ``--knn`` or ``--probe`` there, with the number of images of each split (what
+``reproduce.py --evals knn probe`` reads), and ``--random_init`` [new] evaluates an encoder of ``--model`` with
+random weights instead of a checkpoint's (the baseline of frozen features):
+
+    python extract_features.py --checkpoint output_dir/checkpoint-last.pth --probe demo/data --results probe.json
+    python extract_features.py --random_init --model vit_small_patch4 --input_size 32 --knn cifar10
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -28,7 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from util import from_checkpoint, knn_monitor
+import models_vit
+from util import feature_probe, from_checkpoint, knn_monitor
 from util.datasets import eval_transform
 from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb
 from util.errors import UsageError, run_main
@@ -41,9 +53,12 @@ def get_args_parser():
     parser = argparse.ArgumentParser('MAE feature extraction', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     parser.add_argument('images', nargs='+',
-                        help='image files and/or folders (searched recursively, in sorted order); with --knn, one '
-                             'folder with train/ and val/')
-    parser.add_argument('--checkpoint', required=True, help='any checkpoint with a ViT encoder (see above)')
+                        help='image files and/or folders (searched recursively, in sorted order); with --knn or '
+                             '--probe, one folder with train/ and val/')
+    parser.add_argument('--checkpoint', default=None, help='any checkpoint with a ViT encoder (see above)')
+    parser.add_argument('--random_init', action='store_true',
+                        help='[new] instead of --checkpoint: an encoder of --model with random weights (seed 0, '
+                             'the model\'s own initialisation), at --input_size (default: the model\'s)')
     parser.add_argument('--model', default=None,
                         help="the architecture (default: the checkpoint's, else recognised from its weights)")
     parser.add_argument('--input_size', default=None, type=int,
@@ -62,6 +77,13 @@ def get_args_parser():
     parser.add_argument('--knn_train_subset', default=0, type=int, metavar='M',
                         help='with --knn: M images of train/, drawn as the monitor draws them (default all)')
     parser.add_argument('--knn_val_subset', default=0, type=int, metavar='M', help='the same for val/')
+    parser.add_argument('--probe', action='store_true',
+                        help='[new] fit a linear probe (logistic regression of the standardised features, full '
+                             'batch, L-BFGS) on <images>/train\'s features and print its top-1/top-5 on '
+                             '<images>/val (class token; mean of patch tokens)')
+    parser.add_argument('--results', default=None, metavar='FILE.json',
+                        help='[new] with --knn or --probe: also write the numbers and the images counted to this JSON '
+                             'file')
     return parser
 
 
@@ -131,10 +153,26 @@ def check_args(args):
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device available (use --device cpu)")
-    if args.knn:
+    if args.random_init:
+        if args.checkpoint:
+            raise UsageError("--random_init and --checkpoint: give one (random weights, or a checkpoint's)")
+        random_init_model(args.model)
+    elif not args.checkpoint:
+        raise UsageError("--checkpoint is required (a checkpoint with a ViT encoder), unless --random_init")
+    if args.knn and args.probe:
+        raise UsageError("--knn and --probe: give one (each is its own evaluation)")
+    mode = '--knn' if args.knn else '--probe' if args.probe else None
+    if mode:
         if len(args.images) != 1:
-            raise UsageError(f"--knn takes one folder with train/ and val/, got {len(args.images)} paths")
-        knn_monitor.check_data_path(args.images[0], '--knn')
+            raise UsageError(f"{mode} takes one folder with train/ and val/, got {len(args.images)} paths")
+        knn_monitor.check_data_path(args.images[0], mode)
+        if args.results is not None:
+            if not args.results.endswith('.json'):
+                raise UsageError(f"--results {args.results}: give a .json file name")
+            if not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
+                raise UsageError(f"--results {args.results}: no folder {os.path.dirname(args.results) or '.'}")
+    elif args.results is not None:
+        raise UsageError("--results is for the numbers of --knn or --probe")
     elif not args.out.endswith('.npz'):
         raise UsageError(f"--out {args.out}: give a .npz file name")
     return device
@@ -150,29 +188,90 @@ def extract(model, files, input_size, pool, device, batch_size=64, num_workers=0
     return torch.cat(out)
 
 
+def random_init_model(name):
+    """The models_vit name of ``--model`` for ``--random_init`` (an MAE's name gives its encoder's)."""
+    vit = from_checkpoint.vit_name(name) if name and name.startswith('mae_') else name
+    if vit not in models_vit.MODELS:
+        raise UsageError(f"--random_init needs --model, one of: {', '.join(models_vit.MODELS)}"
+                         + (f" (got {name})" if name else ''))
+    return vit
+
+
+def random_encoder(name, input_size):
+    """An encoder of ``name`` (a models_vit or models_mae name) with the model's own random initialisation (torch
+    seed 0, from a stream of its own), without head, in eval mode, and its ``info``."""
+    vit = random_init_model(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:  # (the model's own image size without --input_size: 224, or 32 for the small ones)
+            net = models_vit.MODELS[vit](num_classes=0, global_pool=False,
+                                         **({'img_size': input_size} if input_size else {}))
+        except (ValueError, AssertionError) as e:
+            raise UsageError(f"--model {name} at --input_size {input_size}: {e}") from None
+    return net.eval(), {'vit_model': vit, 'input_size': net.patch_embed.img_size[0]}
+
+
+def evaluate_frozen(args, device):
+    """``--knn`` or ``--probe``: the numbers of the encoder's features of <images>/train and <images>/val."""
+    if args.random_init:
+        model, info = random_encoder(args.model, args.input_size)
+        source = f"random weights of {info['vit_model']}"
+    else:
+        model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size)
+        source = str(args.checkpoint)
+    flag = '--knn' if args.knn else '--probe'
+    train, val, num_classes = knn_monitor.knn_datasets(args.images[0], info['input_size'], args.knn_train_subset,
+                                                       args.knn_val_subset, flag=flag)
+    start = time.time()
+    model = model.to(device)
+    if args.knn:
+        stats = knn_monitor.knn_evaluate(model, train, val, num_classes, device, args.batch_size, args.num_workers)
+        what, described = 'kNN', knn_monitor.describe(stats)
+    else:
+        train_feats, train_labels = knn_monitor.embed(model, train, device, args.batch_size, args.num_workers)
+        val_feats, val_labels = knn_monitor.embed(model, val, device, args.batch_size, args.num_workers)
+        stats = {}
+        for pool in knn_monitor.POOLS:
+            result = feature_probe.probe_accuracy(train_feats[pool], train_labels, val_feats[pool], val_labels,
+                                                  num_classes)
+            prefix = 'probe' if pool == knn_monitor.POOLS[0] else f'probe_{pool}'
+            stats.update({f'{prefix}_{k}': v for k, v in result.items()})
+        what = 'Linear probe'
+        described = (f"top-1 {stats['probe_top1']:.2f}% top-5 {stats['probe_top5']:.2f}% (class token; "
+                     f"{stats['probe_train_top1']:.2f}% on train/); mean of patch tokens: top-1 "
+                     f"{stats['probe_mean_top1']:.2f}% top-5 {stats['probe_mean_top5']:.2f}%")
+    took = time.time() - start
+    print(f"{what} of {source} ({info['vit_model']}, {info['input_size']}px) on {args.images[0]}: {len(train)} train "
+          f"and {len(val)} val images: {described}; took {took:.1f}s")
+    if args.results:
+        record = dict(stats, evaluation=flag[2:], source=source, model=info['vit_model'],
+                      input_size=info['input_size'], data=str(args.images[0]), train_images=len(train),
+                      val_images=len(val), num_classes=num_classes, seconds=round(took, 1))
+        tmp = args.results + '.tmp'
+        with open(tmp, 'w', encoding='utf-8') as f:
+            f.write(json.dumps(record, indent=1, sort_keys=True) + '\n')
+        os.replace(tmp, args.results)  # whole or not at all: a reader never sees half a file
+    return stats
+
+
 def main(args):
     device = check_args(args)
-    if args.knn:
-        model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size)
-        train, val, num_classes = knn_monitor.knn_datasets(args.images[0], info['input_size'], args.knn_train_subset,
-                                                           args.knn_val_subset, flag='--knn')
-        start = time.time()
-        stats = knn_monitor.knn_evaluate(model.to(device), train, val, num_classes, device, args.batch_size,
-                                         args.num_workers)
-        print(f"kNN of {args.checkpoint} ({info['vit_model']}, {info['input_size']}px) on {args.images[0]}: "
-              f"{len(train)} train and {len(val)} val images: {knn_monitor.describe(stats)}; took "
-              f"{time.time() - start:.1f}s")
-        return stats
+    if args.knn or args.probe:
+        return evaluate_frozen(args, device)
 
     files, labels, classes = find_images(args.images)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {args.out}: no folder {out_dir}")
-    model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size)
+    if args.random_init:
+        model, info = random_encoder(args.model, args.input_size)
+    else:
+        model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size)
     feats = extract(model.to(device), files, info['input_size'], args.pool, device, args.batch_size,
                     args.num_workers)
     result = {'features': feats.numpy(), 'paths': np.array(files), 'pool': np.array(args.pool),
-              'model': np.array(info['vit_model']), 'checkpoint': np.array(str(args.checkpoint))}
+              'model': np.array(info['vit_model']),
+              'checkpoint': np.array(str(args.checkpoint) if args.checkpoint else 'random_init')}
     if labels is not None:
         result.update(labels=np.array(labels, dtype=np.int64), classes=np.array(classes))
     np.savez(args.out, **result)

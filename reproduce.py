@@ -2,9 +2,10 @@
 
 Each study is a table or figure of the paper (Figure 5, Tables 1a/1b/1d/1f, Figure 9, Table 3). Every cell of it
 runs through the project's own entry points, as subprocesses: ``main_pretrain.py`` with the cell's flags, then
-its evaluations (``--evals``: ``main_finetune.py``, ``main_linprobe.py``) from its last checkpoint. The final top-1
-of each evaluation is read from its ``log.txt`` and written, beside the paper's number, to ``<study>.md`` (and
-``<study>.png`` for the curves).
+its evaluations (``--evals``: ``main_finetune.py``, ``main_linprobe.py``, or the cheap ones of frozen features,
+``extract_features.py --knn`` and ``--probe``) from its last checkpoint. The top-1 of each evaluation (the last
+epoch's in its ``log.txt``, or its ``result.json``) is written with its standard error, beside the paper's number,
+to ``<study>.md`` (and ``<study>.png`` for the curves).
 
 Scales:
 - ``--scale paper``: the paper's recipes (ViT-L, 800 epochs of pre-training at an effective batch of 4096; the
@@ -26,7 +27,7 @@ import shutil
 from pathlib import Path
 
 import util.errors as errors
-from studies.data import class_folders, data_summary, prepare_data
+from studies.data import class_folders, count_images, data_summary, prepare_data
 from studies.paper import STUDIES, VALUE_STUDIES, build_study, evals_per_study
 from studies.plan import REPO, Plan, Setup, command, print_commands
 from studies.recipes import EVALUATIONS, SCALES, with_pretrain_epochs
@@ -36,6 +37,7 @@ from util.errors import TrainingStopped, UsageError
 from util.flag_checks import check_ranges
 
 TINY_DATA = REPO / 'tests' / 'data' / 'tiny_imagefolder'
+IMAGENET_VAL_IMAGES = 50000
 
 
 def get_args_parser():
@@ -49,10 +51,13 @@ def get_args_parser():
                         help='a smoke test: the tiny model, one epoch of each run, on tests/data/tiny_imagefolder '
                              'unless --data_path is given')
     parser.add_argument('--evals', nargs='+', default=None, metavar='KIND',
-                        help='[new] the evaluations of each cell, of: ' + ', '.join(EVALUATIONS) + '; KIND for every '
-                             'study, STUDY=KIND[,KIND] for one (e.g. --evals linprobe scratch=finetune). Default: '
-                             "the paper's columns (scratch: finetune; partial_ft: linprobe for K=0, finetune "
-                             'for K>0; the others: finetune linprobe)')
+                        help='[new] the evaluations of each cell, the first the headline, of: '
+                             + ', '.join(EVALUATIONS) + ' (knn: k-NN of the frozen class token; probe: a linear '
+                             'classifier on its cached features, seconds; both at small scale only); KIND for every '
+                             'study, STUDY=KIND[,KIND] for one (e.g. --evals probe knn finetune scratch=finetune). '
+                             "Default: at paper scale the paper's columns (scratch: finetune; partial_ft: linprobe "
+                             'for K=0, finetune for K>0; the others: finetune linprobe); at small scale the same '
+                             'for scratch and partial_ft and probe knn for the others')
     parser.add_argument('--dry_run', action='store_true', help='print every command it would run, run nothing')
     parser.add_argument('--values', nargs='+', type=float, default=None,
                         help='the x values of a curve or sweep (' + ', '.join(VALUE_STUDIES) + ') instead of the '
@@ -125,7 +130,7 @@ def check_args(args):
         raise UsageError("--quick is a small smoke test; it does not go with --scale paper")
     if not args.quick and not args.data_path:
         raise UsageError("--data_path is required (an ImageFolder tree with train/ and --val_split), unless --quick")
-    return evals_per_study(args.evals, studies)
+    return evals_per_study(args.evals, studies, 'quick' if args.quick else args.scale)
 
 
 def main(args):
@@ -164,6 +169,9 @@ def main(args):
                   args.nodes * args.ngpus if scale.name == 'paper' else 1, submitit)
     if not args.dry_run:
         setup.data_summary = data_summary(args, data_path, nb_classes, scale)
+        # (ImageNet-1K's validation images at paper scale: walking them on a cluster's file system takes minutes)
+        counted = IMAGENET_VAL_IMAGES if scale.name == 'paper' else count_images(data_path, 'val')
+        setup.eval_images = counted if isinstance(counted, int) and counted > 0 else None
 
     plan = Plan(scale, work_dir)
     for study in studies:
@@ -185,7 +193,7 @@ def main(args):
         report()
     for study in studies:
         print(f"{study.title}: {results_dir / (study.name + '.md')}")
-        print(markdown_table(study, plan))
+        print(markdown_table(study, plan, setup))
     failed = [r for r in plan.runs.values() if r.status == 'failed']
     if failed:
         raise TrainingStopped(f"{len(failed)} of {len(plan.runs)} runs failed: " + '; '.join(

@@ -29,8 +29,17 @@ TABLE3_VIT_B = {'finetune': PAPER_FINETUNE_BASE, 'linprobe': PAPER_LINPROBE_BASE
 
 STUDIES = ('mask_ratio', 'decoder_depth', 'decoder_width', 'target', 'mask_sampling', 'partial_ft', 'scratch')
 VALUE_STUDIES = ('mask_ratio', 'decoder_depth', 'decoder_width', 'partial_ft')  # the ones --values applies to
-# the evaluations of each cell unless --evals says otherwise: the paper's columns
-DEFAULT_EVALS = dict({name: ('finetune', 'linprobe') for name in STUDIES}, scratch=('finetune',))
+ABLATIONS = ('mask_ratio', 'decoder_depth', 'decoder_width', 'target', 'mask_sampling')  # Figure 5, Table 1
+# The evaluations of each cell unless --evals says otherwise, the first the study's headline. At paper scale the
+# paper's columns. At small scale the ablations' findings are in linear probing (Figure 5's rise to 75%, Table 1's
+# spread of 2-10 points where fine-tuning's is under 1), so they get the cheap evaluations of frozen features: the
+# feature probe (the proxy of linear probing, beside the paper's number) and kNN; fine-tuning is a column on
+# request (--evals probe knn finetune). Figure 9 and Table 3 are findings about fine-tuning, for which frozen
+# features are no proxy: they keep the paper's columns.
+PAPER_EVALS = dict({name: ('finetune', 'linprobe') for name in STUDIES}, scratch=('finetune',))
+SMALL_EVALS = dict(PAPER_EVALS, **{name: ('probe', 'knn') for name in ABLATIONS})
+DEFAULT_EVALS = {'paper': PAPER_EVALS, 'small': SMALL_EVALS, 'quick': SMALL_EVALS}
+FROZEN = ('linprobe', 'probe', 'knn')  # evaluations of frozen features: partial_ft's K = 0
 
 
 @dataclass(frozen=True)
@@ -68,9 +77,9 @@ class Study:
     note: str = ''
 
 
-def evals_per_study(items, studies):
+def evals_per_study(items, studies, scale_name='paper'):
     """``--evals`` as {study: its evaluation kinds}: an item KIND applies to every study, STUDY=KIND[,KIND] to that
-    study only; a study given neither keeps the paper's columns (DEFAULT_EVALS)."""
+    study only; a study given neither keeps the scale's default (DEFAULT_EVALS)."""
     common, own = (), {}
     for item in items or ():
         study, _, kinds = item.rpartition('=')
@@ -78,13 +87,17 @@ def evals_per_study(items, studies):
         for kind in kinds:
             if kind not in EVALUATIONS:
                 raise UsageError(f"--evals {item}: no evaluation {kind!r}; choose from {', '.join(EVALUATIONS)}")
+            if scale_name == 'paper' and EVALUATIONS[kind].submitit_script is None:
+                raise UsageError(f"--evals {item}: {kind} runs here on extracted features, not as a SLURM job; at "
+                                 f"--scale paper choose from " + ', '.join(
+                                     k for k, e in EVALUATIONS.items() if e.submitit_script))
         if study and study not in studies:
             raise UsageError(f"--evals {item}: {study} is not one of the studies run ({', '.join(studies)})")
         if study:
             own[study] = own.get(study, ()) + kinds
         else:
             common += kinds
-    return {s: tuple(dict.fromkeys(own.get(s) or common or DEFAULT_EVALS[s])) for s in studies}
+    return {s: tuple(dict.fromkeys(own.get(s) or common or DEFAULT_EVALS[scale_name][s])) for s in studies}
 
 
 def default_mark(label, is_default):
@@ -96,8 +109,10 @@ def eval_columns(evals):
 
 
 def paper_pair(pair, approx=False):
-    ft, lin = pair
-    return {'finetune': (ft, APPROX) if approx else ft, 'linprobe': (lin, APPROX) if approx else lin}
+    """The paper's (fine-tuning, linear probing) as each column's number: the feature probe stands beside the
+    paper's linear probing (its proxy); kNN has none (the paper reports no kNN)."""
+    ft, lin = ((v, APPROX) if approx else v for v in pair)
+    return {'finetune': ft, 'linprobe': lin, 'probe': lin}
 
 
 def ablation(name, title, row_header, rows, evals, **study):
@@ -159,30 +174,33 @@ def mask_sampling(scale, values, evals):
 
 
 def partial_ft(scale, values, evals):
-    """Figure 9: the last K blocks fine-tuned; K=0 is the linear probe, so ``evals`` keeps K=0 (linprobe) and/or
-    K>0 (finetune)."""
+    """Figure 9: the last K blocks fine-tuned; K=0 is the linear probe, so ``evals`` keeps K=0 (its first
+    evaluation of frozen features: linprobe, or the cheaper probe or knn) and/or K>0 (finetune)."""
     ks = [int(k) for k in values] if values else (sorted(FIGURE9) if scale.name == 'paper' else
                                                    sorted({0, 1, 2, 4, scale.depth} & set(range(scale.depth + 1))))
     for k in ks:
         if not 0 <= k <= scale.depth:
             raise UsageError(f"--values {k}: partial fine-tuning trains the last 0..{scale.depth} blocks of "
                              f"{scale.model_label}")
-    ks = [k for k in ks if ('linprobe' if k == 0 else 'finetune') in evals]
+    frozen = next((kind for kind in evals if kind in FROZEN), None)
+    ks = [k for k in ks if (frozen if k == 0 else 'finetune') in evals]
     if not ks:
-        raise UsageError("--evals: partial_ft measures fine-tuning (K > 0 blocks) and linear probing (K = 0); "
-                         f"it has no cell for {', '.join(evals)}")
+        raise UsageError("--evals: partial_ft measures fine-tuning (K > 0 blocks) and linear probing (K = 0: "
+                         f"{', '.join(FROZEN)}); it has no cell for {', '.join(evals)}")
     cells = []
     for k in ks:
         if k == 0:  # the paper's 0-block point is the linear probe
-            m = measure('linprobe')
+            m = measure(frozen)
         elif k == scale.depth:  # all blocks: end-to-end fine-tuning
             m = measure('finetune')
         else:
             m = measure('finetune', train_blocks=k)
         paper = FIGURE9.get(k) if scale.name == 'paper' else None
-        cells.append(Cell(f"{k}" + (' (linear probe)' if k == 0 else ' (all)' if k == scale.depth else ''),
+        zero = ' (linear probe)' if frozen == 'linprobe' else f" ({EVALUATIONS[frozen].title})" if frozen else ''
+        cells.append(Cell(f"{k}" + (zero if k == 0 else ' (all)' if k == scale.depth else ''),
                           {'top1': m}, {'top1': paper} if paper is not None else {}))
-    note = "K=0 is the linear probe; K=all is end-to-end fine-tuning (the same run as the other studies')."
+    note = (f"K=0 is the linear probe{f' (here: {frozen})' if frozen else ''}; K=all is end-to-end fine-tuning "
+            f"(the same run as the other studies').")
     if scale.name != 'paper':
         note += (f" The paper's curve is for the 24 blocks of ViT-L (K = 0/1/2/4/6/12/18/24: "
                  f"{' / '.join(str(v) for v in FIGURE9.values())}); our model has {scale.depth}.")
@@ -236,4 +254,4 @@ def build_study(name, scale, values=None, evals=None):
     (kinds of EVALUATIONS) the evaluations of each cell."""
     if name not in BUILDERS:
         raise UsageError(f"unknown study {name}")
-    return BUILDERS[name](scale, values, tuple(evals or DEFAULT_EVALS[name]))
+    return BUILDERS[name](scale, values, tuple(evals or DEFAULT_EVALS[scale.name][name]))

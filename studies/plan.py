@@ -1,8 +1,8 @@
 """The runs the studies need (each once), their folders, and the command line of each.
 
 Every cell runs through the project's entry points, as subprocesses: ``main_pretrain.py`` with the cell's flags,
-then its evaluations (``main_finetune.py``, ``main_linprobe.py``) from the last checkpoint. A pre-training that
-several cells or studies need (the baseline) is one run.
+then its evaluations (``main_finetune.py``, ``main_linprobe.py``, ``extract_features.py --knn`` or ``--probe``) from
+the last checkpoint. A pre-training that several cells or studies need (the baseline) is one run.
 """
 import json
 import os
@@ -32,12 +32,32 @@ class PlannedRun:
     seconds: float = None  # the compute it took so far, timed by the runner (None: not timed)
 
     @property
+    def trains(self):
+        """A training run (pre-training, fine-tuning, linear probing: epochs, checkpoints, log.txt), not an
+        evaluation of frozen features (extract_features.py: result.json)."""
+        return self.kind == 'pretrain' or not EVALUATIONS[self.kind].mode
+
+    @property
     def epochs(self):
         return int(self.flags['epochs'])
 
     @property
     def final_checkpoint(self):
         return self.out / f'checkpoint-{self.epochs - 1}.pth'
+
+    @property
+    def result_file(self):
+        return self.out / 'result.json'
+
+    def describe(self):
+        return f"{self.epochs} epochs" if self.trains else "features of train/ and val/"
+
+    def result(self):
+        """What extract_features.py --results wrote (written whole or not at all), or None."""
+        try:
+            return json.loads(self.result_file.read_text(encoding='utf-8'))
+        except (OSError, json.JSONDecodeError):
+            return None
 
     def rows(self):
         path = self.out / 'log.txt'
@@ -52,13 +72,24 @@ class PlannedRun:
         return rows
 
     def finished(self):
-        """Its log has the last epoch and its final checkpoint is written (the row comes first, so both)."""
+        """Its log has the last epoch and its final checkpoint is written (the row comes first, so both); for an
+        evaluation of frozen features, its result.json is written."""
+        if not self.trains:
+            return self.result() is not None
         return any(r.get('epoch') == self.epochs - 1 for r in self.rows()) and self.final_checkpoint.is_file()
 
     def accuracy(self):
-        """(top-1 of the last epoch, best top-1) of an evaluation run, or None."""
+        """(top-1 of the last epoch, best top-1) of an evaluation run (a frozen-feature one: its top-1 twice), or
+        None."""
+        if not self.trains:
+            value = (self.result() or {}).get(EVALUATIONS[self.kind].metric)
+            return (value, value) if value is not None else None
         accs = [r['test_acc1'] for r in self.rows() if 'test_acc1' in r]
         return (accs[-1], max(accs)) if accs else None
+
+    def eval_images(self):
+        """The number of images its top-1 is measured on, where the run says (result.json), else None."""
+        return (self.result() or {}).get('val_images') if not self.trains else None
 
 
 def key_of(pairs):
@@ -151,13 +182,33 @@ class Setup:
     world: int  # processes of a job (paper scale: --nodes x --ngpus)
     submitit: list  # the submitit flags (paper scale)
     data_summary: str = ''
+    eval_images: int = None  # the evaluation split's images (the standard errors), when known
 
     def rel(self, path):
         return os.path.relpath(path, self.work_dir)
 
 
+def recipe_argv(kind, setup):
+    """The flags every run of ``kind`` starts from (the reports' recipes)."""
+    recipe = setup.scale.recipes[kind]
+    if kind != 'pretrain' and EVALUATIONS[kind].mode:
+        return [EVALUATIONS[kind].mode] + flag_argv(recipe)
+    return flag_argv(batch_flags(recipe, setup.world))
+
+
+def frozen_command(run, setup):
+    """``extract_features.py --knn`` / ``--probe`` on the data's train/ and val/, of the final checkpoint of its
+    pre-training (or random weights), writing ``result.json``."""
+    source = ['--checkpoint', str(run.source.final_checkpoint)] if run.source is not None else ['--random_init']
+    return [sys.executable, EVALUATIONS[run.kind].entry_point, EVALUATIONS[run.kind].mode, str(setup.data_path),
+            *source, *flag_argv(run.flags), '--results', str(run.result_file), '--device', setup.device,
+            '--num_workers', str(setup.num_workers)]
+
+
 def command(run, setup):
     """The command line of ``run``: the entry point locally, its submitit script at paper scale."""
+    if not run.trains:
+        return frozen_command(run, setup)
     flags = batch_flags(run.flags, setup.world)
     if run.kind != 'pretrain':
         flags['nb_classes'] = setup.nb_classes

@@ -44,6 +44,13 @@ SMALL_FINETUNE = dict(model='vit_small_patch4', input_size=32, epochs=5, warmup_
 SMALL_LINPROBE = dict(model='vit_small_patch4', input_size=32, cls_token=True, epochs=5, warmup_epochs=1, lr=6.4,
                       weight_decay=0.0, batch_size=128, effective_batch=128)
 
+# The evaluations of frozen features (extract_features.py --knn / --probe): the encoder embeds train/ and val/ once
+# (the evaluation transform, every patch), then a weighted k-NN classifier (k = 20, T = 0.07, the kNN monitor's) or
+# a logistic-regression probe (util/feature_probe.py) classifies val/ from train/: seconds to a minute, against
+# minutes for a training run. The batch is only the embedding's (no effect on the numbers).
+SMALL_KNN = dict(model='vit_small_patch4', input_size=32, batch_size=256)
+SMALL_PROBE = dict(SMALL_KNN)
+
 # --quick: the tiny model on tests/data/tiny_imagefolder (16 training images), one epoch of each
 QUICK_PRETRAIN = dict(SMALL_PRETRAIN, model='mae_vit_tiny_patch4', epochs=1, warmup_epochs=0, batch_size=4,
                       effective_batch=4)
@@ -51,26 +58,37 @@ QUICK_FINETUNE = dict(SMALL_FINETUNE, model='vit_tiny_patch4', epochs=1, warmup_
                       effective_batch=4)
 QUICK_LINPROBE = dict(SMALL_LINPROBE, model='vit_tiny_patch4', epochs=1, warmup_epochs=0, batch_size=4,
                       effective_batch=4)
+QUICK_KNN = dict(SMALL_KNN, model='vit_tiny_patch4', batch_size=16)
+QUICK_PROBE = dict(QUICK_KNN)
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """A kind of evaluation of a pre-trained (or randomly initialised) encoder: the entry point that runs it, here
-    and at paper scale, and what one of its epochs costs in epochs of baseline pre-training (for the estimate of the
-    time left: fine-tuning sees all the patches, with the backward pass; linear probing runs the frozen encoder
-    forward only). Its top-1 is the ``test_acc1`` its ``log.txt`` has for each epoch."""
+    and at paper scale, and what it costs in epochs of baseline pre-training (for the estimate of the time left).
+
+    A training evaluation (no ``mode``) costs ``cost`` per epoch (fine-tuning sees all the patches, with the
+    backward pass; linear probing runs the frozen encoder forward only) and its top-1 is the ``test_acc1`` its
+    ``log.txt`` has for each epoch. A frozen-feature evaluation is ``extract_features.py <mode>``: one pass of the
+    encoder over train/ and val/ (``cost`` per run), its numbers in ``result.json`` (``metric``: the top-1's key);
+    it has no SLURM script, so it runs at small scale only."""
     title: str  # the header of its column
     entry_point: str
-    submitit_script: str
+    submitit_script: str  # None: not at --scale paper
     cost: float
+    mode: str = ''  # extract_features.py's flag (--knn, --probe); '' for a training run
+    metric: str = 'test_acc1'
 
 
-# The kinds --evals chooses from. A new kind (e.g. a kNN top-1 of the frozen encoder) is an entry here, a recipe
-# under its name in each scale below (and for Table 3's ViT-B row, studies.paper.TABLE3_VIT_B), and, if it writes
-# no log.txt of epochs with test_acc1, its own reading of the result in studies.plan.PlannedRun.
+# The kinds --evals chooses from. A new kind is an entry here, a recipe under its name in each scale below (and for
+# Table 3's ViT-B row, studies.paper.TABLE3_VIT_B), and, if it writes neither a log.txt of epochs with test_acc1 nor
+# extract_features.py's result.json, its own reading of the result in studies.plan.PlannedRun.
 EVALUATIONS = {
     'finetune': Evaluation('fine-tuning', 'main_finetune.py', 'submitit_finetune.py', cost=1.6),
     'linprobe': Evaluation('linear probing', 'main_linprobe.py', 'submitit_linprobe.py', cost=0.6),
+    'knn': Evaluation('kNN', 'extract_features.py', None, cost=0.7, mode='--knn', metric='knn_top1'),
+    'probe': Evaluation('feature probe', 'extract_features.py', None, cost=0.75, mode='--probe',
+                        metric='probe_top1'),
 }
 
 
@@ -91,9 +109,11 @@ class Scale:
 SCALES = {
     'paper': Scale('paper', dict(pretrain=PAPER_PRETRAIN, finetune=PAPER_FINETUNE, linprobe=PAPER_LINPROBE),
                    24, 8, 512, 'ViT-L/16'),
-    'small': Scale('small', dict(pretrain=SMALL_PRETRAIN, finetune=SMALL_FINETUNE, linprobe=SMALL_LINPROBE),
+    'small': Scale('small', dict(pretrain=SMALL_PRETRAIN, finetune=SMALL_FINETUNE, linprobe=SMALL_LINPROBE,
+                                 knn=SMALL_KNN, probe=SMALL_PROBE),
                    6, 4, 128, 'ViT-S/4 (192-d, 6 blocks; decoder 128-d, 4 blocks)'),
-    'quick': Scale('quick', dict(pretrain=QUICK_PRETRAIN, finetune=QUICK_FINETUNE, linprobe=QUICK_LINPROBE),
+    'quick': Scale('quick', dict(pretrain=QUICK_PRETRAIN, finetune=QUICK_FINETUNE, linprobe=QUICK_LINPROBE,
+                                 knn=QUICK_KNN, probe=QUICK_PROBE),
                    2, 2, 32, 'ViT-tiny/4 (64-d, 2 blocks; decoder 32-d, 2 blocks)'),
 }
 

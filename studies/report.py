@@ -2,6 +2,7 @@
 and the environment) and ``<study>.json`` (the numbers), in the results dir; ``<study>.png`` for the curves (charts).
 """
 import json
+import math
 import os
 import platform
 import shlex
@@ -9,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from studies.charts import plot_curve
-from studies.plan import batch_flags, flag_argv
+from studies.plan import recipe_argv
 from studies.recipes import EVALUATIONS
 from studies.runner import fmt_time
 
@@ -26,6 +27,27 @@ def cell_value(run):
     return 'not run'
 
 
+def standard_error(top1, n):
+    """The standard error (points) of a top-1 of ``top1`` per cent on ``n`` images: sqrt(p (1 - p) / n), a
+    binomial's (each image right or wrong, independently); None when ``n`` is unknown."""
+    if not n:
+        return None
+    p = top1 / 100
+    return 100 * math.sqrt(p * (1 - p) / n)
+
+
+def images_of(run, setup):
+    """The evaluation images of ``run``'s top-1: its own count (a frozen-feature run's result.json), else the
+    evaluation split's."""
+    return run.eval_images() or setup.eval_images
+
+
+def se_value(run, setup):
+    acc = run.accuracy() if run.finished() else None
+    se = standard_error(acc[0], images_of(run, setup)) if acc else None
+    return f"±{se:.1f}" if se is not None else '—'
+
+
 def paper_value(value):
     if value is None:
         return '—'
@@ -34,18 +56,37 @@ def paper_value(value):
     return f"{value:.1f}"
 
 
-def markdown_table(study, plan):
+def markdown_table(study, plan, setup):
+    """Each column's top-1 (ours), its standard error (s.e., from the evaluation set's size) and the paper's."""
     header = [study.row_header]
     for key, title in study.columns:
-        header += [f"{title} (ours)", f"{title} (paper)"]
+        header += [f"{title} (ours)", 's.e.', f"{title} (paper)"]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' + ':---:|' * (len(header) - 1)]
     for cell in study.cells:
         row = [cell.label]
         for key, _ in study.columns:
             m = cell.measures.get(key)
-            row += [cell_value(plan.result(m)) if m else '—', paper_value(cell.paper.get(key))]
+            row += ([cell_value(plan.result(m)), se_value(plan.result(m), setup)] if m else ['—', '—'])
+            row.append(paper_value(cell.paper.get(key)))
         lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines)
+
+
+def evaluations_note(kinds):
+    """What the table's frozen-feature columns are, and what they stand beside."""
+    notes = []
+    if 'probe' in kinds:
+        notes.append("Feature probe: a linear classifier (logistic regression, full batch, from zero weights) on "
+                     "the class token's features of the training images, embedded once without augmentation "
+                     "(extract_features.py --probe): a proxy of linear probing in seconds, beside the paper's "
+                     "linear-probing number, whose protocol (90 epochs of LARS on augmented images) is stronger; "
+                     "compare trends, not values.")
+    if 'knn' in kinds:
+        notes.append("kNN: the weighted k-nearest-neighbour classifier of the kNN monitor (k = 20, temperature "
+                     "0.07, class token; extract_features.py --knn); the paper reports no kNN numbers.")
+    if notes and 'finetune' not in kinds:
+        notes.append("Fine-tuning is a column on request (e.g. --evals probe knn finetune).")
+    return ' '.join(notes)
 
 
 def environment():
@@ -76,7 +117,9 @@ def results(study, plan, setup):
         for key, m in cell.measures.items():
             run = plan.result(m)
             acc = run.accuracy() if run.finished() else None
-            entry['ours'][key] = {'final': acc[0], 'best': acc[1]} if acc else None
+            n = images_of(run, setup)
+            entry['ours'][key] = {'final': acc[0], 'best': acc[1], 'se': standard_error(acc[0], n),
+                                  'images': n} if acc else None
             entry.setdefault('runs', {})[key] = setup.rel(run.out)
         data['cells'].append(entry)
     return data
@@ -90,16 +133,18 @@ def write_report(study, plan, setup, argv, results_dir):
     kinds = {r.kind for r in runs}
     recipes = [('pre-training', 'pretrain')] + [(e.title, kind) for kind, e in EVALUATIONS.items()]
     approx = any(isinstance(v, tuple) for cell in study.cells for v in cell.paper.values())
+    n = f"n = {setup.eval_images} images" if setup.eval_images else 'n: its images'
     lines = [f"## {study.title}", '',
-             f"Scale `{setup.scale.name}`: {setup.scale.model_label}; data {setup.data_summary}. Ours: top-1 (%) of "
-             f"the last epoch on the evaluation split; the paper's: ImageNet-1K top-1 of "
+             f"Scale `{setup.scale.name}`: {setup.scale.model_label}; data {setup.data_summary}. Ours: top-1 (%) on "
+             f"the evaluation split (of the last epoch for a training run), and its standard error from the split's "
+             f"size (s.e. = sqrt(p (1 - p) / n), {n}); the paper's: ImageNet-1K top-1 of "
              f"ViT-L/16{' (≈: read off a figure)' if approx else ''}.",
-             '', markdown_table(study, plan), '']
-    if study.note:
-        lines += [study.note, '']
+             '', markdown_table(study, plan, setup), '']
+    notes = ' '.join(filter(None, (study.note, evaluations_note(kinds))))
+    if notes:
+        lines += [notes, '']
     lines += ['Recipes (the flags every run of a kind starts from; each cell adds its own):', '']
-    lines += [f"- {name}: `{' '.join(flag_argv(batch_flags(setup.scale.recipes[kind], setup.world)))}`"
-              for name, kind in recipes if kind in kinds]
+    lines += [f"- {name}: `{' '.join(recipe_argv(kind, setup))}`" for name, kind in recipes if kind in kinds]
     lines += ['', f"Command: `python reproduce.py {shlex.join(argv)}`", '',
               f"Compute: {fmt_time(sum(known))} for the {len(known)} of {len(runs)} runs of this study timed by "
               f"the runner (shared runs counted once); device `{setup.device}`.", '',

@@ -19,11 +19,11 @@ from util.errors import RunInterrupted
 def relative_cost(run):
     """A run's cost in units of one epoch of baseline pre-training, for the estimate of the time left: the encoder
     sees (1 - mask_ratio) of the patches (and attention is quadratic in them); an evaluation's is its kind's
-    (EVALUATIONS). Rough, but only ratios matter."""
+    (EVALUATIONS: per epoch, or per run for the frozen-feature ones). Rough, but only ratios matter."""
     if run.kind == 'pretrain':
         visible = 1 - float(run.flags.get('mask_ratio', 0.75))
         return run.epochs * (0.5 + 3 * visible ** 2) / (0.5 + 3 * 0.25 ** 2)
-    return run.epochs * EVALUATIONS[run.kind].cost
+    return (run.epochs if run.trains else 1) * EVALUATIONS[run.kind].cost
 
 
 def fmt_time(seconds):
@@ -125,7 +125,7 @@ class Runner:
                 if self.stop_signal:  # it came between two runs
                     raise RunInterrupted(f"signal {self.stop_signal} received before {self.setup.rel(run.out)} "
                                          f"started; the same command continues")
-                print(f"{where}: running ({run.epochs} epochs; {progress.line()})", flush=True)
+                print(f"{where}: running ({run.describe()}; {progress.line()})", flush=True)
                 took = self._run_local(run)
                 if self.stop_signal:
                     raise RunInterrupted(f"signal {self.stop_signal} received: {self.setup.rel(run.out)} "
@@ -159,7 +159,9 @@ class Runner:
         elif self.stop_signal:
             # the entry point saves where it is when asked to stop, unless it had not started training yet
             run.status = 'interrupted'
-            if checkpoints(run.out) != before:
+            if not run.trains:
+                run.message = 'stopped (it runs again from the start, in seconds)'
+            elif checkpoints(run.out) != before:
                 run.message = 'saved where it was'
             elif before:
                 run.message = 'saved nothing new (it continues from its last checkpoint)'

@@ -1,6 +1,7 @@
 """extract_features.py: a tiny checkpoint's features of image folders and files are the encoder's output for the
 same images; --knn gives the kNN monitor's numbers; mistakes are one line."""
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 
 import extract_features
 import models_mae
+import models_vit
 from conftest import TINY, run_in_process
-from util import knn_monitor
+from util import feature_probe, knn_monitor
 from util.datasets import eval_transform
 from util.image_folder import image_folder
 
@@ -74,6 +76,64 @@ def test_knn_gives_the_monitors_numbers(tmp_path, capsys):
     stats = extract(TINY, '--knn', '--knn_val_subset', 6, '--checkpoint', tmp_path / 'c.pth', '--num_workers', 0)
     assert stats == logged
     assert knn_monitor.describe(stats) in capsys.readouterr().out
+
+
+def test_probe_fits_the_feature_probe_on_the_encoders_features(tmp_path, capsys):
+    model = save_ours(tmp_path / 'c.pth', seed=5)
+    results = tmp_path / 'probe.json'
+    stats = extract(TINY, '--probe', '--checkpoint', tmp_path / 'c.pth', '--num_workers', 0, '--results', results)
+    # the same numbers from the features of the unmasked encoder (class token; mean of patch tokens)
+    train, val, classes = knn_monitor.knn_datasets(str(TINY), 32)
+    feats = [knn_monitor.embed(model, d, torch.device('cpu'), 4) for d in (train, val)]
+    for pool, prefix in (('cls', 'probe'), ('mean', 'probe_mean')):
+        expected = feature_probe.probe_accuracy(feats[0][0][pool], feats[0][1], feats[1][0][pool], feats[1][1], 2)
+        assert {k: stats[f'{prefix}_{k}'] for k in expected} == expected
+    out = capsys.readouterr().out
+    assert f"top-1 {stats['probe_top1']:.2f}% top-5 100.00% (class token;" in out and '16 train and 8 val' in out
+    written = json.loads(results.read_text())
+    assert {k: written[k] for k in stats} == stats
+    assert (written['evaluation'], written['train_images'], written['val_images'], written['num_classes'],
+            written['model']) == ('probe', 16, 8, 2, 'vit_tiny_patch4')
+
+
+def test_random_init_evaluates_the_models_own_random_weights(tmp_path, capsys):
+    results = tmp_path / 'knn.json'
+    torch.manual_seed(123)
+    stats = extract(TINY, '--knn', '--random_init', '--model', 'vit_tiny_patch4', '--num_workers', 0, '--results',
+                    results)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(1))  # its seed 0 is set in a stream of its own: the caller's is untouched
+    torch.manual_seed(0)
+    encoder = models_vit.vit_tiny_patch4(num_classes=0, global_pool=False).eval()
+    train, val, classes = knn_monitor.knn_datasets(str(TINY), 32)
+    assert stats == knn_monitor.knn_evaluate(encoder, train, val, classes, torch.device('cpu'), 64)
+    assert json.loads(results.read_text())['source'] == 'random weights of vit_tiny_patch4'
+    assert 'kNN of random weights of vit_tiny_patch4 (vit_tiny_patch4, 32px)' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv, expected', [
+    (['--knn', '--random_init', '--model', 'vit_tiny_patch4', '--checkpoint', 'c.pth'],
+     '--random_init and --checkpoint: give one'),
+    (['--knn'], '--checkpoint is required (a checkpoint with a ViT encoder), unless --random_init'),
+    (['--probe', '--random_init'], '--random_init needs --model, one of: vit_base_patch16'),
+    (['--probe', '--random_init', '--model', 'vit_nope'], '(got vit_nope)'),
+    (['--knn', '--probe', '--checkpoint', 'c.pth'], '--knn and --probe: give one'),
+    (['--probe', '--checkpoint', 'c.pth', '--results', 'r.txt'], '--results r.txt: give a .json file name'),
+    (['--probe', '--checkpoint', 'c.pth', '--results', 'nowhere/r.json'], '--results nowhere/r.json: no folder'),
+])
+def test_frozen_evaluation_mistakes_are_one_line(tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    save_ours(tmp_path / 'c.pth')
+    code, err = run_in_process(extract_features, capsys, TINY, *argv)
+    assert code == 2 and err.count('\n') == 1 and expected in err, err
+
+
+def test_results_go_with_knn_or_probe(tmp_path, capsys):
+    save_ours(tmp_path / 'c.pth')
+    code, err = run_in_process(extract_features, capsys, TINY / 'val', '--checkpoint', tmp_path / 'c.pth',
+                               '--results', tmp_path / 'r.json')
+    assert code == 2 and '--results is for the numbers of --knn or --probe' in err
 
 
 @pytest.mark.parametrize('case, expected', [

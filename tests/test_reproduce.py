@@ -259,7 +259,8 @@ def test_paper_scale_dry_run_has_the_papers_recipes(tmp_path, capsys, nodes):
 
 
 def test_small_scale_dry_run_runs_the_entry_points_here(tmp_path, capsys):
-    cmds = dry_run_lines(capsys, '--study', 'decoder_width', '--data_path', TINY, '--work_dir', tmp_path)
+    cmds = dry_run_lines(capsys, '--study', 'decoder_width', '--data_path', TINY, '--work_dir', tmp_path,
+                         '--evals', 'finetune', 'linprobe')
     scripts = [c[1] for c in cmds]
     assert set(scripts) == {'main_pretrain.py', 'main_finetune.py', 'main_linprobe.py'}
     widths = sorted(int(flags_of(c)['--decoder_embed_dim']) for c in cmds if '--decoder_embed_dim' in c)
@@ -293,9 +294,14 @@ def test_pretrain_epochs_lengthen_pre_training_only_in_folders_of_their_own(tmp_
     assert [(f['--epochs'], f['--output_dir']) for f in pre] == [('8', baseline)]
 
 
-def fake_finished(run, acc):
-    """Write what a finished run leaves: its log (each epoch, accuracy for evaluations) and final checkpoint."""
+def fake_finished(run, acc, val_images=None):
+    """Write what a finished run leaves: its log (each epoch, accuracy for evaluations) and final checkpoint; for
+    an evaluation of frozen features, its result.json (with ``val_images``: the images it says it counted)."""
     run.out.mkdir(parents=True, exist_ok=True)
+    if not run.trains:
+        metric = recipes.EVALUATIONS[run.kind].metric
+        run.result_file.write_text(json.dumps({metric: acc, 'val_images': val_images}))
+        return
     rows = [dict({'epoch': e}, **({'test_acc1': acc - run.epochs + 1 + e} if run.kind != 'pretrain' else {}))
             for e in range(run.epochs)]
     (run.out / 'log.txt').write_text(''.join(json.dumps(r) + '\n' for r in rows))
@@ -325,7 +331,10 @@ def test_finished_runs_are_not_run_again(tmp_path, capsys, monkeypatch):
     if charts_drawn():
         assert (tmp_path / 'partial_ft.png').stat().st_size > 1000
     results = json.loads((tmp_path / 'partial_ft.json').read_text())
-    assert results['cells'][1]['ours']['top1'] == {'final': 52.0, 'best': 52.0}
+    # the standard error from the evaluation split's size (tests/data/tiny_imagefolder/val: 8 images)
+    assert results['cells'][1]['ours']['top1'] == {'final': 52.0, 'best': 52.0, 'images': 8,
+                                                   'se': pytest.approx(100 * (0.52 * 0.48 / 8) ** 0.5)}
+    assert '| 1 | 52.0 | ±17.7 | — |' in table
 
 
 def charts_drawn():
@@ -340,14 +349,18 @@ def test_without_matplotlib_the_chart_is_skipped_with_a_note(tmp_path, capsys, m
     planned = plan.Plan(recipes.SCALES['quick'], tmp_path)
     planned.add_study(paper.build_study('mask_ratio', recipes.SCALES['quick'], values=[0.5, 0.75]))
     for run in planned.runs.values():
-        fake_finished(run, 40.0)
+        fake_finished(run, 40.0, val_images=1000)
     monkeypatch.setitem(sys.modules, 'matplotlib.figure', None)  # import fails as if not installed
     code, out, err = run_reproduce(capsys, '--quick', '--study', 'mask_ratio', '--values', 0.5, 0.75, '--work_dir',
                                    tmp_path)
     assert code == 0, err
     assert '# note: mask_ratio.png not drawn: matplotlib is not installed (pip install matplotlib)' in out
     assert not (tmp_path / 'mask_ratio.png').exists()
-    assert '| 0.75 (default) | 40.0 | 84.9 | 40.0 | 73.5 |' in (tmp_path / 'mask_ratio.md').read_text()
+    # the small scale's default: the feature probe (beside the paper's linear probing) and kNN (no paper number),
+    # each with the standard error of the images its result.json counted: sqrt(0.4 * 0.6 / 1000) = 1.5 points
+    table = (tmp_path / 'mask_ratio.md').read_text()
+    assert '| 0.75 (default) | 40.0 | ±1.5 | 73.5 | 40.0 | ±1.5 | — |' in table
+    assert 'Feature probe: a linear classifier' in table and 'Fine-tuning is a column on request' in table
 
 
 def test_a_run_is_finished_only_with_its_last_epoch_and_checkpoint(tmp_path):
@@ -413,6 +426,33 @@ def test_quick_study_end_to_end_then_nothing_to_do(tmp_path):
     assert (tmp_path / 'partial_ft.md').read_text() == table
 
 
+@pytest.mark.slow
+def test_quick_frozen_feature_evaluations_end_to_end(tmp_path):
+    """kNN and the feature probe of the baseline MAE and of random weights, run, read back and reported; the same
+    numbers as extract_features.py prints; a second invocation runs nothing."""
+    argv = ['reproduce.py', '--quick', '--study', 'scratch', '--evals', 'knn', 'probe', '--work_dir', tmp_path]
+    first = run_script(*argv)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert '5 runs in 1 cells: 0 done before, 5 to run' in first.stdout
+    assert 'knn runs/scratch-vit_tiny_patch4/knn: running (features of train/ and val/;' in first.stdout
+    results = json.loads((tmp_path / 'scratch.json').read_text())['cells'][0]['ours']
+    for key, kind in (('scratch_knn', 'knn'), ('mae_knn', 'knn'), ('scratch_probe', 'probe'),
+                      ('mae_probe', 'probe')):
+        folder = 'scratch-vit_tiny_patch4' if key.startswith('scratch') else 'baseline'
+        written = json.loads((tmp_path / 'runs' / folder / kind / 'result.json').read_text())
+        assert written['val_images'] == 8 and written['train_images'] == 16
+        top1 = written[f'{kind}_top1']
+        assert results[key] == {'final': top1, 'best': top1, 'images': 8,
+                                'se': pytest.approx(100 * (top1 / 100 * (1 - top1 / 100) / 8) ** 0.5)}
+        assert f"top-1 {top1:.2f}%" in (tmp_path / 'runs' / folder / kind / 'console.txt').read_text()
+    table = (tmp_path / 'scratch.md').read_text()
+    assert 'not run' not in table and 'failed' not in table
+    assert '- kNN: `--knn --model vit_tiny_patch4 --input_size 32 --batch_size 16`' in table
+    second = run_script(*argv)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert '5 runs in 1 cells: 5 done before, 0 to run' in second.stdout and 'running' not in second.stdout
+
+
 def test_paper_scale_submits_each_run_after_its_pre_training(tmp_path, capsys, monkeypatch):
     """With SLURM (faked here): one job per run, an evaluation job depending on its pre-training job, the job ids
     kept in jobs.json; a second invocation does not submit the jobs still queued or running again."""
@@ -444,7 +484,9 @@ def test_paper_scale_submits_each_run_after_its_pre_training(tmp_path, capsys, m
             assert cmd[cmd.index('--dependency') + 1] == f'afterok:{pt_job}'
             assert effective_batch(flags_of(cmd)) == (1024 if kind == 'finetune' else 16384)
     assert json.loads((tmp_path / 'jobs.json').read_text())['runs/baseline/pretrain'] == '1000'
-    assert '| pixel (w/o norm) (default) | job 1001 | 84.9 | job 1002 | 73.5 |' in (tmp_path / 'target.md').read_text()
+    table = (tmp_path / 'target.md').read_text()
+    assert '| pixel (w/o norm) (default) | job 1001 | — | 84.9 | job 1002 | — | 73.5 |' in table
+    assert 'n = 50000 images' in table  # ImageNet-1K's validation set, not walked on the cluster
     # again: all six are still queued, nothing is submitted twice
     code, out, err = run_reproduce(capsys, *argv)
     assert code == 0, err
@@ -493,20 +535,69 @@ def test_an_interrupted_cell_says_interrupted_and_whether_it_saved(tmp_path, cap
     assert saves or 'saved where it was' not in err
     table = (tmp_path / 'scratch.md').read_text()
     assert 'failed' not in table
-    assert '| ViT-tiny/4 (64-d, 2 blocks; decoder 32-d, 2 blocks) | interrupted | — | not run | — |' in table
+    assert '| ViT-tiny/4 (64-d, 2 blocks; decoder 32-d, 2 blocks) | interrupted | — | — | not run | — | — |' \
+        in table
 
 
 def test_quick_plans_every_study_with_each_evaluation_kind(tmp_path, capsys):
     """The --quick smoke test covers every study and each kind of evaluation: by default, and with each kind alone."""
+    def kinds_of(cmds):  # main_pretrain.py, or the evaluation each command is (extract_features.py's by its mode)
+        entry = {(e.entry_point, e.mode): k for k, e in recipes.EVALUATIONS.items()}
+        return {'pretrain' if c[1] == 'main_pretrain.py' else
+                entry[c[1], c[2] if c[1] == 'extract_features.py' else ''] for c in cmds}
     cmds = dry_run_lines(capsys, '--quick', '--study', 'all', '--work_dir', tmp_path)
-    scripts = {c[1] for c in cmds}
-    assert scripts == {'main_pretrain.py'} | {e.entry_point for e in recipes.EVALUATIONS.values()}
+    assert kinds_of(cmds) == {'pretrain'} | set(recipes.EVALUATIONS)
     for name in paper.STUDIES:
         study = paper.build_study(name, recipes.SCALES['quick'])
         assert study.cells and all(cell.measures for cell in study.cells if cell.label not in ('PCA', 'dVAE token'))
     for kind in recipes.EVALUATIONS:
         cmds = dry_run_lines(capsys, '--quick', '--study', 'all', '--evals', kind, '--work_dir', tmp_path)
-        assert {c[1] for c in cmds} == {'main_pretrain.py', recipes.EVALUATIONS[kind].entry_point}
+        assert kinds_of(cmds) == {'pretrain', kind}
+
+
+def test_frozen_feature_evaluations_are_extract_features_commands(tmp_path, capsys):
+    """--evals knn probe: extract_features.py of each pre-training's final checkpoint (or of random weights, for
+    the scratch study) on the data's train/ and val/, writing result.json in the run's folder."""
+    cmds = dry_run_lines(capsys, '--study', 'scratch', 'target', '--data_path', TINY, '--work_dir', tmp_path,
+                         '--evals', 'knn', 'probe')
+    runs = {c[c.index('--results') + 1]: c for c in cmds if c[1] == 'extract_features.py'}
+    rel = sorted(str(Path(out).relative_to(tmp_path / 'runs')) for out in runs)
+    assert rel == ['baseline/knn/result.json', 'baseline/probe/result.json', 'norm_pix_loss/knn/result.json',
+                   'norm_pix_loss/probe/result.json', 'scratch-vit_small_patch4/knn/result.json',
+                   'scratch-vit_small_patch4/probe/result.json']
+    knn = runs[str(tmp_path / 'runs/baseline/knn/result.json')]
+    assert knn[2] == '--knn' and plan.REPO / knn[3] == TINY  # (shown relative to the repository)
+    f = flags_of(knn[2:])  # (from knn[4], the flags after --knn DIR)
+    assert f['--checkpoint'] == str(tmp_path / 'runs/baseline/pretrain/checkpoint-7.pth')
+    assert (f['--model'], f['--input_size'], f['--device']) == ('vit_small_patch4', '32', 'cpu')
+    probe = flags_of(runs[str(tmp_path / 'runs/scratch-vit_small_patch4/probe/result.json')][2:])
+    assert probe['--random_init'] is True and '--checkpoint' not in probe
+    assert sum(c[1] == 'main_pretrain.py' for c in cmds) == 2  # no training evaluation, no scratch training
+    # every column is measured: the first evaluation given is the headline (the first column)
+    study = paper.build_study('target', recipes.SCALES['small'], evals=('knn', 'probe'))
+    assert [k for k, _ in study.columns] == ['knn', 'probe']
+    assert study.cells[1].paper == {'finetune': 85.4, 'linprobe': 73.9, 'probe': 73.9}  # the probe's: linear probing
+
+
+def test_the_small_scale_defaults_to_the_cheap_evaluations_where_the_finding_is_linear_probing():
+    small = paper.evals_per_study(None, list(paper.STUDIES), 'small')
+    assert all(small[name] == ('probe', 'knn') for name in paper.ABLATIONS)
+    assert small['partial_ft'] == ('finetune', 'linprobe') and small['scratch'] == ('finetune',)
+    assert paper.evals_per_study(None, list(paper.STUDIES), 'quick') == small
+    # the paper's scale keeps the paper's columns; --evals still chooses, the first given first
+    assert paper.evals_per_study(None, ['mask_ratio'], 'paper') == {'mask_ratio': ('finetune', 'linprobe')}
+    assert paper.evals_per_study(['knn', 'finetune'], ['target'], 'small') == {'target': ('knn', 'finetune')}
+    # Figure 9's K = 0 point with the cheap probe
+    study = paper.build_study('partial_ft', recipes.SCALES['quick'], evals=('finetune', 'probe'))
+    assert [(c.label, c.measures['top1'].kind) for c in study.cells] == [
+        ('0 (feature probe)', 'probe'), ('1', 'finetune'), ('2 (all)', 'finetune')]
+
+
+@pytest.mark.parametrize('top1, n, expected', [(50.0, 100, 5.0), (90.0, 10000, 0.3), (100.0, 8, 0.0),
+                                              (40.0, None, None)])
+def test_standard_error_of_a_top1_is_the_binomials(top1, n, expected):
+    from studies.report import standard_error
+    assert standard_error(top1, n) == (pytest.approx(expected) if expected is not None else None)
 
 
 def test_evals_choose_the_evaluations_of_each_study(tmp_path, capsys):
@@ -537,13 +628,17 @@ def test_evals_choose_the_evaluations_of_each_study(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('evals, expected', [
-    (['knn'], "--evals knn: no evaluation 'knn'; choose from finetune, linprobe"),
+    (['knm'], "--evals knm: no evaluation 'knm'; choose from finetune, linprobe, knn, probe"),
     (['target=linprobe'], '--evals target=linprobe: target is not one of the studies run (scratch)'),
     (['scratch=linprobe,fine'], "--evals scratch=linprobe,fine: no evaluation 'fine'"),
+    (['knn', '--scale', 'paper', '--data_path', '/imagenet'],
+     "--evals knn: knn runs here on extracted features, not as a SLURM job; at --scale paper choose from finetune, "
+     "linprobe"),
 ])
 def test_evals_mistakes_are_one_line(tmp_path, capsys, evals, expected):
     work = tmp_path / 'w'
-    code, out, err = run_reproduce(capsys, '--quick', '--study', 'scratch', '--evals', *evals, '--work_dir', work)
+    quick = [] if '--scale' in evals else ['--quick']
+    code, out, err = run_reproduce(capsys, *quick, '--study', 'scratch', '--evals', *evals, '--work_dir', work)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1
     assert not work.exists()
 
@@ -552,6 +647,6 @@ def test_partial_ft_without_its_evaluations_is_one_line(tmp_path, capsys):
     work = tmp_path / 'w'
     code, out, err = run_reproduce(capsys, '--quick', '--study', 'partial_ft', '--evals', 'finetune', '--values', 0,
                                    '--work_dir', work)
-    assert code == 2 and "partial_ft measures fine-tuning (K > 0 blocks) and linear probing (K = 0); it has no " \
-                          "cell for finetune" in err
+    assert code == 2 and "partial_ft measures fine-tuning (K > 0 blocks) and linear probing (K = 0: linprobe, " \
+                          "probe, knn); it has no cell for finetune" in err
     assert not work.exists()
