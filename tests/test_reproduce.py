@@ -418,7 +418,7 @@ def test_quick_study_end_to_end_then_nothing_to_do(tmp_path):
                      r'top-1 [0-9.]+; elapsed [0-9:]+, about 0:00:00 left', first.stdout)
     table = (tmp_path / 'partial_ft.md').read_text()
     assert 'not run' not in table and 'failed' not in table
-    assert re.search(r'\| 1 \| [0-9.]+ \| — \|', table)
+    assert re.search(r'\| 1 \| [0-9.]+ \| ±[0-9.]+ \| — \|', table)  # top-1, its standard error, no paper number
     assert 'Command: `python reproduce.py --study partial_ft --quick --work_dir' in table
     second = run_script(*argv)
     assert second.returncode == 0, second.stderr[-3000:]
