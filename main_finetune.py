@@ -16,10 +16,10 @@ import util.lr_decay as lrd
 import util.misc as misc
 import util.speed as speed
 from engine_finetune import evaluate, train_and_evaluate
-from util import fast_data
+from util import data_stats, fast_data
 from util.datasets import build_transform, check_classes, val_loader
 from util.flags import add_common_args, check_common
-from util.image_folder import image_folder
+from util.image_folder import ImageReader, image_folder
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
 from util.run import Run
@@ -99,6 +99,7 @@ def get_args_parser():
     # (the input keeps timm's RandAugment: PIL only)
     add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
                     optimizer='adamw', checkpointing=True)
+    data_stats.add_args(parser, checkpoint_flag='--finetune')
     return parser
 
 
@@ -112,12 +113,16 @@ def main(args):
     check_args(args)
     # [new] seed_python: RandAugment and random erasing draw from python's `random`; the reference leaves it
     # unseeded, so with --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
+    # --in_chans and the normalisation: given, else --finetune's (said in one line), before Run compares them with a
+    # checkpoint to continue
+    data_stats.resolve_supervised(args)
     run = Run(args, __file__, seed_python=True)
     device = run.device
 
     # (evaluation only needs val/)
     data_loader_train = None if args.eval else fast_data.train_loader(args, build_transform(True, args), None, device)
-    dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images)
+    dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images,
+                               loader=ImageReader(args.in_chans))
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
     data_loader_val = val_loader(args, dataset_val, device)
@@ -133,6 +138,7 @@ def main(args):
 
     model = models_vit.MODELS[args.model](
         img_size=args.input_size,
+        in_chans=args.in_chans,
         num_classes=args.nb_classes,
         drop_path_rate=args.drop_path,
         global_pool=args.global_pool,

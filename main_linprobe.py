@@ -14,11 +14,11 @@ import torch
 import models_vit
 import util.misc as misc
 from engine_finetune import evaluate, train_and_evaluate
-from util import fast_data
+from util import data_stats, fast_data
 from util.crop import RandomResizedCrop
 from util.datasets import check_classes, eval_transform, linprobe_transform, val_loader
 from util.flags import add_common_args, check_common
-from util.image_folder import image_folder
+from util.image_folder import ImageReader, image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
@@ -66,6 +66,7 @@ def get_args_parser():
 
     add_common_args(parser, data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
                     optimizer='lars', checkpointing=False, data_loaders=('pil', 'fast_cpu'))
+    data_stats.add_args(parser, checkpoint_flag='--finetune')
     return parser
 
 
@@ -96,20 +97,25 @@ def check_args(args):
 
 def main(args):
     check_args(args)
+    # --in_chans and the normalisation: given, else --finetune's (said in one line), before Run compares them with a
+    # checkpoint to continue
+    data_stats.resolve_supervised(args)
     run = Run(args, __file__)
     device = run.device
 
     # (evaluation only needs val/); --data_loader fast_cpu draws the same TF-style crops
     data_loader_train = None if args.eval else fast_data.train_loader(
-        args, linprobe_transform(args.input_size), dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params),
+        args, linprobe_transform(args.input_size, args.mean, args.std), dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params),
         device)
-    dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size), skip_bad=args.skip_bad_images)
+    dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size, args.mean, args.std),
+                               skip_bad=args.skip_bad_images, loader=ImageReader(args.in_chans))
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
     data_loader_val = val_loader(args, dataset_val, device)
 
     model = models_vit.MODELS[args.model](
         img_size=args.input_size,
+        in_chans=args.in_chans,
         num_classes=args.nb_classes,
         global_pool=args.global_pool,
     )

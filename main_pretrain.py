@@ -14,10 +14,12 @@ import util.misc as misc
 import util.speed as speed
 from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
-from util import fast_data
+from util import data_stats, fast_data
 from util.datasets import pretrain_transform
 from util.flags import add_common_args, check_common
+from util.image_folder import check_pretrain_path, pretrain_dataset
 from util.lr_sched import set_lr
+from util.pretrained import init_from_checkpoint
 from util.run import Run
 
 
@@ -62,8 +64,15 @@ def get_args_parser():
     parser.add_argument('--warmup_epochs', type=int, default=40, metavar='N', help='epochs to warmup LR')
 
     # Dataset parameters
-    add_common_args(parser, data_help='dataset path (an ImageFolder tree with a train/ folder)', save_freq=20,
+    add_common_args(parser, data_help='dataset path: an ImageFolder tree with a train/ folder (the reference), '
+                    '[new] a folder of images (searched recursively) or a .txt list of image paths', save_freq=20,
                     optimizer='adamw', checkpointing=True, data_loaders=fast_data.LOADERS)
+    data_stats.add_args(parser)
+    parser.add_argument('--init_from', default='', metavar='FILE',
+                        help='[new] start from the weights of an MAE checkpoint (a released full or encoder-only '
+                             'one, or ours; position embeddings resized to --input_size, patch embedding adapted to '
+                             '--in_chans), with a fresh optimizer, schedule and epoch count; a resumed run restores '
+                             'its own checkpoint instead (README, "Your own images")')
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')
@@ -71,7 +80,9 @@ def get_args_parser():
 
 
 def check_args(args):
-    check_common(args, models_mae.MODELS, 'pre-training', splits=['train'])
+    check_common(args, models_mae.MODELS, 'pre-training', splits=[])
+    check_pretrain_path(args.data_path)  # a folder (ImageFolder tree or images) or a .txt list
+    data_stats.check_given(args)  # other channel counts than ImageNet's 3 need their own statistics
     if args.mask_type == 'grid' and args.mask_ratio != models_mae.GRID_MASK_RATIO:
         raise misc.UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
                               f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
@@ -95,19 +106,29 @@ def check_args(args):
                                   f"{args.input_size} gives {grid_h}x{grid_w} patches with --model {args.model}")
 
 
+def build_model(args):
+    """The MAE of the flags; --decoder_depth/--decoder_embed_dim/--mask_type/--in_chans [new] left out are the
+    reference's model."""
+    return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                         mask_type=args.mask_type, decoder_depth=args.decoder_depth,
+                                         decoder_embed_dim=args.decoder_embed_dim, in_chans=args.in_chans or 3)
+
+
 def main(args):
     check_args(args)
+    # --in_chans, --mean/--std or --data_stats auto (measured, or read from --output_dir's cache) before Run, which
+    # compares them with a checkpoint's to continue
+    data_stats.resolve(args, lambda: [path for path, _ in pretrain_dataset(args.data_path).samples])
     run = Run(args, __file__)  # process group, --output_dir, seeds, the checkpoint to continue
     device = run.device
 
     # the reference's simple augmentation (PIL), or --data_loader's uint8 crop and flip (the same distribution)
-    data_loader_train = fast_data.train_loader(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)),
-                                               device)
+    data_loader_train = fast_data.train_loader(args, pretrain_transform(args.input_size, args.mean, args.std),
+                                               dict(scale=(0.2, 1.0)), device, pretraining=True)
 
-    # define the model; --decoder_depth/--decoder_embed_dim/--mask_type [new] left out are the reference's model
-    model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                                          mask_type=args.mask_type, decoder_depth=args.decoder_depth,
-                                          decoder_embed_dim=args.decoder_embed_dim)
+    model = build_model(args)
+    if args.init_from and run.checkpoint is None:  # a resumed run restores its own weights: never re-initialised
+        init_from_checkpoint(model, args.init_from)
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     model_without_ddp = model

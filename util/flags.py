@@ -3,6 +3,7 @@ wrong value into one line before anything is written or computed."""
 import os
 import re
 
+from util import data_stats
 from util.misc import UsageError
 
 
@@ -124,6 +125,9 @@ def check_data_loader(args):
         if getattr(args, 'skip_bad_images', False):
             raise UsageError("--skip_bad_images works with --data_loader pil, fast_cpu or gpu, not dali (DALI stops "
                              "on a file it cannot decode)")
+        if getattr(args, 'in_chans', None) not in (None, 3):
+            raise UsageError(f"--data_loader dali decodes RGB JPEGs; --in_chans {args.in_chans} needs --data_loader "
+                             f"pil, fast_cpu or gpu")
 
 
 def check_common(args, models, kind, splits):
@@ -135,6 +139,7 @@ def check_common(args, models, kind, splits):
         check_data_loader(args)
     if args.model not in models:
         raise UsageError(f"--model {args.model} is not a {kind} model; choose one of: " + ', '.join(models))
+    data_stats.check_args(args)  # --in_chans, --mean, --std, --data_stats
     at_least = {'batch_size': 1, 'accum_iter': 1, 'epochs': 1, 'save_freq': 1, 'input_size': 1, 'num_workers': 0,
                 'warmup_epochs': 0, 'start_epoch': 0, 'save_every_iters': 0, 'skip_nonfinite': 0, 'nb_classes': 1}
     for flag, low in at_least.items():

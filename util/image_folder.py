@@ -1,10 +1,23 @@
-"""ImageFolder trees with clear errors for missing folders and for bad image files.
+"""Reading the images: where they come from, how a file is decoded, and how its channels fit ``--in_chans``.
 
-Every image is read with PIL and converted to RGB (grayscale, 16-bit grayscale, CMYK, palette, alpha), exactly as
-torchvision's default loader does for ordinary files. A file that cannot be read as an image (truncated, not an
-image, empty, unreadable) stops the run with one line naming it, or, with ``skip_bad=True``
-(``--skip_bad_images``), is replaced by the next readable sample, reported once, and counted per epoch.
+Sources: an ImageFolder tree (``train/<class>/<image>``, the reference's), a folder of images with no class folders
+(searched recursively in sorted order, each directory visited once also through symlinks), or a ``.txt`` list of
+image paths, one per line (``ImageFiles``; pre-training only, which uses no labels).
+
+Decoding (``read_image``): an 8-bit image PIL reads (JPEG, PNG, TIFF, WebP, BMP, ...) with ``--in_chans 3`` is
+converted to RGB (grayscale, CMYK, palette, alpha) exactly as torchvision's default loader does for ordinary files,
+and stays a PIL image, so the reference's transforms and pixels are unchanged. Everything else becomes a float
+tensor (C, H, W) in [0, 1], for the transforms' tensor path: 16-bit PNG/TIFF scaled by their bit depth (/65535,
+not cut to 8 bits), multi-band TIFF (with tifffile installed), ``.npy`` arrays (H x W or H x W x C, any C; integers
+scaled by their type's range, floats taken as they are), and 8-bit images with ``--in_chans`` other than 3
+(``--in_chans 1`` keeps grayscale as one channel, as a PIL 'L' image). A file whose channels do not fit
+``--in_chans`` is a bad file like any other: one line naming it, or skipped and counted with --skip_bad_images.
+
+A file that cannot be read as an image (truncated, not an image, empty, unreadable) stops the run with one line
+naming it, or, with ``skip_bad=True`` (``--skip_bad_images``), is replaced by the next readable sample, reported
+once, and counted per epoch.
 """
+import io
 import multiprocessing
 import os
 import sys
@@ -26,6 +39,10 @@ if os.environ.get(MAX_PIXELS_ENV):  # the user's own limit for PIL's decompressi
 # 16-bit (and 32-bit integer) grayscale: PIL's own conversion to RGB clips at 255, which turns most such images
 # white; they are scaled from 0..65535 to 0..255 instead
 _WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+
+# the files the sources take (torchvision's ImageFolder extensions, plus numpy arrays)
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.npy')
+LIST_SUFFIX = '.txt'
 
 # what reading a bad file raises: OSError covers truncated data ("image file is truncated"), unidentifiable files
 # (UnidentifiedImageError), missing or unreadable files (FileNotFoundError, PermissionError); some decoders raise
@@ -54,6 +71,119 @@ def load_rgb(path):
     with open(path, 'rb') as f, warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)
         return to_rgb(Image.open(f))
+
+
+# ---------------------------------------------------------------------------------------------------- decoding
+class ChannelMismatch(ValueError):
+    """A file whose channels do not fit ``--in_chans`` (a bad file: named, or skipped with --skip_bad_images)."""
+
+
+# 8-bit PIL modes that to_rgb turns into RGB as torchvision's loader does, and those that are one grey channel
+_RGB_MODES = ('1', 'L', 'LA', 'La', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK', 'YCbCr', 'LAB', 'HSV')
+_GRAY_MODES = ('1', 'L', 'LA', 'La')
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def read_image(path, in_chans=3):
+    """The pixels of ``path`` for a model of ``in_chans`` channels: a PIL image (8-bit files PIL reads: RGB for
+    ``in_chans`` 3, exactly ``load_rgb``'s; 'L' for ``in_chans`` 1 and a grey file), else a float32 tensor
+    (C, H, W) in [0, 1] (see the module's docstring). Raises ``ChannelMismatch`` for a file whose channels do not
+    fit, and what PIL, numpy or tifffile raise for a file they cannot read."""
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext == '.npy':
+        return fit_channels(np.load(path, allow_pickle=False), in_chans, path, alpha=False)
+    with open(path, 'rb') as f:
+        data = f.read()
+    if data[:8] == PNG_SIGNATURE and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
+        # 16-bit RGB(A) PNG: PIL reads it as 8 bits; torchvision's decoder keeps the 16
+        from torchvision.io import ImageReadMode, decode_png
+        pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+        return fit_channels(pixels.permute(1, 2, 0).numpy(), in_chans, path, alpha=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except BAD_FILE_ERRORS:
+            if ext in ('.tif', '.tiff'):  # multi-band or 16-bit colour TIFF: PIL reads at most 4 bands of 8 bits
+                return fit_channels(read_tiff(data, path), in_chans, path, alpha=False)
+            raise
+    if img.mode in _RGB_MODES:
+        if in_chans == 3:
+            return to_rgb(img)
+        if in_chans == 1 and img.mode in _GRAY_MODES:
+            return img.convert('L')
+        if in_chans == 1 and img.mode in ('P', 'PA'):  # a palette of greys is grey
+            rgb = np.asarray(to_rgb(img))
+            if (rgb == rgb[..., :1]).all():
+                return Image.fromarray(rgb[..., 0])
+        bands = np.asarray(img) if img.mode not in ('P', 'PA', '1') else np.asarray(to_rgb(img))
+        return fit_channels(bands, in_chans, path, alpha=img.mode in ('LA', 'RGBA', 'PA'))
+    # 16-bit (I;16*), 32-bit integer (I) and float (F) grey images
+    return fit_channels(np.asarray(img), in_chans, path, alpha=False)
+
+
+def read_tiff(data, path):
+    """A TIFF's first image as an (H, W, C) array, bands from the 'S'/'C' axis or a leading planar axis."""
+    try:
+        import tifffile
+    except ImportError:
+        raise ValueError("a TIFF PIL cannot read (multi-band or 16-bit colour): pip install tifffile to read it") \
+            from None
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        series = tif.series[0]
+        a, axes = series.asarray(), series.axes
+    if a.ndim == 2:
+        return a
+    if a.ndim != 3 or 'Y' not in axes or 'X' not in axes:
+        raise ValueError(f"a TIFF of shape {a.shape} (axes {axes}): expected one image, H x W x bands")
+    band = next(k for k, axis in enumerate(axes) if axis not in 'YX')
+    return np.moveaxis(a, band, -1)
+
+
+def fit_channels(a, in_chans, path, alpha):
+    """An (H, W) or (H, W, C) array as a float32 (in_chans, H, W) tensor in [0, 1]: unsigned integers divided by
+    their type's maximum (65535 for 16 bits; an 'I' image's values up to 65535 are taken as 16-bit), floats as they
+    are. A grey image fills 3 channels (as PIL's grey to RGB); with ``alpha``, the last channel is opacity and is
+    dropped when it is one too many. Any other count that is not ``in_chans`` raises ``ChannelMismatch``."""
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3:
+        raise ChannelMismatch(f"an array of shape {a.shape}, not H x W x C")
+    c = a.shape[2]
+    if alpha and c in (2, 4) and c - 1 in (in_chans, 1):
+        a, c = a[:, :, :c - 1], c - 1
+    if c == 1 and in_chans == 3:
+        a, c = np.repeat(a, 3, axis=2), 3
+    if c != in_chans:
+        raise ChannelMismatch(f"{c} channel{'s' if c != 1 else ''}, --in_chans is {in_chans}")
+    if a.dtype == np.bool_:
+        x = a.astype(np.float32)
+    elif np.issubdtype(a.dtype, np.unsignedinteger) or np.issubdtype(a.dtype, np.signedinteger):
+        top = 65535 if a.dtype.itemsize > 2 and a.size and a.min() >= 0 and a.max() <= 65535 else \
+            np.iinfo(a.dtype).max
+        x = a.astype(np.float32) / np.float32(top)
+    else:
+        x = a.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+class ImageReader:
+    """``read_image`` for ``in_chans`` channels as a dataset's ``loader(path)`` (picklable, for DataLoader
+    workers). ``--in_chans 3`` on 8-bit files gives ``load_rgb``'s images."""
+
+    def __init__(self, in_chans=3):
+        self.in_chans = in_chans
+
+    def __call__(self, path):
+        return read_image(path, self.in_chans)
+
+
+def as_tensor(img):
+    """What ``read_image`` returned, as a float (C, H, W) tensor in [0, 1] (``to_tensor`` for PIL images)."""
+    from torchvision.transforms import functional as F
+    return img if isinstance(img, torch.Tensor) else F.to_tensor(img)
 
 
 def bad_file_reason(path, e):
@@ -93,9 +223,13 @@ class ImageFolder(datasets.ImageFolder):
 
     def __init__(self, root, transform=None, skip_bad=False, loader=load_rgb):
         try:
-            super().__init__(root, transform=transform, loader=loader)
+            # (is_image_file: torchvision's extensions and .npy; a tree without .npy files gives the same samples)
+            super().__init__(root, transform=transform, loader=loader, is_valid_file=is_image_file)
         except FileNotFoundError as e:  # no class folders, or a class folder without an image
             raise UsageError(f"{root}: {e}") from None
+        self._init_skip(skip_bad)
+
+    def _init_skip(self, skip_bad):
         self.skip_bad = skip_bad
         n = len(self.samples)
         # one byte per sample, in shared memory so that DataLoader workers' marks are seen by the main process
@@ -148,6 +282,112 @@ class ImageFolder(datasets.ImageFolder):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return sample, target
+
+
+def is_image_file(path):
+    return str(path).lower().endswith(IMG_EXTENSIONS)
+
+
+class ImageFiles(ImageFolder):
+    """The images ``paths`` with no labels (every target 0): a folder searched recursively, or a list. Bad files
+    are handled as ``ImageFolder``'s. ``root`` names the source in messages."""
+
+    def __init__(self, root, paths, transform=None, skip_bad=False, loader=load_rgb):
+        datasets.VisionDataset.__init__(self, root, transform=transform)
+        self.loader = loader
+        self.classes, self.class_to_idx = [], {}
+        self.samples = [(p, 0) for p in paths]
+        self.imgs, self.targets = self.samples, [0] * len(self.samples)
+        self._init_skip(skip_bad)
+
+
+def list_images(root):
+    """The image files under the folder ``root`` (``IMG_EXTENSIONS``), searched recursively, sorted by path (the
+    names at each level, files and folders together). Symlinks are followed, each directory once (by its real
+    path), so a link back up the tree or two links to one folder do not repeat files."""
+    return _list_below(root, set())
+
+
+def _list_below(folder, seen):
+    seen.add(os.path.realpath(folder))
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise UsageError(f"{folder}: cannot be listed ({e.strerror or e})") from None
+    out = []
+    for e in entries:
+        if e.is_dir():
+            if os.path.realpath(e.path) not in seen:
+                out.extend(_list_below(e.path, seen))
+        elif e.name.lower().endswith(IMG_EXTENSIONS):
+            out.append(e.path)
+    return out
+
+
+def read_list(list_path, what='--data_path'):
+    """The image paths a ``.txt`` list names, one per line (blank lines and lines starting with # skipped;
+    relative paths are relative to the list's folder). A one-line ``UsageError`` when it names none, or names files
+    that do not exist (how many, and the first few)."""
+    try:
+        with open(list_path, encoding='utf-8') as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} {list_path}: cannot be read as a text list of image paths ({e})") from None
+    base = os.path.dirname(os.path.abspath(list_path))
+    paths = [os.path.join(base, line) for line in lines if line and not line.startswith('#')]
+    if not paths:
+        raise UsageError(f"{what} {list_path}: the list names no image file (one path per line)")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UsageError(f"{what} {list_path}: {len(missing)} of its {len(paths)} files do not exist, e.g. "
+                         + ', '.join(missing[:3]) + (', ...' if len(missing) > 3 else ''))
+    return paths
+
+
+def has_class_folders(root):
+    """Whether ``root`` holds a sub-folder (an ImageFolder's classes)."""
+    try:
+        with os.scandir(root) as it:
+            return any(e.is_dir() for e in it)
+    except OSError:
+        return False
+
+
+def pretrain_source(data_path):
+    """What pre-training reads from ``--data_path``: ('list', file) for a .txt list, ('folder', <data_path>/train)
+    for an ImageFolder tree (the reference's), else ('files', the folder searched recursively: <data_path>/train
+    when it exists, else <data_path>)."""
+    if os.path.isfile(data_path):
+        return 'list', data_path
+    train = os.path.join(data_path, 'train')
+    if os.path.isdir(train):
+        return ('folder' if has_class_folders(train) else 'files'), train
+    return 'files', data_path
+
+
+def check_pretrain_path(data_path):
+    """One line before anything runs when pre-training's ``--data_path`` is neither a folder nor a .txt list."""
+    if os.path.isfile(data_path):
+        if not data_path.lower().endswith(LIST_SUFFIX):
+            raise UsageError(f"--data_path {data_path} is a file: pre-training reads a folder of images (or an "
+                             f"ImageFolder tree with train/) or a {LIST_SUFFIX} list of image paths, one per line")
+    elif not os.path.isdir(data_path):
+        raise UsageError(f"--data_path {data_path}: no such file or folder")
+
+
+def pretrain_dataset(data_path, transform=None, skip_bad=False, loader=load_rgb):
+    """Pre-training's images (see ``pretrain_source``): an ``ImageFolder`` for a tree with class folders (the
+    reference's data order), else ``ImageFiles``. A one-line ``UsageError`` when there is no image."""
+    kind, root = pretrain_source(data_path)
+    if kind == 'folder':
+        return ImageFolder(root, transform=transform, skip_bad=skip_bad, loader=loader)
+    paths = read_list(root) if kind == 'list' else list_images(root)
+    if not paths:
+        raise UsageError(f"--data_path {data_path}: no image files ({', '.join(IMG_EXTENSIONS)}) in {root} or below")
+    print(f"--data_path {data_path}: {len(paths)} images "
+          + (f"listed in {root}" if kind == 'list' else f"in {root} (searched recursively; no labels)"))
+    return ImageFiles(root, paths, transform=transform, skip_bad=skip_bad, loader=loader)
 
 
 def image_folder(data_path, split, transform, skip_bad=False, loader=load_rgb):
