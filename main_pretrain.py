@@ -104,6 +104,9 @@ def check_args(args):
         if args.mask_type == 'grid' and (grid_h % 2 or grid_w % 2):
             raise misc.UsageError(f"--mask_type grid needs an even patch grid (2x2 cells); --input_size "
                                   f"{args.input_size} gives {grid_h}x{grid_w} patches with --model {args.model}")
+    if args.init_from:  # the file must fit the model (or be adaptable to it) before anything is computed
+        with torch.device('meta'):
+            init_from_checkpoint(build_model(args), args.init_from, check_only=True)
 
 
 def build_model(args):

@@ -77,7 +77,9 @@ def check_given(args):
     """Where no checkpoint supplies them (pre-training): a channel count other than 3 needs --mean/--std or
     --data_stats auto."""
     in_chans = getattr(args, 'in_chans', None) or DEFAULT_IN_CHANS
-    if in_chans != DEFAULT_IN_CHANS and args.mean is None and not getattr(args, 'data_stats', None):
+    if args.mean is not None:
+        check_values(args.mean, args.std, in_chans)
+    elif in_chans != DEFAULT_IN_CHANS and not getattr(args, 'data_stats', None):
         raise UsageError(no_stats_message(in_chans))
 
 
@@ -147,7 +149,7 @@ def resolve(args, training_images=None, checkpoint=None, what='--finetune'):
         mean, std = DEFAULT_MEAN, DEFAULT_STD
     else:
         raise UsageError(no_stats_message(args.in_chans))
-    check_values(mean, std, args.in_chans, where=f" (for --in_chans {args.in_chans})")
+    check_values(mean, std, args.in_chans, where='' if mean is args.mean else f" ({what})")
     args.mean, args.std = [float(m) for m in mean], [float(s) for s in std]
 
 

@@ -96,18 +96,17 @@ def read_image(path, in_chans=3):
         data = f.read()
     if data[:8] == PNG_SIGNATURE and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
         # 16-bit RGB(A) PNG: PIL reads it as 8 bits; torchvision's decoder keeps the 16
-        from torchvision.io import ImageReadMode, decode_png
-        pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            from torchvision.io import ImageReadMode, decode_png
+            pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
         return fit_channels(pixels.permute(1, 2, 0).numpy(), in_chans, path, alpha=True)
+    if ext in ('.tif', '.tiff') and not pil_reads_tiff(data):
+        return fit_channels(read_tiff(data, path), in_chans, path, alpha=False)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        except BAD_FILE_ERRORS:
-            if ext in ('.tif', '.tiff'):  # multi-band or 16-bit colour TIFF: PIL reads at most 4 bands of 8 bits
-                return fit_channels(read_tiff(data, path), in_chans, path, alpha=False)
-            raise
+        img = Image.open(io.BytesIO(data))
+        img.load()
     if img.mode in _RGB_MODES:
         if in_chans == 3:
             return to_rgb(img)
@@ -121,6 +120,25 @@ def read_image(path, in_chans=3):
         return fit_channels(bands, in_chans, path, alpha=img.mode in ('LA', 'RGBA', 'PA'))
     # 16-bit (I;16*), 32-bit integer (I) and float (F) grey images
     return fit_channels(np.asarray(img), in_chans, path, alpha=False)
+
+
+def pil_reads_tiff(data):
+    """Whether PIL reads this TIFF whole: one grey band, or 3-4 bands of 8 bits, interleaved (what tifffile, when
+    installed, says of its first image). PIL reads other TIFFs wrongly (one plane of a planar multi-band file) or not
+    at all; without tifffile, PIL is tried (and fails on files it cannot read)."""
+    try:
+        import tifffile
+    except ImportError:
+        return True
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            series = tif.series[0]
+            shape, axes, dtype = series.shape, series.axes, series.dtype
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: PIL says what is wrong
+        return True
+    if len(shape) == 2:
+        return dtype.itemsize <= 2
+    return len(shape) == 3 and axes.endswith('S') and shape[2] in (3, 4) and dtype == np.uint8
 
 
 def read_tiff(data, path):
