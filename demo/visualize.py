@@ -317,7 +317,7 @@ def to_display(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Un-normalise (``mean``/``std``, ImageNet's by default) a (C, H, W) tensor into an (H, W, 3) array in [0, 1]:
     RGB for 3 channels, grey for 1; of more channels the first three are shown as RGB, of two the first as grey."""
     c = x.shape[0]
-    x = torch.clip(x * torch.tensor(std).view(c, 1, 1) + torch.tensor(mean).view(c, 1, 1), 0, 1)
+    x = torch.clip(x * torch.as_tensor(std).view(c, 1, 1) + torch.as_tensor(mean).view(c, 1, 1), 0, 1)
     x = x[:3] if c >= 3 else x[:1].repeat(3, 1, 1)
     return x.permute(1, 2, 0).numpy()
 
@@ -334,10 +334,10 @@ def make_panels(model, img, pred, mask, norm_pix=False, denorm='true_patch', mea
         raise ValueError(f"denorm must be one of {DENORM_MODES}, got {denorm!r}")
     img = img.cpu()
     if norm_pix:
-        mean, std = patch_stats(model, img)
+        patch_mean, patch_std = patch_stats(model, img)
         if denorm == 'neighbours':
-            mean, std = neighbour_stats(mean, std, mask, model.patch_embed.grid_size)
-        pred = pred * std + mean
+            patch_mean, patch_std = neighbour_stats(patch_mean, patch_std, mask, model.patch_embed.grid_size)
+        pred = pred * patch_std + patch_mean
     recon = model.unpatchify(pred[None])[0]
     p = model.patch_size
     c = model.in_chans

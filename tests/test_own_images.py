@@ -282,7 +282,7 @@ def test_stats_round_trip_pretrain_finetune_visualize(tmp_path, capsys):
     out = tmp_path / 'pre'
     base = ['--model', 'mae_vit_tiny_patch4', '--input_size', '16', '--batch_size', '4', '--warmup_epochs', '0',
             '--data_path', data / 'train' / 'a', '--device', 'cpu', '--num_workers', '0', '--output_dir', out,
-            '--in_chans', '1', '--data_stats', 'auto', '--init_from', rgb]
+            '--in_chans', '1', '--data_stats', 'auto', '--init_from', rgb, '--norm_pix_loss']
     first = run_ok(main_pretrain, capsys, *base, '--epochs', '1')
     assert 'measured on 4 of 4 images' in first and 'Initialised from' in first
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
