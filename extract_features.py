@@ -30,7 +30,7 @@ import torch
 
 from util import from_checkpoint, knn_monitor
 from util.datasets import eval_transform
-from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb
+from util.image_decode import BAD_FILE_ERRORS, bad_file_reason, load_rgb
 from util.errors import UsageError, run_main
 from util.flag_checks import check_device, check_ranges
 
