@@ -26,7 +26,7 @@ from util.fast_data import CropFlip, collate_pixels  # noqa: E402
 from util.image_decode import ChannelMismatch, ImageReader, load_rgb, read_image  # noqa: E402
 from util.image_folder import ImageFolder  # noqa: E402
 from util.image_sources import list_images, pretrain_dataset, pretrain_source, read_list  # noqa: E402
-import util.misc as misc  # noqa: E402
+import util.errors as errors  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 from util.pretrained import adapt_patch_embed, init_from_checkpoint  # noqa: E402
 
@@ -272,8 +272,8 @@ def grey_tree(root, n=4, size=20):
 
 
 def run_ok(module, capsys, *argv):
-    """An entry point's main() through misc.run_main, which returns when the run succeeds; returns its stdout."""
-    misc.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
+    """An entry point's main() through errors.run_main, which returns when the run succeeds; returns its stdout."""
+    errors.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
     return capsys.readouterr().out
 
 
@@ -312,9 +312,10 @@ def test_stats_round_trip_pretrain_finetune_visualize(tmp_path, capsys):
 @pytest.mark.parametrize('extra, expect', [
     (['--mean', '0.5', '0.5', '--std', '0.2', '0.2'], '--mean has 2 values, --in_chans is 3'),
     (['--mean', '0.5', '0.5', '0.5'], '--std is missing'),
-    (['--mean', '0.5', '0.5', '0.5', '--std', '0.2', '0', '0.2'], 'value 2 must be positive and finite'),
-    (['--mean', '0.5', '0.5', '0.5', '--std', '0.2', 'nan', '0.2'], 'value 2 must be positive and finite'),
-    (['--mean', '0.5', '0.5', '0.5', '--std', '0.2', '-1', '0.2'], 'value 2 must be positive and finite'),
+    (['--mean', '0.5', '0.5', '0.5', '--std', '0.2', '0', '0.2'], '--std must be positive, got 0.0'),
+    (['--mean', '0.5', '0.5', '0.5', '--std', '0.2', 'nan', '0.2'], '--std must be finite and positive, got nan'),
+    (['--mean', '0.5', '0.5', '0.5', '--std', '0.2', '-1', '0.2'], '--std must be positive, got -1.0'),
+    (['--mean', '0.5', 'inf', '0.5', '--std', '0.2', '0.2', '0.2'], '--mean must be finite and a number, got inf'),
     (['--mean', '0.5', '--std', '0.2', '--in_chans', '1', '--data_stats', 'auto'], 'leave out --mean/--std'),
     (['--in_chans', '2'], "--in_chans 2: ImageNet's mean and std are for 3 channels"),
     (['--in_chans', '0'], '--in_chans must be at least 1'),

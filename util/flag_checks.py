@@ -35,7 +35,9 @@ class Range(NamedTuple):
 
     def rule(self):
         """The range in words: 'at least 1', 'positive', 'in [0, 1)', '-1 (all) or at least 0'."""
-        if self.high == math.inf:
+        if self.high == math.inf and self.low == -math.inf:
+            words = 'a number'
+        elif self.high == math.inf:
             words = (('positive' if self.low == 0 else f'more than {self.low}') if self.low_open
                      else f'at least {self.low}')
         else:
