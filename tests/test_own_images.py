@@ -17,6 +17,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from conftest import ROOT, TINY, run_in_process, save_pretrained
 
+import extract_features  # noqa: E402
 import main_finetune  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_mae  # noqa: E402
@@ -291,9 +292,15 @@ def test_stats_round_trip_pretrain_finetune_visualize(tmp_path, capsys):
     assert ckpt['args']['mean'] == stats['mean'] and ckpt['args']['in_chans'] == 1
     assert ckpt['model']['patch_embed.proj.weight'].shape[1] == 1
     # continuing: the run's own checkpoint and cached statistics, the init not applied again
-    second = run_ok(main_pretrain, capsys, *base, '--epochs', '2')
+    # (with the kNN monitor on, which reads grey images as the run does: one channel, its statistics)
+    second = run_ok(main_pretrain, capsys, *base, '--epochs', '2', '--knn_every', '1', '--knn_data_path', data)
     assert 'Auto-resume' in second and 'Initialised from' not in second
     assert 'measured on 4 of 4' not in second and 'data_stats auto) from' in second
+    last = json.loads((out / 'log.txt').read_text().splitlines()[-1])
+    assert last['epoch'] == 1 and 0 <= last['knn_top1'] <= 100
+    knn = run_ok(extract_features, capsys, data, '--checkpoint', out / 'checkpoint-last.pth', '--knn', '--device',
+                 'cpu', '--num_workers', '0')
+    assert 'Images: 1 channel(s), normalised with mean' in knn and f"top-1 {last['knn_top1']:.2f}%" in knn
 
     ft = tmp_path / 'ft'
     said = run_ok(main_finetune, capsys, '--model', 'vit_tiny_patch4', '--input_size', '16', '--nb_classes', '2',
