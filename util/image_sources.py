@@ -109,7 +109,9 @@ def pretrain_dataset(data_path, transform=None, skip_bad=False, loader=load_rgb)
         return ImageFolder(root, transform=transform, skip_bad=skip_bad, loader=loader)
     paths = read_list(root) if kind == 'list' else list_images(root)
     if not paths:
-        raise UsageError(f"--data_path {data_path}: no image files ({', '.join(IMG_EXTENSIONS)}) in {root} or below")
+        raise UsageError(f"--data_path {data_path}: no image files ({', '.join(IMG_EXTENSIONS)}) in {root} or below; "
+                         f"pre-training reads an ImageFolder tree (train/<class>/<image>), any folder of images, or "
+                         f"a {LIST_SUFFIX} list of image paths")
     print(f"--data_path {data_path}: {len(paths)} images "
           + (f"listed in {root}" if kind == 'list' else f"in {root} (searched recursively; no labels)"))
     return ImageFiles(root, paths, transform=transform, skip_bad=skip_bad, loader=loader)

@@ -160,8 +160,9 @@ class KnnMonitor:
         self.batch_size, self.num_workers = args.batch_size, args.num_workers
         self.amp = misc.amp_settings(args)
         self.train_set, self.val_set, self.num_classes = knn_datasets(
-            args.knn_data_path, args.input_size, args.knn_train_subset, args.knn_val_subset, in_chans=args.in_chans,
-            mean=args.mean, std=args.std)
+            args.knn_data_path, args.input_size, args.knn_train_subset, args.knn_val_subset,
+            in_chans=getattr(args, 'in_chans', None) or 3, mean=getattr(args, 'mean', None) or DEFAULT_MEAN,
+            std=getattr(args, 'std', None) or DEFAULT_STD)
         print(f"kNN monitor: every {self.every} epoch(s) and after the last, {len(self.train_set)} train and "
               f"{len(self.val_set)} val images of {args.knn_data_path} ({self.num_classes} classes), k={K}, "
               f"T={TEMPERATURE}")
