@@ -55,6 +55,21 @@ def test_sigkill_then_resume_gives_identical_log(tmp_path, uninterrupted, fault,
     assert ckpt['epoch'] == 2 and 'resume_iter' not in ckpt
 
 
+def test_bf16_on_the_cpu_resumes_to_the_same_log(tmp_path, uninterrupted):
+    """--amp bf16 on the CPU (autocast [new]) is as deterministic as fp32 there: killed mid-epoch and resumed, the
+    same log.txt and TensorBoard points as without the kill (and not fp32's)."""
+    extra = ['--amp', 'bf16', '--save_every_iters', '2']
+    full = tmp_path / 'full'
+    r = run_script(*pretrain_args(full, *extra))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'Precision: bf16 autocast on the CPU' in r.stdout
+    crashed, resumed = crash_then_resume(tmp_path / 'resumed', 'step:1:3', *extra)
+    assert crashed.returncode == -9 and 'Resuming epoch 1 at iteration 2' in resumed.stdout
+    assert (tmp_path / 'resumed' / 'log.txt').read_text() == (full / 'log.txt').read_text()
+    assert tb_points(tmp_path / 'resumed') == tb_points(full)
+    assert (full / 'log.txt').read_text() != uninterrupted[0]  # the fp32 run's, with the same flags otherwise
+
+
 def test_kill_during_write_leaves_previous_checkpoint_loadable(tmp_path):
     crashed = run_with_fault('save:3', pretrain_args(tmp_path))
     assert crashed.returncode == -9
