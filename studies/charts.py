@@ -5,6 +5,8 @@ import math
 
 from PIL import Image
 
+from studies.paper import PAPER_MEASURE
+
 OURS_COLOUR, PAPER_COLOUR = '#1f77b4', '#d62728'
 
 
@@ -27,7 +29,7 @@ def plot_curve(study, data, scale_name, path):
         else:
             paper_xs = xs
         panels.append((f"{titles[key]}: ours ({scale_name} scale)", xs, ours, OURS_COLOUR, 'no results yet'))
-        panels.append((f"{titles[key]}: paper (ImageNet, ViT-L)", paper_xs, paper, PAPER_COLOUR,
+        panels.append((f"{PAPER_MEASURE.get(key, titles[key])}: paper (ImageNet, ViT-L)", paper_xs, paper, PAPER_COLOUR,
                        'no paper numbers at these x'))
     rows = math.ceil(len(panels) / 2)
     figure = Figure(figsize=(7.5, 0.4 + 2.4 * rows), dpi=100, layout='constrained')

@@ -40,6 +40,8 @@ PAPER_EVALS = dict({name: ('finetune', 'linprobe') for name in STUDIES}, scratch
 SMALL_EVALS = dict(PAPER_EVALS, **{name: ('probe', 'knn') for name in ABLATIONS})
 DEFAULT_EVALS = {'paper': PAPER_EVALS, 'small': SMALL_EVALS, 'quick': SMALL_EVALS}
 FROZEN = ('linprobe', 'probe', 'knn')  # evaluations of frozen features: partial_ft's K = 0
+# the paper's measure beside a column of ours that is not the paper's own (its header in the paper's column)
+PAPER_MEASURE = {'probe': 'linear probing'}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from studies.charts import plot_curve
+from studies.paper import PAPER_MEASURE
 from studies.plan import recipe_argv
 from studies.recipes import EVALUATIONS
 from studies.runner import fmt_time
@@ -60,7 +61,7 @@ def markdown_table(study, plan, setup):
     """Each column's top-1 (ours), its standard error (s.e., from the evaluation set's size) and the paper's."""
     header = [study.row_header]
     for key, title in study.columns:
-        header += [f"{title} (ours)", 's.e.', f"{title} (paper)"]
+        header += [f"{title} (ours)", 's.e.', f"{PAPER_MEASURE.get(key, title)} (paper)"]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' + ':---:|' * (len(header) - 1)]
     for cell in study.cells:
         row = [cell.label]

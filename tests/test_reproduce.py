@@ -360,6 +360,8 @@ def test_without_matplotlib_the_chart_is_skipped_with_a_note(tmp_path, capsys, m
     # each with the standard error of the images its result.json counted: sqrt(0.4 * 0.6 / 1000) = 1.5 points
     table = (tmp_path / 'mask_ratio.md').read_text()
     assert '| 0.75 (default) | 40.0 | ±1.5 | 73.5 | 40.0 | ±1.5 | — |' in table
+    assert ('| mask ratio | feature probe (ours) | s.e. | linear probing (paper) | kNN (ours) | s.e. | kNN (paper) |'
+            in table)
     assert 'Feature probe: a linear classifier' in table and 'Fine-tuning is a column on request' in table
 
 
