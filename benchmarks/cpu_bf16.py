@@ -7,8 +7,11 @@ autocast of the forward on the CPU [new]): the small-scale model of ``reproduce.
 Each step is engine_pretrain.train_one_epoch's, as main_pretrain.py runs it (AdamW with its weight-decay groups,
 the loss scaler's autocast, the per-step loss read), on synthetic images; the precisions alternate round by round
 (fp32, bf16, fp32, bf16, ...) so that a change in the machine's load falls on both, and the best round of each is
-printed with the FLOPs of one step (torch.utils.flop_counter: matrix products and attention) per second. Run it
-on a quiet machine: other jobs on the same cores slow both, by different amounts.
+printed with the FLOPs of one step (torch.utils.flop_counter: matrix products and attention) per second. It also
+prints the CPU's vector capability, whether oneDNN multiplies bf16 in hardware (AVX-512 BF16, AMX), and the rate
+of a 1024x1024 matrix product in each precision: without bf16 instructions bf16 is emulated and far slower than
+fp32, and --amp bf16 does not pay there. Run it on a quiet machine: other jobs on the same cores slow both, by
+different amounts.
 """
 import argparse
 import contextlib
@@ -24,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine_pretrain  # noqa: E402
 import models_mae  # noqa: E402
 import util.misc as misc  # noqa: E402
+import util.process as process  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
 from util.run import LoopHooks  # noqa: E402
 
@@ -59,6 +63,17 @@ def step_flops(model, scaler, batch_size, input_size):
     return counter.get_total_flops()
 
 
+def matmul_gflops(dtype, n=1024, repeats=3):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='mae_vit_small_patch4', choices=sorted(models_mae.MODELS))
@@ -74,6 +89,9 @@ def main():
              for name, (model, scaler, _) in benches.items()}
     print(f"{args.model} at {args.input_size} px, batch {args.batch_size}, 75% masking; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {flops['fp32'] / args.batch_size / 1e6:.0f} MFLOP per image")
+    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, bf16 matrix instructions: "
+          f"{'yes' if process.cpu_has_fast_bf16() else 'no (emulated)'}; 1024x1024 matmul: fp32 "
+          f"{matmul_gflops(torch.float32):.0f} GFLOP/s, bf16 {matmul_gflops(torch.bfloat16):.1f} GFLOP/s", flush=True)
     best = {}
     for r in range(args.rounds):
         for name, (_, _, run) in benches.items():

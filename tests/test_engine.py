@@ -79,8 +79,16 @@ def test_accumulation_micro_steps_skip_the_gradient_sync():
     ('bf16', 'Precision: bf16 autocast on the CPU (--amp bf16 [new]: the forward\'s matrix products in bfloat16; '
              'weights, gradients and optimizer in fp32)'),
 ])
-def test_the_cpu_precision_line_says_what_the_forward_runs_in(amp, line):
+def test_the_cpu_precision_line_says_what_the_forward_runs_in(amp, line, monkeypatch):
+    monkeypatch.setattr(process, 'cpu_has_fast_bf16', lambda: True)
     assert process.precision_line(SimpleNamespace(device='cpu', amp=amp), torch.device('cpu')) == line
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_says_it_will_be_slow(monkeypatch):
+    monkeypatch.setattr(process, 'cpu_has_fast_bf16', lambda: False)
+    line = process.precision_line(SimpleNamespace(device='cpu', amp='bf16'), torch.device('cpu'))
+    assert line.startswith('Precision: bf16 autocast on the CPU') and 'no bf16 matrix instructions' in line
+    assert 'no bf16' not in process.precision_line(SimpleNamespace(device='cpu', amp='fp16'), torch.device('cpu'))
 
 
 def train_tiny(amp):

@@ -54,7 +54,8 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
                         help='[new] mixed precision on CUDA: fp16 with loss scaling (the reference), bf16, or none '
                              '(fp32). On the CPU fp16 and none run fp32 (the default: the reference\'s numbers) and '
                              'bf16 runs the forward under bf16 autocast (opt-in: faster where the CPU has bf16 '
-                             'instructions, e.g. AVX-512 BF16 or AMX; the losses differ slightly from fp32\'s)')
+                             'matrix instructions, AVX-512 BF16 or AMX, much slower where it has not; the losses '
+                             'differ slightly from fp32\'s)')
     parser.add_argument('--save_freq', default=save_freq, type=int,
                         help=f'[new] keep checkpoint-<epoch>.pth every N epochs and at the end (default {save_freq}, '
                              'as the reference); checkpoint-last.pth is rewritten every epoch regardless')

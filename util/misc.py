@@ -201,8 +201,9 @@ def all_reduce_max(x):
 def amp_settings(args):
     """``(device_type, dtype, enabled)`` of the forward pass's autocast (the engines' ``torch.autocast``):
     fp16 on CUDA as the reference (``--amp fp16``, the default), bf16 with ``--amp bf16``, off with ``--amp none``.
-    On the CPU only ``--amp bf16`` turns autocast on (bf16 matrix products, about 1.3x faster on CPUs with AVX-512
-    BF16 or AMX); fp16 and none run fp32 there, as the reference, so that the default stays its numbers."""
+    On the CPU only ``--amp bf16`` turns autocast on (bf16 matrix products: faster on CPUs with AVX-512 BF16 or
+    AMX, emulated and much slower without); fp16 and none run fp32 there, as the reference, so that the default
+    stays its numbers."""
     amp = getattr(args, 'amp', 'fp16')
     use_cuda = str(args.device).startswith('cuda')
     dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
