@@ -154,7 +154,8 @@ def test_resume_errors(tmp_path, script):
 def test_output_dir_not_writable(tmp_path, script):
     (tmp_path / 'file').write_text('')
     r = script(*tiny_args(tmp_path / 'file' / 'out'))
-    assert r.returncode == 2 and 'is not writable' in _error(r)
+    assert r.returncode == 2 and _error(r) == (f"error: --output_dir {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} "
+                                               f"is a file, not a folder")
 
 
 def test_batch_larger_than_dataset(tmp_path, script):
