@@ -77,3 +77,13 @@ def decode_png_16(data, path):
             pixels = image.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                       mode=image.ImageReadMode.UNCHANGED)
     return pixels.to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16)
+
+
+def torchvision_version():
+    """The installed torchvision's (major, minor), e.g. (0, 16)."""
+    import torchvision
+    return tuple(int(x) for x in torchvision.__version__.split('+')[0].split('.')[:2])
+
+
+# --data_loader gpu decodes a batch's JPEGs in one call: torchvision.io.decode_jpeg takes a list from 0.19
+BATCHED_JPEG_DECODE = (0, 19)
