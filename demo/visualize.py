@@ -135,7 +135,7 @@ def load_image(path, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=
     except BAD_FILE_ERRORS as e:
         raise UsageError(f"bad image file {path} ({bad_file_reason(path, e)})") from None
     transform = transforms.Compose([
-        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
         transforms.CenterCrop(input_size),
         ToTensor(),
         transforms.Normalize(mean=mean, std=std)])
