@@ -100,7 +100,10 @@ def timm_call(state_dict, mae_name, input_size, file):
         kwargs['img_size'] = input_size
     if in_chans != 3:
         kwargs['in_chans'] = in_chans
-    return name, dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(file), num_classes=classes), **kwargs)
+    # (custom_load=False: our file is a plain state dict, not the .npz that some of timm's configs name; timm 1.0.3
+    # would otherwise read it as one)
+    return name, dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(file), num_classes=classes,
+                                                                   custom_load=False), **kwargs)
 
 
 def save_file(tensors, path):

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from util import from_checkpoint, knn_monitor
+from util import data_stats, from_checkpoint, knn_monitor
 from util.datasets import eval_transform
-from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb
+from util.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image
 from util.errors import UsageError, run_main
 from util.flag_checks import check_device, check_ranges
 
@@ -95,15 +95,15 @@ def find_images(paths):
 
 
 class Images(torch.utils.data.Dataset):
-    def __init__(self, files, transform):
-        self.files, self.transform = files, transform
+    def __init__(self, files, transform, in_chans=3):
+        self.files, self.transform, self.in_chans = files, transform, in_chans
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            img = load_rgb(self.files[i])
+            img = read_image(self.files[i], self.in_chans)
         except BAD_FILE_ERRORS as e:
             raise UsageError(f"bad image file {self.files[i]} ({bad_file_reason(self.files[i], e)})") from None
         return self.transform(img)
@@ -140,9 +140,12 @@ def check_args(args):
     return device
 
 
-def extract(model, files, input_size, pool, device, batch_size=64, num_workers=0):
-    """The ``pool`` features of ``files`` (float32, on the CPU, in order)."""
-    loader = torch.utils.data.DataLoader(Images(files, eval_transform(input_size)), batch_size=batch_size,
+def extract(model, files, input_size, pool, device, batch_size=64, num_workers=0, stats=None):
+    """The ``pool`` features of ``files`` (float32, on the CPU, in order); ``stats``: the channels and normalisation
+    the model was trained with (``util.data_stats.stats_from_checkpoint``; ImageNet's RGB when None)."""
+    stats = stats or data_stats.stats_from_checkpoint({})
+    images = Images(files, eval_transform(input_size, stats['mean'], stats['std']), stats['in_chans'])
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers, generator=torch.Generator())
     out = []
     for images in progress(loader, len(loader), 'features'):
@@ -150,12 +153,24 @@ def extract(model, files, input_size, pool, device, batch_size=64, num_workers=0
     return torch.cat(out)
 
 
+def trained_stats(model, info):
+    """The channels and normalisation the checkpoint was trained with (its --in_chans/--mean/--std; ImageNet's RGB
+    for checkpoints that store none), said in one line when they are not ImageNet's."""
+    stats = data_stats.stats_from_checkpoint(info['args'], model.state_dict())
+    if stats['stored']:
+        print(f"Images: {stats['in_chans']} channel(s), normalised with mean {data_stats.fmt(stats['mean'])} std "
+              f"{data_stats.fmt(stats['std'])} (from {info['path']})")
+    return stats
+
+
 def main(args):
     device = check_args(args)
     if args.knn:
         model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size)
-        train, val, num_classes = knn_monitor.knn_datasets(args.images[0], info['input_size'], args.knn_train_subset,
-                                                           args.knn_val_subset, flag='--knn')
+        stats = trained_stats(model, info)
+        train, val, num_classes = knn_monitor.knn_datasets(
+            args.images[0], info['input_size'], args.knn_train_subset, args.knn_val_subset, flag='--knn',
+            in_chans=stats['in_chans'], mean=stats['mean'], std=stats['std'])
         start = time.time()
         stats = knn_monitor.knn_evaluate(model.to(device), train, val, num_classes, device, args.batch_size,
                                          args.num_workers)
@@ -170,7 +185,7 @@ def main(args):
         raise UsageError(f"--out {args.out}: no folder {out_dir}")
     model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size)
     feats = extract(model.to(device), files, info['input_size'], args.pool, device, args.batch_size,
-                    args.num_workers)
+                    args.num_workers, stats=trained_stats(model, info))
     result = {'features': feats.numpy(), 'paths': np.array(files), 'pool': np.array(args.pool),
               'model': np.array(info['vit_model']), 'checkpoint': np.array(str(args.checkpoint))}
     if labels is not None:

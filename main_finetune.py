@@ -19,10 +19,12 @@ import util.misc as misc
 import util.resume as resume
 import util.speed as speed
 from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
+from util import data_stats
 from util.datasets import build_transform, check_augmentation, check_classes
 from util.errors import UsageError, run_main
 from util.flag_checks import check_common
 from util.flags import add_classifier_args, add_common_args
+from util.image_decode import ImageReader
 from util.image_folder import image_folder
 from util.lr_sched import set_lr
 from util.pretrained import load_finetune_weights
@@ -91,6 +93,7 @@ def get_args_parser():
                         help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
 
     add_classifier_args(parser, global_pool=True)
+    data_stats.add_args(parser, checkpoint_flag='--finetune')  # [new] --in_chans, --mean, --std, --data_stats
     return parser
 
 
@@ -107,13 +110,16 @@ def main(args):
     # [new] seed_python: RandAugment and random erasing draw from python's `random`; the reference leaves it
     # unseeded, so with --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
     device = setup_process(args, __file__, seed_python=True)  # process group, --output_dir locked, flags printed, seeds
+    # [new] --in_chans and the normalisation: given, else --finetune's (said in one line), before the checkpoint to
+    # continue is compared with them
+    data_stats.resolve_supervised(args)
     args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # (evaluation only needs val/)
     data_loader_train = None if args.eval else loaders.train_loader(args, build_transform(True, args), None, device)
     # [new] val/'s classes take train/'s numbers, by name (the reference numbers each split's folders on its own)
     dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images,
-                               numbered_as='train')
+                               numbered_as='train', loader=ImageReader(args.in_chans))
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
     data_loader_val = loaders.val_loader(args, dataset_val, device)
@@ -129,6 +135,7 @@ def main(args):
 
     model = models_vit.MODELS[args.model](
         img_size=args.input_size,
+        in_chans=args.in_chans,
         num_classes=args.nb_classes,
         drop_path_rate=args.drop_path,
         global_pool=args.global_pool,

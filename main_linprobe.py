@@ -16,11 +16,13 @@ import util.loaders as loaders
 import util.misc as misc
 import util.resume as resume
 from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
+from util import data_stats
 from util.crop import RandomResizedCrop
 from util.datasets import check_classes, eval_transform, linprobe_transform
 from util.errors import run_main
 from util.flag_checks import check_common
 from util.flags import add_classifier_args, add_common_args
+from util.image_decode import ImageReader
 from util.image_folder import image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr
@@ -40,6 +42,7 @@ def get_args_parser():
 
     add_classifier_args(parser, global_pool=False,
                         global_pool_help='pool the mean of the patch tokens (its fc_norm is trained with the head)')
+    data_stats.add_args(parser, checkpoint_flag='--finetune')  # [new] --in_chans, --mean, --std, --data_stats
     return parser
 
 
@@ -71,21 +74,25 @@ def check_args(args):
 def main(args):
     check_args(args)
     device = setup_process(args, __file__)  # process group, --output_dir locked, flags printed, seeds
+    # [new] --in_chans and the normalisation: given, else --finetune's (said in one line), before the checkpoint to
+    # continue is compared with them
+    data_stats.resolve_supervised(args)
     args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # (evaluation only needs val/); --data_loader fast_cpu draws the same TF-style crops
     data_loader_train = None if args.eval else loaders.train_loader(
-        args, linprobe_transform(args.input_size), dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params),
-        device)
+        args, linprobe_transform(args.input_size, args.mean, args.std),
+        dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params), device)
     # [new] val/'s classes take train/'s numbers, by name (the reference numbers each split's folders on its own)
-    dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size), skip_bad=args.skip_bad_images,
-                               numbered_as='train')
+    dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size, args.mean, args.std),
+                               skip_bad=args.skip_bad_images, numbered_as='train', loader=ImageReader(args.in_chans))
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
     data_loader_val = loaders.val_loader(args, dataset_val, device)
 
     model = models_vit.MODELS[args.model](
         img_size=args.input_size,
+        in_chans=args.in_chans,
         num_classes=args.nb_classes,
         global_pool=args.global_pool,
     )

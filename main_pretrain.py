@@ -14,12 +14,14 @@ import util.resume as resume
 import util.speed as speed
 from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
-from util import knn_monitor
+from util import data_stats, knn_monitor
 from util.datasets import pretrain_transform
 from util.errors import UsageError, run_main
 from util.flag_checks import check_common
 from util.flags import add_common_args
+from util.image_sources import check_pretrain_path, pretrain_dataset
 from util.lr_sched import set_lr
+from util.pretrained import init_from_checkpoint
 from util.process import parallel_model, setup_process
 from util.run import Run
 
@@ -29,7 +31,8 @@ def get_args_parser():
     add_common_args(parser, models_mae.MODELS,
                     dict(batch_size=64, epochs=400, model='mae_vit_large_patch16', weight_decay=0.05, blr=1e-3,
                          min_lr=0., warmup_epochs=40),
-                    data_help='dataset path (an ImageFolder tree with a train/ folder)', save_freq=20,
+                    data_help='dataset path: an ImageFolder tree with a train/ folder (the reference), [new] a '
+                              'folder of images (searched recursively) or a .txt list of image paths', save_freq=20,
                     optimizer='adamw', checkpointing=True, data_loaders=loaders.LOADERS)
 
     # Model parameters
@@ -50,6 +53,12 @@ def get_args_parser():
                         help='[new] decoder width (the paper\'s Table 1b; default: the model\'s own, 512 for the '
                              'paper\'s models). The attention heads keep their width (32 for the paper\'s models: '
                              '16 heads at 512, 8 at 256), so D must be a multiple of it')
+    data_stats.add_args(parser)  # [new] --in_chans, --mean, --std, --data_stats
+    parser.add_argument('--init_from', default='', metavar='FILE',
+                        help='[new] start from the weights of an MAE checkpoint (a released full or encoder-only '
+                             'one, or ours; position embeddings resized to --input_size, patch embedding adapted to '
+                             '--in_chans), with a fresh optimizer, schedule and epoch count; a resumed run restores '
+                             'its own checkpoint instead (README, "Your own images")')
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')
@@ -58,12 +67,14 @@ def get_args_parser():
 
 
 def check_args(args):
-    check_common(args, models_mae.MODELS, 'pre-training', splits=['train'])
+    check_common(args, models_mae.MODELS, 'pre-training', splits=[])
+    check_pretrain_path(args.data_path)  # [new] a folder (ImageFolder tree or images) or a .txt list
+    data_stats.check_given(args)  # other channel counts than ImageNet's 3 need their own statistics
     knn_monitor.check_args(args)
     if args.mask_type == 'grid' and args.mask_ratio != models_mae.GRID_MASK_RATIO:
         raise UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
-                              f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
-                              f"be (leave --mask_ratio out)")
+                         f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
+                         f"be (leave --mask_ratio out)")
     if args.mask_type != 'random' or args.decoder_depth is not None or args.decoder_embed_dim is not None:
         # the model's own checks (decoder width vs head width, an even patch grid for grid masks) before any
         # compute: built on the meta device, the model takes no memory and no time
@@ -74,27 +85,40 @@ def check_args(args):
                     decoder_embed_dim=args.decoder_embed_dim)
         except ValueError as e:
             raise UsageError(f"--decoder_embed_dim {args.decoder_embed_dim} does not fit --model {args.model}: "
-                                  f"{e}") from None
+                             f"{e}") from None
         grid_h, grid_w = model.patch_embed.grid_size
         if args.mask_type == 'grid' and (grid_h % 2 or grid_w % 2):
             raise UsageError(f"--mask_type grid needs an even patch grid (2x2 cells); --input_size "
-                                  f"{args.input_size} gives {grid_h}x{grid_w} patches with --model {args.model}")
+                             f"{args.input_size} gives {grid_h}x{grid_w} patches with --model {args.model}")
+    if args.init_from:  # the file must fit the model (or be adaptable to it) before anything is computed
+        with torch.device('meta'):
+            init_from_checkpoint(build_model(args), args.init_from, check_only=True)
+
+
+def build_model(args):
+    """The MAE of the flags; --decoder_depth/--decoder_embed_dim/--mask_type/--in_chans [new] left out are the
+    reference's model."""
+    return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                         mask_type=args.mask_type, decoder_depth=args.decoder_depth,
+                                         decoder_embed_dim=args.decoder_embed_dim, in_chans=args.in_chans or 3)
 
 
 def main(args):
     check_args(args)
     device = setup_process(args, __file__)  # process group, --output_dir locked, flags printed, seeds
+    # [new] --in_chans, --mean/--std or --data_stats auto (measured, or read from --output_dir's cache) before the
+    # checkpoint to continue is compared with them
+    data_stats.resolve(args, lambda: [path for path, _ in pretrain_dataset(args.data_path).samples])
     args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # the reference's simple augmentation (PIL), or --data_loader's uint8 crop and flip (the same distribution)
-    data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size), dict(scale=(0.2, 1.0)),
-                                             device)
+    data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size, args.mean, args.std),
+                                             dict(scale=(0.2, 1.0)), device, pretraining=True)
     knn = knn_monitor.from_args(args, device)  # [new] None when --knn_every is 0 (off); draws no random number
 
-    # define the model; --decoder_depth/--decoder_embed_dim/--mask_type [new] left out are the reference's model
-    model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                                          mask_type=args.mask_type, decoder_depth=args.decoder_depth,
-                                          decoder_embed_dim=args.decoder_embed_dim)
+    model = build_model(args)
+    if args.init_from and checkpoint is None:  # a resumed run restores its own weights: never re-initialised
+        init_from_checkpoint(model, args.init_from)
     model.set_grad_checkpointing(args.grad_checkpointing)
     print("Model = %s" % str(model))
 

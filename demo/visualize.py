@@ -37,14 +37,15 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
 import util.errors as errors  # noqa: E402
-from util import from_checkpoint  # noqa: E402
-from util.flag_checks import check_device, check_ranges  # noqa: E402
-from util.image_folder import BAD_FILE_ERRORS, bad_file_reason, load_rgb  # noqa: E402
+from util import data_stats, from_checkpoint  # noqa: E402
+from util.datasets import ToTensor  # noqa: E402
 from util.errors import UsageError  # noqa: E402
+from util.flag_checks import check_device, check_ranges  # noqa: E402
+from util.image_decode import BAD_FILE_ERRORS, IMG_EXTENSIONS, bad_file_reason, read_image  # noqa: E402
+from util.image_sources import list_images  # noqa: E402
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+# the default normalisation (util/data_stats.py holds it); a checkpoint's own --mean/--std replace it
+IMAGENET_MEAN, IMAGENET_STD = data_stats.DEFAULT_MEAN, data_stats.DEFAULT_STD
 NORM_PIX_EPS = 1e-6  # the loss's: target = (patch - mean) / sqrt(var + eps)
 DENORM_MODES = ('true_patch', 'neighbours')
 
@@ -102,6 +103,7 @@ def get_args_parser():
                         help='output folder (one <image>.png each), or a .png file name (with --grid, or for one '
                              'image); default: ./reconstructions')
     parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, ...')
+    data_stats.add_args(parser, checkpoint_flag='--checkpoint', measure=False)
     return parser
 
 
@@ -114,13 +116,7 @@ def find_images(paths):
         if os.path.isfile(p):
             found.append((p, os.path.basename(p)))
         elif os.path.isdir(p):
-            inside = []
-            for root, _, files in os.walk(p, followlinks=True):
-                for f in files:
-                    if f.lower().endswith(IMG_EXTENSIONS):
-                        full = os.path.join(root, f)
-                        inside.append((full, os.path.relpath(full, p)))
-            inside.sort(key=lambda item: Path(item[1]).parts)
+            inside = [(full, os.path.relpath(full, p)) for full in list_images(p)]
             if not inside:
                 raise UsageError(f"{p}: no image files ({', '.join(IMG_EXTENSIONS)}) in this folder or below")
             found.extend(inside)
@@ -129,34 +125,46 @@ def find_images(paths):
     return found
 
 
-def load_image(path, input_size):
-    """``path`` as the model's input: RGB, short side resized to ``input_size`` (bicubic), centre crop, normalised
-    with the ImageNet mean and std as in training; a (3, input_size, input_size) tensor."""
+def load_image(path, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3):
+    """``path`` as the model's input: read as in training (``read_image``: RGB for 3 channels), short side resized
+    to ``input_size`` (bicubic), centre crop, normalised with ``mean`` and ``std`` as in training; a (in_chans,
+    input_size, input_size) tensor."""
     import torchvision.transforms as transforms
     try:
-        img = load_rgb(path)
+        img = read_image(path, in_chans)
     except BAD_FILE_ERRORS as e:
         raise UsageError(f"bad image file {path} ({bad_file_reason(path, e)})") from None
     transform = transforms.Compose([
         transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+        ToTensor(),
+        transforms.Normalize(mean=mean, std=std)])
     return transform(img)
 
 
 # ---------------------------------------------------------------------------------------------------- model
 def load_mae(args):
     """Build the MAE of ``args.checkpoint`` and load its weights (``util.from_checkpoint.load_mae``: the model is
-    recognised from the weights' shapes when the file does not say); resolves ``args.model``, ``args.input_size``
-    and ``args.norm_pix_loss`` from the flags, the checkpoint's args and its shapes. Returns the model, in eval
-    mode."""
+    recognised from the weights' shapes when the file does not say); resolves ``args.model``, ``args.input_size``,
+    ``args.norm_pix_loss`` and the channels and normalisation (``args.in_chans``, ``args.mean``, ``args.std``) from
+    the flags, the checkpoint's args and its shapes. Returns the model, in eval mode."""
     model, info = from_checkpoint.load_mae(args.checkpoint, model=args.model, input_size=args.input_size,
                                            norm_pix_loss=args.norm_pix_loss)
-    if info['in_chans'] != 3:
-        raise UsageError(f"--checkpoint {args.checkpoint} is a {info['in_chans']}-channel model; this script shows "
-                         f"RGB images")
     args.model, args.input_size, args.norm_pix_loss = info['mae_model'], info['input_size'], info['norm_pix_loss']
+
+    # the channels and normalisation the model was trained with, unless given (said in one line)
+    trained = data_stats.stats_from_checkpoint(info['args'], model.state_dict())
+    if args.in_chans is None:
+        args.in_chans = trained['in_chans']
+    elif args.in_chans != trained['in_chans']:
+        raise UsageError(f"--in_chans {args.in_chans}: --checkpoint {args.checkpoint} is a {trained['in_chans']}-"
+                         f"channel model (leave --in_chans out)")
+    if args.mean is None:
+        args.mean, args.std = trained['mean'], trained['std']
+        if trained['stored']:
+            print(f"Normalisation: mean {data_stats.fmt(args.mean)} std {data_stats.fmt(args.std)} from --checkpoint "
+                  f"{args.checkpoint} (pass --mean/--std to override)")
+    data_stats.check_values(args.mean, args.std, args.in_chans, where=f" (for {args.in_chans} channels)")
     return model
 
 
@@ -167,8 +175,8 @@ def draw_noise(generator, num_patches):
 
 
 def predict(model, img, mask_ratio, noise):
-    """Run the MAE on one normalised image (3, H, W) with the mask given by ``noise`` (1, L). Returns the prediction
-    (L, p*p*3) and the mask (L,), 1 = removed, both on the CPU."""
+    """Run the MAE on one normalised image (C, H, W) with the mask given by ``noise`` (1, L). Returns the prediction
+    (L, p*p*C) and the mask (L,), 1 = removed, both on the CPU."""
     device = next(model.parameters()).device
     with torch.no_grad():
         _, pred, mask = model(img[None].to(device), mask_ratio=mask_ratio, noise=noise.to(device))
@@ -176,7 +184,7 @@ def predict(model, img, mask_ratio, noise):
 
 
 def patch_stats(model, img):
-    """Each patch's mean and std as the norm-pix loss normalises it: over the patch's p*p*3 normalised values,
+    """Each patch's mean and std as the norm-pix loss normalises it: over the patch's p*p*C normalised values,
     unbiased variance, eps 1e-6. Shapes (L, 1)."""
     target = model.patchify(img[None].cpu())[0]
     mean = target.mean(dim=-1, keepdim=True)
@@ -204,35 +212,39 @@ def neighbour_stats(mean, std, mask, grid):
     return m.view(-1, 1), s.view(-1, 1)
 
 
-def to_display(x):
-    """Un-normalise (ImageNet mean/std) a (3, H, W) tensor into an (H, W, 3) array in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return torch.clip(x * std + mean, 0, 1).permute(1, 2, 0).numpy()
+def to_display(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Un-normalise (``mean``/``std``, ImageNet's by default) a (C, H, W) tensor into an (H, W, 3) array in [0, 1]:
+    RGB for 3 channels, grey for 1; of more channels the first three are shown as RGB, of two the first as grey."""
+    c = x.shape[0]
+    x = torch.clip(x * torch.as_tensor(std).view(c, 1, 1) + torch.as_tensor(mean).view(c, 1, 1), 0, 1)
+    x = x[:3] if c >= 3 else x[:1].repeat(3, 1, 1)
+    return x.permute(1, 2, 0).numpy()
 
 
-def make_panels(model, img, pred, mask, norm_pix=False, denorm='true_patch'):
+def make_panels(model, img, pred, mask, norm_pix=False, denorm='true_patch', mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """The four panels of one figure, as (H, W, 3) float arrays in [0, 1]: 'original', 'masked' (removed patches
     grey), 'reconstruction' (the model's output everywhere), 'pasted' (the reconstruction in the removed patches, the
     original elsewhere: exactly the original's pixels there). Also 'mask' as a (grid_h, grid_w) bool array.
 
     ``pred`` is in the model's target units: normalised pixels, or, with ``norm_pix``, each patch normalised by its
     own mean/std, which are then taken from the true patch (``denorm='true_patch'``) or estimated from the visible
-    patches around it (``'neighbours'``)."""
+    patches around it (``'neighbours'``). ``mean``/``std``: the normalisation of the inputs, undone for display."""
     if denorm not in DENORM_MODES:
         raise ValueError(f"denorm must be one of {DENORM_MODES}, got {denorm!r}")
     img = img.cpu()
     if norm_pix:
-        mean, std = patch_stats(model, img)
+        patch_mean, patch_std = patch_stats(model, img)
         if denorm == 'neighbours':
-            mean, std = neighbour_stats(mean, std, mask, model.patch_embed.grid_size)
-        pred = pred * std + mean
+            patch_mean, patch_std = neighbour_stats(patch_mean, patch_std, mask, model.patch_embed.grid_size)
+        pred = pred * patch_std + patch_mean
     recon = model.unpatchify(pred[None])[0]
     p = model.patch_size
-    pixel_mask = model.unpatchify(mask.view(1, -1, 1).repeat(1, 1, p * p * 3))[0].permute(1, 2, 0).numpy() > 0.5
+    c = model.in_chans
+    pixel_mask = model.unpatchify(mask.view(1, -1, 1).repeat(1, 1, p * p * c))[0, :1].repeat(3, 1, 1).permute(
+        1, 2, 0).numpy() > 0.5
 
-    original = to_display(img)
-    reconstruction = to_display(recon)
+    original = to_display(img, mean, std)
+    reconstruction = to_display(recon, mean, std)
     return {
         'original': original,
         'masked': np.where(pixel_mask, np.float32(GREY), original),
@@ -242,13 +254,14 @@ def make_panels(model, img, pred, mask, norm_pix=False, denorm='true_patch'):
     }
 
 
-def reconstruct(model, img, mask_ratio=0.75, seed=0, norm_pix=False, denorm='true_patch', noise=None):
-    """The panels (see ``make_panels``) of one normalised image (3, H, W), masking ``mask_ratio`` of the patches
+def reconstruct(model, img, mask_ratio=0.75, seed=0, norm_pix=False, denorm='true_patch', noise=None,
+                mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The panels (see ``make_panels``) of one normalised image (C, H, W), masking ``mask_ratio`` of the patches
     with the mask drawn from ``seed`` (or given as ``noise``, (1, L))."""
     if noise is None:
         noise = draw_noise(torch.Generator().manual_seed(seed), model.patch_embed.num_patches)
     pred, mask = predict(model, img, mask_ratio, noise)
-    return make_panels(model, img, pred, mask, norm_pix=norm_pix, denorm=denorm)
+    return make_panels(model, img, pred, mask, norm_pix=norm_pix, denorm=denorm, mean=mean, std=std)
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -333,6 +346,7 @@ def save_png(fig, path, colors=0):
 # ---------------------------------------------------------------------------------------------------- main
 def check_args(args):
     check_ranges(args)  # --mask_ratio(s), --scale, --colors, --input_size, --seed (util/flag_checks.py's RANGES)
+    data_stats.check_args(args)  # --in_chans, --mean, --std
     if args.mask_ratios and not args.grid:
         raise UsageError("--mask_ratios needs --grid (one figure per image uses --mask_ratio)")
     check_device(args)  # a device torch knows, a GPU index there is
@@ -367,7 +381,7 @@ def main(args):
     images = find_images(args.images)
     outputs = output_paths(args, images)
     model = load_mae(args).to(device)
-    tensors = [load_image(path, args.input_size) for path, _ in images]  # every file is checked before any output
+    tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans) for path, _ in images]  # every file is checked before any output
     scale = args.scale or max(1, 128 // args.input_size)
     for folder in sorted({os.path.dirname(path) or '.' for path in outputs}):
         try:
@@ -381,7 +395,8 @@ def main(args):
     title = f"{args.model} ({os.path.basename(args.checkpoint)}), {args.input_size}px, seed {args.seed}"
 
     def panels(img, ratio, noise):
-        return reconstruct(model, img, ratio, norm_pix=args.norm_pix_loss, denorm=args.denorm, noise=noise)
+        return reconstruct(model, img, ratio, norm_pix=args.norm_pix_loss, denorm=args.denorm, noise=noise,
+                           mean=args.mean, std=args.std)
 
     if args.grid:
         ratios = args.mask_ratios or [args.mask_ratio]

@@ -23,7 +23,7 @@ def submit_argv(job_dir, *extra):
 
 
 @pytest.mark.parametrize('extra,expect', [
-    (['--data_path', '/nope'], 'error: --data_path /nope: no such folder'),
+    (['--data_path', '/nope'], 'error: --data_path /nope: no such file or folder'),
     (['--model', 'mae_vit_gigantic'], 'error: --model mae_vit_gigantic is not a pre-training model; choose one of'),
     (['--blr', '-1'], 'error: --blr must be positive, got -1.0'),
     (['--batch_size', '64'], 'error: 16 training images give 16 per process over 1 process(es), fewer than '

@@ -278,7 +278,7 @@ def test_log_dir_naming_a_file_and_missing_data_come_before_the_output_folder(tm
     code, err = run_in_process(main_pretrain, capsys, *PT, '--output_dir', out, '--log_dir', tmp_path / 'file')
     assert code == 2 and err == f"error: --log_dir {tmp_path / 'file'} is a file, not a folder\n"
     code, err = run_in_process(main_pretrain, capsys, *PT, '--output_dir', out, '--data_path', tmp_path / 'none')
-    assert code == 2 and err == f"error: --data_path {tmp_path / 'none'}: no such folder\n"
+    assert code == 2 and err == f"error: --data_path {tmp_path / 'none'}: no such file or folder\n"
     assert not out.exists()
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from util.datasets import build_transform, eval_transform, linprobe_transform, posterize, pretrain_transform
-from util.image_folder import to_rgb
+from util.image_decode import to_rgb
 
 SIZE = 16
 

@@ -1,12 +1,46 @@
 """The data of the three entry points, as in the reference: training and evaluation transforms (DeiT's recipe for
-fine-tuning), the class checks and the evaluation loader of supervised training."""
-from PIL import ImageOps
+fine-tuning), and the class checks of supervised training.
+
+The transforms take what ``util.image_folder.read_image`` returns: a PIL image (8-bit RGB, or grey for --in_chans
+1), transformed exactly as in the reference, or a float (C, H, W) tensor in [0, 1] (16-bit, multi-band, arrays),
+cropped, resized (bicubic, antialiased), flipped and normalised by torchvision's tensor kernels with the same random
+draws. Normalisation takes the run's ``--mean``/``--std`` (``util.data_stats``; ImageNet's by default).
+"""
+import torch
+from PIL import Image, ImageOps
 from timm.data import create_transform
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
 import util.errors as errors
 from util.crop import RandomResizedCrop
+from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
+
+
+class ToTensor(transforms.ToTensor):
+    """``ToTensor`` for PIL images (the reference's); a float tensor from ``read_image`` (already in [0, 1]) is
+    clipped back to [0, 1] after bicubic resampling's overshoot, as PIL's uint8 resampling clips."""
+
+    def __call__(self, pic):
+        return pic.clamp(0, 1) if isinstance(pic, torch.Tensor) else super().__call__(pic)
+
+
+class ByInput:
+    """Fine-tuning's training transform: timm's PIL recipe (RandAugment needs PIL images) for PIL images, and
+    ``tensor`` for the float tensors of other images (16-bit, multi-band)."""
+
+    def __init__(self, pil, tensor):
+        self.pil, self.tensor = pil, tensor
+
+    def __call__(self, img):
+        return self.pil(img) if isinstance(img, Image.Image) else self.tensor(img)
+
+    @property
+    def transforms(self):  # the reference's steps (timm's Compose)
+        return self.pil.transforms
+
+    def __repr__(self):
+        return f"{self.pil!r}\n(images that are not 8-bit RGB/grey: {self.tensor!r})"
 
 
 def check_classes(args, dataset_train, dataset_val):
@@ -48,27 +82,30 @@ def check_augmentation(args):
                               f"e.g. rand-m9-mstd0.5-inc1, v0, original, or '' for none") from None
 
 
-def pretrain_transform(input_size):
+def pretrain_transform(input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD):
     """Pre-training's simple augmentation: random resized crop (scale 0.2-1, bicubic) and a horizontal flip."""
     return transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+        ToTensor(),
+        transforms.Normalize(mean=mean, std=std)])
 
 
-def linprobe_transform(input_size):
+def linprobe_transform(input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD):
     """Linear probing's weak augmentation: the TF-style random resized crop and a horizontal flip."""
     return transforms.Compose([
         RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)])
+        ToTensor(),
+        transforms.Normalize(mean=mean, std=std)])
 
 
 def build_transform(is_train, args):
     """Training: timm's ImageNet recipe (random resized crop, flip, RandAugment ``--aa``, random erasing
-    ``--reprob``/``--remode``/``--recount``, bicubic). Evaluation: ``eval_transform(args.input_size)``."""
+    ``--reprob``/``--remode``/``--recount``, bicubic) for PIL images; the same crop, flip and random erasing without
+    RandAugment (PIL only) for the other images. Evaluation: ``eval_transform(args.input_size)``. ``args.mean`` and
+    ``args.std``: the normalisation (ImageNet's when absent)."""
+    mean, std = getattr(args, 'mean', None) or DEFAULT_MEAN, getattr(args, 'std', None) or DEFAULT_STD
     if is_train:
         # with an --aa policy this dispatches to timm's transforms_imagenet_train
         transform = create_transform(
@@ -80,14 +117,22 @@ def build_transform(is_train, args):
             re_prob=args.reprob,
             re_mode=args.remode,
             re_count=args.recount,
-            mean=IMAGENET_DEFAULT_MEAN,
-            std=IMAGENET_DEFAULT_STD,
+            mean=mean,
+            std=std,
         )
-        return keep_zero_bit_posterize(transform)
-    return eval_transform(args.input_size)
+        tensor = transforms.Compose([
+            transforms.RandomResizedCrop(args.input_size, scale=(0.08, 1.0),
+                                         interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            ToTensor(),
+            transforms.Normalize(mean=mean, std=std)]
+            + ([RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device='cpu')]
+               if args.reprob > 0 else []))
+        return ByInput(keep_zero_bit_posterize(transform), tensor)
+    return eval_transform(args.input_size, mean, std)
 
 
-def eval_transform(input_size):
+def eval_transform(input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD):
     """Resize the short side to ``input_size / 0.875`` (256 for 224, the ratio of the 224 ImageNet protocol), then
     take the central ``input_size`` square; above 224 the image is resized to ``input_size`` itself (crop ratio 1)."""
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
@@ -95,8 +140,8 @@ def eval_transform(input_size):
     return transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ToTensor(),
+        transforms.Normalize(mean, std),
     ])
 
 

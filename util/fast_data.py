@@ -16,6 +16,10 @@ the image's size from its header, then ``torch.rand(1) < 0.5``), from the same r
 'fast_cpu' and 'gpu' crop the same windows as 'pil'; only the resampling differs (torch's antialiased bicubic is
 PIL's filter on uint8, within a few grey levels; see tests/test_fast_path.py). DALI draws its own crops (same
 ranges of scale and ratio) from its own generator.
+
+Files that are not plain JPEGs are read by ``util.image_folder.read_image`` as on the reference's path: 8-bit ones
+travel as uint8, 16-bit and multi-band ones as float32 on the same 0-255 scale (their precision kept), with
+``--in_chans`` channels; normalisation uses the run's ``--mean``/``--std``.
 """
 import functools
 import io
@@ -23,7 +27,6 @@ import math
 
 import torch
 from PIL import Image
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 try:  # torchvision 0.29 deprecated its image decoding for TorchCodec; where it is gone, only the fast loaders stop
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -31,7 +34,8 @@ except ImportError:  # (util.loaders.check_data_loader says so before anything r
     ImageReadMode = decode_jpeg = None
 from torchvision.transforms.v2 import functional as F2
 
-from util.image_folder import to_rgb
+from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
+from util.image_decode import read_image, to_rgb
 
 JPEG_END = b'\xff\xd9'  # a JPEG without its end marker is truncated: PIL's decoder refuses it, libjpeg would pad it
 
@@ -44,23 +48,26 @@ class CropFlip:
     PIL raises, so that ``ImageFolder``'s bad-file handling names or skips it.
 
     ``encoded=True`` (``--data_loader gpu``): a JPEG comes back undecoded, as (its bytes, [i, j, h, w, flip]), for
-    ``decode_on_device``; other files are cropped here as above."""
+    ``decode_on_device``; other files are cropped here as above. ``in_chans`` other than 3: every file is read by
+    ``read_image`` (the JPEG shortcuts decode RGB)."""
 
-    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), get_params=None, encoded=False):
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), get_params=None, encoded=False, in_chans=3):
         self.size, self.scale, self.ratio = size, scale, ratio
         self.get_params = get_params or transforms.RandomResizedCrop.get_params
         self.encoded = encoded
+        self.in_chans = in_chans
 
     def __call__(self, path):
         with open(path, 'rb') as f:
             data = bytearray(f.read())
-        frame = jpeg_frame(data)
-        # decode_jpeg for plain YCbCr/grayscale JPEGs that end properly; PIL (with to_rgb) for everything else
+        frame = jpeg_frame(data) if self.in_chans == 3 else None
+        # decode_jpeg for plain YCbCr/grayscale JPEGs that end properly; read_image (PIL with to_rgb for 8-bit
+        # files) for everything else
         plain_jpeg = frame is not None and (data.endswith(JPEG_END) or data.rstrip(b'\0').endswith(JPEG_END))
         if plain_jpeg:  # the size from the frame header (parsing it with PIL costs about a tenth of the decode)
             size = torch.zeros(1).expand(3, *frame)  # what get_params reads of an image: its size
         else:
-            size = Image.open(io.BytesIO(data))  # reads the header only: size, mode, format
+            size = image = read_image(path, self.in_chans)  # what get_params reads of an image: its size
         i, j, h, w = self.get_params(size, self.scale, self.ratio)  # the reference's draws, in its order
         flip = bool(torch.rand(1) < 0.5)
         if self.encoded and plain_jpeg:
@@ -75,9 +82,13 @@ class CropFlip:
                     pixels = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
                 except RuntimeError:  # corrupt data: PIL below says what is wrong, as on the reference's path
                     pixels = None
-            if pixels is None:
-                pixels = pil_to_uint8(to_rgb(Image.open(io.BytesIO(data))))
+                if pixels is None:
+                    pixels = pil_to_uint8(to_rgb(Image.open(io.BytesIO(data))))
+            else:
+                pixels = pil_to_uint8(image) if isinstance(image, Image.Image) else image * 255
             out = resize(pixels[:, i:i + h, j:j + w], self.size)
+            if out.is_floating_point():  # bicubic overshoot, clipped as uint8 resampling clips
+                out = out.clamp_(0, 255)
         return out.flip(-1) if flip else out
 
     def _dct_scale(self, h, w):
@@ -123,15 +134,25 @@ def jpeg_frame(data):
 
 
 def pil_to_uint8(img):
-    """An RGB PIL image as a uint8 (3, H, W) tensor (what ToTensor does, without the scaling to floats)."""
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.size[1], img.size[0], 3).permute(
-        2, 0, 1).contiguous()
+    """An 8-bit (RGB or grey) PIL image as a uint8 (C, H, W) tensor (what ToTensor does, without the scaling to
+    floats)."""
+    bands = len(img.getbands())
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(
+        img.size[1], img.size[0], bands).permute(2, 0, 1).contiguous()
 
 
 def resize(pixels, size):
     """Bicubic, antialiased resize of a (3, h, w) tensor to (3, size, size); uint8 stays uint8 (torch's native
     kernel on the CPU, PIL's filter) and an unchanged size returns the input."""
     return F2.resize(pixels, [size, size], interpolation=F2.InterpolationMode.BICUBIC, antialias=True)
+
+
+def collate_pixels(batch):
+    """The default collate, also for a batch that mixes uint8 (8-bit files) and float (16-bit files) pixels: then
+    all as float, on the same 0-255 scale."""
+    if len({sample.dtype for sample, _ in batch}) > 1:
+        batch = [(sample.float(), target) for sample, target in batch]
+    return torch.utils.data.default_collate(batch)
 
 
 def collate_encoded(batch):
@@ -159,27 +180,29 @@ class OnDevice:
 
 
 @functools.lru_cache(maxsize=None)
-def _scale_shift(device):
+def _scale_shift(device, mean=DEFAULT_MEAN, std=DEFAULT_STD):
     """ToTensor then Normalize as one multiply-add: (x / 255 - mean) / std = x / (255 std) - mean / std (equal
-    within float rounding, 1e-6). Made once per device: a tensor made from a list on a GPU is a blocking copy."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+    within float rounding, 1e-6). Made once per device and statistics: a tensor made from a list on a GPU is a
+    blocking copy."""
+    mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=device).view(1, -1, 1, 1)
     return 1 / (255 * std), -mean / std
 
 
-def normalise(images, device):
-    """uint8 (N, 3, H, W) -> float on ``device``: ToTensor's /255, then Normalize's ImageNet mean and std."""
-    scale, shift = _scale_shift(device)
+def normalise(images, device, mean=DEFAULT_MEAN, std=DEFAULT_STD):
+    """uint8 (or 0-255 float) (N, C, H, W) -> float on ``device``: ToTensor's /255, then Normalize's ``mean``
+    and ``std`` (tuples; ImageNet's by default)."""
+    scale, shift = _scale_shift(device, tuple(mean), tuple(std))
     return torch.addcmul(shift, images.to(device, non_blocking=True).float(), scale)
 
 
-def decode_on_device(items, device, size):
+def decode_on_device(items, device, size, mean=DEFAULT_MEAN, std=DEFAULT_STD, in_chans=3):
     """``--data_loader gpu``: decode the batch's JPEGs together on ``device`` (nvJPEG on CUDA; the CPU works too),
     crop, resize (bicubic, antialiased, in float), flip and normalise. Items that came cropped (not plain JPEGs)
     are only moved and normalised."""
     jpegs = [k for k, item in enumerate(items) if isinstance(item, tuple)]
     decoded = dict(zip(jpegs, decode_jpeg([items[k][0] for k in jpegs], mode=ImageReadMode.RGB, device=device)))
-    out = torch.empty(len(items), 3, size, size, device=device)
+    out = torch.empty(len(items), in_chans, size, size, device=device)
     for k, item in enumerate(items):
         if k in decoded:
             i, j, h, w, flip = item[1].tolist()
@@ -189,7 +212,7 @@ def decode_on_device(items, device, size):
             out[k] = img.flip(-1) if flip else img
         else:
             out[k] = item.to(device, non_blocking=True)
-    scale, shift = _scale_shift(device)
+    scale, shift = _scale_shift(device, tuple(mean), tuple(std))
     return out.mul_(scale).add_(shift)
 
 
@@ -234,8 +257,8 @@ class DaliLoader:
                                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout='CHW',
-                                              mean=[255 * m for m in IMAGENET_DEFAULT_MEAN],
-                                              std=[255 * s for s in IMAGENET_DEFAULT_STD],
+                                              mean=[255 * m for m in (args.mean or DEFAULT_MEAN)],
+                                              std=[255 * s for s in (args.std or DEFAULT_STD)],
                                               mirror=fn.random.coin_flip(probability=0.5))
             return images, labels.gpu()
 

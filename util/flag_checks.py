@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from util import data_stats
 from util.errors import UsageError
 from util.loaders import check_data_loader
 
@@ -34,7 +35,9 @@ class Range(NamedTuple):
 
     def rule(self):
         """The range in words: 'at least 1', 'positive', 'in [0, 1)', '-1 (all) or at least 0'."""
-        if self.high == math.inf:
+        if self.high == math.inf and self.low == -math.inf:
+            words = 'a number'
+        elif self.high == math.inf:
             words = (('positive' if self.low == 0 else f'more than {self.low}') if self.low_open
                      else f'at least {self.low}')
         else:
@@ -73,6 +76,8 @@ RANGES = {
     'smoothing': Range(0, 1, high_open=True), 'reprob': PROBABILITY, 'recount': AT_LEAST_1,
     'color_jitter': AT_LEAST_0, 'mixup': AT_LEAST_0, 'cutmix': AT_LEAST_0, 'cutmix_minmax': PROBABILITY,
     'mixup_prob': PROBABILITY, 'mixup_switch_prob': PROBABILITY,
+    # [new] your own images (util/data_stats.py checks that they fit together)
+    'in_chans': AT_LEAST_1, 'mean': Range(), 'std': POSITIVE,
     # the kNN monitor (main_pretrain.py) and extract_features.py: 0 is off / all images
     'knn_every': Range(1, special=(0,), meaning='0 (off)'),
     'knn_train_subset': Range(1, special=(0,), meaning='0 (all)'),
@@ -136,6 +141,7 @@ def check_common(args, models, kind, splits):
         raise UsageError(f"--model {args.model} is not a {kind} model; choose one of: " + ', '.join(models))
     check_ranges(args)
     check_between(args)
+    data_stats.check_args(args)  # --in_chans, --mean, --std, --data_stats together
     if getattr(args, 'eval', False) and not args.resume:  # a model with random weights would be evaluated
         raise UsageError("--eval evaluates the checkpoint given with --resume; "
                          + ("--finetune only initialises training" if args.finetune else "none was given"))

@@ -1,84 +1,24 @@
-"""ImageFolder trees with clear errors for missing folders and for bad image files.
+"""The ImageFolder of the entry points: a one-line error naming a bad file (or the file skipped and counted with
+``--skip_bad_images``), class folders checked for link loops and numbered by another split's names, and the
+counts of skipped files per epoch. How a file is decoded: ``util/image_decode.py``; pre-training's other sources
+(flat folders, lists): ``util/image_sources.py``.
 
-Every image is read with PIL and converted to RGB (grayscale, 16-bit grayscale, CMYK, palette, alpha), exactly as
-torchvision's default loader does for ordinary files. A file that cannot be read as an image (truncated, not an
-image, empty, unreadable) stops the run with one line naming it, or, with ``skip_bad=True``
-(``--skip_bad_images``), is replaced by the next readable sample, reported once, and counted per epoch.
+A file that cannot be read as an image (truncated, not an image, empty, unreadable) stops the run with one line
+naming it, or, with ``skip_bad=True`` (``--skip_bad_images``), is replaced by the next readable sample, reported
+once, and counted per epoch.
 """
 import multiprocessing
 import os
 import sys
-import warnings
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets
 
 import util.misc as misc
 from util.errors import UsageError
-
-SKIP_FLAG = '--skip_bad_images'
-MAX_PIXELS_ENV = 'MAE_MAX_IMAGE_PIXELS'
-if os.environ.get(MAX_PIXELS_ENV):  # the user's own limit for PIL's decompression-bomb guard (DataLoader workers too)
-    Image.MAX_IMAGE_PIXELS = int(os.environ[MAX_PIXELS_ENV])
-
-# 16-bit (and 32-bit integer) grayscale: PIL's own conversion to RGB clips at 255, which turns most such images
-# white; they are scaled from 0..65535 to 0..255 instead
-_WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
-
-# what reading a bad file raises: OSError covers truncated data ("image file is truncated"), unidentifiable files
-# (UnidentifiedImageError), missing or unreadable files (FileNotFoundError, PermissionError); some decoders raise
-# the others on corrupt data
-BAD_FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-def to_rgb(img):
-    """``img`` as an 8-bit RGB image. For RGB, grayscale, CMYK and alpha images this is ``img.convert('RGB')``
-    (what torchvision's default loader does; alpha is dropped); palette images with transparency go through RGBA
-    (PIL warns otherwise); 16-bit grayscale is scaled to 8 bits."""
-    if img.mode in _WIDE_GRAY_MODES:
-        a = np.asarray(img).astype(np.float64)
-        a = np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(a).convert('RGB')
-    if img.mode in ('P', 'PA') and (img.mode == 'PA' or 'transparency' in img.info):
-        return img.convert('RGBA').convert('RGB')
-    if img.mode in ('La', 'RGBa'):  # premultiplied alpha: no direct conversion for 'La'
-        return img.convert('RGBA').convert('RGB')
-    return img.convert('RGB')
-
-
-def load_rgb(path):
-    """Open ``path`` with PIL and return it as RGB (the same pixels as torchvision's ``pil_loader`` for RGB,
-    grayscale and CMYK files). Large images load without PIL's decompression-bomb warning, up to PIL's limit."""
-    with open(path, 'rb') as f, warnings.catch_warnings():
-        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
-        return to_rgb(Image.open(f))
-
-
-def bad_file_reason(path, e):
-    if isinstance(e, Image.UnidentifiedImageError):
-        try:
-            if os.path.getsize(path) == 0:
-                return 'empty file'
-        except OSError:
-            pass
-        return 'not an image file PIL can read'
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    lines = [line for line in str(e).splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(e).__name__
-
-
-def bad_file_message(path, reason):
-    return (f"bad image file {path} ({reason}): remove or replace it, or pass {SKIP_FLAG} to skip such files")
-
-
-def too_large_message(path, e):
-    size = str(e).split(' exceeds')[0]  # "Image size (N pixels)"
-    return (f"image file {path} is larger than PIL reads by default ({size}, limit {Image.MAX_IMAGE_PIXELS} pixels, "
-            f"a guard against decompression bombs): shrink it, raise the limit with {MAX_PIXELS_ENV}=<pixels> if "
-            f"you trust the file, or pass {SKIP_FLAG} to skip such files")
+from util.image_decode import (BAD_FILE_ERRORS, SKIP_FLAG, bad_file_message, bad_file_reason, is_image_file,
+                               load_rgb, too_large_message)
 
 
 class ImageFolder(datasets.ImageFolder):
@@ -94,9 +34,13 @@ class ImageFolder(datasets.ImageFolder):
     def __init__(self, root, transform=None, skip_bad=False, loader=load_rgb, numbered_as=None):
         self.numbered_as = numbered_as
         try:
-            super().__init__(root, transform=transform, loader=loader)
+            # (is_image_file: torchvision's extensions and .npy; a tree without .npy files gives the same samples)
+            super().__init__(root, transform=transform, loader=loader, is_valid_file=is_image_file)
         except FileNotFoundError as e:  # no class folders, or a class folder without an image
             raise UsageError(f"{root}: {e}") from None
+        self._init_skip(skip_bad)
+
+    def _init_skip(self, skip_bad):
         self.skip_bad = skip_bad
         n = len(self.samples)
         # one byte per sample, in shared memory so that DataLoader workers' marks are seen by the main process

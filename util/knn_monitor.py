@@ -28,8 +28,10 @@ import torch
 
 from util import rng
 import util.misc as misc
+from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
 from util.datasets import eval_transform
 from util.from_checkpoint import features
+from util.image_decode import ImageReader
 from util.image_folder import image_folder
 from util.knn import K, TEMPERATURE, knn_accuracy
 from util.errors import UsageError
@@ -88,11 +90,13 @@ def subset(dataset, size, seed=SUBSET_SEED):
     return torch.utils.data.Subset(dataset, indices.tolist())
 
 
-def knn_datasets(path, input_size, train_subset=0, val_subset=0, flag='--knn_data_path'):
-    """The train and val ImageFolders of ``path`` with the evaluation transform, subsets as asked."""
+def knn_datasets(path, input_size, train_subset=0, val_subset=0, flag='--knn_data_path', in_chans=3,
+                 mean=DEFAULT_MEAN, std=DEFAULT_STD):
+    """The train and val ImageFolders of ``path`` with the evaluation transform (the images read with ``in_chans``
+    channels and normalised with ``mean``/``std``, as the model was trained), subsets as asked."""
     check_data_path(path, flag)
-    transform = eval_transform(input_size)
-    train, val = (image_folder(path, split, transform) for split in ('train', 'val'))
+    transform = eval_transform(input_size, mean, std)
+    train, val = (image_folder(path, split, transform, loader=ImageReader(in_chans)) for split in ('train', 'val'))
     if train.classes != val.classes:
         raise UsageError(f"{flag} {path}: train/ and val/ hold other class folders ({len(train.classes)} and "
                          f"{len(val.classes)}); the kNN classifier needs the same classes in both")
@@ -156,7 +160,9 @@ class KnnMonitor:
         self.batch_size, self.num_workers = args.batch_size, args.num_workers
         self.amp = misc.amp_settings(args)
         self.train_set, self.val_set, self.num_classes = knn_datasets(
-            args.knn_data_path, args.input_size, args.knn_train_subset, args.knn_val_subset)
+            args.knn_data_path, args.input_size, args.knn_train_subset, args.knn_val_subset,
+            in_chans=getattr(args, 'in_chans', None) or 3, mean=getattr(args, 'mean', None) or DEFAULT_MEAN,
+            std=getattr(args, 'std', None) or DEFAULT_STD)
         print(f"kNN monitor: every {self.every} epoch(s) and after the last, {len(self.train_set)} train and "
               f"{len(self.val_set)} val images of {args.knn_data_path} ({self.num_classes} classes), k={K}, "
               f"T={TEMPERATURE}")

@@ -10,7 +10,11 @@ import torch
 import util.misc as misc
 from util import image_folder as images
 from util.errors import UsageError
-from util.fast_data import CropFlip, DaliLoader, OnDevice, collate_encoded, decode_on_device, normalise
+from util.image_decode import ImageReader
+from util.image_sources import pretrain_dataset
+from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
+from util.fast_data import (CropFlip, DaliLoader, OnDevice, collate_encoded, collate_pixels, decode_on_device,
+                             normalise)
 
 LOADERS = ('pil', 'fast_cpu', 'gpu', 'dali')
 DALI_INSTALL = 'pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)'
@@ -45,6 +49,9 @@ def check_data_loader(args):
         if getattr(args, 'skip_bad_images', False):
             raise UsageError("--skip_bad_images works with --data_loader pil, fast_cpu or gpu, not dali (DALI stops "
                              "on a file it cannot decode)")
+        if getattr(args, 'in_chans', None) not in (None, 3):
+            raise UsageError(f"--data_loader dali decodes RGB JPEGs; --in_chans {args.in_chans} needs --data_loader "
+                             f"pil, fast_cpu or gpu")
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -88,21 +95,30 @@ def batch_problem(args, num_images, world_size):
 
 
 # ---------------------------------------------------------------------------------------------------- building
-def train_loader(args, reference_transform, crop_kwargs, device):
-    """The training loader of ``<data_path>/train`` for ``--data_loader``: the reference's (an ImageFolder with the
-    PIL ``reference_transform``, float batches), the same crop and flip distribution drawn by
-    ``CropFlip(args.input_size, **crop_kwargs)`` with uint8 batches finished on the device ('fast_cpu', 'gpu'), or
-    DALI's. Its sampler is a DistributedSampler also on one process (its fixed seed gives the reference's data
-    order), wrapped so that an epoch resumed in the middle skips what was trained on."""
+def train_loader(args, reference_transform, crop_kwargs, device, pretraining=False):
+    """The training loader of ``<data_path>/train`` (with ``pretraining`` [new], of any source of
+    ``util.image_folder.pretrain_dataset``: also a flat folder or a .txt list) for ``--data_loader``: the
+    reference's (an ImageFolder with the PIL ``reference_transform``, float batches), the same crop and flip
+    distribution drawn by ``CropFlip(args.input_size, **crop_kwargs)`` with uint8 batches finished on the device
+    ('fast_cpu', 'gpu'), or DALI's. ``args.in_chans``/``mean``/``std`` [new]: how images are read and normalised.
+    Its sampler is a DistributedSampler also on one process (its fixed seed gives the reference's data order),
+    wrapped so that an epoch resumed in the middle skips what was trained on."""
     kind = getattr(args, 'data_loader', 'pil')
-    root = os.path.join(args.data_path, 'train')
+    in_chans = getattr(args, 'in_chans', None) or 3
+    mean, std = tuple(getattr(args, 'mean', None) or DEFAULT_MEAN), tuple(getattr(args, 'std', None) or DEFAULT_STD)
+
+    def dataset_of(transform=None, skip_bad=False, loader=ImageReader(in_chans)):
+        if pretraining:
+            return pretrain_dataset(args.data_path, transform, skip_bad=skip_bad, loader=loader)
+        return images.ImageFolder(os.path.join(args.data_path, 'train'), transform, skip_bad=skip_bad, loader=loader)
+
     if kind == 'pil':
-        dataset = images.ImageFolder(root, reference_transform, skip_bad=args.skip_bad_images)
+        dataset = dataset_of(reference_transform, skip_bad=args.skip_bad_images)
     elif kind == 'dali':  # only the file list and labels: DALI reads the files
-        dataset = images.ImageFolder(root)
+        dataset = dataset_of()
     else:
-        crop = CropFlip(args.input_size, encoded=kind == 'gpu', **crop_kwargs)
-        dataset = images.ImageFolder(root, skip_bad=args.skip_bad_images, loader=crop)
+        crop = CropFlip(args.input_size, encoded=kind == 'gpu', in_chans=in_chans, **crop_kwargs)
+        dataset = dataset_of(skip_bad=args.skip_bad_images, loader=crop)
     print(dataset)
 
     num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
@@ -117,11 +133,12 @@ def train_loader(args, reference_transform, crop_kwargs, device):
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True, worker_init_fn=ignore_ctrl_c,
-        **({'collate_fn': collate_encoded} if kind == 'gpu' else {}))
+        collate_fn=collate_encoded if kind == 'gpu' else collate_pixels if kind == 'fast_cpu' else None)
     if kind == 'fast_cpu':
-        return OnDevice(loader, device, normalise)
+        return OnDevice(loader, device, functools.partial(normalise, mean=mean, std=std))
     if kind == 'gpu':
-        return OnDevice(loader, device, functools.partial(decode_on_device, size=args.input_size))
+        return OnDevice(loader, device, functools.partial(decode_on_device, size=args.input_size, mean=mean, std=std,
+                                                          in_chans=in_chans))
     return loader
 
 

@@ -53,27 +53,28 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def interpolate_pos_embed(model, checkpoint_model):
-    """Resize ``checkpoint_model['pos_embed']`` in place to the patch grid of ``model`` (bicubic, as DeiT/the
-    reference). Class/extra tokens are kept as they are. Works for square and rectangular grids; a checkpoint's
-    grid is taken to be square (all released checkpoints are)."""
-    if 'pos_embed' not in checkpoint_model:
+def interpolate_pos_embed(model, checkpoint_model, key='pos_embed'):
+    """Resize ``checkpoint_model[key]`` in place to the patch grid of ``model`` (bicubic, as DeiT/the reference);
+    ``key`` 'decoder_pos_embed' resizes an MAE decoder's. Class/extra tokens are kept as they are. Works for square
+    and rectangular grids; a checkpoint's grid is taken to be square (all released checkpoints are)."""
+    if key not in checkpoint_model:
         return
-    pos_embed_checkpoint = checkpoint_model['pos_embed']
+    pos_embed_checkpoint = checkpoint_model[key]
     embedding_size = pos_embed_checkpoint.shape[-1]
     grid_h, grid_w = model.patch_embed.grid_size
     num_patches = grid_h * grid_w
-    num_extra_tokens = model.pos_embed.shape[-2] - num_patches
+    num_extra_tokens = getattr(model, key).shape[-2] - num_patches
     orig_tokens = pos_embed_checkpoint.shape[-2] - num_extra_tokens
     orig_size = int(orig_tokens ** 0.5)
     if orig_size * orig_size != orig_tokens:
         raise ValueError(f"checkpoint pos_embed has {orig_tokens} patch positions, which is not a square grid")
     if (orig_size, orig_size) == (grid_h, grid_w):
         return
-    print("Position interpolate from %dx%d to %dx%d" % (orig_size, orig_size, grid_h, grid_w))
+    print(("Position interpolate" if key == 'pos_embed' else f"{key}: position interpolate")
+          + " from %dx%d to %dx%d" % (orig_size, orig_size, grid_h, grid_w))
     extra_tokens = pos_embed_checkpoint[:, :num_extra_tokens]
     pos_tokens = pos_embed_checkpoint[:, num_extra_tokens:]
     pos_tokens = pos_tokens.reshape(-1, orig_size, orig_size, embedding_size).permute(0, 3, 1, 2)
     pos_tokens = F.interpolate(pos_tokens, size=(grid_h, grid_w), mode='bicubic', align_corners=False)
     pos_tokens = pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)
-    checkpoint_model['pos_embed'] = torch.cat((extra_tokens, pos_tokens), dim=1)
+    checkpoint_model[key] = torch.cat((extra_tokens, pos_tokens), dim=1)

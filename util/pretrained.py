@@ -92,3 +92,93 @@ def load_finetune_weights(args, model, head_init_std, resuming):
     else:
         load_pretrained_encoder(model, args.finetune, model_name=args.model)
     trunc_normal_(model.head.weight, std=head_init_std)
+
+
+# ---------------------------------------------------------------------------------------------------- warm start
+DECODER_KEYS = ('decoder_embed.weight', 'decoder_pred.weight', 'mask_token')
+CLASSIFIER_PREFIXES = ('head.', 'fc_norm.')
+
+
+def adapt_patch_embed(weight, in_chans):
+    """The patch projection ``weight`` (D, C0, p, p) of a C0-channel model for ``in_chans`` channels: every new
+    channel gets the mean of the old filters, scaled by C0 / in_chans. An image whose ``in_chans`` channels all hold
+    the same values g then gives exactly the activation the old model gave for C0 channels all equal to g (sum over
+    channels: in_chans * mean * C0 / in_chans = the old filters' sum), so the encoder's activations keep their scale.
+    For one channel this is the RGB filters summed: a grey image is what an RGB model sees of a grey photo."""
+    c0 = weight.shape[1]
+    return weight.mean(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) * (c0 / in_chans)
+
+
+def adapt_pixel_head(weight_or_bias, old_chans, in_chans):
+    """The decoder's prediction head (``decoder_pred``: p*p*C0 outputs, a patch's pixels as (row, col, channel))
+    for ``in_chans`` channels: each new channel predicts the mean of the old channels' predictions. Outputs are
+    per-channel pixel values, so no rescaling: for a grey image the old channels' predictions agree, and their mean
+    is the grey value."""
+    rest = weight_or_bias.shape[1:]
+    per_pixel = weight_or_bias.reshape(-1, old_chans, *rest)
+    return per_pixel.mean(dim=1, keepdim=True).repeat(1, in_chans, *([1] * len(rest))).reshape(-1, *rest)
+
+
+def init_from_checkpoint(model, path, check_only=False, what='--init_from'):
+    """Warm start of pre-training (``--init_from``): load the MAE weights of ``path`` into ``model`` (an MAE), the
+    optimizer, schedule and epoch being the caller's, fresh. ``path``: a released full checkpoint (encoder and
+    decoder, ``mae_visualize_vit_*.pth``), an encoder-only one (``mae_pretrain_vit_*.pth``: the decoder keeps the
+    model's own initialisation, the reference's for pre-training from scratch, said in one line), or one of ours
+    (pre-training's checkpoints; a fine-tuned classifier's head is left out).
+
+    - Both position embeddings are resized to the model's patch grid (``interpolate_pos_embed``, as fine-tuning).
+    - A checkpoint of RGB (or grey) weights is adapted to the model's ``in_chans``: the patch embedding by
+      ``adapt_patch_embed``, the decoder's prediction head by ``adapt_pixel_head``. Weights of another channel
+      count (4, 6, 13 bands) have no known relation to other channels: ``UsageError``.
+    - Any other mismatch (width, depth, patch size, decoder size) is a ``UsageError`` naming the keys.
+
+    ``check_only``: only the checks (``model`` may be on the meta device), before anything is computed."""
+    checkpoint = load_checkpoint(path, what=what)
+    state = checkpoint['model']
+    if not isinstance(state, dict) or any(k not in state for k in ENCODER_KEYS):
+        raise UsageError(f"{what} {path} is not an MAE/ViT checkpoint: its 'model' entry has no ViT encoder (no "
+                         f"{' / '.join(ENCODER_KEYS)})")
+    state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
+    full = all(k in state for k in DECODER_KEYS)
+    if not full:  # encoder only (or a stray decoder key): the decoder as the model initialised it
+        state = {k: v for k, v in state.items() if not k.startswith(('decoder_', 'mask_token'))}
+    fits = f"{what} {path} does not fit the model"
+
+    old_chans, in_chans = state['patch_embed.proj.weight'].shape[1], model.in_chans
+    adapted = ''
+    if old_chans != in_chans:
+        if old_chans not in (1, 3):
+            raise UsageError(f"{what} {path} is a {old_chans}-channel model and --in_chans is {in_chans}: only RGB "
+                             f"or grey weights can be adapted to another channel count (what its {old_chans} "
+                             f"channels mean is not known); pass --in_chans {old_chans} or start from scratch")
+        state['patch_embed.proj.weight'] = adapt_patch_embed(state['patch_embed.proj.weight'], in_chans)
+        if full:
+            for k in ('decoder_pred.weight', 'decoder_pred.bias'):
+                state[k] = adapt_pixel_head(state[k], old_chans, in_chans)
+        adapted = (f"; patch embedding{' and pixel head' if full else ''} adapted from {old_chans} to {in_chans} "
+                   f"channels (mean filter x {old_chans}/{in_chans}; README, \"Your own images\")")
+
+    try:
+        for key in ('pos_embed', 'decoder_pos_embed'):
+            interpolate_pos_embed(model, state, key)
+    except ValueError as e:
+        raise UsageError(f"{fits}: {e}") from None
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and v.shape != own[k].shape]
+    if shapes:
+        raise UsageError(f"{fits} (another width, patch size or decoder size?): other shapes (checkpoint vs model): "
+                         f"{fmt_keys(shapes, 4)}")
+    extra = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and (full or not k.startswith(('decoder_', 'mask_token')))]
+    if extra or missing:
+        parts = ([f"keys the model does not have: {fmt_keys(extra)}"] if extra else []) + \
+                ([f"missing keys: {fmt_keys(missing)}"] if missing else [])
+        raise UsageError(f"{fits} (another depth?): " + '; '.join(parts))
+    if check_only:
+        return
+    model.load_state_dict(state, strict=False)
+    print(f"Initialised from {path} ({what}): " + (
+        f"encoder and decoder, {len(state)} tensors" if full else
+        f"encoder only, {len(state)} tensors; the decoder keeps its own initialisation (as the reference's "
+        f"pre-training from scratch)") + adapted + "; optimizer, schedule and epochs start afresh")

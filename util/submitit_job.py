@@ -168,8 +168,10 @@ def check_before_submitting(args, module):
     if not getattr(args, 'eval', False):
         from util.loaders import batch_problem
         from util.image_folder import image_folder
-        problem = batch_problem(args, len(image_folder(args.data_path, 'train', transform=None)),
-                                args.nodes * args.ngpus)
+        from util.image_sources import pretrain_dataset
+        images = pretrain_dataset(args.data_path) if module == 'main_pretrain' else \
+            image_folder(args.data_path, 'train', transform=None)
+        problem = batch_problem(args, len(images), args.nodes * args.ngpus)
         if problem:
             raise UsageError(problem)
 
