@@ -287,7 +287,8 @@ def test_paper_scale_scratch_is_the_papers_supervised_recipe_with_ema(tmp_path, 
     for run in planned.runs.values():
         fake_finished(run, 70.0)
         if run.flags.get('model_ema'):
-            rows = [dict(json.loads(line), test_acc1_ema=80.0) for line in (run.out / 'log.txt').read_text().splitlines()]
+            lines = (run.out / 'log.txt').read_text().splitlines()
+            rows = [dict(json.loads(line), test_acc1_ema=80.0) for line in lines]
             (run.out / 'log.txt').write_text(''.join(json.dumps(r) + '\n' for r in rows))
     setup = plan.Setup(scale, Path('/imagenet'), 1000, tmp_path, 'cuda', 10, 64, [])
     report.write_report(study, planned, setup, ['--scale', 'paper', '--study', 'scratch'], tmp_path)
