@@ -100,6 +100,7 @@ def write_report(study, plan, setup, argv, results_dir):
     lines += ['Recipes (the flags every run of a kind starts from; each cell adds its own):', '']
     lines += [f"- {name}: `{' '.join(flag_argv(batch_flags(setup.scale.recipes[kind], setup.world)))}`"
               for name, kind in recipes if kind in kinds]
+    lines += [f"- {name}: `{' '.join(flag_argv(batch_flags(flags, setup.world)))}`" for name, flags in study.recipes]
     lines += ['', f"Command: `python reproduce.py {shlex.join(argv)}`", '',
               f"Compute: {fmt_time(sum(known))} for the {len(known)} of {len(runs)} runs of this study timed by "
               f"the runner (shared runs counted once); device `{setup.device}`.", '',
