@@ -10,16 +10,19 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
+import util.rng as rng
 from util.errors import UsageError
 from util.step_log import EpochLog, drop_gradients
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler, run,
-                    max_norm: Optional[float] = None, mixup_fn: Optional[Mixup] = None, args=None):
+                    max_norm: Optional[float] = None, mixup_fn: Optional[Mixup] = None, args=None, model_ema=None):
     """``max_norm``: clip the gradient norm to it (None: no clipping). ``mixup_fn``: Mixup/CutMix applied to each
     batch (the targets become soft). ``run`` (``util.run.LoopHooks``): where the epoch starts, non-finite losses,
-    checkpoints after optimizer steps. Returns the epoch's averaged meters (``lr``, ``loss``)."""
+    checkpoints after optimizer steps. ``model_ema`` ([new] --model_ema, timm's ``ModelEmaV3``): the average of the
+    weights, updated after each optimizer step, before that step's checkpoint (a step skipped for a non-finite
+    loss is none). Returns the epoch's averaged meters (``lr``, ``loss``)."""
     model.train(True)
     accum_iter = args.accum_iter
     optimizer.zero_grad()
@@ -52,20 +55,23 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
         if update:
             optimizer.zero_grad()
+            if model_ema is not None:  # (through DDP's and --compile's wrappers: the same tensors, in the same order)
+                model_ema.update(model)
             log.after_update(data_iter_step)
 
     return log.finish()
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device, args=None):
+def evaluate(data_loader, model, device, args=None, ema=False):
     """Top-1/top-5 accuracy (in %) and cross-entropy over ``data_loader``, averaged over all processes; prints
     ``* Acc@1 .. Acc@5 .. loss ..`` and the accuracy line of the reference's entry points. The loss is the mean of
     the per-batch means, as in the reference. ``args`` selects the precision (``--amp``); without it, fp16 autocast
-    on CUDA and fp32 on the CPU."""
+    on CUDA and fp32 on the CPU. ``ema``: ``model`` is the EMA of the weights ([new] --model_ema), and the lines say
+    so (``* EMA Acc@1 ..``, ``Accuracy of the EMA weights ..``)."""
     criterion = torch.nn.CrossEntropyLoss()
     metric_logger = misc.MetricLogger(delimiter="  ")
-    header = 'Test:'
+    header = 'Test (EMA):' if ema else 'Test:'
     autocast = misc.autocast(args if args is not None else SimpleNamespace(device=str(device)))
 
     model.eval()
@@ -87,19 +93,27 @@ def evaluate(data_loader, model, device, args=None):
         metric_logger.meters['acc1'].update(acc1.item(), n=batch_size)
         metric_logger.meters['acc5'].update(acc5.item(), n=batch_size)
     metric_logger.synchronize_between_processes()
-    print('* Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f} loss {losses.global_avg:.3f}'
-          .format(top1=metric_logger.acc1, top5=metric_logger.acc5, losses=metric_logger.loss))
-    print(f"Accuracy of the network on the {len(data_loader.dataset)} test images: "
+    print(('* EMA' if ema else '*') + ' Acc@1 {top1.global_avg:.3f} Acc@5 {top5.global_avg:.3f} loss '
+          '{losses.global_avg:.3f}'.format(top1=metric_logger.acc1, top5=metric_logger.acc5, losses=metric_logger.loss))
+    print(f"Accuracy of the {'EMA weights' if ema else 'network'} on the {len(data_loader.dataset)} test images: "
           f"{metric_logger.acc1.global_avg:.1f}%")
 
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
-def evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters):
+def evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters, model_ema=None):
     """After epoch ``epoch``'s training: evaluate, keep the best accuracy, and hand the epoch's ``log.txt`` row and
-    test points to ``run`` (which then writes its checkpoint). A bad validation image keeps the epoch's training."""
+    test points to ``run`` (which then writes its checkpoint). A bad validation image keeps the epoch's training.
+    ``model_ema`` ([new] --model_ema): its weights are evaluated too (``test_acc1_ema``, ...; the best accuracy
+    stays the raw weights'), with the random streams put back after it, so that the raw weights' training and
+    numbers are those of a run without it."""
     try:
         test_stats = evaluate(data_loader_val, model, device, args)
+        if model_ema is not None:  # (a second pass of the loader draws its base seed from torch's stream)
+            streams = rng.rng_state()
+            ema_stats = evaluate(data_loader_val, model_ema.module, device, args, ema=True)
+            rng.set_rng_state(streams)
+            test_stats.update({f'{k}_ema': v for k, v in ema_stats.items()})
     except UsageError:  # a bad validation image: the epoch's training is not lost
         run.keep_trained_epoch(epoch)
         raise
@@ -110,6 +124,5 @@ def evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args
                  **{f'test_{k}': v for k, v in test_stats.items()},
                  'epoch': epoch,
                  'n_parameters': n_parameters}
-    run.end_epoch(epoch, log_stats, points={'perf/test_acc1': test_stats['acc1'],
-                                            'perf/test_acc5': test_stats['acc5'],
-                                            'perf/test_loss': test_stats['loss']})
+    points = [k + suffix for suffix in ('', '_ema') for k in ('acc1', 'acc5', 'loss') if k + suffix in test_stats]
+    run.end_epoch(epoch, log_stats, points={f'perf/test_{k}': test_stats[k] for k in points})

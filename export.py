@@ -245,6 +245,10 @@ def export_hf(path, out, model=None):
     except ImportError:
         raise UsageError("--to hf needs the optional package transformers, which is not installed: "
                          "pip install transformers") from None
+    if not transformers.utils.is_torch_available():  # e.g. transformers 5 with torch < 2.6: it builds no models
+        raise UsageError(f"--to hf: the installed transformers {transformers.__version__} cannot use the installed "
+                         f"torch {torch.__version__} (its models need a newer one): upgrade torch, or install a "
+                         f"transformers release that supports torch {torch.__version__}")
     # a full MAE as built (its fixed sin-cos tables for its size), or the encoder alone (ViTMAEModel)
     load = from_checkpoint.load_mae if kind == 'mae' else from_checkpoint.load_encoder
     net, info = load(path, model=model)

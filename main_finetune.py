@@ -10,6 +10,7 @@ import argparse
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 
 import models_vit
 import util.loaders as loaders
@@ -50,6 +51,19 @@ def get_args_parser():
     parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
                         help='Clip gradient norm (default: None, no clipping)')
     parser.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
+    parser.add_argument('--opt_betas', type=float, nargs='+', default=None, metavar='BETA',
+                        help="[new] AdamW's two betas (default: torch's 0.9 0.999, the reference's; the paper's "
+                             "supervised training from scratch, Appendix A.2: 0.9 0.95)")
+
+    # * [new] an exponential moving average of the weights, as the paper's supervised training from scratch
+    parser.add_argument('--model_ema', action='store_true',
+                        help='[new] keep an exponential moving average (EMA) of the weights (timm\'s ModelEmaV3), '
+                             'updated after each optimizer step; it is evaluated after each epoch beside the raw '
+                             'weights (log.txt: test_acc1_ema, ...), kept in the checkpoints (model_ema) and, with '
+                             '--eval, evaluated too')
+    parser.add_argument('--model_ema_decay', type=float, default=0.9999, metavar='DECAY',
+                        help='[new] the EMA\'s decay: after each optimizer step, ema = decay * ema + (1 - decay) * '
+                             'weights, from the initial weights, no warm-up (default: 0.9999, the paper\'s)')
 
     # Augmentation parameters
     parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT',
@@ -86,6 +100,9 @@ def get_args_parser():
 def check_args(args):
     check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
     check_augmentation(args)
+    if args.opt_betas is not None and len(args.opt_betas) != 2:
+        raise UsageError(f"--opt_betas takes AdamW's two betas (e.g. 0.9 0.95), got "
+                         f"{' '.join(map(str, args.opt_betas))}")
 
 
 def main(args):
@@ -126,9 +143,13 @@ def main(args):
     if args.train_blocks > len(model.blocks):
         raise UsageError(f"--train_blocks {args.train_blocks}: {args.model} has only {len(model.blocks)} blocks")
     load_finetune_weights(args, model, head_init_std=2e-5, resuming=checkpoint is not None)
-    if args.eval:  # the accuracy of the --resume checkpoint, nothing trained
-        resume.restart_from_checkpoint(checkpoint, args.resume, args, model)
-        return evaluate(data_loader_val, model.to(device), device, args)
+    if args.eval:  # the accuracy of the --resume checkpoint, nothing trained (with --model_ema, its EMA's too)
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+        resume.restart_from_checkpoint(checkpoint, args.resume, args, model, model_ema=model_ema)
+        test_stats = evaluate(data_loader_val, model.to(device), device, args)
+        if model_ema is not None:
+            evaluate(data_loader_val, model_ema.module.to(device), device, args, ema=True)
+        return test_stats
 
     if args.train_blocks >= 0:
         trainable = models_vit.train_last_blocks(model, args.train_blocks)
@@ -143,6 +164,8 @@ def main(args):
 
     set_lr(args, misc.get_world_size())
 
+    # [new] --model_ema: the average starts from the initial weights, on the device, before DDP wraps the model
+    model_ema = ModelEmaV3(model.to(device), decay=args.model_ema_decay) if args.model_ema else None
     # on the device, DistributedDataParallel across processes, --compile [new]
     model_without_ddp, model = model, parallel_model(model, args, device)
 
@@ -150,7 +173,8 @@ def main(args):
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,
                                         no_weight_decay_list=model_without_ddp.no_weight_decay(),
                                         layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr,
+    # (--opt_betas [new]; torch's default betas, (0.9, 0.999), are the reference's)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=tuple(args.opt_betas or (0.9, 0.999)),
                                   fused=speed.fused_adamw(args.device) if args.fused_adamw else None)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
@@ -163,14 +187,15 @@ def main(args):
     print("criterion = %s" % str(criterion))
 
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
-                                           len(data_loader_train))
+                                           len(data_loader_train), model_ema=model_ema)
     # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
-    run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
+    run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True,
+              model_ema=model_ema)
 
     for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.loaders.start_epoch)
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      run, args.clip_grad, mixup_fn, args=args)
-        evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters)
+                                      run, args.clip_grad, mixup_fn, args=args, model_ema=model_ema)
+        evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters, model_ema)
     run.close()  # prints the training time
 
 

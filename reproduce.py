@@ -9,7 +9,8 @@ to ``<study>.md`` (and ``<study>.png`` for the curves).
 
 Scales:
 - ``--scale paper``: the paper's recipes (ViT-L, 800 epochs of pre-training at an effective batch of 4096; the
-  fine-tuning and linear-probing recipes of FINETUNE.md), each run submitted as a SLURM job through
+  fine-tuning and linear-probing recipes of FINETUNE.md; Table 3's from-scratch baseline, Appendix A.2's supervised
+  recipe with an EMA of the weights), each run submitted as a SLURM job through
   ``submitit_*.py``; an evaluation job waits for its pre-training job (``--dependency afterok:<job>``).
 - ``--scale small``: a small ViT (``mae_vit_small_patch4``) on 32x32 images, run here one after the other, with
   short schedules for a CPU or one GPU (``studies/recipes.py`` says which and why); ``--pretrain_epochs`` lengthens the

@@ -110,7 +110,7 @@ def train_images_per_second(model_name, batches, device, steps, input_size):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     args = argparse.Namespace(device=str(device), amp='fp16')
     scaler = misc.NativeScalerWithGradNormCount(args)
-    autocast = torch.autocast(*misc.amp_settings(args))
+    autocast = misc.autocast(args)
     seen, start = 0, None
     for step in range(steps + 1):
         if step == 1:  # the first step (and the loader's start-up) is not timed

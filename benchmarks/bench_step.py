@@ -127,7 +127,7 @@ class Bench:
         from torch.utils.flop_counter import FlopCounterMode
         self.model.set_grad_checkpointing(False)
         counter = FlopCounterMode(display=False)
-        with counter, torch.autocast(*misc.amp_settings(self.args)):
+        with counter, misc.autocast(self.args):
             if self.pretrain:
                 loss = self.model(self.images, mask_ratio=0.75)[0]
             else:

@@ -135,7 +135,7 @@ def load_image(path, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=
     except BAD_FILE_ERRORS as e:
         raise UsageError(f"bad image file {path} ({bad_file_reason(path, e)})") from None
     transform = transforms.Compose([
-        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
         transforms.CenterCrop(input_size),
         ToTensor(),
         transforms.Normalize(mean=mean, std=std)])
@@ -381,7 +381,8 @@ def main(args):
     images = find_images(args.images)
     outputs = output_paths(args, images)
     model = load_mae(args).to(device)
-    tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans) for path, _ in images]  # every file is checked before any output
+    # every file is checked before any output
+    tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans) for path, _ in images]
     scale = args.scale or max(1, 128 // args.input_size)
     for folder in sorted({os.path.dirname(path) or '.' for path in outputs}):
         try:

@@ -79,12 +79,13 @@ class PlannedRun:
         return any(r.get('epoch') == self.epochs - 1 for r in self.rows()) and self.final_checkpoint.is_file()
 
     def accuracy(self):
-        """(top-1 of the last epoch, best top-1) of an evaluation run (a frozen-feature one: its top-1 twice), or
-        None."""
+        """(top-1 of the last epoch, best top-1) of an evaluation run, or None: with --model_ema, its average's (as
+        the paper's from-scratch numbers, Appendix A.2); a frozen-feature run's: its top-1 twice."""
         if not self.trains:
             value = (self.result() or {}).get(EVALUATIONS[self.kind].metric)
             return (value, value) if value is not None else None
-        accs = [r['test_acc1'] for r in self.rows() if 'test_acc1' in r]
+        key = 'test_acc1_ema' if self.flags.get('model_ema') else 'test_acc1'
+        accs = [r[key] for r in self.rows() if key in r]
         return (accs[-1], max(accs)) if accs else None
 
     def eval_images(self):
@@ -155,7 +156,8 @@ def flag_argv(flags):
     for k, v in flags.items():
         if k == 'effective_batch' or v is None or v is False:
             continue
-        argv += [f'--{k}'] if v is True else [f'--{k}', f"{v:g}" if isinstance(v, float) else str(v)]
+        values = v if isinstance(v, (list, tuple)) else [v]  # (a flag of several values: --opt_betas 0.9 0.95)
+        argv += [f'--{k}'] if v is True else [f'--{k}'] + [f"{x:g}" if isinstance(x, float) else str(x) for x in values]
     return argv
 
 

@@ -19,6 +19,15 @@ PAPER_FINETUNE = dict(model='vit_large_patch16', input_size=224, epochs=50, warm
 # FINETUNE.md, ViT-B: 100 epochs, base lr 5e-4, layer decay 0.65, drop path 0.1 (Table 3's ViT-B row)
 PAPER_FINETUNE_BASE = dict(PAPER_FINETUNE, model='vit_base_patch16', epochs=100, blr=5e-4, layer_decay=0.65,
                            drop_path=0.1)
+# Table 3's from-scratch baseline: the paper's supervised training of ViT from scratch (Appendix A.2, Table 11):
+# AdamW with betas 0.9 / 0.95, base lr 1e-4, weight decay 0.3, batch 4096, cosine decay, 20 warm-up epochs, 200
+# epochs for ViT-L (300 for ViT-B), RandAugment (9, 0.5) (the default --aa), label smoothing 0.1, Mixup 0.8, CutMix
+# 1.0, drop path 0.2 for ViT-L (0.1 for ViT-B), an EMA of the weights with decay 0.9999; the regularisations not
+# listed are off (no random erasing), and there is no layer-wise lr decay (no pre-trained layers to keep)
+PAPER_SCRATCH = dict(PAPER_FINETUNE, epochs=200, warmup_epochs=20, blr=1e-4, weight_decay=0.3, opt_betas=(0.9, 0.95),
+                     layer_decay=1.0, drop_path=0.2, reprob=0.0, smoothing=0.1, mixup=0.8, cutmix=1.0,
+                     model_ema=True, model_ema_decay=0.9999, effective_batch=4096)
+PAPER_SCRATCH_BASE = dict(PAPER_SCRATCH, model='vit_base_patch16', epochs=300, drop_path=0.1)
 # FINETUNE.md, linear probing of ViT-L: class token, LARS, base lr 0.1, no weight decay, 50 epochs, batch 16384
 PAPER_LINPROBE = dict(model='vit_large_patch16', input_size=224, cls_token=True, epochs=50, warmup_epochs=10,
                       blr=0.1, weight_decay=0.0, dist_eval=True, batch_size=512, effective_batch=16384)

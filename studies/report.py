@@ -11,7 +11,7 @@ from pathlib import Path
 
 from studies.charts import plot_curve
 from studies.paper import PAPER_MEASURE
-from studies.plan import recipe_argv
+from studies.plan import batch_flags, flag_argv, recipe_argv
 from studies.recipes import EVALUATIONS
 from studies.runner import fmt_time
 
@@ -146,6 +146,7 @@ def write_report(study, plan, setup, argv, results_dir):
         lines += [notes, '']
     lines += ['Recipes (the flags every run of a kind starts from; each cell adds its own):', '']
     lines += [f"- {name}: `{' '.join(recipe_argv(kind, setup))}`" for name, kind in recipes if kind in kinds]
+    lines += [f"- {name}: `{' '.join(flag_argv(batch_flags(flags, setup.world)))}`" for name, flags in study.recipes]
     lines += ['', f"Command: `python reproduce.py {shlex.join(argv)}`", '',
               f"Compute: {fmt_time(sum(known))} for the {len(known)} of {len(runs)} runs of this study timed by "
               f"the runner (shared runs counted once); device `{setup.device}`.", '',

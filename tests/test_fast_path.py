@@ -21,18 +21,16 @@ import util.misc as misc
 import util.resume as resume
 import util.speed as speed
 from conftest import TINY, one_line_error, pretrain_argv, read_log, run_script, save_pretrained
-from util import fast_data
+from util import compat, fast_data
 from util.datasets import pretrain_transform
 from util.loaders import check_data_loader, train_loader
 from util.run import LoopHooks
 from util.step_log import EpochLog
 
 # features of newer versions than the oldest supported (constraints-oldest.txt): there the fast path falls back
-NEEDS_CPU_FUSED_ADAMW = pytest.mark.skipif(speed.fused_adamw_problem('cpu') is not None,
-                                           reason='fused AdamW on the CPU needs torch >= 2.4')
-NEEDS_BATCHED_DECODE = pytest.mark.skipif(
-    tuple(int(x) for x in __import__('torchvision').__version__.split('+')[0].split('.')[:2]) < (0, 19),
-    reason='decode_jpeg of a list of images needs torchvision >= 0.19')
+CPU_FUSED_ADAMW = speed.fused_adamw_problem('cpu') is None  # torch >= 2.4
+# --data_loader gpu's decode_jpeg of a list
+BATCHED_DECODE = compat.torchvision_version() >= compat.BATCHED_JPEG_DECODE
 
 
 # ---------------------------------------------------------------------------------------------------- the engine
@@ -121,7 +119,7 @@ def test_device_reads_happen_where_the_console_prints(monkeypatch):
     assert [n for n in reads if n] == [1, 20, 1]  # steps 0, 1-20, 21: three host syncs in 22 steps
 
 
-@pytest.mark.parametrize('fused', [pytest.param(True, marks=NEEDS_CPU_FUSED_ADAMW), False])
+@pytest.mark.parametrize('fused', [True, False])  # (True on torch < 2.4: the default AdamW, speed.fused_adamw)
 def test_nan_loss_is_skipped_on_the_device_and_reported(fused):
     """A NaN loss on the fast path: its step changes neither the weights nor AdamW's state (fused AdamW: in the
     kernel; the default AdamW: one host decision), and the report comes at the next read."""
@@ -135,7 +133,7 @@ def test_nan_loss_is_skipped_on_the_device_and_reported(fused):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     steps = [float(s['step']) for s in optimizer.state.values()]
     assert steps == [float(s['step']) for s in good_optimizer.state.values()] and set(steps) == {2.0}
-    assert optimizer.param_groups[0]['fused'] is (True if fused else None)
+    assert optimizer.param_groups[0]['fused'] is (True if fused and CPU_FUSED_ADAMW else None)
 
 
 def test_nan_loss_reported_late_stops_past_the_limit():
@@ -153,9 +151,8 @@ def test_reference_path_skips_at_once():
     assert [s for _, _, s in run.skipped] == [1] and run.told == [1, 3, 4] and math.isfinite(stats['loss'])
 
 
-@NEEDS_CPU_FUSED_ADAMW
 def test_step_if_finite_fused_and_fallback():
-    for fused in (True, False):
+    for fused in (True, False) if CPU_FUSED_ADAMW else (False,):
         p = torch.nn.Parameter(torch.ones(3))
         opt = torch.optim.AdamW([p], lr=0.1, fused=fused or None)
         p.grad = torch.full((3,), math.nan)
@@ -193,9 +190,12 @@ def test_new_flags_are_marked_new_in_help():
                 assert action.help.startswith('[new]'), action.dest
 
 
-@NEEDS_CPU_FUSED_ADAMW
-def test_fused_adamw_where_available_and_kept_on_resume():
-    assert speed.fused_adamw_problem('cpu') is None  # torch >= 2.4 has it on the CPU
+def test_fused_adamw_where_available_and_kept_on_resume(capsys):
+    if not CPU_FUSED_ADAMW:  # torch < 2.4: the default AdamW, with a note
+        assert speed.fused_adamw('cpu') is None
+        assert capsys.readouterr().out.startswith(f"Note: --fused_adamw: torch {torch.__version__} has no fused "
+                                                  f"AdamW for --device cpu (")
+        return
     model = models_mae.mae_vit_tiny_patch4()
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3)  # the entry points without --fused_adamw
     fused = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=speed.fused_adamw('cpu'))
@@ -435,12 +435,19 @@ def test_fast_loader_keeps_the_reference_data_order_and_random_streams(tmp_path)
         assert (x - x_ref).abs().mean() < 0.05  # same crops; the resampling differs on 32x32 photos
 
 
-@NEEDS_BATCHED_DECODE
 def test_gpu_path_parts_run_on_the_cpu(tmp_path):
     """--data_loader gpu: workers hand over the JPEG bytes and the reference's draws; the batch is decoded together
     (nvJPEG on CUDA, libjpeg-turbo here), cropped, resized in float, flipped and normalised: within a few grey
     levels of fast_cpu's uint8 result (mean 0.4: float resampling, without PIL's rounding between the horizontal
-    and vertical passes). Other files come already cropped."""
+    and vertical passes). Other files come already cropped. A torchvision before 0.19 (no batched decode_jpeg) is
+    refused in one line before anything runs."""
+    if not BATCHED_DECODE:
+        with pytest.raises(errors.UsageError, match=r"--data_loader gpu decodes each batch's JPEGs in one call "
+                                                    r"\(torchvision.io.decode_jpeg of a list, torchvision >= 0.19\); "
+                                                    r"this torchvision is .*: upgrade torchvision"):
+            check_data_loader(SimpleNamespace(data_loader='gpu', device='cuda', skip_bad_images=False))
+        return
+    check_data_loader(SimpleNamespace(data_loader='gpu', device='cuda', skip_bad_images=False))  # (no CUDA needed)
     paths = [jpeg_file(tmp_path / f'{k}.jpg', seed=k) for k in range(3)] + [
         jpeg_file(tmp_path / 'gray.png', size=(120, 90), mode='L')]
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
-"""Every numeric flag of every entry point has a declared range (util/flag_checks.py's RANGES), and each side of it, nan and
-inf are refused with one line naming the flag; the constraints between flags (what timm's Mixup needs, the seed on
-many processes) too. In-process: the check on parsed flags, and a few whole command lines through run_main."""
+"""Every numeric flag of every entry point has a declared range (util/flag_checks.py's RANGES), and each side of it,
+nan and inf are refused with one line naming the flag; the constraints between flags (what timm's Mixup needs, the
+seed on many processes) too. In-process: the check on parsed flags, and a few whole command lines through run_main."""
 import importlib.util
 import math
 from pathlib import Path

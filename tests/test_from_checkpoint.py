@@ -9,6 +9,7 @@ import models_mae
 import models_vit
 from util import from_checkpoint as fc
 from util.errors import UsageError
+from versions import meta_device
 
 
 def tiny_mae(seed=0, **kwargs):
@@ -28,7 +29,7 @@ def encoder_only(state_dict):
                                         ('mae_vit_small_patch4', 32), ('mae_vit_base_patch16', 224),
                                         ('mae_vit_large_patch16', 224), ('mae_vit_huge_patch14', 224)])
 def test_infer_model_from_shapes(name, size):
-    with torch.device('meta'):
+    with meta_device():
         sd = models_mae.MODELS[name](img_size=size).state_dict()
         classifier = models_vit.MODELS[fc.vit_name(name)](img_size=size, num_classes=7, global_pool=True)
         classifier = classifier.state_dict()
@@ -45,7 +46,7 @@ def test_infer_model_of_another_decoder_and_of_nothing_known():
     with torch.device('meta'):
         sd = models_mae.mae_vit_base_patch16(decoder_depth=2, decoder_embed_dim=256).state_dict()
     assert fc.infer_model(sd) == 'mae_vit_base_patch16'
-    with torch.device('meta'):
+    with meta_device():
         sd = models_vit._vit(4, 64, 3, 4, img_size=32).state_dict()  # a depth no model has
     assert fc.infer_model(sd) is None
 

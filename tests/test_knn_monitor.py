@@ -70,7 +70,8 @@ def test_subsets_are_drawn_by_their_own_generator():
                                                                "folder"),
     (['--knn_every', '1', '--knn_data_path', 'VAL_MISSING'], "has no 'val/' folder"),
     (['--knn_every', '-1'], '--knn_every must be 0 (off) or at least 1'),
-    (['--knn_every', '1', '--knn_data_path', TINY, '--knn_val_subset', '-2'], '--knn_val_subset must be 0 (all) or at least 1'),
+    (['--knn_every', '1', '--knn_data_path', TINY, '--knn_val_subset', '-2'],
+     '--knn_val_subset must be 0 (all) or at least 1'),
 ])
 def test_bad_flags_are_one_line_before_anything_runs(tmp_path, capsys, extra, expected):
     if 'VAL_MISSING' in extra:

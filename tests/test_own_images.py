@@ -30,6 +30,7 @@ from util.image_sources import list_images, pretrain_dataset, pretrain_source, r
 import util.errors as errors  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 from util.pretrained import adapt_patch_embed, init_from_checkpoint  # noqa: E402
+from versions import exact_numbers_expected, stack_note  # noqa: E402
 
 sys.path.insert(0, str(ROOT / 'demo'))
 import visualize as vis  # noqa: E402
@@ -167,7 +168,11 @@ def test_tensor_path_draws_what_the_pil_path_draws(tmp_path):
     b = transform(pil)
     assert torch.equal(after_tensor, torch.get_rng_state())  # the same crop and flip draws
     assert a.shape == b.shape == (1, 16, 16)
-    assert (a - b).abs().max() < 0.1  # the same window, resampled from 16 and from 8 bits
+    # the same window, resampled from 16 and from 8 bits (antialiased on both paths: torchvision 0.16's tensor
+    # kernels did not by default). Pillow's bicubic of 8 bits moves by up to 8 levels at a few pixels between
+    # versions (10.1 against 13): 0.125 at std 0.25 on the oldest stack, 0.03 on the reference's
+    assert (a - b).abs().max() < (0.1 if exact_numbers_expected() else 0.15), stack_note()
+    assert (a - b).abs().mean() < 0.015
     # the fast loader's workers: 16-bit pixels as float on the 0-255 scale, mixed with uint8 ones in a batch
     Image.fromarray(grey).save(tmp_path / 'g16.png')
     pil.save(tmp_path / 'g8.png')

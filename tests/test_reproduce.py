@@ -16,7 +16,7 @@ import models_mae
 import models_vit
 import reproduce
 from conftest import TINY, one_line_error, pretrain_argv, run_in_process, run_script
-from studies import paper, plan, recipes, runner
+from studies import paper, plan, recipes, report, runner
 from studies.data import prepare_data
 from studies.plan import PlannedRun
 from util.errors import UsageError
@@ -247,15 +247,58 @@ def test_paper_scale_dry_run_has_the_papers_recipes(tmp_path, capsys, nodes):
     assert {k: lin[k] for k in ('--model', '--cls_token', '--epochs', '--blr', '--weight_decay')} == {
         '--model': 'vit_large_patch16', '--cls_token': True, '--epochs': '50', '--blr': '0.1', '--weight_decay': '0'}
     assert effective_batch(lin) == 16384
-    # Figure 9: the last K blocks; Table 3: from scratch with the same recipe (no --finetune), ViT-B's own recipe
+    # Figure 9: the last K blocks; Table 3: from scratch with the paper's supervised recipe (no --finetune; its
+    # flags: test_paper_scale_scratch_is_the_papers_supervised_recipe_with_ema), ViT-B's own recipe
     assert sorted(int(f['--train_blocks']) for _, f in by_dir.values() if '--train_blocks' in f) == [1, 2, 4, 6, 12, 18]
     scratch = by_dir[str(tmp_path / 'runs/scratch-vit_large_patch16/finetune')][1]
-    assert '--finetune' not in scratch and scratch['--blr'] == '0.001' and effective_batch(scratch) == 1024
+    assert '--finetune' not in scratch and scratch['--blr'] == '0.0001' and effective_batch(scratch) == 4096
     base = by_dir[str(tmp_path / 'runs/epochs_1600+model_mae_vit_base_patch16+norm_pix_loss/finetune')][1]
     assert (base['--model'], base['--epochs'], base['--blr'], base['--layer_decay'], base['--drop_path']) == (
         'vit_base_patch16', '100', '0.0005', '0.65', '0.1')
     # each run once: the baseline's pre-training serves every study
     assert len(by_dir) == len(cmds)
+
+
+def test_paper_scale_scratch_is_the_papers_supervised_recipe_with_ema(tmp_path, capsys):
+    """Table 3's from-scratch column at paper scale: Appendix A.2's recipe (Table 11) with --model_ema; the table
+    shows the EMA's top-1 (the paper's 82.3 / 82.6 are) and lists the recipe; fine-tuning from MAE keeps its own."""
+    cmds = dry_run_lines(capsys, '--scale', 'paper', '--study', 'scratch', '--data_path', '/imagenet', '--work_dir',
+                         tmp_path, '--nodes', 8, '--ngpus', 8)
+    by_dir = {c[c.index('--job_dir') + 1]: c for c in cmds}
+    table11 = {'--blr': '0.0001', '--weight_decay': '0.3', '--warmup_epochs': '20', '--layer_decay': '1',
+               '--reprob': '0', '--smoothing': '0.1', '--mixup': '0.8', '--cutmix': '1', '--model_ema': True,
+               '--model_ema_decay': '0.9999'}
+    for model, epochs, drop_path in (('vit_large_patch16', '200', '0.2'), ('vit_base_patch16', '300', '0.1')):
+        cmd = by_dir[str(tmp_path / f'runs/scratch-{model}/finetune')]
+        f = flags_of(cmd)
+        assert cmd[1] == 'submitit_finetune.py' and '--finetune' not in f and '--aa' not in f  # RandAug (9, 0.5)
+        assert {k: f[k] for k in table11} == table11
+        assert (f['--model'], f['--epochs'], f['--drop_path']) == (model, epochs, drop_path)
+        assert cmd[cmd.index('--opt_betas') + 1:cmd.index('--opt_betas') + 3] == ['0.9', '0.95']
+        assert effective_batch(f) == 4096
+    mae = flags_of(by_dir[str(tmp_path / 'runs/epochs_1600+norm_pix_loss/finetune')])
+    assert (mae['--blr'], mae['--layer_decay'], effective_batch(mae)) == ('0.001', '0.75', 1024)
+    assert '--model_ema' not in mae and '--opt_betas' not in mae
+    # the table: the EMA's top-1 of the from-scratch runs, the raw one's of the others; the recipe of each column
+    scale = recipes.SCALES['paper']
+    study = paper.build_study('scratch', scale)
+    planned = plan.Plan(scale, tmp_path)
+    planned.add_study(study)
+    for run in planned.runs.values():
+        fake_finished(run, 70.0)
+        if run.flags.get('model_ema'):
+            lines = (run.out / 'log.txt').read_text().splitlines()
+            rows = [dict(json.loads(line), test_acc1_ema=80.0) for line in lines]
+            (run.out / 'log.txt').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    setup = plan.Setup(scale, Path('/imagenet'), 1000, tmp_path, 'cuda', 10, 64, [])
+    report.write_report(study, planned, setup, ['--scale', 'paper', '--study', 'scratch'], tmp_path)
+    table = (tmp_path / 'scratch.md').read_text()
+    assert '| ViT-L/16 | 80.0 | 82.6 | 70.0 | 85.9 |' in table and '| ViT-B/16 | 80.0 | 82.3 | 70.0 | 83.6 |' in table
+    assert "its top-1 is the EMA's" in table
+    recipe = re.search(r'- training ViT-L/16 from scratch: `([^`]*)`', table).group(1)
+    assert all(f in recipe for f in ('--model_ema --model_ema_decay 0.9999', '--opt_betas 0.9 0.95', '--blr 0.0001'))
+    small = paper.build_study('scratch', recipes.SCALES['small'])
+    assert small.recipes == () and "this scale's fine-tuning recipe" in small.note and 'not used here' in small.note
 
 
 def test_small_scale_dry_run_runs_the_entry_points_here(tmp_path, capsys):

@@ -126,7 +126,8 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path):
     holder = subprocess.Popen([sys.executable, '-c', f'''
 import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parents[1])!r})
 import util.output_dir as r, time
-held = r.lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)'''], stdout=subprocess.PIPE, text=True)
+held = r.lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)'''],
+                              stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == 'locked'
     with pytest.raises(UsageError, match=f'process {holder.pid} on '):
         output_dir.lock_output_dir(tmp_path)

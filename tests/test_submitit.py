@@ -80,7 +80,7 @@ def test_shared_folder(tmp_path, monkeypatch):
 def test_no_shared_folder_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(submitit_job, 'CHECKPOINT_ROOT', tmp_path / 'checkpoint')
     with pytest.raises(SystemExit) as e:
-        submitit_pretrain.main(['--data_path', str(TINY)])
+        submitit_pretrain.main(['--data_path', str(TINY), '--batch_size', '1'])  # (1 image per process of 16)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no shared folder for the job") and err.count('\n') == 1

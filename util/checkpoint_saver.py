@@ -13,18 +13,20 @@ from util.errors import TrainingStopped
 
 class CheckpointSaver:
     """Saves ``model``, ``optimizer`` and ``loss_scaler`` with the run's flags (``args``) into ``output_dir``
-    (``''``: nothing is saved); ``script`` names the entry point that wrote them (a resume checks it)."""
+    (``''``: nothing is saved); ``script`` names the entry point that wrote them (a resume checks it). ``model_ema``
+    ([new] --model_ema, timm's ``ModelEmaV3``): the average's weights too, as ``model_ema`` (the keys of ``model``).
+    """
 
-    def __init__(self, model, optimizer, loss_scaler, args, output_dir, script):
+    def __init__(self, model, optimizer, loss_scaler, args, output_dir, script, model_ema=None):
         self.model, self.optimizer, self.loss_scaler, self.args = model, optimizer, loss_scaler, args
-        self.output_dir, self.script = output_dir, script
+        self.output_dir, self.script, self.model_ema = output_dir, script, model_ema
 
     def save(self, epoch, keep, at, rng=None, **extra):
         """A checkpoint after epoch ``epoch`` (``at`` says where, for the messages) with the reference's keys
-        (``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``), every rank's random streams (``rng``: this
-        rank's now, or the ones given), the script and ``extra``; ``checkpoint-last.pth`` always,
-        ``checkpoint-<epoch>.pth`` too with ``keep``. Every rank calls it (the random streams are gathered); rank 0
-        writes."""
+        (``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``), the EMA's weights (with ``model_ema``), every
+        rank's random streams (``rng``: this rank's now, or the ones given), the script and ``extra``;
+        ``checkpoint-last.pth`` always, ``checkpoint-<epoch>.pth`` too with ``keep``. Every rank calls it (the random
+        streams are gathered); rank 0 writes."""
         bad = ckpt_io.nonfinite(self.model.state_dict().items()) + ckpt_io.nonfinite(
             ckpt_io.optimizer_tensors(self.optimizer))
         if bad:
@@ -35,6 +37,7 @@ class CheckpointSaver:
             return
         to_save = {
             'model': self.model.state_dict(),
+            **({'model_ema': self.model_ema.module.state_dict()} if self.model_ema is not None else {}),
             'optimizer': self.optimizer.state_dict(),
             'epoch': epoch,
             'scaler': self.loss_scaler.state_dict(),

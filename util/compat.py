@@ -61,3 +61,29 @@ def destroy_process_group():
     if torch.distributed.get_backend() == 'gloo':
         time.sleep(0.1)
     torch.distributed.destroy_process_group()
+
+
+def decode_png_16(data, path):
+    """The pixels of the 16-bit PNG file ``path`` (its bytes ``data``) as an (H, W, C) uint16 array. torchvision's
+    ``decode_png`` keeps the 16 bits from 0.21 (a uint16 tensor); before, only its private ``_read_png_16`` does (as
+    int32, values 0..65535), and ``decode_png`` refuses the file."""
+    import numpy as np
+    from torchvision.io import image
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+        if hasattr(image, '_read_png_16'):
+            pixels = image._read_png_16(str(path), image.ImageReadMode.UNCHANGED)
+        else:
+            pixels = image.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                      mode=image.ImageReadMode.UNCHANGED)
+    return pixels.to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16)
+
+
+def torchvision_version():
+    """The installed torchvision's (major, minor), e.g. (0, 16)."""
+    import torchvision
+    return tuple(int(x) for x in torchvision.__version__.split('+')[0].split('.')[:2])
+
+
+# --data_loader gpu decodes a batch's JPEGs in one call: torchvision.io.decode_jpeg takes a list from 0.19
+BATCHED_JPEG_DECODE = (0, 19)

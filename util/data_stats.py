@@ -226,7 +226,8 @@ def auto_stats(args, training_images):
                          f"{fmt(std)}): give --mean and --std")
     seconds = time.time() - start
     print(f"Data statistics (--data_stats auto): measured on {count} of {len(paths)} images in {seconds:.1f} s"
-          + (f" ({bad} bad files skipped)" if bad else '') + f": mean {fmt(mean)} std {fmt(std)} (standard error of the means {error:.4f})"
+          + (f" ({bad} bad files skipped)" if bad else '')
+          + f": mean {fmt(mean)} std {fmt(std)} (standard error of the means {error:.4f})"
           + (f"; cached in {cache}" if cache else ''))
     if cache:
         os.makedirs(args.output_dir, exist_ok=True)

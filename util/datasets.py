@@ -85,7 +85,8 @@ def check_augmentation(args):
 def pretrain_transform(input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD):
     """Pre-training's simple augmentation: random resized crop (scale 0.2-1, bicubic) and a horizontal flip."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC,
+                                     antialias=True),
         transforms.RandomHorizontalFlip(),
         ToTensor(),
         transforms.Normalize(mean=mean, std=std)])
@@ -94,7 +95,7 @@ def pretrain_transform(input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD):
 def linprobe_transform(input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD):
     """Linear probing's weak augmentation: the TF-style random resized crop and a horizontal flip."""
     return transforms.Compose([
-        RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        RandomResizedCrop(input_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
         transforms.RandomHorizontalFlip(),
         ToTensor(),
         transforms.Normalize(mean=mean, std=std)])
@@ -122,7 +123,7 @@ def build_transform(is_train, args):
         )
         tensor = transforms.Compose([
             transforms.RandomResizedCrop(args.input_size, scale=(0.08, 1.0),
-                                         interpolation=transforms.InterpolationMode.BICUBIC),
+                                         interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
             transforms.RandomHorizontalFlip(),
             ToTensor(),
             transforms.Normalize(mean=mean, std=std)]
@@ -138,7 +139,7 @@ def eval_transform(input_size, mean=DEFAULT_MEAN, std=DEFAULT_STD):
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
     size = int(input_size / crop_pct)
     return transforms.Compose([
-        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
         transforms.CenterCrop(input_size),
         ToTensor(),
         transforms.Normalize(mean, std),

@@ -67,6 +67,9 @@ RANGES = {
     # them; a --layer_decay outside (0, 1] gives layers a negative lr, or the lower layers the larger one
     'lr': POSITIVE, 'blr': POSITIVE, 'min_lr': AT_LEAST_0, 'weight_decay': AT_LEAST_0, 'clip_grad': POSITIVE,
     'layer_decay': Range(0, 1, low_open=True),
+    # AdamW's betas (torch refuses any outside [0, 1)); the EMA's decay (0 or 1: the average is the weights, or never
+    # moves)
+    'opt_betas': Range(0, 1, high_open=True), 'model_ema_decay': Range(0, 1, low_open=True, high_open=True),
     # regularisation and augmentation: timm's label smoothing asserts < 1; drop-path 1 drops every block; a random
     # erase count of 0 is taken as 1 by timm (turn erasing off with --reprob 0)
     'mask_ratio': Range(0, 1, high_open=True), 'drop_path': Range(0, 1, high_open=True),

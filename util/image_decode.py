@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from util import compat
+
 SKIP_FLAG = '--skip_bad_images'
 MAX_PIXELS_ENV = 'MAE_MAX_IMAGE_PIXELS'
 if os.environ.get(MAX_PIXELS_ENV):  # the user's own limit for PIL's decompression-bomb guard (DataLoader workers too)
@@ -82,11 +84,7 @@ def read_image(path, in_chans=3):
         data = f.read()
     if data[:8] == PNG_SIGNATURE and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
         # 16-bit RGB(A) PNG: PIL reads it as 8 bits; torchvision's decoder keeps the 16
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', DeprecationWarning)  # torchvision 0.29 points to TorchCodec
-            from torchvision.io import ImageReadMode, decode_png
-            pixels = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
-        return fit_channels(pixels.permute(1, 2, 0).numpy(), in_chans, path, alpha=True)
+        return fit_channels(compat.decode_png_16(data, path), in_chans, path, alpha=True)
     if ext in ('.tif', '.tiff') and not pil_reads_tiff(data):
         return fit_channels(read_tiff(data, path), in_chans, path, alpha=False)
     with warnings.catch_warnings():

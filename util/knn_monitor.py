@@ -158,7 +158,7 @@ class KnnMonitor:
     def __init__(self, args, device):
         self.every, self.epochs, self.device = args.knn_every, args.epochs, device
         self.batch_size, self.num_workers = args.batch_size, args.num_workers
-        self.amp = misc.amp_settings(args)
+        self.autocast = misc.autocast(args)  # the forward's precision of training (torch 2.1 has no fp16 on the CPU)
         self.train_set, self.val_set, self.num_classes = knn_datasets(
             args.knn_data_path, args.input_size, args.knn_train_subset, args.knn_val_subset,
             in_chans=getattr(args, 'in_chans', None) or 3, mean=getattr(args, 'mean', None) or DEFAULT_MEAN,
@@ -175,11 +175,9 @@ class KnnMonitor:
             return {}
         start = time.time()
         streams = rng.rng_state()  # put back afterwards: nothing of training may depend on the monitor
-        device_type, dtype, enabled = self.amp
         try:
             stats = knn_evaluate(model, self.train_set, self.val_set, self.num_classes, self.device,
-                                 self.batch_size, self.num_workers, torch.autocast(device_type, dtype=dtype,
-                                                                                   enabled=enabled))
+                                 self.batch_size, self.num_workers, self.autocast)
         finally:
             rng.set_rng_state(streams)
         print(f"kNN monitor after epoch {epoch}: {describe(stats)}; took {time.time() - start:.1f}s")

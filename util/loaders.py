@@ -8,6 +8,7 @@ import signal
 import torch
 
 import util.misc as misc
+from util import compat
 from util import image_folder as images
 from util.errors import UsageError
 from util.image_decode import ImageReader
@@ -41,6 +42,11 @@ def check_data_loader(args):
             import torchvision
             raise UsageError(f"--data_loader {kind} decodes with torchvision.io.decode_jpeg, which this torchvision "
                              f"({torchvision.__version__}) no longer has: use --data_loader pil") from None
+    if kind == 'gpu' and compat.torchvision_version() < compat.BATCHED_JPEG_DECODE:
+        import torchvision
+        raise UsageError(f"--data_loader gpu decodes each batch's JPEGs in one call (torchvision.io.decode_jpeg of a "
+                         f"list, torchvision >= 0.19); this torchvision is {torchvision.__version__}: upgrade "
+                         f"torchvision, or use --data_loader fast_cpu")
     if kind == 'dali':
         try:
             import nvidia.dali  # noqa: F401

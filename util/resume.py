@@ -121,11 +121,12 @@ def changed_flags(there, args):
 
 
 # ---------------------------------------------------------------------------------------------------- restoring
-def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_scaler=None, iters_per_epoch=0):
-    """Load ``checkpoint`` (read from ``path``) into ``model`` and, when training, ``optimizer`` and
-    ``loss_scaler`` (setting ``args.start_epoch``, as the reference's ``load_model``); restore the random streams at an
-    epoch boundary. Returns the ``Start`` after it (at ``--start_epoch`` for ``checkpoint`` None). ``iters_per_epoch``:
-    the training loader's length."""
+def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_scaler=None, iters_per_epoch=0,
+                            model_ema=None):
+    """Load ``checkpoint`` (read from ``path``) into ``model`` (and ``model_ema``, [new] --model_ema) and, when
+    training, ``optimizer`` and ``loss_scaler`` (setting ``args.start_epoch``, as the reference's ``load_model``);
+    restore the random streams at an epoch boundary. Returns the ``Start`` after it (at ``--start_epoch`` for
+    ``checkpoint`` None). ``iters_per_epoch``: the training loader's length."""
     if checkpoint is None:
         return Start(epoch=args.start_epoch)
     problem = ckpt_io.state_dict_mismatch(model, checkpoint['model'])
@@ -133,7 +134,9 @@ def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_
         raise UsageError(f"--resume {path} does not fit --model {args.model}: {problem}")
     model.load_state_dict(checkpoint['model'])
     print("Resume checkpoint %s" % path)
-    if getattr(args, 'eval', False) or not ('optimizer' in checkpoint and 'epoch' in checkpoint):
+    continued = not getattr(args, 'eval', False) and 'optimizer' in checkpoint and 'epoch' in checkpoint
+    restore_ema(model_ema, checkpoint, path, args, model, continued)
+    if not continued:
         return Start(epoch=args.start_epoch)
     load_optimizer_state(optimizer, checkpoint['optimizer'], f"--resume {path}")
     args.start_epoch = checkpoint['epoch'] + 1  # (as the reference's load_model; the checkpoints keep it)
@@ -143,6 +146,26 @@ def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_
     # ours keep the best accuracy; the reference restarts it on resuming
     start = Start(epoch=args.start_epoch, max_accuracy=float(checkpoint.get('max_accuracy', 0.0)))
     return continue_position(start, checkpoint, args, iters_per_epoch)
+
+
+def restore_ema(model_ema, checkpoint, path, args, model, continued):
+    """--model_ema [new]: the average's weights from the checkpoint (an evaluation's, or a continued run's); a
+    checkpoint of weights only starts the average at them. A run trained without --model_ema is not continued (nor
+    evaluated) with it, nor one trained with it without it: its average would be lost, or start over."""
+    saved = checkpoint.get('model_ema')
+    if model_ema is None:
+        if saved is not None and continued and hasattr(args, 'model_ema'):
+            decay = ckpt_io.stored_args(checkpoint).get('model_ema_decay', args.model_ema_decay)
+            raise UsageError(f"--resume {path} is of a run trained with --model_ema (it holds the EMA's weights): "
+                             f"continue it with --model_ema --model_ema_decay {decay}")
+        return
+    if saved is None and (continued or getattr(args, 'eval', False)):
+        raise UsageError(f"--model_ema: --resume {path} holds no EMA weights (its run was trained without "
+                         f"--model_ema); continue or evaluate it without --model_ema")
+    if saved is None:
+        model_ema.set(model)
+    else:
+        model_ema.module.load_state_dict(saved)
 
 
 def continue_position(start, checkpoint, args, iters_per_epoch):

@@ -111,12 +111,15 @@ class Run(LoopHooks):
     started once the model, optimizer and loss scaler exist and ``util.resume`` has said where the run starts
     (``start``): it cuts ``log.txt`` back to that point, opens TensorBoard and installs the stop signals; then, per
     epoch, ``epoch_batches`` and ``after_step`` (through the engine's ``EpochLog``) and ``end_epoch``.
-    ``track_accuracy``: keep the best test accuracy across the run (``max_accuracy``, saved in the checkpoints)."""
+    ``track_accuracy``: keep the best test accuracy across the run (``max_accuracy``, saved in the checkpoints).
+    ``model_ema``: the EMA of the weights ([new] --model_ema), saved with them."""
 
-    def __init__(self, args, script, start, model, optimizer, loss_scaler, data_loader, track_accuracy=False):
+    def __init__(self, args, script, start, model, optimizer, loss_scaler, data_loader, track_accuracy=False,
+                 model_ema=None):
         super().__init__(args.skip_nonfinite)
         self.args, self.output_dir = args, args.output_dir
-        self.saver = CheckpointSaver(model, optimizer, loss_scaler, args, self.output_dir, os.path.basename(script))
+        self.saver = CheckpointSaver(model, optimizer, loss_scaler, args, self.output_dir, os.path.basename(script),
+                                     model_ema)
         self.data_loader, self.position = data_loader, start.position
         self.max_accuracy = start.max_accuracy if track_accuracy else None
         self._iters_per_epoch = 0
