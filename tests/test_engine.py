@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import main_pretrain
 import models_mae
 import util.misc as misc
 import util.process as process
@@ -25,6 +26,14 @@ from util.run import LoopHooks
 ])
 def test_amp_settings(device, amp, expected):
     assert misc.amp_settings(SimpleNamespace(device=device, amp=amp)) == expected
+
+
+def test_fast_keeps_fp32_on_the_cpu_and_bf16_on_cuda():
+    fast = main_pretrain.get_args_parser().parse_args(['--fast', '--device', 'cpu'])
+    assert fast.amp == 'bf16' and misc.amp_settings(fast) == ('cpu', torch.bfloat16, False)
+    assert process.precision_line(fast, torch.device('cpu')).startswith('Precision: fp32 (--fast keeps fp32')
+    fast.device = 'cuda'
+    assert misc.amp_settings(fast) == ('cuda', torch.bfloat16, True)
 
 
 @pytest.mark.parametrize('device,amp,scales', [('cuda', 'fp16', True), ('cuda', 'bf16', False),

@@ -83,7 +83,7 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
                        help='[new] the fast path in one flag: ' + ' '.join(
                            f'--{k}' if v is True else f'--{k} {v}' for k, v in fast.items()) + ' (see each; a flag '
                        'given after --fast overrides it; the data loader and --grad_checkpointing are chosen '
-                       'separately)')
+                       'separately; on the CPU it keeps fp32: bf16 there is --amp bf16 alone)')
     if optimizer == 'adamw':
         group.add_argument('--fused_adamw', action='store_true',
                            help='[new] AdamW(fused=True): one kernel for all tensors, where this torch has it for '

@@ -203,12 +203,13 @@ def amp_settings(args):
     fp16 on CUDA as the reference (``--amp fp16``, the default), bf16 with ``--amp bf16``, off with ``--amp none``.
     On the CPU only ``--amp bf16`` turns autocast on (bf16 matrix products: faster on CPUs with AVX-512 BF16 or
     AMX, emulated and much slower without); fp16 and none run fp32 there, as the reference, so that the default
-    stays its numbers."""
+    stays its numbers, and so does ``--fast`` (which implies --amp bf16 for CUDA): a speed flag must not make a CPU
+    without bf16 instructions eight times slower."""
     amp = getattr(args, 'amp', 'fp16')
     use_cuda = str(args.device).startswith('cuda')
     dtype = torch.bfloat16 if amp == 'bf16' else torch.float16
     on_cpu = str(args.device).startswith('cpu')
-    enabled = (use_cuda and amp != 'none') or (on_cpu and amp == 'bf16')
+    enabled = (use_cuda and amp != 'none') or (on_cpu and amp == 'bf16' and not getattr(args, 'fast', False))
     return ('cuda' if use_cuda else 'cpu'), dtype, enabled
 
 

@@ -60,6 +60,8 @@ def precision_line(args, device):
             line += ("; note: this CPU has no bf16 matrix instructions (AVX-512 BF16 or AMX), so they are emulated "
                      "and much slower than fp32 (the default, --amp fp16, runs fp32 on the CPU)")
         return line
+    if args.amp == 'bf16':  # (from --fast)
+        return "Precision: fp32 (--fast keeps fp32 on the CPU; --amp bf16 without --fast runs bf16 autocast)"
     if args.amp == 'fp16':
         return "Precision: fp32 (--amp fp16 applies on CUDA only; --amp bf16 runs bf16 autocast on the CPU)"
     return f"Precision: fp32 (--amp {args.amp})"
