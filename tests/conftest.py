@@ -22,6 +22,18 @@ if int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) > 1:
     torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The files whose tests take longest (minutes of subprocesses each), longest first: collected first, so that
+# xdist's --dist loadfile hands them out before the short ones and no worker is left with a long file at the end
+# while the others idle (the suite's wall time is then about half its total time on 2 workers).
+LONGEST_FIRST = ['test_resume.py', 'test_pretrain.py', 'test_gpu_check.py', 'test_finetune.py', 'test_distributed.py',
+                 'test_resume_policy.py', 'test_reproduce.py', 'test_model_ema.py', 'test_linprobe.py',
+                 'test_bad_data.py', 'test_knn_monitor.py', 'test_transforms.py', 'test_fast_path.py']
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each file keeps its own order)
 DATA = ROOT / 'tests' / 'data'
 TINY = DATA / 'tiny_imagefolder'  # train/: 2 classes of 8 images; val/: 2 classes of 4
 TINY_B = DATA / 'tiny_imagefolder_b'  # 3 classes
@@ -73,6 +85,19 @@ def pretrain_argv(out, *extra, epochs=2, batch_size=4):
     return ['main_pretrain.py', '--model', 'mae_vit_tiny_patch4', '--input_size', '32', '--batch_size',
             str(batch_size), '--epochs', str(epochs), '--warmup_epochs', '1', '--data_path', TINY, '--device', 'cpu',
             '--num_workers', '0', '--output_dir', out, '--log_dir', out, *extra]
+
+
+def resume_argv(out, *extra):
+    """The tiny pre-training of the resume tests: 16 images, batch 2, 8 iterations per epoch, 3 epochs."""
+    return pretrain_argv(out, *extra, epochs=3, batch_size=2)
+
+
+def crash_then_resume(out, fault, *extra, signal_name=None):
+    """``resume_argv`` run with ``fault`` (tests/faults.py), then again with the same command: (crashed, resumed)."""
+    crashed = run_with_fault(fault, resume_argv(out, *extra), signal_name=signal_name)
+    resumed = run_script(*resume_argv(out, *extra))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return crashed, resumed
 
 
 def reference_argv(which, pretrained, out=None):
