@@ -16,8 +16,8 @@ schedule, autocast, loss scaling, gradient norm, AdamW, the per-step loss read; 
 
 Achieved TFLOP/s counts the matmul/attention FLOPs of one forward+backward with torch.utils.flop_counter (no
 recomputation counted), and "of peak" divides by the best of a few large matmuls this script times on the same
-device in the path's precision (fp16 for faithful, bf16 for the fast paths; on the CPU the faithful path runs fp32
-and the fast paths bf16, as --amp bf16 does there).
+device in the path's precision (fp16 for faithful, bf16 for the fast paths on CUDA; fp32 on the CPU, where --fast
+keeps fp32).
 """
 import argparse
 import contextlib
@@ -45,10 +45,14 @@ from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
 
 PATHS = {
-    'faithful': dict(amp='fp16', fused_adamw=False, compile=False, no_host_sync=False, grad_checkpointing=False),
-    'fast_eager': dict(amp='bf16', fused_adamw=True, compile=False, no_host_sync=True, grad_checkpointing=False),
-    'fast': dict(amp='bf16', fused_adamw=True, compile=True, no_host_sync=True, grad_checkpointing=False),
-    'fast_ckpt': dict(amp='bf16', fused_adamw=True, compile=True, no_host_sync=True, grad_checkpointing=True),
+    'faithful': dict(amp='fp16', fused_adamw=False, compile=False, no_host_sync=False, grad_checkpointing=False,
+                     fast=False),
+    'fast_eager': dict(amp='bf16', fused_adamw=True, compile=False, no_host_sync=True, grad_checkpointing=False,
+                       fast=True),
+    'fast': dict(amp='bf16', fused_adamw=True, compile=True, no_host_sync=True, grad_checkpointing=False,
+                 fast=True),
+    'fast_ckpt': dict(amp='bf16', fused_adamw=True, compile=True, no_host_sync=True, grad_checkpointing=True,
+                      fast=True),
 }
 DEFAULT_MODELS = ['mae_vit_base_patch16', 'mae_vit_large_patch16', 'mae_vit_huge_patch14',
                   'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14']
