@@ -103,6 +103,13 @@ def check_values(mean, std, in_chans=None, where=''):
                              f"(the images are divided by it)")
 
 
+def normalisation(args):
+    """``(in_chans, mean, std)`` that ``args`` reads and normalises its images with: the values ``resolve`` set, or,
+    for callers that set none (benchmarks, tests), 3 channels and ImageNet's statistics."""
+    return (getattr(args, 'in_chans', None) or DEFAULT_IN_CHANS, getattr(args, 'mean', None) or DEFAULT_MEAN,
+            getattr(args, 'std', None) or DEFAULT_STD)
+
+
 def stats_from_checkpoint(args_dict, state_dict=None):
     """The normalisation and channel count a checkpoint was trained with: ``{'mean', 'std', 'in_chans',
     'stored'}``. ``args_dict``: its stored flags (``util.checkpoint.stored_args``); ``state_dict``: its weights,

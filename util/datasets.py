@@ -14,7 +14,7 @@ from torchvision import transforms
 
 import util.errors as errors
 from util.crop import RandomResizedCrop
-from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
+from util.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
 
 
 class ToTensor(transforms.ToTensor):
@@ -106,7 +106,7 @@ def build_transform(is_train, args):
     ``--reprob``/``--remode``/``--recount``, bicubic) for PIL images; the same crop, flip and random erasing without
     RandAugment (PIL only) for the other images. Evaluation: ``eval_transform(args.input_size)``. ``args.mean`` and
     ``args.std``: the normalisation (ImageNet's when absent)."""
-    mean, std = getattr(args, 'mean', None) or DEFAULT_MEAN, getattr(args, 'std', None) or DEFAULT_STD
+    _, mean, std = normalisation(args)
     if is_train:
         # with an --aa policy this dispatches to timm's transforms_imagenet_train
         transform = create_transform(

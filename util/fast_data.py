@@ -34,7 +34,7 @@ except ImportError:  # (util.loaders.check_data_loader says so before anything r
     ImageReadMode = decode_jpeg = None
 from torchvision.transforms.v2 import functional as F2
 
-from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
+from util.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
 from util.image_decode import read_image, to_rgb
 
 JPEG_END = b'\xff\xd9'  # a JPEG without its end marker is truncated: PIL's decoder refuses it, libjpeg would pad it
@@ -239,6 +239,7 @@ class DaliLoader:
         import numpy as np
 
         args, size, batch_size = self.args, self.args.input_size, self.args.batch_size
+        _, mean, std = normalisation(args)
         files = [self.dataset.samples[k] for k in iter(self.sampler)][:len(self) * batch_size]
 
         def batches():
@@ -257,8 +258,7 @@ class DaliLoader:
                                                    random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout='CHW',
-                                              mean=[255 * m for m in (args.mean or DEFAULT_MEAN)],
-                                              std=[255 * s for s in (args.std or DEFAULT_STD)],
+                                              mean=[255 * m for m in mean], std=[255 * s for s in std],
                                               mirror=fn.random.coin_flip(probability=0.5))
             return images, labels.gpu()
 

@@ -28,7 +28,7 @@ import torch
 
 from util import rng
 import util.misc as misc
-from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
+from util.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
 from util.datasets import eval_transform
 from util.from_checkpoint import features
 from util.image_decode import ImageReader
@@ -159,10 +159,10 @@ class KnnMonitor:
         self.every, self.epochs, self.device = args.knn_every, args.epochs, device
         self.batch_size, self.num_workers = args.batch_size, args.num_workers
         self.autocast = misc.autocast(args)  # the forward's precision of training (torch 2.1 has no fp16 on the CPU)
+        in_chans, mean, std = normalisation(args)
         self.train_set, self.val_set, self.num_classes = knn_datasets(
-            args.knn_data_path, args.input_size, args.knn_train_subset, args.knn_val_subset,
-            in_chans=getattr(args, 'in_chans', None) or 3, mean=getattr(args, 'mean', None) or DEFAULT_MEAN,
-            std=getattr(args, 'std', None) or DEFAULT_STD)
+            args.knn_data_path, args.input_size, args.knn_train_subset, args.knn_val_subset, in_chans=in_chans,
+            mean=mean, std=std)
         print(f"kNN monitor: every {self.every} epoch(s) and after the last, {len(self.train_set)} train and "
               f"{len(self.val_set)} val images of {args.knn_data_path} ({self.num_classes} classes), k={K}, "
               f"T={TEMPERATURE}")

@@ -13,7 +13,7 @@ from util import image_folder as images
 from util.errors import UsageError
 from util.image_decode import ImageReader
 from util.image_sources import pretrain_dataset
-from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
+from util.data_stats import normalisation
 from util.fast_data import (CropFlip, DaliLoader, OnDevice, collate_encoded, collate_pixels, decode_on_device,
                              normalise)
 
@@ -110,8 +110,7 @@ def train_loader(args, reference_transform, crop_kwargs, device, pretraining=Fal
     Its sampler is a DistributedSampler also on one process (its fixed seed gives the reference's data order),
     wrapped so that an epoch resumed in the middle skips what was trained on."""
     kind = getattr(args, 'data_loader', 'pil')
-    in_chans = getattr(args, 'in_chans', None) or 3
-    mean, std = tuple(getattr(args, 'mean', None) or DEFAULT_MEAN), tuple(getattr(args, 'std', None) or DEFAULT_STD)
+    in_chans, mean, std = normalisation(args)
 
     def dataset_of(transform=None, skip_bad=False, loader=ImageReader(in_chans)):
         if pretraining:
