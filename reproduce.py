@@ -32,7 +32,7 @@ from studies.data import class_folders, count_images, data_summary, prepare_data
 from studies.paper import STUDIES, VALUE_STUDIES, build_study, evals_per_study
 from studies.plan import REPO, Plan, Setup, command, print_commands
 from studies.recipes import EVALUATIONS, SCALES, with_pretrain_epochs
-from studies.report import markdown_table, write_report
+from studies.report import markdown_table, report_name, write_report
 from studies.runner import Runner
 from util.errors import TrainingStopped, UsageError
 from util.flag_checks import check_ranges
@@ -74,6 +74,10 @@ def get_args_parser():
                         help="pre-train for N epochs instead of the scale's (small 8, paper 800), the warm-up "
                              "keeping its share of the schedule; such runs get folders of their own (e.g. "
                              "runs/pretrain_epochs_50/), evaluations and from-scratch runs are unchanged")
+    parser.add_argument('--seed', default=0, type=int,
+                        help="[new] the --seed of every training run (default 0, the entry points'); another seed's "
+                             "runs get folders of their own (runs/seed_1+...) and its reports files of their own "
+                             "(e.g. mask_ratio_seed1.md), so that two seeds of a cell give its seed-to-seed spread")
     parser.add_argument('--work_dir', default=None,
                         help='where the runs go (default: reproduce_output/<scale>, reproduce_output/quick)')
     parser.add_argument('--results_dir', default=None,
@@ -174,7 +178,7 @@ def main(args):
         counted = IMAGENET_VAL_IMAGES if scale.name == 'paper' else count_images(data_path, 'val')
         setup.eval_images = counted if isinstance(counted, int) and counted > 0 else None
 
-    plan = Plan(scale, work_dir)
+    plan = Plan(scale, work_dir, args.seed)
     for study in studies:
         plan.add_study(study)
     for run in plan.runs.values():  # every command checked before anything runs (e.g. the batch split)
@@ -193,7 +197,7 @@ def main(args):
     finally:
         report()
     for study in studies:
-        print(f"{study.title}: {results_dir / (study.name + '.md')}")
+        print(f"{study.title}: {results_dir / (report_name(study, plan) + '.md')}")
         print(markdown_table(study, plan, setup))
     failed = [r for r in plan.runs.values() if r.status == 'failed']
     if failed:

@@ -126,6 +126,11 @@ def results(study, plan, setup):
     return data
 
 
+def report_name(study, plan):
+    """The file name of a study's reports, without suffix: another seed's beside seed 0's."""
+    return study.name + (f"_seed{plan.seed}" if plan.seed else '')
+
+
 def write_report(study, plan, setup, argv, results_dir):
     """``<study>.md`` and ``<study>.json`` from the plan's runs as the runner left them (``argv``: the flags of this
     invocation); ``<study>.png`` for the curves."""
@@ -139,7 +144,8 @@ def write_report(study, plan, setup, argv, results_dir):
              f"Scale `{setup.scale.name}`: {setup.scale.model_label}; data {setup.data_summary}. Ours: top-1 (%) on "
              f"the evaluation split (of the last epoch for a training run), and its standard error from the split's "
              f"size (s.e. = sqrt(p (1 - p) / n), {n}); the paper's: ImageNet-1K top-1 of "
-             f"ViT-L/16{' (≈: read off a figure)' if approx else ''}.",
+             f"ViT-L/16{' (≈: read off a figure)' if approx else ''}."
+             + (f" Every training run with --seed {plan.seed}." if plan.seed else ''),
              '', markdown_table(study, plan, setup), '']
     notes = ' '.join(filter(None, (study.note, evaluations_note(kinds))))
     if notes:
@@ -152,8 +158,9 @@ def write_report(study, plan, setup, argv, results_dir):
               f"the runner (shared runs counted once); device `{setup.device}`.", '',
               f"Environment: {environment()}.", '']
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / f"{study.name}.md").write_text('\n'.join(lines), encoding='utf-8')
-    data = results(study, plan, setup)
-    (results_dir / f"{study.name}.json").write_text(json.dumps(data, indent=1) + '\n', encoding='utf-8')
+    name = report_name(study, plan)
+    (results_dir / f"{name}.md").write_text('\n'.join(lines), encoding='utf-8')
+    data = dict(results(study, plan, setup), seed=plan.seed)
+    (results_dir / f"{name}.json").write_text(json.dumps(data, indent=1) + '\n', encoding='utf-8')
     if study.curve:
-        plot_curve(study, data, setup.scale.name, results_dir / f"{study.name}.png")
+        plot_curve(study, data, setup.scale.name, results_dir / f"{name}.png")

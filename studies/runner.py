@@ -65,7 +65,7 @@ def read_json(path):
 
 
 def write_json(path, data):
-    tmp = path.with_suffix('.tmp')
+    tmp = path.with_suffix(f'.{os.getpid()}.tmp')  # (two invocations on one work dir never share a temporary file)
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + '\n')
     os.replace(tmp, path)
 
@@ -152,7 +152,10 @@ class Runner:
             code = self.child.wait()
             self.child = None
         took = time.time() - start
-        run.seconds = self.timings[self.setup.rel(run.out)] = (run.seconds or 0.0) + took
+        run.seconds = (run.seconds or 0.0) + took
+        # read again before writing: another invocation on this work dir (another study, another seed) may have
+        # timed its own runs since this one started, and their times stay
+        self.timings = dict(read_json(self.timings_file), **{self.setup.rel(run.out): run.seconds})
         write_json(self.timings_file, self.timings)
         if code == 0 and run.finished():
             run.status = 'ran'

@@ -339,6 +339,70 @@ def test_pretrain_epochs_lengthen_pre_training_only_in_folders_of_their_own(tmp_
     assert [(f['--epochs'], f['--output_dir']) for f in pre] == [('8', baseline)]
 
 
+def test_another_seed_runs_in_folders_of_its_own_and_seed_0_is_unchanged(tmp_path, capsys):
+    argv = ('--study', 'scratch', '--evals', 'finetune', 'probe', '--data_path', TINY, '--work_dir', tmp_path)
+    seed0 = {flags_of(c)['--output_dir'] if '--output_dir' in flags_of(c) else flags_of(c)['--results']: flags_of(c)
+             for c in dry_run_lines(capsys, *argv)}
+    seed1 = {flags_of(c)['--output_dir'] if '--output_dir' in flags_of(c) else flags_of(c)['--results']: flags_of(c)
+             for c in dry_run_lines(capsys, *argv, '--seed', 1)}
+    runs = tmp_path / 'runs'
+    assert sorted(seed0) == sorted(str(p) for p in (runs / 'baseline/pretrain', runs / 'baseline/finetune',
+                                                    runs / 'baseline/probe/result.json',
+                                                    runs / 'scratch-vit_small_patch4/finetune',
+                                                    runs / 'scratch-vit_small_patch4/probe/result.json'))
+    assert all('--seed' not in f for f in seed0.values())  # seed 0: the commands of before, the entry points' seed
+    # every training run of seed 1 in folders of its own, with --seed 1; the frozen-feature evaluations have no seed
+    # (deterministic given their checkpoint), and random weights are seed 0's (one folder shared by both)
+    assert sorted(seed1) == sorted(str(p) for p in (runs / 'seed_1/pretrain', runs / 'seed_1/finetune',
+                                                    runs / 'seed_1/probe/result.json',
+                                                    runs / 'seed_1+scratch-vit_small_patch4/finetune',
+                                                    runs / 'scratch-vit_small_patch4/probe/result.json'))
+    for out, flags in seed1.items():
+        assert flags.get('--seed') == ('1' if out.endswith(('pretrain', 'finetune')) else None), out
+    assert seed1[str(runs / 'seed_1/finetune')]['--finetune'] == str(runs / 'seed_1/pretrain/checkpoint-7.pth')
+
+
+def test_another_seeds_reports_go_beside_seed_0s(tmp_path, capsys, monkeypatch):
+    scale = recipes.SCALES['quick']
+    for seed, acc in ((0, 40.0), (1, 44.0)):
+        planned = plan.Plan(scale, tmp_path, seed)
+        planned.add_study(paper.build_study('mask_ratio', scale, [0.75], ['knn']))
+        for run in planned.runs.values():
+            fake_finished(run, acc, val_images=8)
+    monkeypatch.setattr(runner.Runner, '_run_local', lambda *a, **k: pytest.fail('nothing should run'))
+    for seed in (0, 1):
+        code, out, err = run_reproduce(capsys, '--quick', '--study', 'mask_ratio', '--values', 0.75, '--evals', 'knn',
+                                       '--work_dir', tmp_path, '--seed', seed)
+        assert code == 0, err
+    assert '| 0.75 (default) | 40.0 |' in (tmp_path / 'mask_ratio.md').read_text()
+    seed1 = (tmp_path / 'mask_ratio_seed1.md').read_text()
+    assert '| 0.75 (default) | 44.0 |' in seed1 and 'Every training run with --seed 1.' in seed1
+    assert '--seed 1' in seed1  # the command
+    assert json.loads((tmp_path / 'mask_ratio_seed1.json').read_text())['seed'] == 1
+    assert json.loads((tmp_path / 'mask_ratio.json').read_text())['seed'] == 0
+
+
+def test_two_invocations_on_one_work_dir_keep_each_others_timings(tmp_path, monkeypatch):
+    scale = recipes.SCALES['quick']
+    setup = plan.Setup(scale, TINY, 2, tmp_path, 'cpu', 0, 1, [])
+    planned = plan.Plan(scale, tmp_path)
+    planned.add_study(paper.build_study('mask_ratio', scale, [0.5, 0.75], ['knn']))
+    first, second = runner.Runner(planned, setup), runner.Runner(planned, setup)  # both started before either ran
+
+    class Finished:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(runner.subprocess, 'Popen', Finished)
+    runs = list(planned.runs.values())
+    first._run_local(runs[0])
+    second._run_local(runs[1])
+    first._run_local(runs[2])
+    timed = json.loads((tmp_path / 'timings.json').read_text())
+    assert sorted(timed) == sorted(setup.rel(r.out) for r in runs[:3])
+
 def fake_finished(run, acc, val_images=None):
     """Write what a finished run leaves: its log (each epoch, accuracy for evaluations) and final checkpoint; for
     an evaluation of frozen features, its result.json (with ``val_images``: the images it says it counted)."""
