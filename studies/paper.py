@@ -242,12 +242,20 @@ def scratch(scale, values, evals):
                         if 'finetune' in evals)
     else:
         rows = [(scale.model_label, {}, {})]
-        note = (f"Both columns use this scale's fine-tuning recipe (below), from random weights or from the "
-                f"baseline MAE; the paper's from-scratch numbers come from its own supervised recipe (Appendix A.2, "
-                f"run by --scale paper) with an EMA of decay 0.9999 over 200-300 epochs, an average over about "
-                f"10,000 steps where these runs take a few hundred, so it is not used here. The paper's Table 3: "
-                f"ViT-B/16 {TABLE3['ViT-B/16'][0]} vs {TABLE3['ViT-B/16'][1]}, ViT-L/16 {TABLE3['ViT-L/16'][0]} vs "
-                f"{TABLE3['ViT-L/16'][1]} (from scratch vs MAE after 1600 epochs).")
+        notes = []
+        if 'finetune' in evals:
+            notes.append("From scratch and fine-tuned from MAE: this scale's fine-tuning recipe (below), from random "
+                         "weights or from the baseline MAE; the paper's from-scratch numbers come from its own "
+                         "supervised recipe (Appendix A.2, run by --scale paper) with an EMA of decay 0.9999 over "
+                         "200-300 epochs, an average over about 10,000 steps where these runs take a few hundred, so "
+                         "it is not used here.")
+        frozen = ' and '.join(EVALUATIONS[k].title for k in evals if k != 'finetune')
+        if frozen:
+            notes.append(f"{frozen[:1].upper() + frozen[1:]}: the same encoder, frozen, with random weights (seed "
+                         f"0) or after the baseline MAE.")
+        note = ' '.join(notes + [f"The paper's Table 3: ViT-B/16 {TABLE3['ViT-B/16'][0]} vs "
+                                 f"{TABLE3['ViT-B/16'][1]}, ViT-L/16 {TABLE3['ViT-L/16'][0]} vs "
+                                 f"{TABLE3['ViT-L/16'][1]} (from scratch vs MAE after 1600 epochs)."])
     cells = []
     for label, pretrain, own_recipes in rows:
         measures = {}

@@ -301,6 +301,10 @@ def test_paper_scale_scratch_is_the_papers_supervised_recipe_with_ema(tmp_path, 
     assert all(f in recipe for f in ('--model_ema --model_ema_decay 0.9999', '--opt_betas 0.9 0.95', '--blr 0.0001'))
     small = paper.build_study('scratch', recipes.SCALES['small'])
     assert small.recipes == () and "this scale's fine-tuning recipe" in small.note and 'not used here' in small.note
+    assert 'random weights (seed 0)' not in small.note
+    frozen = paper.build_study('scratch', recipes.SCALES['small'], evals=['probe', 'knn'])
+    assert "fine-tuning recipe" not in frozen.note  # (no fine-tuning column)
+    assert "Feature probe and kNN: the same encoder, frozen, with random weights (seed 0)" in frozen.note
 
 
 def test_small_scale_dry_run_runs_the_entry_points_here(tmp_path, capsys):
