@@ -54,7 +54,10 @@ MIXUP_MODES = ('batch', 'pair', 'elem')  # timm's Mixup: any other name silently
 RANGES = {
     # sizes and counts
     'batch_size': AT_LEAST_1, 'accum_iter': AT_LEAST_1, 'epochs': AT_LEAST_1, 'input_size': AT_LEAST_1,
-    'nb_classes': AT_LEAST_1, 'save_freq': AT_LEAST_1, 'num_workers': AT_LEAST_0, 'start_epoch': AT_LEAST_0,
+    'nb_classes': AT_LEAST_1, 'save_freq': AT_LEAST_1, 'start_epoch': AT_LEAST_0,
+    # data loading processes of each training process (the reference's 10): thousands would exhaust the processes
+    # and memory of any node before the first batch
+    'num_workers': Range(0, 256),
     'warmup_epochs': AT_LEAST_0, 'save_every_iters': AT_LEAST_0, 'skip_nonfinite': AT_LEAST_0,
     'decoder_depth': AT_LEAST_1, 'decoder_embed_dim': AT_LEAST_1,
     'train_blocks': Range(0, special=(-1,), meaning='-1 (all)'),
