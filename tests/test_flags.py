@@ -11,6 +11,8 @@ import extract_features
 import main_finetune
 import main_linprobe
 import main_pretrain
+import models_vit
+import util.flag_checks as flag_checks
 import util.submitit_job as submitit_job
 from conftest import ROOT, TINY, run_in_process
 from util.flag_checks import RANGES, check_between, check_ranges
@@ -253,3 +255,25 @@ def test_device_index_and_backend(monkeypatch):
 def test_visualize_device_typo(tmp_path, capsys):
     code, err = run_in_process(VISUALIZE, capsys, 'x.png', '--checkpoint', tmp_path / 'none.pth', '--device', 'gpu')
     assert code == 2 and err == "error: --device 'gpu' is not a device torch knows; e.g. cuda, cuda:1, cpu\n"
+
+
+def test_a_model_too_big_for_memory_is_one_line_before_writing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    common = ('--data_path', TINY, '--output_dir', out, '--device', 'cpu')
+    # the MAE's position embeddings at 160,000 px (10^8 patches): numpy cannot even compute them
+    code, err = run_in_process(main_pretrain, capsys, '--model', 'mae_vit_large_patch16', '--input_size', 160000,
+                               *common)
+    assert code == 2 and err.strip() == ("error: --input_size 160000: --model mae_vit_large_patch16 at that size needs "
+                                         "more memory than this machine has for its position embeddings alone")
+    # weights, gradients and AdamW's moments of ViT-L/16 at 224 px (304 M trainable weights: 4.5 GiB) on a machine
+    # of 4 GiB; the same model fits in 8 GiB
+    pages = {'SC_PAGE_SIZE': 4096, 'SC_PHYS_PAGES': 4 * 2 ** 30 // 4096}
+    monkeypatch.setattr(flag_checks.os, 'sysconf', lambda name: pages[name])
+    code, err = run_in_process(main_finetune, capsys, '--model', 'vit_large_patch16', *common)
+    assert code == 2 and err.strip() == ("error: --input_size 224: --model vit_large_patch16 at that size needs 5 GiB "
+                                         "for its weights (with their gradients and optimizer state), more than this "
+                                         "machine's 4 GiB")
+    assert not out.exists()
+    pages['SC_PHYS_PAGES'] *= 2
+    flag_checks.check_model_fits(models_vit.MODELS['vit_large_patch16'], main_finetune.get_args_parser().parse_args(
+        ['--model', 'vit_large_patch16']))

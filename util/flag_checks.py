@@ -152,6 +152,7 @@ def check_common(args, models, kind, splits):
     if args.input_size % patch:
         raise UsageError(f"--input_size {args.input_size} is not a multiple of the patch size {patch} of "
                          f"{args.model} (e.g. {max(patch, args.input_size // patch * patch)})")
+    check_model_fits(models[args.model], args)
     if hasattr(args, 'mask_ratio'):  # pre-training
         num_patches = (args.input_size // patch) ** 2
         keep = int(num_patches * (1 - args.mask_ratio))
@@ -173,6 +174,30 @@ def check_common(args, models, kind, splits):
         if not os.path.isdir(root):
             raise UsageError(f"--data_path {args.data_path}: no such folder" if not os.path.isdir(args.data_path) else
                              f"--data_path {args.data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
+
+
+def check_model_fits(build, args):
+    """The model of ``--model`` at ``--input_size`` (built on the meta device: no memory, no time) fits in this
+    machine's memory with what training adds to each trainable weight (its gradient and AdamW's two moments); else
+    one line instead of an allocator's traceback (its position embeddings grow with the square of the image size)."""
+    too_big = f"--input_size {args.input_size}: --model {args.model} at that size needs {{}}"
+    try:
+        memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (ValueError, OSError, AttributeError):  # (no sysconf: not Linux or macOS)
+        memory = None
+    try:
+        with torch.device('meta'):
+            model = build(img_size=args.input_size, in_chans=getattr(args, 'in_chans', None) or 3)
+    except MemoryError:  # the MAE's fixed sin-cos position embeddings are computed (in numpy) even on meta
+        raise UsageError(too_big.format("more memory than this machine has for its position embeddings alone")
+                         ) from None
+    if memory is None or hasattr(args, 'job_dir'):  # (a submitit script: the jobs run on the cluster's machines)
+        return
+    tensors = list(model.parameters()) + list(model.buffers())
+    need = sum(t.numel() * t.element_size() * (4 if t.requires_grad else 1) for t in tensors)
+    if need > memory:
+        raise UsageError(too_big.format(f"{need / 2 ** 30:.0f} GiB for its weights (with their gradients and "
+                                        f"optimizer state), more than this machine's {memory / 2 ** 30:.0f} GiB"))
 
 
 def check_device(args):
