@@ -55,6 +55,9 @@ def get_args_parser():
     parser.add_argument('--out', required=True, help='--to timm: a .pth/.safetensors file; --to hf: a folder')
     parser.add_argument('--model', default=None,
                         help="the architecture (default: the checkpoint's, else recognised from its weights)")
+    parser.add_argument('--ema', action='store_true',
+                        help='[new] the EMA of the weights that main_finetune.py --model_ema keeps in its '
+                             'checkpoints, instead of the weights themselves')
     return parser
 
 
@@ -114,11 +117,11 @@ def save_file(tensors, path):
         torch.save(tensors, path)
 
 
-def export_timm(path, out, model=None):
-    """Write the timm state dict of checkpoint ``path`` to ``out``, check that timm loads it strictly, and return
-    ``(name, kwargs)`` of the ``timm.create_model`` call that does."""
+def export_timm(path, out, model=None, ema=False):
+    """Write the timm state dict of checkpoint ``path`` (``ema``: of its EMA of the weights) to ``out``, check that
+    timm loads it strictly, and return ``(name, kwargs)`` of the ``timm.create_model`` call that does."""
     import timm
-    state_dict, saved = from_checkpoint.read(path)
+    state_dict, saved = from_checkpoint.read(path, ema=ema)
     mae_name = from_checkpoint._mae_name(model or saved.get('model'), state_dict, path, '--checkpoint')
     input_size = saved.get('input_size') or from_checkpoint.grid_input_size(state_dict) or 224
     tensors = timm_state_dict(state_dict)
@@ -232,9 +235,9 @@ def hf_config(transformers, net, info, patch_size):
     return transformers.ViTMAEConfig(**kwargs)
 
 
-def export_hf(path, out, model=None):
+def export_hf(path, out, model=None, ema=False):
     """Write the ``save_pretrained`` folder ``out`` of checkpoint ``path``; returns the transformers class saved."""
-    state_dict, _ = from_checkpoint.read(path)
+    state_dict, _ = from_checkpoint.read(path, ema=ema)
     kind = from_checkpoint.layout(state_dict)
     if kind == 'classifier':
         raise UsageError(f"--checkpoint {path} is a classifier (head.*), not an MAE: --to hf writes MAE "
@@ -251,7 +254,7 @@ def export_hf(path, out, model=None):
                          f"transformers release that supports torch {torch.__version__}")
     # a full MAE as built (its fixed sin-cos tables for its size), or the encoder alone (ViTMAEModel)
     load = from_checkpoint.load_mae if kind == 'mae' else from_checkpoint.load_encoder
-    net, info = load(path, model=model)
+    net, info = load(path, model=model, ema=ema)
     if info['norm_pix_loss'] is None:
         info['norm_pix_loss'] = False
     config = hf_config(transformers, net, info, state_dict['patch_embed.proj.weight'].shape[-1])
@@ -316,13 +319,13 @@ def main(args):
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder) or os.path.isdir(args.out):
             raise UsageError(f"--out {args.out}: give a file name in an existing folder")
-        name, kwargs = export_timm(args.checkpoint, args.out, args.model)
+        name, kwargs = export_timm(args.checkpoint, args.out, args.model, args.ema)
         call = ', '.join([repr(name)] + [f'{k}={v!r}' for k, v in kwargs.items()])
         print(f"wrote {args.out}; timm loads it strictly with:\n    timm.create_model({call})")
         return
     if os.path.isfile(args.out):
         raise UsageError(f"--out {args.out} is a file; --to hf writes a folder")
-    class_name = export_hf(args.checkpoint, args.out, args.model)
+    class_name = export_hf(args.checkpoint, args.out, args.model, args.ema)
     print(f"wrote {args.out}/: transformers.{class_name}.from_pretrained({json.dumps(args.out)})"
           + (" (and ViTMAEModel for the encoder)" if class_name == 'ViTMAEForPreTraining' else ''))
 

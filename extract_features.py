@@ -59,6 +59,9 @@ def get_args_parser():
     parser.add_argument('--random_init', action='store_true',
                         help='[new] instead of --checkpoint: an encoder of --model with random weights (seed 0, '
                              'the model\'s own initialisation), at --input_size (default: the model\'s)')
+    parser.add_argument('--ema', action='store_true',
+                        help='[new] the EMA of the weights that main_finetune.py --model_ema keeps in its '
+                             'checkpoints, instead of the weights themselves')
     parser.add_argument('--model', default=None,
                         help="the architecture (default: the checkpoint's, else recognised from its weights)")
     parser.add_argument('--input_size', default=None, type=int,
@@ -156,6 +159,8 @@ def check_args(args):
     if args.random_init:
         if args.checkpoint:
             raise UsageError("--random_init and --checkpoint: give one (random weights, or a checkpoint's)")
+        if args.ema:
+            raise UsageError("--ema reads a checkpoint's EMA of the weights; --random_init has none")
         random_init_model(args.model)
     elif not args.checkpoint:
         raise UsageError("--checkpoint is required (a checkpoint with a ViT encoder), unless --random_init")
@@ -221,7 +226,7 @@ def evaluate_frozen(args, device):
         model, info = random_encoder(args.model, args.input_size)
         source = f"random weights of {info['vit_model']}"
     else:
-        model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size)
+        model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size, ema=args.ema)
         source = str(args.checkpoint)
     flag = '--knn' if args.knn else '--probe'
     norm = trained_stats(model, info)
@@ -282,7 +287,7 @@ def main(args):
     if args.random_init:
         model, info = random_encoder(args.model, args.input_size)
     else:
-        model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size)
+        model, info = from_checkpoint.load_encoder(args.checkpoint, args.model, args.input_size, ema=args.ema)
     feats = extract(model.to(device), files, info['input_size'], args.pool, device, args.batch_size,
                     args.num_workers, stats=trained_stats(model, info))
     result = {'features': feats.numpy(), 'paths': np.array(files), 'pool': np.array(args.pool),

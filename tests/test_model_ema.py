@@ -8,8 +8,11 @@ import pytest
 import torch
 from timm.utils import ModelEmaV3
 
+import export
+import extract_features
 import main_finetune
 import models_vit
+import util.from_checkpoint as from_checkpoint
 import util.misc as misc
 import util.submitit_job as submitit_job
 from conftest import TINY, one_line_error, read_log, run_in_process, run_script, run_with_fault, save_pretrained
@@ -197,3 +200,25 @@ def test_eval_evaluates_the_average_too(tmp_path, plain, with_ema):
     assert r.returncode == 0 and 'EMA' not in r.stdout, r.stderr[-3000:]
     line = one_line_error(run_script(*argv, '--resume', plain_out / 'checkpoint-1.pth', '--model_ema'))
     assert 'holds no EMA weights' in line
+
+
+def test_extract_and_export_read_the_average_with_ema(tmp_path, capsys, plain, with_ema):
+    (plain_out, _), (ema_out, _) = plain, with_ema
+    ckpt = load(ema_out / 'checkpoint-1.pth')
+    for ema, key in ((False, 'model'), (True, 'model_ema')):
+        encoder, _ = from_checkpoint.load_encoder(ema_out / 'checkpoint-1.pth', ema=ema)
+        assert torch.equal(encoder.state_dict()['blocks.0.attn.qkv.weight'], ckpt[key]['blocks.0.attn.qkv.weight'])
+        out = tmp_path / f'timm_{key}.pth'
+        export.main(export.get_args_parser().parse_args(
+            ['--checkpoint', str(ema_out / 'checkpoint-1.pth'), '--to', 'timm', '--out', str(out)]
+            + (['--ema'] if ema else [])))
+        assert torch.equal(load(out)['head.weight'], ckpt[key]['head.weight'])
+    assert not torch.equal(ckpt['model']['blocks.0.attn.qkv.weight'], ckpt['model_ema']['blocks.0.attn.qkv.weight'])
+    code, err = run_in_process(extract_features, capsys, TINY / 'val', '--checkpoint', plain_out / 'checkpoint-1.pth',
+                               '--ema', '--out', tmp_path / 'f.npz', '--device', 'cpu')
+    assert code == 2 and err.strip() == (f"error: --ema: --checkpoint {plain_out / 'checkpoint-1.pth'} holds no EMA "
+                                         f"of the weights (main_finetune.py --model_ema keeps one); leave out --ema "
+                                         f"for its weights")
+    code, err = run_in_process(extract_features, capsys, TINY / 'val', '--random_init', '--model', 'vit_tiny_patch4',
+                               '--ema', '--out', tmp_path / 'f.npz', '--device', 'cpu')
+    assert code == 2 and "--ema reads a checkpoint's EMA of the weights; --random_init has none" in err

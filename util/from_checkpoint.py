@@ -12,7 +12,7 @@ The checkpoints it reads (all hold a ``model`` state dict):
 
 Public API::
 
-    state_dict, saved_args = read(path)          # the file's 'model' and its flags ({} for released files)
+    state_dict, saved_args = read(path)          # the file's 'model' (ema=True: 'model_ema') and its flags
     layout(state_dict)                           # 'mae' (with the decoder), 'encoder' or 'classifier'
     infer_model(state_dict)                      # the models_mae name of its shapes, or None
     model, info = load_mae(path)                 # the full MAE (a models_mae.MaskedAutoencoderViT), eval mode
@@ -49,11 +49,15 @@ _SIZED = ('pos_embed', 'decoder_pos_embed')
 
 
 # ---------------------------------------------------------------------------------------------------- the file
-def read(path, what='--checkpoint'):
-    """``(state_dict, flags)`` of a checkpoint file: its ``model`` entry, refused in one line when it holds no
-    ViT encoder, and its flags as a dict (ours store a dict, the reference's a Namespace, released files none)."""
+def read(path, what='--checkpoint', ema=False):
+    """``(state_dict, flags)`` of a checkpoint file: its ``model`` entry (``ema``: its ``model_ema``, the average
+    of the weights that main_finetune.py --model_ema keeps), refused in one line when it holds no ViT encoder, and
+    its flags as a dict (ours store a dict, the reference's a Namespace, released files none)."""
     checkpoint = ckpt_io.load(path, what=what)
-    state_dict = checkpoint['model']
+    if ema and checkpoint.get('model_ema') is None:
+        raise UsageError(f"--ema: {what} {path} holds no EMA of the weights (main_finetune.py --model_ema keeps "
+                         f"one); leave out --ema for its weights")
+    state_dict = checkpoint['model_ema' if ema else 'model']
     if not isinstance(state_dict, dict) or any(k not in state_dict for k in ENCODER_KEYS):
         raise UsageError(f"{what} {path} holds no MAE/ViT encoder (its 'model' has no "
                          f"{' / '.join(ENCODER_KEYS)})")
@@ -150,12 +154,12 @@ def _input_size(input_size, saved, state_dict, patch, path, what):
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def load_mae(path, model=None, input_size=None, norm_pix_loss=None, what='--checkpoint'):
+def load_mae(path, model=None, input_size=None, norm_pix_loss=None, what='--checkpoint', ema=False):
     """The full MAE of ``path`` (decoder included), in eval mode, and ``info``. ``model`` / ``input_size`` /
     ``norm_pix_loss`` default to the checkpoint's flags, else its shapes; a released file does not say its target:
     it is taken to be normalised pixels for ``mae_pretrain_vit_*_full.pth`` (so its authors say), plain pixels
-    otherwise (a note says so)."""
-    state_dict, saved = read(path, what)
+    otherwise (a note says so). ``ema``: the checkpoint's EMA of the weights (``read``)."""
+    state_dict, saved = read(path, what, ema)
     missing = [k for k in DECODER_KEYS if k not in state_dict]
     if missing:
         kind = ('a fine-tuned classifier (head.weight)' if layout(state_dict) == 'classifier'
@@ -204,12 +208,12 @@ def load_mae(path, model=None, input_size=None, norm_pix_loss=None, what='--chec
     return net.eval(), info
 
 
-def load_encoder(path, model=None, input_size=None, what='--checkpoint'):
+def load_encoder(path, model=None, input_size=None, what='--checkpoint', ema=False):
     """The encoder of any checkpoint (full MAE, encoder only, classifier) as a ``models_vit.VisionTransformer``
     without head (``head`` is an Identity), in eval mode, and ``info``. A classifier trained with global pooling
     keeps its ``fc_norm`` (and has no final ``norm``). The position embedding is resized (bicubic, as for
-    fine-tuning) when ``input_size`` is not the checkpoint's."""
-    state_dict, saved = read(path, what)
+    fine-tuning) when ``input_size`` is not the checkpoint's. ``ema``: the checkpoint's EMA of the weights."""
+    state_dict, saved = read(path, what, ema)
     kind = layout(state_dict)
     name = _mae_name(model or saved.get('model'), state_dict, path, what)
     proj = state_dict['patch_embed.proj.weight']
