@@ -222,3 +222,12 @@ def test_extract_and_export_read_the_average_with_ema(tmp_path, capsys, plain, w
     code, err = run_in_process(extract_features, capsys, TINY / 'val', '--random_init', '--model', 'vit_tiny_patch4',
                                '--ema', '--out', tmp_path / 'f.npz', '--device', 'cpu')
     assert code == 2 and "--ema reads a checkpoint's EMA of the weights; --random_init has none" in err
+
+
+def test_the_decay_is_compared_on_resume_only_where_an_average_is_kept():
+    from util.resume import changed_flags
+    args = main_finetune.get_args_parser().parse_args(['--model_ema_decay', '0.99'])
+    there = dict(vars(args), model_ema_decay=0.9999)
+    assert changed_flags(there, args) == []  # neither run keeps an average: its decay is no flag of either
+    args.model_ema = there['model_ema'] = True
+    assert changed_flags(there, args) == ['--model_ema_decay 0.9999 there, 0.99 here']

@@ -106,6 +106,8 @@ def changed_flags(there, args):
     for key, value in there.items():
         if key in CHANGEABLE_ON_RESUME or key not in here or key == 'lr':
             continue
+        if key == 'model_ema_decay' and not (here.get('model_ema') or there.get('model_ema')):
+            continue  # (the decay of an average that neither run keeps)
         if here[key] != value:
             changed.append(f"--{key} {value} there, {here[key]} here")
     # the stored lr is the actual one; it came from --lr when it is not the linear scaling of --blr
