@@ -292,6 +292,9 @@ def test_stats_round_trip_pretrain_finetune_visualize(tmp_path, capsys):
             '--in_chans', '1', '--data_stats', 'auto', '--init_from', rgb, '--norm_pix_loss']
     first = run_ok(main_pretrain, capsys, *base, '--epochs', '1')
     assert 'measured on 4 of 4 images' in first and 'Initialised from' in first
+    # said once, by the load (the checks before any compute are silent)
+    assert first.count('Position interpolate from 8x8 to 4x4') == 1
+    assert first.count('decoder_pos_embed: position interpolate from 8x8 to 4x4') == 1
     ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
     stats = json.loads((out / data_stats.CACHE_NAME).read_text())
     assert ckpt['args']['mean'] == stats['mean'] and ckpt['args']['in_chans'] == 1

@@ -1,5 +1,8 @@
 """Loading a pre-trained MAE encoder (``--finetune``) into a ViT classifier, with clear errors for files that do not
 fit, as the reference's fine-tuning and linear-probing entry points load it."""
+import contextlib
+import io
+
 from timm.layers import trunc_normal_
 
 from util.checkpoint import fmt_keys
@@ -159,8 +162,10 @@ def init_from_checkpoint(model, path, check_only=False, what='--init_from'):
                    f"channels (mean filter x {old_chans}/{in_chans}; README, \"Your own images\")")
 
     try:
-        for key in ('pos_embed', 'decoder_pos_embed'):
-            interpolate_pos_embed(model, state, key)
+        # (the checks before any compute say nothing: the real load right after says what it interpolates, once)
+        with contextlib.redirect_stdout(io.StringIO()) if check_only else contextlib.nullcontext():
+            for key in ('pos_embed', 'decoder_pos_embed'):
+                interpolate_pos_embed(model, state, key)
     except ValueError as e:
         raise UsageError(f"{fits}: {e}") from None
     own = model.state_dict()
