@@ -78,6 +78,9 @@ def get_args_parser():
                         help="[new] the --seed of every training run (default 0, the entry points'); another seed's "
                              "runs get folders of their own (runs/seed_1+...) and its reports files of their own "
                              "(e.g. mask_ratio_seed1.md), so that two seeds of a cell give its seed-to-seed spread")
+    parser.add_argument('--amp', default=None, choices=['fp16', 'bf16', 'none'],
+                        help="[new] the --amp of every training run (default: the entry points' own, fp16 on CUDA "
+                             "and fp32 on the CPU); its runs get folders and reports of their own, as --seed's")
     parser.add_argument('--work_dir', default=None,
                         help='where the runs go (default: reproduce_output/<scale>, reproduce_output/quick)')
     parser.add_argument('--results_dir', default=None,
@@ -178,7 +181,7 @@ def main(args):
         counted = IMAGENET_VAL_IMAGES if scale.name == 'paper' else count_images(data_path, 'val')
         setup.eval_images = counted if isinstance(counted, int) and counted > 0 else None
 
-    plan = Plan(scale, work_dir, args.seed)
+    plan = Plan(scale, work_dir, {k: v for k, v in (('seed', args.seed), ('amp', args.amp)) if v})
     for study in studies:
         plan.add_study(study)
     for run in plan.runs.values():  # every command checked before anything runs (e.g. the batch split)

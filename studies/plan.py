@@ -103,9 +103,11 @@ def key_of(pairs):
 class Plan:
     """The runs the studies need, each once (a pre-training shared by several cells or studies runs once)."""
 
-    def __init__(self, scale, work_dir, seed=0):
+    def __init__(self, scale, work_dir, run_flags=None):
         self.scale = scale
-        self.seed = seed  # the --seed of every training run; another seed than the entry points' 0: folders of its own
+        # flags of every training run beyond the recipes (reproduce.py --seed, --amp), only where they are not the
+        # entry points' defaults: such runs get folders of their own (e.g. runs/seed_1+.../), the others keep theirs
+        self.run_flags = dict(run_flags or {})
         self.runs_dir = Path(work_dir) / 'runs'
         self.runs = {}  # folder -> PlannedRun, in the order first needed
         self.cells = []  # (name, its runs in the order they run), the cells of the studies added
@@ -114,26 +116,26 @@ class Plan:
         return self.runs.setdefault(run.out, run)
 
     def pretrain_run(self, pairs):
-        flags = dict(self.scale.pretrain, **dict(pairs), **self._seed_flag('pretrain'))
+        flags = dict(self.scale.pretrain, **dict(pairs), **self._run_flags('pretrain'))
         if self.scale.pretrain != SCALES[self.scale.name].pretrain:
             # --pretrain_epochs: folders of their own, so that a longer schedule never continues a shorter one
             pairs = (('pretrain_epochs', self.scale.pretrain['epochs']),) + tuple(pairs)
-        pairs = tuple(self._seed_flag('pretrain').items()) + tuple(pairs)
+        pairs = tuple(self._run_flags('pretrain').items()) + tuple(pairs)
         return self._add(PlannedRun('pretrain', flags, self.runs_dir / key_of(pairs) / 'pretrain'))
 
-    def _seed_flag(self, kind):
-        """{'seed': N} for a training run of another seed than 0; {} for seed 0 (the entry points' default, the
-        folders and commands of before) and for an evaluation of frozen features (deterministic given its
-        checkpoint; random weights are seed 0's)."""
+    def _run_flags(self, kind):
+        """``run_flags`` for a training run; {} for an evaluation of frozen features (extract_features.py:
+        deterministic given its checkpoint, in fp32; random weights are seed 0's)."""
         trains = kind == 'pretrain' or not EVALUATIONS[kind].mode
-        return {'seed': self.seed} if self.seed and trains else {}
+        return self.run_flags if trains else {}
 
     def eval_run(self, m):
-        flags = dict(self.scale.recipes[m.kind], **dict(m.flags), **self._seed_flag(m.kind))
+        flags = dict(self.scale.recipes[m.kind], **dict(m.flags), **self._run_flags(m.kind))
         name = m.kind + ''.join(f"_last{v}" if k == 'train_blocks' else '' for k, v in m.flags)
         if m.pretrain is None:
-            seed = f"seed_{self.seed}+" if self._seed_flag(m.kind) else ''
-            return self._add(PlannedRun(m.kind, flags, self.runs_dir / f"{seed}scratch-{flags['model']}" / name))
+            own = self._run_flags(m.kind)
+            prefix = key_of(tuple(own.items())) + '+' if own else ''
+            return self._add(PlannedRun(m.kind, flags, self.runs_dir / f"{prefix}scratch-{flags['model']}" / name))
         source = self.pretrain_run(m.pretrain)
         return self._add(PlannedRun(m.kind, flags, source.out.parent / name, source=source))
 

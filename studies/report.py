@@ -127,8 +127,9 @@ def results(study, plan, setup):
 
 
 def report_name(study, plan):
-    """The file name of a study's reports, without suffix: another seed's beside seed 0's."""
-    return study.name + (f"_seed{plan.seed}" if plan.seed else '')
+    """The file name of a study's reports, without suffix: another seed's (or --amp's) beside the defaults', e.g.
+    mask_ratio_seed1."""
+    return study.name + ''.join(f"_{k}{v}" for k, v in plan.run_flags.items())
 
 
 def write_report(study, plan, setup, argv, results_dir):
@@ -145,7 +146,7 @@ def write_report(study, plan, setup, argv, results_dir):
              f"the evaluation split (of the last epoch for a training run), and its standard error from the split's "
              f"size (s.e. = sqrt(p (1 - p) / n), {n}); the paper's: ImageNet-1K top-1 of "
              f"ViT-L/16{' (≈: read off a figure)' if approx else ''}."
-             + (f" Every training run with --seed {plan.seed}." if plan.seed else ''),
+             + (f" Every training run with {' '.join(flag_argv(plan.run_flags))}." if plan.run_flags else ''),
              '', markdown_table(study, plan, setup), '']
     notes = ' '.join(filter(None, (study.note, evaluations_note(kinds))))
     if notes:
@@ -160,7 +161,7 @@ def write_report(study, plan, setup, argv, results_dir):
     results_dir.mkdir(parents=True, exist_ok=True)
     name = report_name(study, plan)
     (results_dir / f"{name}.md").write_text('\n'.join(lines), encoding='utf-8')
-    data = dict(results(study, plan, setup), seed=plan.seed)
+    data = dict(results(study, plan, setup), run_flags=plan.run_flags)
     (results_dir / f"{name}.json").write_text(json.dumps(data, indent=1) + '\n', encoding='utf-8')
     if study.curve:
         plot_curve(study, data, setup.scale.name, results_dir / f"{name}.png")

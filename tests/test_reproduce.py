@@ -366,10 +366,24 @@ def test_another_seed_runs_in_folders_of_its_own_and_seed_0_is_unchanged(tmp_pat
     assert seed1[str(runs / 'seed_1/finetune')]['--finetune'] == str(runs / 'seed_1/pretrain/checkpoint-7.pth')
 
 
+def test_amp_goes_to_every_training_run_in_folders_of_its_own(tmp_path, capsys):
+    cmds = dry_run_lines(capsys, '--study', 'target', '--evals', 'probe', 'finetune', '--data_path', TINY,
+                         '--work_dir', tmp_path, '--amp', 'bf16', '--seed', 3)
+    runs = tmp_path / 'runs'
+    by_kind = {(c[1], c[2] if c[2].startswith('--probe') else ''): flags_of(c) for c in cmds
+               if 'norm_pix_loss' not in ' '.join(c)}
+    pre, ft = by_kind[('main_pretrain.py', '')], by_kind[('main_finetune.py', '')]
+    assert pre['--output_dir'] == str(runs / 'seed_3+amp_bf16' / 'pretrain')
+    assert (pre['--amp'], pre['--seed'], ft['--amp'], ft['--seed']) == ('bf16', '3', 'bf16', '3')
+    probe = by_kind[('extract_features.py', '--probe')]
+    assert '--amp' not in probe and '--seed' not in probe  # (extract_features.py runs fp32, deterministically)
+    assert probe['--results'] == str(runs / 'seed_3+amp_bf16' / 'probe' / 'result.json')
+
+
 def test_another_seeds_reports_go_beside_seed_0s(tmp_path, capsys, monkeypatch):
     scale = recipes.SCALES['quick']
     for seed, acc in ((0, 40.0), (1, 44.0)):
-        planned = plan.Plan(scale, tmp_path, seed)
+        planned = plan.Plan(scale, tmp_path, {'seed': seed} if seed else None)
         planned.add_study(paper.build_study('mask_ratio', scale, [0.75], ['knn']))
         for run in planned.runs.values():
             fake_finished(run, acc, val_images=8)
@@ -382,8 +396,8 @@ def test_another_seeds_reports_go_beside_seed_0s(tmp_path, capsys, monkeypatch):
     seed1 = (tmp_path / 'mask_ratio_seed1.md').read_text()
     assert '| 0.75 (default) | 44.0 |' in seed1 and 'Every training run with --seed 1.' in seed1
     assert '--seed 1' in seed1  # the command
-    assert json.loads((tmp_path / 'mask_ratio_seed1.json').read_text())['seed'] == 1
-    assert json.loads((tmp_path / 'mask_ratio.json').read_text())['seed'] == 0
+    assert json.loads((tmp_path / 'mask_ratio_seed1.json').read_text())['run_flags'] == {'seed': 1}
+    assert json.loads((tmp_path / 'mask_ratio.json').read_text())['run_flags'] == {}
 
 
 def test_two_invocations_on_one_work_dir_keep_each_others_timings(tmp_path, monkeypatch):
