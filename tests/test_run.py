@@ -251,7 +251,7 @@ FT = ['--model', 'vit_tiny_patch4', '--input_size', '32', '--batch_size', '4', '
     (main_pretrain, ['--input_size', '30'], '--input_size 30 is not a multiple of the patch size 4 of '
                                             'mae_vit_tiny_patch4 (e.g. 28)'),
     (main_pretrain, ['--input_size', '0'], '--input_size must be at least 1, got 0'),
-    (main_pretrain, ['--num_workers', '-1'], '--num_workers must be at least 0, got -1'),
+    (main_pretrain, ['--num_workers', '-1'], '--num_workers must be in [0, 256], got -1'),
     (main_pretrain, ['--mask_ratio', '0'], '--mask_ratio 0.0 masks no patch of the 64 at --input_size 32'),
     (main_pretrain, ['--mask_ratio', '0.999'], '--mask_ratio 0.999 keeps no patch of the 64 at --input_size 32'),
     (main_pretrain, ['--save_every_iters', '-1'], '--save_every_iters must be at least 0, got -1'),
