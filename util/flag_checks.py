@@ -187,7 +187,7 @@ def check_model_fits(build, args):
         memory = None
     try:
         with torch.device('meta'):
-            model = build(img_size=args.input_size, in_chans=getattr(args, 'in_chans', None) or 3)
+            model = build(img_size=args.input_size, in_chans=data_stats.normalisation(args)[0])
     except MemoryError:  # the MAE's fixed sin-cos position embeddings are computed (in numpy) even on meta
         raise UsageError(too_big.format("more memory than this machine has for its position embeddings alone")
                          ) from None
