@@ -58,7 +58,7 @@ def get_args_parser():
                         help='[new] start from the weights of an MAE checkpoint (a released full or encoder-only '
                              'one, or ours; position embeddings resized to --input_size, patch embedding adapted to '
                              '--in_chans), with a fresh optimizer, schedule and epoch count; a resumed run restores '
-                             'its own checkpoint instead (README, "Your own images")')
+                             'its own checkpoint instead (docs/own-images.md)')
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')

@@ -1,4 +1,4 @@
-"""What reading your own images costs at start-up (README, "Your own images"): ``--data_stats auto`` (the
+"""What reading your own images costs at start-up (docs/own-images.md): ``--data_stats auto`` (the
 measurement of the mean and std on 1000 evenly spaced training images) and listing a large flat folder or a list.
 
     python benchmarks/bench_data.py                                  # demo/data and 100,000 empty files

@@ -1,4 +1,4 @@
-"""Your own images (README, "Your own images"): the sources of pre-training (ImageFolder, a flat folder, a list), the
+"""Your own images (docs/own-images.md): the sources of pre-training (ImageFolder, a flat folder, a list), the
 formats (16-bit PNG/TIFF, multi-band TIFF, WebP, BMP, .npy), --in_chans, the statistics (--mean/--std, --data_stats
 auto and its cache, carried through checkpoint -> fine-tuning -> visualize), the warm start (--init_from) across
 input sizes and channel counts, and the one-line errors of bad input."""

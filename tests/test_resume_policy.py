@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def test_ctrl_c_saves_like_sigterm_and_twice_stops_at_once(tmp_path):
     """Ctrl-C (SIGINT to the process group, DataLoader workers included): saved at the next optimizer step, one
     line, the same command continues. (With workers a resume inside an epoch keeps the data order, and the workers'
-    augmentation draws start afresh: README, "Long runs"; the rows before it are the uninterrupted run's.) Twice:
+    augmentation draws start afresh: docs/long-runs.md; the rows before it are the uninterrupted run's.) Twice:
     stopped at once, one line, exit 130."""
     workers = ['--num_workers', '2']  # (the workers get the Ctrl-C too)
     whole = run_script(*pretrain_args(tmp_path / 'whole', *workers))

@@ -43,7 +43,7 @@ def add_args(parser, checkpoint_flag=None, measure=True):
     default = f"the {checkpoint_flag} checkpoint's, else " if checkpoint_flag else ''
     parser.add_argument('--in_chans', default=None, type=int, metavar='N',
                         help=f'[new] image channels (default: {default}3). 1 keeps grayscale images as one channel; '
-                             'an image of another channel count is a bad file (README, "Your own images")')
+                             'an image of another channel count is a bad file (docs/own-images.md)')
     parser.add_argument('--mean', default=None, type=float, nargs='+', metavar='M',
                         help=f'[new] per-channel mean the images are normalised with, in [0, 1] units, one value per '
                              f'channel (default: {default}ImageNet\'s {" ".join(map(str, DEFAULT_MEAN))})')

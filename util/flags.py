@@ -10,7 +10,7 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
     """The flags every entry point has: the reference's (batch, model, schedule, data, output, device, seed,
     resuming, loading, distributed) with the script's ``defaults`` (batch_size, epochs, model, weight_decay, blr,
     min_lr, warmup_epochs) and ``models`` to choose from, the [new] run-control flags (precision, checkpoint cadence,
-    resuming, fault handling), and the [new] fast path (README, "Speed"), off by default: each flag, and ``--fast`` for
+    resuming, fault handling), and the [new] fast path (docs/speed.md), off by default: each flag, and ``--fast`` for
     all of them but ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder).
     ``optimizer``: the script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow
     through the encoder blocks; ``data_loaders``: the --data_loader choices, the reference's 'pil' first."""
@@ -61,7 +61,7 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
                              'as the reference); checkpoint-last.pth is rewritten every epoch regardless')
     parser.add_argument('--auto_resume', action='store_true',
                         help='[new] continue the run of the same script, model and training flags whose newest '
-                             'checkpoint is in --output_dir (default on; see README, "Long runs")')
+                             'checkpoint is in --output_dir (default on; see docs/long-runs.md)')
     parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
                         help='[new] start afresh (or from --resume) even if --output_dir holds a run; its log.txt '
                              'rows are moved to a side file')

@@ -159,7 +159,7 @@ def init_from_checkpoint(model, path, check_only=False, what='--init_from'):
             for k in ('decoder_pred.weight', 'decoder_pred.bias'):
                 state[k] = adapt_pixel_head(state[k], old_chans, in_chans)
         adapted = (f"; patch embedding{' and pixel head' if full else ''} adapted from {old_chans} to {in_chans} "
-                   f"channels (mean filter x {old_chans}/{in_chans}; README, \"Your own images\")")
+                   f"channels (mean filter x {old_chans}/{in_chans}; docs/own-images.md)")
 
     try:
         # (the checks before any compute say nothing: the real load right after says what it interpolates, once)

@@ -16,13 +16,13 @@ import util.misc as misc
 import util.rng as rng
 from util.errors import RunComplete, UsageError
 
-# Flags a continued run may change (README, "Long runs"). Every other flag stored in the checkpoint must be the same.
+# Flags a continued run may change (docs/long-runs.md). Every other flag stored in the checkpoint must be the same.
 CHANGEABLE_ON_RESUME = {
     'epochs', 'batch_size', 'accum_iter',  # a longer run; a smaller batch after running out of memory
     'num_workers', 'pin_mem', 'device', 'amp', 'data_path',  # how, and from where, the same data is read
     'output_dir', 'log_dir', 'resume', 'auto_resume', 'start_epoch', 'finetune', 'eval', 'dist_eval',
     'save_freq', 'save_every_iters', 'skip_nonfinite', 'skip_bad_images', 'seed',
-    # how fast the same training runs (README, "Speed")
+    # how fast the same training runs (docs/speed.md)
     'fast', 'fused_adamw', 'compile', 'no_host_sync', 'grad_checkpointing', 'data_loader',
     # the kNN monitor only watches (its own random streams; training is unchanged)
     'knn_every', 'knn_data_path', 'knn_train_subset', 'knn_val_subset',
