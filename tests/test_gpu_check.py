@@ -2,17 +2,16 @@
 runs all four parts on the CPU with the tiny models (the kill-and-resume comparison must find bit-identical logs
 there); the pieces that decide a verdict (the log comparison, the kill after the n-th checkpoint write, the time
 limit) are checked on their own."""
-import importlib.util
 import json
 import math
+import sys
 
 import pytest
 
 from conftest import ROOT, run_script
 
-spec = importlib.util.spec_from_file_location('gpu_check', ROOT / 'benchmarks' / 'gpu_check.py')
-gpu_check = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_check)
+sys.path.insert(0, str(ROOT / 'benchmarks'))  # where gpu_check.py finds its parts
+from gpu_check_parts import correctness, jobs, plan, speed  # noqa: E402
 
 
 def is_number(v):
@@ -36,7 +35,7 @@ def write_log(folder, losses, lrs):
 def test_log_comparison_applies_the_tolerance(tmp_path, loss, lr, tol, passed):
     full = write_log(tmp_path / 'full', [1.2, 1.0], [5e-5, 1e-4])
     resumed = write_log(tmp_path / 'resumed', [1.2, loss], [5e-5, lr])
-    result = gpu_check.compare_runs(full, resumed, tol)
+    result = correctness.compare_runs(full, resumed, tol)
     assert result['passed'] is passed, result
     assert result['max_rel_diff_log'] == pytest.approx(abs(loss - 1.0), abs=1e-12)
 
@@ -44,12 +43,12 @@ def test_log_comparison_applies_the_tolerance(tmp_path, loss, lr, tol, passed):
 def test_log_comparison_fails_on_missing_epochs(tmp_path):
     full = write_log(tmp_path / 'full', [1.2, 1.0], [5e-5, 1e-4])
     resumed = write_log(tmp_path / 'resumed', [1.2], [5e-5])
-    result = gpu_check.compare_runs(full, resumed, 1e-3)
+    result = correctness.compare_runs(full, resumed, 1e-3)
     assert not result['passed'] and 'epochs' in result['problems'][0]
 
 
 def test_runner_kills_after_the_nth_write_and_stops_at_its_time_limit(tmp_path):
-    runner = gpu_check.Runner(tmp_path / 'work', tmp_path / 'logs.txt', {})
+    runner = jobs.Runner(tmp_path / 'work', tmp_path / 'logs.txt', {})
     target = tmp_path / 'ckpt'
     # replaces ``target`` (write to a temporary name, rename) every 0.7 s, 6 times
     writer = ("import os, sys, time\nfor k in range(1, 7):\n    open(sys.argv[1] + '.tmp', 'w').write(str(k))\n"
@@ -66,33 +65,33 @@ def test_bench_step_rows_are_parsed():
     text = ("| mae_vit_large_patch16 | 128 | fast | 2542.1 | 50.4 | 412 | 52% | 30.1 GiB |\n"
             "| mae_vit_huge_patch14 | 256 | fast_ckpt | OOM | | | | |\n"
             "matmul peaks measured: float16 780.2 TFLOP/s, bfloat16 791.0 TFLOP/s\n")
-    rows, peaks = gpu_check.parse_bench_step(text)
+    rows, peaks = speed.parse_bench_step(text)
     assert rows[0] == dict(model='mae_vit_large_patch16', batch=128, path='fast', img_s=2542.1, ms=50.4, tflops=412.0,
                            of_peak=0.52, memory_gib=30.1)
     assert rows[1]['oom'] and peaks == {'float16': 780.2, 'bfloat16': 791.0}
 
 
 def job(rc, output='', killed=False):
-    j = gpu_check.Job('job', ['python', 'x.py'])
+    j = jobs.Job('job', ['python', 'x.py'])
     j.rc, j.output, j.killed = rc, output, killed
     return j
 
 
 def test_a_check_fails_unless_its_job_shows_what_it_should(tmp_path):
-    assert gpu_check.run_check('eval', job(0, 'done\n'), gpu_check.accuracy_line)['status'] == 'failed'
-    assert gpu_check.run_check('eval', job(1, '* Acc@1 1\n'), gpu_check.accuracy_line)['status'] == 'failed'
-    ok = gpu_check.run_check('eval', job(0, '[10:00:01] * Acc@1 15.000 Acc@5 45.000 loss 2.303\n'),
-                             gpu_check.accuracy_line)
+    assert correctness.run_check('eval', job(0, 'done\n'), correctness.accuracy_line)['status'] == 'failed'
+    assert correctness.run_check('eval', job(1, '* Acc@1 1\n'), correctness.accuracy_line)['status'] == 'failed'
+    ok = correctness.run_check('eval', job(0, '[10:00:01] * Acc@1 15.000 Acc@5 45.000 loss 2.303\n'),
+                               correctness.accuracy_line)
     assert ok['status'] == 'ok' and ok['detail'] == '* Acc@1 15.000 Acc@5 45.000 loss 2.303'
     full = write_log(tmp_path / 'full', [1.2, 1.0], [5e-5, 1e-4])
     same = write_log(tmp_path / 'same', [1.2, 1.0], [5e-5, 1e-4])
     resumed = job(0, 'Resuming epoch 1 at iteration 8 of 16\n')
-    verdict = gpu_check.kill_check('x', '', 'fp16', job(0), job(-9, killed=True), resumed, full, same)
+    verdict = correctness.kill_check('x', '', 'fp16', job(0), job(-9, killed=True), resumed, full, same)
     assert verdict['status'] == 'ok', verdict
-    late = gpu_check.kill_check('x', '', 'fp16', job(0), job(0), resumed, full, same)  # the run ended first
+    late = correctness.kill_check('x', '', 'fp16', job(0), job(0), resumed, full, same)  # the run ended first
     assert late['status'] == 'failed' and late['detail'].startswith('the killed run')
-    fresh = gpu_check.kill_check('x', '', 'fp16', job(0), job(-9, killed=True), job(0, 'Auto-resume: ...'), full,
-                                 same)  # resumed from an epoch's end, not inside one
+    fresh = correctness.kill_check('x', '', 'fp16', job(0), job(-9, killed=True), job(0, 'Auto-resume: ...'), full,
+                                   same)  # resumed from an epoch's end, not inside one
     assert fresh['status'] == 'failed' and 'did not resume inside an epoch' in fresh['detail']
 
 
@@ -146,6 +145,6 @@ def test_smoke_run_writes_every_part_and_the_resumed_runs_match(tmp_path):
     assert all(is_number(t['value']) for t in report['targets'] if t['verdict'] != 'not measured')
 
     md = md.read_text()
-    for title in gpu_check.TITLES.values():
+    for title in plan.TITLES.values():
         assert f'\n## {title}\n' in md
     assert md.count('| ok |') >= 4 + len(checks) and 'failed' not in md

@@ -9,25 +9,14 @@ import argparse
 import contextlib
 import functools
 import getpass
-import importlib
 import os
 import sys
-import uuid
 from pathlib import Path
 
 from util.errors import UsageError
+from util.submitit_trainer import REPO, Trainer, get_init_file, import_submitit, import_trainer
 
-REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_ROOT = Path('/checkpoint')  # the reference's shared file system
-SUBMITIT_MISSING = "submitit is not installed: pip install submitit"
-
-
-def import_submitit():
-    try:
-        import submitit
-    except ImportError:
-        raise UsageError(SUBMITIT_MISSING) from None
-    return submitit
 
 
 # ---------------------------------------------------------------------------------------------------- flags
@@ -46,15 +35,6 @@ def add_submitit_args(parser):
                         help="[new] SLURM dependency of the job, e.g. afterok:12345 (start once job 12345 has "
                              "succeeded: a fine-tuning job after its pre-training job)")
     return parser
-
-
-def import_trainer(module):
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        if getattr(e, 'name', None) == module:
-            raise UsageError(f"{module}.py is not available in {REPO}") from None
-        raise
 
 
 def get_args_parser(module, description):
@@ -92,17 +72,6 @@ def get_shared_folder(job_dir='') -> Path:
         raise UsageError(f"cannot create the shared folder {p} ({e.strerror or e}); "
                                    f"pass --job_dir <a writable folder every node can see>") from None
     return p
-
-
-def get_init_file(shared_folder) -> Path:
-    """A new file name for ``init_process_group(init_method='file://...')``: the file must not exist, its folder
-    must."""
-    shared_folder = Path(shared_folder)
-    os.makedirs(shared_folder, exist_ok=True)
-    init_file = shared_folder / f"{uuid.uuid4().hex}_init"
-    if init_file.exists():
-        os.remove(init_file)
-    return init_file.absolute()
 
 
 # ---------------------------------------------------------------------------------------------------- submitting
@@ -193,7 +162,6 @@ def submit(args, module, cluster=None):
     args.dist_url = get_init_file(shared).as_uri()
     args.output_dir = args.job_dir
 
-    from util.submitit_trainer import Trainer  # (it imports this module)
     trainer = Trainer(args, module, shared)
     with _repo_on_pythonpath():
         job = executor.submit(trainer)

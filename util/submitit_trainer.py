@@ -1,5 +1,7 @@
 """The job submitit runs on every task of a ``submitit_*.py`` submission (``Trainer``): the trainer's ``main(args)``
 with the job's rank and output folder, saving and requeueing itself before SLURM's time limit or on preemption.
+What the job needs on its node (``import_submitit``, ``import_trainer``, ``get_init_file``) is here too; the
+submitting side, ``util/submitit_job.py``, imports them from this module (never the other way round).
 
 Requeueing, and why it is done this way
 ---------------------------------------
@@ -28,27 +30,59 @@ preemption with ``PreemptMode=REQUEUE`` sends (SLURM requeues the job itself, wh
 the time limit sends when no warning signal came (submitit does not requeue then either).
 """
 import copy
+import importlib
 import os
 import signal
 import sys
 import time
+import uuid
+from pathlib import Path
 
-from util.errors import RunInterrupted
-from util.submitit_job import REPO, get_init_file, get_shared_folder, import_submitit, import_trainer
+from util.errors import RunInterrupted, UsageError
 
+REPO = Path(__file__).resolve().parents[1]
+SUBMITIT_MISSING = "submitit is not installed: pip install submitit"
 # how long ranks other than 0 wait, after the checkpoint is written, for SLURM to stop them when rank 0 requeues
 # (exiting earlier could make srun end the step before rank 0's `scontrol requeue` has run)
 PEER_WAIT_S = 300
+
+
+def import_submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise UsageError(SUBMITIT_MISSING) from None
+    return submitit
+
+
+def import_trainer(module):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if getattr(e, 'name', None) == module:
+            raise UsageError(f"{module}.py is not available in {REPO}") from None
+        raise
+
+
+def get_init_file(shared_folder) -> Path:
+    """A new file name for ``init_process_group(init_method='file://...')``: the file must not exist, its folder
+    must."""
+    shared_folder = Path(shared_folder)
+    os.makedirs(shared_folder, exist_ok=True)
+    init_file = shared_folder / f"{uuid.uuid4().hex}_init"
+    if init_file.exists():
+        os.remove(init_file)
+    return init_file.absolute()
 
 
 class Trainer:
     """The callable submitit runs on every task: ``<module>.main(args)`` with the rank and output folder of the job;
     saves and requeues itself on submitit's signal (see the module's docstring)."""
 
-    def __init__(self, args, module='main_pretrain', shared_folder=None):
+    def __init__(self, args, module, shared_folder):
         self.args = args
         self.module = module
-        self.shared_folder = str(shared_folder if shared_folder is not None else get_shared_folder(args.job_dir))
+        self.shared_folder = str(shared_folder)
 
     def __call__(self):
         if str(REPO) not in sys.path:
