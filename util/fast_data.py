@@ -70,7 +70,7 @@ def augmentation(transform, loader):
     steps = getattr(transform, 'transforms', [transform])
     kinds = []
     for step in steps:
-        kind = next((k for k, types in STEPS.items() if type(step) in types), None)
+        kind = next((k for k, classes in STEPS.items() if type(step) in classes), None)
         if kind is None or (kind == 'crop' and loader == 'dali' and type(step) not in DALI_CROPS):
             refuse(repr(step))
         if kind == 'crop' and (step.interpolation != transforms.InterpolationMode.BICUBIC or step.antialias is False
