@@ -116,7 +116,7 @@ def main(args):
     args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # (evaluation only needs val/)
-    data_loader_train = None if args.eval else loaders.train_loader(args, build_transform(True, args), None, device)
+    data_loader_train = None if args.eval else loaders.train_loader(args, build_transform(True, args), device)
     # [new] val/'s classes take train/'s numbers, by name (the reference numbers each split's folders on its own)
     dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images,
                                numbered_as='train', loader=ImageReader(args.in_chans))

@@ -17,7 +17,6 @@ import util.misc as misc
 import util.resume as resume
 from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
 from util import data_stats
-from util.crop import RandomResizedCrop
 from util.datasets import check_classes, eval_transform, linprobe_transform
 from util.errors import run_main
 from util.flag_checks import check_common
@@ -79,10 +78,9 @@ def main(args):
     data_stats.resolve_supervised(args)
     args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
-    # (evaluation only needs val/); --data_loader fast_cpu draws the same TF-style crops
+    # (evaluation only needs val/); --data_loader fast_cpu applies the same steps (TF-style crops), read from it
     data_loader_train = None if args.eval else loaders.train_loader(
-        args, linprobe_transform(args.input_size, args.mean, args.std),
-        dict(scale=(0.08, 1.0), get_params=RandomResizedCrop.get_params), device)
+        args, linprobe_transform(args.input_size, args.mean, args.std), device)
     # [new] val/'s classes take train/'s numbers, by name (the reference numbers each split's folders on its own)
     dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size, args.mean, args.std),
                                skip_bad=args.skip_bad_images, numbered_as='train', loader=ImageReader(args.in_chans))

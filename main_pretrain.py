@@ -111,9 +111,9 @@ def main(args):
     data_stats.resolve(args, lambda: [path for path, _ in pretrain_dataset(args.data_path).samples])
     args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
-    # the reference's simple augmentation (PIL), or --data_loader's uint8 crop and flip (the same distribution)
-    data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size, args.mean, args.std),
-                                             dict(scale=(0.2, 1.0)), device, pretraining=True)
+    # the reference's simple augmentation (PIL); a fast --data_loader applies the same steps, read from it
+    data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size, args.mean, args.std), device,
+                                             pretraining=True)
     knn = knn_monitor.from_args(args, device)  # [new] None when --knn_every is 0 (off); draws no random number
 
     model = build_model(args)

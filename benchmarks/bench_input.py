@@ -78,7 +78,7 @@ def loader_for(kind, data_path, input_size, batch_size, workers, device):
     args = argparse.Namespace(data_loader=kind, data_path=str(data_path), input_size=input_size, skip_bad_images=False,
                               batch_size=batch_size, accum_iter=1, num_workers=workers,
                               pin_mem=device.type == 'cuda', device=str(device), seed=0, rank=0)
-    loader = train_loader(args, pretrain_transform(input_size), dict(scale=(0.2, 1.0)), device)
+    loader = train_loader(args, pretrain_transform(input_size), device)
     # an endless stream instead of one epoch: the resumable sampler's inner sampler is replaced
     loader.sampler.sampler = torch.utils.data.RandomSampler(loader.dataset, replacement=True, num_samples=10 ** 7)
     return loader

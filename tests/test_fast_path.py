@@ -20,9 +20,11 @@ import util.errors as errors
 import util.misc as misc
 import util.resume as resume
 import util.speed as speed
-from conftest import TINY, one_line_error, pretrain_argv, read_log, run_script, save_pretrained
+from conftest import TINY, one_line_error, pretrain_argv, read_log, run_in_process, run_script, save_pretrained
 from util import compat, fast_data
-from util.datasets import pretrain_transform
+import util.crop
+import util.datasets as datasets
+from util.datasets import linprobe_transform, pretrain_transform
 from util.loaders import check_data_loader, train_loader
 from util.run import LoopHooks
 from util.step_log import EpochLog
@@ -398,11 +400,11 @@ def test_bad_files_are_named_or_skipped(tmp_path):
     (root / '1.jpg').write_bytes(data[:len(data) // 2])  # truncated
     args = SimpleNamespace(data_loader='fast_cpu', data_path=tmp_path / 'data', input_size=32, skip_bad_images=False,
                            batch_size=1, accum_iter=1, num_workers=0, pin_mem=False)
-    dataset = train_loader(args, None, {}, torch.device('cpu')).dataset
+    dataset = train_loader(args, pretrain_transform(32), torch.device('cpu')).dataset
     with pytest.raises(errors.UsageError, match='1.jpg'):
         dataset[1]
     args.skip_bad_images = True
-    x, _ = train_loader(args, None, {}, torch.device('cpu')).dataset[1]
+    x, _ = train_loader(args, pretrain_transform(32), torch.device('cpu')).dataset[1]
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
 
 
@@ -418,10 +420,10 @@ def test_fast_loader_keeps_the_reference_data_order_and_random_streams(tmp_path)
     streams right after)."""
     args = SimpleNamespace(data_loader='fast_cpu', data_path=TINY, input_size=32, skip_bad_images=False,
                            batch_size=4, accum_iter=1, num_workers=0, pin_mem=False)
-    loader = train_loader(args, None, dict(scale=(0.2, 1.0)), torch.device('cpu'))
+    loader = train_loader(args, pretrain_transform(32), torch.device('cpu'))
     assert len(loader) == 4 and len(loader.dataset) == 16
     args.data_loader = 'pil'
-    ref_loader = train_loader(args, pretrain_transform(32), {}, torch.device('cpu'))
+    ref_loader = train_loader(args, pretrain_transform(32), torch.device('cpu'))
     assert list(loader.sampler) == list(ref_loader.sampler)
     torch.manual_seed(0)
     batches = iter(loader)
@@ -486,6 +488,92 @@ def test_a_torchvision_without_jpeg_decoding_stops_only_the_fast_loaders(tmp_pat
     assert one_line_error(result).startswith(
         'error: --data_loader fast_cpu decodes with torchvision.io.decode_jpeg, which this torchvision (')
     assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------------------------------------------- one recipe
+def loader_args(kind, **extra):
+    return SimpleNamespace(data_loader=kind, data_path=TINY, input_size=32, skip_bad_images=False, batch_size=4,
+                           accum_iter=1, num_workers=0, pin_mem=False, **extra)
+
+
+def with_grayscale(make_transform):
+    """``make_transform`` with the line a researcher adds to util/datasets.py: a random grayscale after the flip."""
+    def patched(*a, **k):
+        transform = make_transform(*a, **k)
+        transform.transforms.insert(2, transforms.RandomGrayscale(p=0.2))
+        return transform
+    return patched
+
+
+def test_the_fast_loaders_read_the_augmentation_from_the_pil_transform():
+    """Crop size, scale, ratio and draw, flip probability and normalisation come from the one definition in
+    util/datasets.py: pre-training's and linear probing's (TF-style crop) as today, and a changed setting follows."""
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    assert fast_data.augmentation(pretrain_transform(224, list(mean), list(std)), 'fast_cpu') == (dict(
+        size=224, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), get_params=transforms.RandomResizedCrop.get_params,
+        flip=0.5), mean, std)
+    crop, *_ = fast_data.augmentation(linprobe_transform(64), 'gpu')
+    assert crop == dict(size=64, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                        get_params=util.crop.RandomResizedCrop.get_params, flip=0.5)
+    # a researcher's edit of the pil transform: a larger minimum scale, no flip
+    edited = pretrain_transform(32)
+    edited.transforms[0].scale = (0.5, 1.0)
+    del edited.transforms[1]
+    worker = train_loader(loader_args('fast_cpu'), edited, torch.device('cpu')).dataset.loader
+    assert (worker.scale, worker.flip) == ((0.5, 1.0), None)
+    path = sorted(TINY.rglob('*.jpg'))[0]
+    torch.manual_seed(0)
+    worker(path)
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    edited(Image.open(path).convert('RGB'))
+    assert torch.equal(after, torch.get_rng_state())  # no flip: no flip draw, on either path
+
+
+@pytest.mark.parametrize('make_transform, kinds', [
+    ('pretrain_transform', ('fast_cpu', 'gpu', 'dali')), ('linprobe_transform', ('fast_cpu',))])
+def test_a_step_added_to_the_pil_transform_is_refused_by_name_by_every_fast_loader(monkeypatch, make_transform,
+                                                                                    kinds):
+    monkeypatch.setattr(datasets, make_transform, with_grayscale(getattr(datasets, make_transform)))
+    transform = getattr(datasets, make_transform)(32)
+    for kind in kinds:
+        with pytest.raises(errors.UsageError) as e:
+            train_loader(loader_args(kind, device='cuda'), transform, torch.device('cpu'))
+        assert str(e.value) == (f"--data_loader {kind} cannot apply RandomGrayscale(p=0.2) (the training transform "
+                                f"of util/datasets.py): use --data_loader pil, or implement it in util/fast_data.py")
+    # the pil path applies it: about one image in five comes out grey (equal channels before normalisation)
+    dataset = train_loader(loader_args('pil'), transform, torch.device('cpu')).dataset
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+    torch.manual_seed(0)
+    pixels = [dataset[k % len(dataset)][0] * std + mean for k in range(40)]
+    grey = sum(bool((x - x[:1]).abs().max() < 1e-5) for x in pixels)
+    assert 2 <= grey <= 16, grey
+
+
+def test_settings_a_loader_cannot_apply_are_refused_by_name():
+    bilinear = pretrain_transform(32)
+    bilinear.transforms[0].interpolation = transforms.InterpolationMode.BILINEAR
+    with pytest.raises(errors.UsageError, match=r"--data_loader gpu cannot apply RandomResizedCrop\(size=\(32, 32\).*"
+                                                r"interpolation=bilinear.* \(it resizes to a square, bicubic, antialiased\)"):
+        fast_data.augmentation(bilinear, 'gpu')
+    with pytest.raises(errors.UsageError, match=r"--data_loader dali cannot apply RandomResizedCrop\(size=\(32, 32\), "
+                                                r"scale=\(0.08, 1.0\)"):
+        fast_data.augmentation(linprobe_transform(32), 'dali')  # DALI draws its own crops, torchvision's way
+    swapped = pretrain_transform(32)
+    swapped.transforms[:2] = swapped.transforms[1::-1]
+    with pytest.raises(errors.UsageError, match=r"--data_loader fast_cpu cannot apply RandomHorizontalFlip, "
+                                                r"RandomResizedCrop, ToTensor, Normalize in this order"):
+        fast_data.augmentation(swapped, 'fast_cpu')
+
+
+def test_an_added_step_stops_main_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(main_pretrain, 'pretrain_transform', with_grayscale(pretrain_transform))
+    out = tmp_path / 'out'
+    code, err = run_in_process(main_pretrain, capsys, *pretrain_argv(out, '--data_loader', 'fast_cpu')[1:])
+    assert code == 2 and err.strip().splitlines()[-1] == (
+        "error: --data_loader fast_cpu cannot apply RandomGrayscale(p=0.2) (the training transform of "
+        "util/datasets.py): use --data_loader pil, or implement it in util/fast_data.py")
+    assert not (out / 'log.txt').exists() and not list(out.glob('checkpoint*'))
 
 
 # ---------------------------------------------------------------------------------------------------- end to end

@@ -11,15 +11,18 @@ time outside the JPEG decoder: PIL's resampling and the float conversions of a 2
   GPU (nvJPEG, ``decode_jpeg(list, device='cuda')``) and cropped, resized, flipped and normalised there.
 - ``dali``: NVIDIA DALI decodes only the crop window on the GPU (``fn.decoders.image_random_crop``).
 
-The crop and flip are drawn exactly as the reference draws them (torchvision's ``RandomResizedCrop.get_params`` on
-the image's size from its header, then ``torch.rand(1) < 0.5``), from the same random stream, so with the same seed
+The augmentation is defined once, as the 'pil' path's torchvision Compose in util/datasets.py; ``augmentation``
+reads what every fast loader applies from it (the crop's size, scale, ratio and draw, the flip's probability, the
+normalisation) and refuses, in one line naming the step and the loader, any step a loader does not implement.
+The crop and flip are drawn exactly as the 'pil' transform draws them (its ``RandomResizedCrop.get_params`` on the
+image's size from its header, then ``torch.rand(1) < p``), from the same random stream, so with the same seed
 'fast_cpu' and 'gpu' crop the same windows as 'pil'; only the resampling differs (torch's antialiased bicubic is
 PIL's filter on uint8, within a few grey levels; see tests/test_fast_path.py). DALI draws its own crops (same
 ranges of scale and ratio) from its own generator.
 
 Files that are not plain JPEGs are read by ``util.image_folder.read_image`` as on the reference's path: 8-bit ones
 travel as uint8, 16-bit and multi-band ones as float32 on the same 0-255 scale (their precision kept), with
-``--in_chans`` channels; normalisation uses the run's ``--mean``/``--std``.
+``--in_chans`` channels; the normalisation is the transform's ``Normalize`` (the run's ``--mean``/``--std``).
 """
 import functools
 import io
@@ -34,25 +37,70 @@ except ImportError:  # (util.loaders.check_data_loader says so before anything r
     ImageReadMode = decode_jpeg = None
 from torchvision.transforms.v2 import functional as F2
 
-from util.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
+import util.crop as tf_crop
+from util import datasets
+from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
+from util.errors import UsageError
 from util.image_decode import read_image, to_rgb
 
 JPEG_END = b'\xff\xd9'  # a JPEG without its end marker is truncated: PIL's decoder refuses it, libjpeg would pad it
 
 
+# ---------------------------------------------------------------------------------------------------- the recipe
+# the steps of the 'pil' transform each fast loader implements, by kind, in the order they must come (the flip may
+# be left out); DALI draws its own crops, torchvision's way only
+STEPS = {
+    'crop': (transforms.RandomResizedCrop, tf_crop.RandomResizedCrop),
+    'flip': (transforms.RandomHorizontalFlip,),
+    'to_tensor': (transforms.ToTensor, datasets.ToTensor),
+    'normalize': (transforms.Normalize,),
+}
+DALI_CROPS = (transforms.RandomResizedCrop,)
+
+
+def augmentation(transform, loader):
+    """What ``--data_loader loader`` applies, read from the 'pil' path's training ``transform`` (a Compose of
+    util/datasets.py, where the augmentation is defined): ``(crop, mean, std)``, ``crop`` the keywords of
+    ``CropFlip`` (size, scale, ratio, get_params, flip). A step the loader does not implement, or one with settings
+    it cannot apply, is a ``UsageError`` naming the step and the loader, before anything is read."""
+    def refuse(what):
+        raise UsageError(f"--data_loader {loader} cannot apply {what} (the training transform of util/datasets.py): "
+                         f"use --data_loader pil, or implement it in util/fast_data.py")
+
+    steps = getattr(transform, 'transforms', [transform])
+    kinds = []
+    for step in steps:
+        kind = next((k for k, classes in STEPS.items() if type(step) in classes), None)
+        if kind is None or (kind == 'crop' and loader == 'dali' and type(step) not in DALI_CROPS):
+            refuse(repr(step))
+        if kind == 'crop' and (step.interpolation != transforms.InterpolationMode.BICUBIC or step.antialias is False
+                               or step.size[0] != step.size[1]):
+            refuse(f"{step!r} (it resizes to a square, bicubic, antialiased)")
+        kinds.append(kind)
+    if kinds not in (['crop', 'flip', 'to_tensor', 'normalize'], ['crop', 'to_tensor', 'normalize']):
+        refuse(f"{', '.join(type(step).__name__ for step in steps)} in this order (it applies RandomResizedCrop, "
+               f"RandomHorizontalFlip or none, ToTensor, Normalize)")
+    crop, normalize = steps[0], steps[-1]
+    flip = steps[1].p if kinds[1] == 'flip' else None
+    return (dict(size=crop.size[0], scale=tuple(crop.scale), ratio=tuple(crop.ratio), get_params=crop.get_params,
+                 flip=flip), tuple(normalize.mean), tuple(normalize.std))
+
+
 # ---------------------------------------------------------------------------------------------------- workers
 class CropFlip:
     """``loader(path)`` of an ImageFolder: the file's random resized crop (``size`` square, ``scale``/``ratio`` drawn
-    by ``get_params`` as ``transforms.RandomResizedCrop`` does) and horizontal flip (p=0.5), as a uint8 (3, size,
-    size) tensor; normalisation is left to the device (``OnDevice``). A file that is no readable image raises what
+    by ``get_params`` as ``transforms.RandomResizedCrop`` does) and horizontal flip (probability ``flip``; None:
+    no flip, and no draw), as a uint8 (3, size, size) tensor; normalisation is left to the device (``OnDevice``).
+    ``augmentation`` reads these settings from the 'pil' transform. A file that is no readable image raises what
     PIL raises, so that ``ImageFolder``'s bad-file handling names or skips it.
 
     ``encoded=True`` (``--data_loader gpu``): a JPEG comes back undecoded, as (its bytes, [i, j, h, w, flip]), for
     ``decode_on_device``; other files are cropped here as above. ``in_chans`` other than 3: every file is read by
     ``read_image`` (the JPEG shortcuts decode RGB)."""
 
-    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), get_params=None, encoded=False, in_chans=3):
-        self.size, self.scale, self.ratio = size, scale, ratio
+    def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), get_params=None, flip=0.5, encoded=False,
+                 in_chans=3):
+        self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
         self.get_params = get_params or transforms.RandomResizedCrop.get_params
         self.encoded = encoded
         self.in_chans = in_chans
@@ -69,7 +117,7 @@ class CropFlip:
         else:
             size = image = read_image(path, self.in_chans)  # what get_params reads of an image: its size
         i, j, h, w = self.get_params(size, self.scale, self.ratio)  # the reference's draws, in its order
-        flip = bool(torch.rand(1) < 0.5)
+        flip = self.flip is not None and bool(torch.rand(1) < self.flip)
         if self.encoded and plain_jpeg:
             return torch.frombuffer(data, dtype=torch.uint8), torch.tensor([i, j, h, w, int(flip)])
         scale = self._dct_scale(h, w) if plain_jpeg else 1
@@ -220,14 +268,16 @@ def decode_on_device(items, device, size, mean=DEFAULT_MEAN, std=DEFAULT_STD, in
 class DaliLoader:
     """``--data_loader dali``: the files in the sampler's order (so the data order and a resumed epoch's skip are
     the reference's), read by the main process and decoded by DALI on the GPU, crop window only
-    (``decoders.image_random_crop``: area 0.2-1, ratio 3/4-4/3, as RandomResizedCrop; EXIF orientation ignored, as
-    PIL's loader does), resized bicubic with antialiasing, flipped with p=0.5 and normalised. DALI draws the crops and
+    (``decoders.image_random_crop`` with the area and ratio ranges of ``crop``, what ``augmentation`` read from the
+    'pil' transform; EXIF orientation ignored, as PIL's loader does), resized bicubic with antialiasing, flipped
+    with ``crop['flip']`` and normalised with ``mean``/``std``. DALI draws the crops and
     flips from its own generator (seeded from ``--seed``, the rank and the training epoch, so a resumed run draws its
     epoch's crops). A pipeline is built per epoch, after ``set_epoch``, because DALI starts reading ahead as soon as
     it is built. Not run in this repository's tests (no GPU there)."""
 
-    def __init__(self, dataset, sampler, args, device):
+    def __init__(self, dataset, sampler, args, crop, mean, std):
         self.dataset, self.sampler, self.args = dataset, sampler, args
+        self.crop, self.mean, self.std = crop, mean, std
         self.device_id = torch.cuda.current_device()
 
     def __len__(self):
@@ -238,8 +288,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
         import numpy as np
 
-        args, size, batch_size = self.args, self.args.input_size, self.args.batch_size
-        _, mean, std = normalisation(args)
+        args, crop, batch_size = self.args, self.crop, self.args.batch_size
         files = [self.dataset.samples[k] for k in iter(self.sampler)][:len(self) * batch_size]
 
         def batches():
@@ -254,12 +303,14 @@ class DaliLoader:
             jpegs, labels = fn.external_source(source=batches, num_outputs=2, cycle='raise',
                                                dtype=[types.UINT8, types.INT64])
             images = fn.decoders.image_random_crop(jpegs, device='mixed', output_type=types.RGB,
-                                                   adjust_orientation=False, random_area=[0.2, 1.0],
-                                                   random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
-            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC, antialias=True)
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout='CHW',
-                                              mean=[255 * m for m in mean], std=[255 * s for s in std],
-                                              mirror=fn.random.coin_flip(probability=0.5))
+                                                   adjust_orientation=False, random_area=list(crop['scale']),
+                                                   random_aspect_ratio=list(crop['ratio']), num_attempts=10)
+            images = fn.resize(images, resize_x=crop['size'], resize_y=crop['size'], interp_type=types.INTERP_CUBIC,
+                               antialias=True)
+            images = fn.crop_mirror_normalize(
+                images, dtype=types.FLOAT, output_layout='CHW', mean=[255 * m for m in self.mean],
+                std=[255 * s for s in self.std],
+                mirror=0 if crop['flip'] is None else fn.random.coin_flip(probability=crop['flip']))
             return images, labels.gpu()
 
         pipe = pipeline()

@@ -14,8 +14,8 @@ from util.errors import UsageError
 from util.image_decode import ImageReader
 from util.image_sources import pretrain_dataset
 from util.data_stats import normalisation
-from util.fast_data import (CropFlip, DaliLoader, OnDevice, collate_encoded, collate_pixels, decode_on_device,
-                             normalise)
+from util.fast_data import (CropFlip, DaliLoader, OnDevice, augmentation, collate_encoded, collate_pixels,
+                             decode_on_device, normalise)
 
 LOADERS = ('pil', 'fast_cpu', 'gpu', 'dali')
 DALI_INSTALL = 'pip install nvidia-dali-cuda130 (CUDA 13; nvidia-dali-cuda120 for CUDA 12)'
@@ -101,16 +101,18 @@ def batch_problem(args, num_images, world_size):
 
 
 # ---------------------------------------------------------------------------------------------------- building
-def train_loader(args, reference_transform, crop_kwargs, device, pretraining=False):
+def train_loader(args, transform, device, pretraining=False):
     """The training loader of ``<data_path>/train`` (with ``pretraining`` [new], of any source of
     ``util.image_folder.pretrain_dataset``: also a flat folder or a .txt list) for ``--data_loader``: the
-    reference's (an ImageFolder with the PIL ``reference_transform``, float batches), the same crop and flip
-    distribution drawn by ``CropFlip(args.input_size, **crop_kwargs)`` with uint8 batches finished on the device
-    ('fast_cpu', 'gpu'), or DALI's. ``args.in_chans``/``mean``/``std`` [new]: how images are read and normalised.
-    Its sampler is a DistributedSampler also on one process (its fixed seed gives the reference's data order),
-    wrapped so that an epoch resumed in the middle skips what was trained on."""
+    reference's (an ImageFolder with the PIL ``transform``, float batches), or a fast one applying what
+    ``util.fast_data.augmentation`` reads from ``transform`` (and refusing what it cannot apply, before anything is
+    read): the same crop and flip drawn by ``CropFlip`` with uint8 batches finished on the device ('fast_cpu',
+    'gpu'), or DALI's. ``args.in_chans`` [new]: how images are read. Its sampler is a DistributedSampler also on one
+    process (its fixed seed gives the reference's data order), wrapped so that an epoch resumed in the middle skips
+    what was trained on."""
     kind = getattr(args, 'data_loader', 'pil')
-    in_chans, mean, std = normalisation(args)
+    in_chans = normalisation(args)[0]
+    crop, mean, std = augmentation(transform, kind) if kind != 'pil' else (None, None, None)
 
     def dataset_of(transform=None, skip_bad=False, loader=ImageReader(in_chans)):
         if pretraining:
@@ -118,12 +120,12 @@ def train_loader(args, reference_transform, crop_kwargs, device, pretraining=Fal
         return images.ImageFolder(os.path.join(args.data_path, 'train'), transform, skip_bad=skip_bad, loader=loader)
 
     if kind == 'pil':
-        dataset = dataset_of(reference_transform, skip_bad=args.skip_bad_images)
+        dataset = dataset_of(transform, skip_bad=args.skip_bad_images)
     elif kind == 'dali':  # only the file list and labels: DALI reads the files
         dataset = dataset_of()
     else:
-        crop = CropFlip(args.input_size, encoded=kind == 'gpu', in_chans=in_chans, **crop_kwargs)
-        dataset = dataset_of(skip_bad=args.skip_bad_images, loader=crop)
+        dataset = dataset_of(skip_bad=args.skip_bad_images, loader=CropFlip(**crop, encoded=kind == 'gpu',
+                                                                             in_chans=in_chans))
     print(dataset)
 
     num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
@@ -134,7 +136,7 @@ def train_loader(args, reference_transform, crop_kwargs, device, pretraining=Fal
     sampler = ResumableSampler(torch.utils.data.DistributedSampler(
         dataset, num_replicas=num_tasks, rank=global_rank, shuffle=True), reshuffle)
     if kind == 'dali':
-        return DaliLoader(dataset, sampler, args, device)
+        return DaliLoader(dataset, sampler, args, crop, mean, std)
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
         pin_memory=args.pin_mem and device.type == 'cuda', drop_last=True, worker_init_fn=ignore_ctrl_c,
@@ -142,7 +144,7 @@ def train_loader(args, reference_transform, crop_kwargs, device, pretraining=Fal
     if kind == 'fast_cpu':
         return OnDevice(loader, device, functools.partial(normalise, mean=mean, std=std))
     if kind == 'gpu':
-        return OnDevice(loader, device, functools.partial(decode_on_device, size=args.input_size, mean=mean, std=std,
+        return OnDevice(loader, device, functools.partial(decode_on_device, size=crop['size'], mean=mean, std=std,
                                                           in_chans=in_chans))
     return loader
 
