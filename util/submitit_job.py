@@ -5,7 +5,6 @@ submitit is an optional dependency (``pip install submitit``); nothing here impo
 
 The job itself, and how it saves and requeues, is ``util/submitit_trainer.py``.
 """
-import argparse
 import contextlib
 import functools
 import getpass
@@ -16,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from util.errors import UsageError
+from util.flags import Parser, Range
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINT_ROOT = Path('/checkpoint')  # the reference's shared file system
@@ -32,9 +32,9 @@ def import_submitit():
 
 # ---------------------------------------------------------------------------------------------------- flags
 def add_submitit_args(parser):
-    parser.add_argument("--ngpus", default=8, type=int, help="Number of gpus to request on each node")
-    parser.add_argument("--nodes", default=2, type=int, help="Number of nodes to request")
-    parser.add_argument("--timeout", default=4320, type=int, help="Duration of the job")
+    parser.add_argument("--ngpus", default=8, type=Range(int, 1), help="Number of gpus to request on each node")
+    parser.add_argument("--nodes", default=2, type=Range(int, 1), help="Number of nodes to request")
+    parser.add_argument("--timeout", default=4320, type=Range(int, 1), help="Duration of the job")
     parser.add_argument("--job_dir", default="", type=str, help="Job dir. Leave empty for automatic.")
 
     parser.add_argument("--partition", default="learnfair", type=str, help="Partition where to submit")
@@ -59,7 +59,7 @@ def import_trainer(module):
 
 def get_args_parser(module, description):
     """The trainer's flags (``module.get_args_parser()``) plus the reference's submitit flags."""
-    parser = argparse.ArgumentParser(description, parents=[import_trainer(module).get_args_parser()])
+    parser = Parser(description, parents=[import_trainer(module).get_args_parser()])
     return add_submitit_args(parser)
 
 
