@@ -73,10 +73,10 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        refused = re.fullmatch(r'argument (--\w+): (must be .*)', message)
-        if refused is None:
-            super().error(message)
-        self.exit(2, f"error: {refused[1]} {refused[2]}\n")
+        refused = re.fullmatch(r'argument (--\w+): (must be .*)', message)  # (a Range's ArgumentTypeError)
+        if refused:
+            self.exit(2, f"error: {refused[1]} {refused[2]}\n")
+        super().error(message)
 
 
 def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='adamw', checkpointing=True,

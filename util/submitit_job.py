@@ -135,7 +135,7 @@ def make_executor(args, submitit, cluster=None):
         kwargs['slurm_constraint'] = 'volta32gb'
     if args.comment:
         kwargs['slurm_comment'] = args.comment
-    if getattr(args, 'dependency', ''):
+    if args.dependency:
         if executor.cluster != 'slurm':
             raise UsageError(f"--dependency {args.dependency} needs SLURM; the {executor.cluster} executor runs "
                              f"jobs at once")
