@@ -37,6 +37,7 @@ import torch
 import models_mae
 from util import from_checkpoint
 from util.errors import UsageError, run_main
+from util.flags import Parser
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,8 +49,8 @@ LOG_ROWS = 5
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MAE export', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser = Parser('MAE export', description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     parser.add_argument('--checkpoint', required=True, help='ours (checkpoint-*.pth) or a released MAE/ViT file')
     parser.add_argument('--to', required=True, choices=('timm', 'hf'), help='timm state dict, or a Hugging Face folder')
     parser.add_argument('--out', required=True, help='--to timm: a .pth/.safetensors file; --to hf: a folder')

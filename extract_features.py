@@ -44,14 +44,15 @@ from util import data_stats, feature_probe, from_checkpoint, knn_monitor
 from util.datasets import eval_transform
 from util.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image
 from util.errors import UsageError, run_main
-from util.flag_checks import check_device, check_ranges
+from util.flag_checks import check_device
+from util.flags import Parser, Range
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MAE feature extraction', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser = Parser('MAE feature extraction', description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     parser.add_argument('images', nargs='+',
                         help='image files and/or folders (searched recursively, in sorted order); with --knn or '
                              '--probe, one folder with train/ and val/')
@@ -64,22 +65,24 @@ def get_args_parser():
                              'checkpoints, instead of the weights themselves')
     parser.add_argument('--model', default=None,
                         help="the architecture (default: the checkpoint's, else recognised from its weights)")
-    parser.add_argument('--input_size', default=None, type=int,
+    parser.add_argument('--input_size', default=None, type=Range(int, 1),
                         help="image size the encoder sees (default: the checkpoint's, else that of its position "
                              "embedding)")
     parser.add_argument('--pool', default='cls', choices=from_checkpoint.POOLS,
                         help='cls: the class token after the final norm (default); mean: the mean of the patch '
                              'tokens; tokens: every token (N, 1 + L, D)')
     parser.add_argument('--out', default='features.npz', help='the .npz to write (default ./features.npz)')
-    parser.add_argument('--batch_size', default=64, type=int)
-    parser.add_argument('--num_workers', default=2, type=int, help='processes that read the images')
+    parser.add_argument('--batch_size', default=64, type=Range(int, 1))
+    parser.add_argument('--num_workers', default=2, type=Range(int, 0, 256), help='processes that read the images')
     parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, ...')
     parser.add_argument('--knn', action='store_true',
                         help='classify <images>/val from <images>/train with the kNN monitor\'s classifier and print '
                              'top-1/top-5 (no .npz is written)')
-    parser.add_argument('--knn_train_subset', default=0, type=int, metavar='M',
+    parser.add_argument('--knn_train_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'),
+                        metavar='M',
                         help='with --knn: M images of train/, drawn as the monitor draws them (default all)')
-    parser.add_argument('--knn_val_subset', default=0, type=int, metavar='M', help='the same for val/')
+    parser.add_argument('--knn_val_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'), metavar='M',
+                        help='the same for val/')
     parser.add_argument('--probe', action='store_true',
                         help='[new] fit a linear probe (logistic regression of the standardised features, full '
                              'batch, L-BFGS) on <images>/train\'s features and print its top-1/top-5 on '
@@ -151,7 +154,6 @@ def progress(iterable, total, what):
 
 # ---------------------------------------------------------------------------------------------------- main
 def check_args(args):
-    check_ranges(args)  # --batch_size, --num_workers, --input_size, --knn_*_subset (util/flag_checks.py's RANGES)
     check_device(args)
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():

@@ -5,8 +5,6 @@ The flags, their defaults and the training behaviour (data order and augmentatio
 decay, Mixup/CutMix, label smoothing, checkpoints, logs) are the reference's (facebookresearch/mae,
 main_finetune.py); flags that are not in the reference are marked [new].
 """
-import argparse
-
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -23,7 +21,7 @@ from util import data_stats
 from util.datasets import build_transform, check_augmentation, check_classes
 from util.errors import UsageError, run_main
 from util.flag_checks import check_common
-from util.flags import add_classifier_args, add_common_args
+from util.flags import Parser, Range, add_classifier_args, add_common_args
 from util.image_decode import ImageReader
 from util.image_folder import image_folder
 from util.lr_sched import set_lr
@@ -33,25 +31,30 @@ from util.run import Run
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MAE fine-tuning for image classification', add_help=False)
+    parser = Parser('MAE fine-tuning for image classification', add_help=False)
     add_common_args(parser, models_vit.MODELS,
                     dict(batch_size=64, epochs=50, model='vit_large_patch16', weight_decay=0.05, blr=1e-3, min_lr=1e-6,
                          warmup_epochs=5),
                     data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
                     optimizer='adamw', checkpointing=True)
 
-    # Model parameters
-    parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', help='Drop path rate (default: 0.1)')
-    parser.add_argument('--train_blocks', type=int, default=-1, metavar='K',
+    # Model parameters (a drop-path rate of 1 drops every block)
+    parser.add_argument('--drop_path', type=Range(float, 0, 1, high_open=True), default=0.1, metavar='PCT',
+                        help='Drop path rate (default: 0.1)')
+    parser.add_argument('--train_blocks', type=Range(int, 0, special=(-1,), meaning='-1 (all)'), default=-1,
+                        metavar='K',
                         help='[new] partial fine-tuning: train only the last K Transformer blocks, the final norm and '
                              'the head, everything else frozen (K=0: norm and head only). Default -1: train all '
                              '(the reference)')
 
-    # Optimizer parameters
-    parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
+    # Optimizer parameters: a negative --clip_grad multiplies every gradient by a negative factor (gradient ascent),
+    # 0 zeroes them; a --layer_decay outside (0, 1] gives layers a negative lr, or the lower layers the larger one;
+    # torch refuses AdamW betas outside [0, 1)
+    parser.add_argument('--clip_grad', type=Range(float, 0, low_open=True), default=None, metavar='NORM',
                         help='Clip gradient norm (default: None, no clipping)')
-    parser.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
-    parser.add_argument('--opt_betas', type=float, nargs='+', default=None, metavar='BETA',
+    parser.add_argument('--layer_decay', type=Range(float, 0, 1, low_open=True), default=0.75,
+                        help='layer-wise lr decay from ELECTRA/BEiT')
+    parser.add_argument('--opt_betas', type=Range(float, 0, 1, high_open=True), nargs='+', default=None, metavar='BETA',
                         help="[new] AdamW's two betas (default: torch's 0.9 0.999, the reference's; the paper's "
                              "supervised training from scratch, Appendix A.2: 0.9 0.95)")
 
@@ -61,33 +64,36 @@ def get_args_parser():
                              'updated after each optimizer step; it is evaluated after each epoch beside the raw '
                              'weights (log.txt: test_acc1_ema, ...), kept in the checkpoints (model_ema) and, with '
                              '--eval, evaluated too')
-    parser.add_argument('--model_ema_decay', type=float, default=0.9999, metavar='DECAY',
+    parser.add_argument('--model_ema_decay', type=Range(float, 0, 1, low_open=True, high_open=True), default=0.9999,
+                        metavar='DECAY',
                         help='[new] the EMA\'s decay: after each optimizer step, ema = decay * ema + (1 - decay) * '
                              'weights, from the initial weights, no warm-up (default: 0.9999, the paper\'s)')
 
-    # Augmentation parameters
-    parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT',
+    # Augmentation parameters (timm's label smoothing asserts < 1)
+    parser.add_argument('--color_jitter', type=Range(float, 0), default=None, metavar='PCT',
                         help='Color jitter factor (enabled only when not using Auto/RandAug)')
     parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
                         help='Use AutoAugment policy. "v0" or "original". (default: rand-m9-mstd0.5-inc1)')
-    parser.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing (default: 0.1)')
+    parser.add_argument('--smoothing', type=Range(float, 0, 1, high_open=True), default=0.1,
+                        help='Label smoothing (default: 0.1)')
 
-    # * Random Erase params
-    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='Random erase prob (default: 0.25)')
+    # * Random Erase params (timm takes a count of 0 as 1: turn erasing off with --reprob 0)
+    parser.add_argument('--reprob', type=Range(float, 0, 1), default=0.25, metavar='PCT',
+                        help='Random erase prob (default: 0.25)')
     parser.add_argument('--remode', type=str, default='pixel', help='Random erase mode (default: "pixel")')
-    parser.add_argument('--recount', type=int, default=1, help='Random erase count (default: 1)')
+    parser.add_argument('--recount', type=Range(int, 1), default=1, help='Random erase count (default: 1)')
     parser.add_argument('--resplit', action='store_true', default=False,
                         help='Do not random erase first (clean) augmentation split (accepted, as in the reference, '
                              'but without effect: no augmentation splits are used)')
 
     # * Mixup params
-    parser.add_argument('--mixup', type=float, default=0, help='mixup alpha, mixup enabled if > 0.')
-    parser.add_argument('--cutmix', type=float, default=0, help='cutmix alpha, cutmix enabled if > 0.')
-    parser.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
+    parser.add_argument('--mixup', type=Range(float, 0), default=0, help='mixup alpha, mixup enabled if > 0.')
+    parser.add_argument('--cutmix', type=Range(float, 0), default=0, help='cutmix alpha, cutmix enabled if > 0.')
+    parser.add_argument('--cutmix_minmax', type=Range(float, 0, 1), nargs='+', default=None,
                         help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
-    parser.add_argument('--mixup_prob', type=float, default=1.0,
+    parser.add_argument('--mixup_prob', type=Range(float, 0, 1), default=1.0,
                         help='Probability of performing mixup or cutmix when either/both is enabled')
-    parser.add_argument('--mixup_switch_prob', type=float, default=0.5,
+    parser.add_argument('--mixup_switch_prob', type=Range(float, 0, 1), default=0.5,
                         help='Probability of switching to cutmix when both mixup and cutmix enabled')
     parser.add_argument('--mixup_mode', type=str, default='batch',
                         help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')

@@ -7,8 +7,6 @@ not in the reference are marked [new]. Two reference defects are fixed: with ``-
 ``fc_norm`` is trained (the reference froze it at its initial identity, issue #186), and ``--resume`` is documented
 and tested for the BatchNorm head.
 """
-import argparse
-
 import torch
 
 import models_vit
@@ -20,7 +18,7 @@ from util import data_stats
 from util.datasets import check_classes, eval_transform, linprobe_transform
 from util.errors import run_main
 from util.flag_checks import check_common
-from util.flags import add_classifier_args, add_common_args
+from util.flags import Parser, add_classifier_args, add_common_args
 from util.image_decode import ImageReader
 from util.image_folder import image_folder
 from util.lars import LARS
@@ -31,13 +29,14 @@ from util.run import Run
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=False)
+    parser = Parser('MAE linear probing for image classification', add_help=False)
     # (weight decay 0 for the linear probe, following MoCo v1)
     add_common_args(parser, models_vit.MODELS,
                     dict(batch_size=512, epochs=90, model='vit_large_patch16', weight_decay=0, blr=0.1, min_lr=0.,
                          warmup_epochs=10),
                     data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
-                    optimizer='lars', checkpointing=False, data_loaders=('pil', 'fast_cpu'))
+                    optimizer='lars', checkpointing=False,
+                    data_loaders={k: loaders.LOADER_HELP[k] for k in ('pil', 'fast_cpu')})
 
     add_classifier_args(parser, global_pool=False,
                         global_pool_help='pool the mean of the patch tokens (its fc_norm is trained with the head)')

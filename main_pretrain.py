@@ -3,8 +3,6 @@
 The flags, their defaults and the training behaviour (data order, augmentation, schedule, checkpoints, logs) are the
 reference's (facebookresearch/mae, main_pretrain.py); flags that are not in the reference are marked [new].
 """
-import argparse
-
 import torch
 
 import models_mae
@@ -18,7 +16,7 @@ from util import data_stats, knn_monitor
 from util.datasets import pretrain_transform
 from util.errors import UsageError, run_main
 from util.flag_checks import check_common
-from util.flags import add_common_args
+from util.flags import Parser, Range, add_common_args
 from util.image_sources import check_pretrain_path, pretrain_dataset
 from util.lr_sched import set_lr
 from util.pretrained import init_from_checkpoint
@@ -27,16 +25,16 @@ from util.run import Run
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('MAE pre-training', add_help=False)
+    parser = Parser('MAE pre-training', add_help=False)
     add_common_args(parser, models_mae.MODELS,
                     dict(batch_size=64, epochs=400, model='mae_vit_large_patch16', weight_decay=0.05, blr=1e-3,
                          min_lr=0., warmup_epochs=40),
                     data_help='dataset path: an ImageFolder tree with a train/ folder (the reference), [new] a '
                               'folder of images (searched recursively) or a .txt list of image paths', save_freq=20,
-                    optimizer='adamw', checkpointing=True, data_loaders=loaders.LOADERS)
+                    optimizer='adamw', checkpointing=True, data_loaders=loaders.LOADER_HELP)
 
     # Model parameters
-    parser.add_argument('--mask_ratio', default=0.75, type=float,
+    parser.add_argument('--mask_ratio', default=0.75, type=Range(float, 0, 1, high_open=True),
                         help='Masking ratio (percentage of removed patches).')
     parser.add_argument('--norm_pix_loss', action='store_true',
                         help='Use (per-patch) normalized pixels as targets for computing loss')
@@ -46,10 +44,10 @@ def get_args_parser():
                              'and the reference\'s, default), block (BEiT-style rectangles) or grid (keep one patch of '
                              'every 2x2 cell; masks 75%% by construction). Every image keeps exactly '
                              'int(L * (1 - mask_ratio)) patches')
-    parser.add_argument('--decoder_depth', default=None, type=int, metavar='N',
+    parser.add_argument('--decoder_depth', default=None, type=Range(int, 1), metavar='N',
                         help='[new] number of decoder blocks (the paper\'s Table 1a; default: the model\'s own, 8 for '
                              'the paper\'s models)')
-    parser.add_argument('--decoder_embed_dim', default=None, type=int, metavar='D',
+    parser.add_argument('--decoder_embed_dim', default=None, type=Range(int, 1), metavar='D',
                         help='[new] decoder width (the paper\'s Table 1b; default: the model\'s own, 512 for the '
                              'paper\'s models). The attention heads keep their width (32 for the paper\'s models: '
                              '16 heads at 512, 8 at 256), so D must be a multiple of it')

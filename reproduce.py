@@ -23,7 +23,6 @@ continues where it stopped (the entry points' auto-resume), so the same command 
 
 This file is the command (its flags, their checks, the order of the steps); the package ``studies`` holds the rest.
 """
-import argparse
 import shutil
 from pathlib import Path
 
@@ -35,14 +34,14 @@ from studies.recipes import EVALUATIONS, SCALES, with_pretrain_epochs
 from studies.report import markdown_table, report_name, write_report
 from studies.runner import Runner
 from util.errors import TrainingStopped, UsageError
-from util.flag_checks import check_ranges
+from util.flags import SEED_MAX, Parser, Range
 
 TINY_DATA = REPO / 'tests' / 'data' / 'tiny_imagefolder'
 IMAGENET_VAL_IMAGES = 50000
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Reproduce the paper's tables and figures", add_help=False)
+    parser = Parser("Reproduce the paper's tables and figures", add_help=False)
     parser.add_argument('--study', nargs='+', default=None, metavar='NAME',
                         help='one or more of: ' + ', '.join(STUDIES) + ', or all')
     parser.add_argument('--scale', default='small', choices=['paper', 'small'],
@@ -60,21 +59,22 @@ def get_args_parser():
                              'for K=0, finetune for K>0; the others: finetune linprobe); at small scale the same '
                              'for scratch and partial_ft and probe knn for the others')
     parser.add_argument('--dry_run', action='store_true', help='print every command it would run, run nothing')
-    parser.add_argument('--values', nargs='+', type=float, default=None,
+    parser.add_argument('--values', nargs='+', type=Range(float, 0), default=None,
                         help='the x values of a curve or sweep (' + ', '.join(VALUE_STUDIES) + ') instead of the '
                              "paper's, e.g. --values 0.25 0.5 0.75 0.9 for mask_ratio")
     parser.add_argument('--data_path', default=None,
                         help='an ImageFolder tree with train/ and the evaluation split (--val_split)')
     parser.add_argument('--val_split', default='val',
                         help="the folder evaluated on (default val; e.g. test for CIFAR's train/ and test/)")
-    parser.add_argument('--train_subset', default=0, type=int, metavar='N',
+    parser.add_argument('--train_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'), metavar='N',
                         help='use N training images (class-balanced, a fixed random choice) instead of all')
-    parser.add_argument('--val_subset', default=0, type=int, metavar='N', help='the same for the evaluation split')
-    parser.add_argument('--pretrain_epochs', default=None, type=int, metavar='N',
+    parser.add_argument('--val_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'), metavar='N',
+                        help='the same for the evaluation split')
+    parser.add_argument('--pretrain_epochs', default=None, type=Range(int, 1), metavar='N',
                         help="pre-train for N epochs instead of the scale's (small 8, paper 800), the warm-up "
                              "keeping its share of the schedule; such runs get folders of their own (e.g. "
                              "runs/pretrain_epochs_50/), evaluations and from-scratch runs are unchanged")
-    parser.add_argument('--seed', default=0, type=int,
+    parser.add_argument('--seed', default=0, type=Range(int, 0, SEED_MAX),
                         help="[new] the --seed of every training run (default 0, the entry points'); another seed's "
                              "runs get folders of their own (runs/seed_1+...) and its reports files of their own "
                              "(e.g. mask_ratio_seed1.md), so that two seeds of a cell give its seed-to-seed spread")
@@ -87,14 +87,14 @@ def get_args_parser():
                         help='where the tables and plots go (default: the work dir)')
     parser.add_argument('--device', default=None,
                         help='small scale: the device of the runs (default cpu); paper scale: cuda')
-    parser.add_argument('--num_workers', default=0, type=int,
+    parser.add_argument('--num_workers', default=0, type=Range(int, 0, 256),
                         help='data loading workers of each run at small scale (default 0)')
     # paper scale: the submitit flags of every job
-    parser.add_argument('--nodes', default=8, type=int, help='paper scale: nodes per job (default 8)')
-    parser.add_argument('--ngpus', default=8, type=int, help='paper scale: GPUs per node (default 8)')
+    parser.add_argument('--nodes', default=8, type=Range(int, 1), help='paper scale: nodes per job (default 8)')
+    parser.add_argument('--ngpus', default=8, type=Range(int, 1), help='paper scale: GPUs per node (default 8)')
     parser.add_argument('--partition', default=None, help='paper scale: SLURM partition')
     parser.add_argument('--use_volta32', action='store_true', help='paper scale: ask for 32 GB V100s')
-    parser.add_argument('--timeout', default=None, type=int, help='paper scale: job time limit in minutes')
+    parser.add_argument('--timeout', default=None, type=Range(int, 1), help='paper scale: job time limit in minutes')
     return parser
 
 
@@ -118,7 +118,6 @@ def command_line(args):
 
 def check_args(args):
     """The studies to run, each with its evaluations ({study: kinds}), once every flag is checked."""
-    check_ranges(args)  # every numeric flag (util/flag_checks.py's RANGES)
     if not args.study:
         raise UsageError("--study is required: one or more of " + ', '.join(STUDIES) + ", or all")
     studies = list(STUDIES) if args.study == ['all'] else args.study

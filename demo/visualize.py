@@ -40,7 +40,8 @@ import util.errors as errors  # noqa: E402
 from util import data_stats, from_checkpoint  # noqa: E402
 from util.datasets import ToTensor  # noqa: E402
 from util.errors import UsageError  # noqa: E402
-from util.flag_checks import check_device, check_ranges  # noqa: E402
+from util.flag_checks import check_device  # noqa: E402
+from util.flags import SEED_MAX, Parser, Range  # noqa: E402
 from util.image_decode import BAD_FILE_ERRORS, IMG_EXTENSIONS, bad_file_reason, read_image  # noqa: E402
 from util.image_sources import list_images  # noqa: E402
 
@@ -61,7 +62,7 @@ TEXT = (0, 0, 0)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         'MAE reconstruction figures', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False)  # (run_main adds -h/--help)
     parser.add_argument('images', nargs='+',
@@ -72,11 +73,12 @@ def get_args_parser():
     parser.add_argument('--model', default=None,
                         help='MAE architecture (default: from the checkpoint, else inferred from its weight shapes): '
                              + ', '.join(models_mae.MODELS))
-    parser.add_argument('--input_size', default=None, type=int,
+    parser.add_argument('--input_size', default=None, type=Range(int, 1),
                         help="image size the model sees (default: the checkpoint's, else the one its position "
                              "embedding was made for, else 224)")
-    parser.add_argument('--mask_ratio', default=0.75, type=float, help='fraction of patches removed')
-    parser.add_argument('--seed', default=0, type=int,
+    parser.add_argument('--mask_ratio', default=0.75, type=Range(float, 0, 1, high_open=True),
+                        help='fraction of patches removed')
+    parser.add_argument('--seed', default=0, type=Range(int, 0, SEED_MAX),
                         help='seed of the masks: the same seed and image list give the same masks (the k-th image '
                              'gets the k-th draw); the global random state is not used')
     parser.add_argument('--norm_pix_loss', action='store_true', default=None,
@@ -90,13 +92,13 @@ def get_args_parser():
     parser.add_argument('--grid', action='store_true',
                         help='one PNG: a row per image, for each of --mask_ratios the masked input and the '
                              'reconstruction with visible patches')
-    parser.add_argument('--mask_ratios', default=None, type=float, nargs='+',
+    parser.add_argument('--mask_ratios', default=None, type=Range(float, 0, 1, high_open=True), nargs='+',
                         help='mask ratios of the --grid columns (default: --mask_ratio); put the images before '
                              'this flag')
-    parser.add_argument('--scale', default=0, type=int,
+    parser.add_argument('--scale', default=0, type=Range(int, 1, special=(0,), meaning='0 (automatic)'),
                         help='integer upscaling of the tiles, nearest neighbour (default: 128 // input_size, at '
                              'least 1)')
-    parser.add_argument('--colors', default=0, type=int,
+    parser.add_argument('--colors', default=0, type=Range(int, 2, 256, special=(0,), meaning='0 (full colour)'),
                         help='store the PNG with a palette of this many colours (2-256; much smaller files, e.g. for '
                              'a README); default 0: full colour, exact pixels')
     parser.add_argument('--out', default='reconstructions',
@@ -345,7 +347,6 @@ def save_png(fig, path, colors=0):
 
 # ---------------------------------------------------------------------------------------------------- main
 def check_args(args):
-    check_ranges(args)  # --mask_ratio(s), --scale, --colors, --input_size, --seed (util/flag_checks.py's RANGES)
     data_stats.check_args(args)  # --in_chans, --mean, --std
     if args.mask_ratios and not args.grid:
         raise UsageError("--mask_ratios needs --grid (one figure per image uses --mask_ratio)")

@@ -80,6 +80,16 @@ def plain_print():
 
 
 # ---------------------------------------------------------------------------------------------------- command lines
+def parsed_args(script, *argv, **after):
+    """The flags of ``script`` (an entry point's module: main_pretrain, main_finetune, ...) as its own parser gives
+    them for ``argv``, every default included (a flag added with a default reaches the test), then ``after`` set as
+    attributes: what main() sets itself (e.g. the absolute ``lr``), or a value the test gives as is."""
+    args = script.get_args_parser().parse_args([str(a) for a in argv])
+    for name, value in after.items():
+        setattr(args, name, value)
+    return args
+
+
 def pretrain_argv(out, *extra, epochs=2, batch_size=4):
     """The tiny pre-training run on TINY (16 images; 4 iterations per epoch at batch 4)."""
     return ['main_pretrain.py', '--model', 'mae_vit_tiny_patch4', '--input_size', '32', '--batch_size',

@@ -1,15 +1,13 @@
 """The class folders of the splits: val/'s classes take train/'s numbers by name (a class train/ lacks is refused),
 so that an accuracy is scored against the right outputs; a class folder that links back to a folder it is inside of
 is refused instead of multiplying the data set."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 from PIL import Image
 from torchvision import datasets
 
 import main_finetune
-from conftest import TINY, run_in_process
+from conftest import TINY, parsed_args, run_in_process
 from engine_finetune import evaluate
 from util.datasets import check_classes, eval_transform
 from util.image_folder import image_folder
@@ -56,7 +54,7 @@ def test_val_with_fewer_classes_is_scored_with_trains_numbers(tmp_path, capsys):
     assert val.classes == ['b', 'c'] and val.class_to_idx == {'b': 1, 'c': 2} == {
         k: train.class_to_idx[k] for k in ('b', 'c')}
     assert val.targets == [1, 1, 2, 2]
-    check_classes(SimpleNamespace(nb_classes=3), train, val)
+    check_classes(parsed_args(main_finetune, nb_classes=3), train, val)
     assert capsys.readouterr().out == (f"Note: {data / 'val'} holds 2 of the 3 classes of {data / 'train'} (not: a); "
                                        f"its images are labelled with the numbers of their classes there\n")
     loader = torch.utils.data.DataLoader(val, batch_size=4)
@@ -67,7 +65,7 @@ def test_eval_labels_beyond_nb_classes_are_refused(tmp_path):
     data = tree(tmp_path, {'train': ['a', 'b', 'c'], 'val': ['c']})
     val = image_folder(str(data), 'val', None, numbered_as='train')
     with pytest.raises(UsageError, match=r"^--nb_classes 2 is smaller than the 3 classes of .*train, whose numbers "):
-        check_classes(SimpleNamespace(nb_classes=2), None, val)
+        check_classes(parsed_args(main_finetune, nb_classes=2), None, val)
 
 
 def test_matching_classes_are_numbered_as_before(tmp_path):

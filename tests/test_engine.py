@@ -11,6 +11,7 @@ import main_pretrain
 import models_mae
 import util.misc as misc
 import util.process as process
+from conftest import parsed_args
 from util import compat
 from engine_pretrain import train_one_epoch
 from util.run import LoopHooks
@@ -25,7 +26,7 @@ from util.run import LoopHooks
     ('cpu', 'bf16', ('cpu', torch.bfloat16, True)),     # opt-in: bf16 autocast on the CPU
 ])
 def test_amp_settings(device, amp, expected):
-    assert misc.amp_settings(SimpleNamespace(device=device, amp=amp)) == expected
+    assert misc.amp_settings(parsed_args(main_pretrain, device=device, amp=amp)) == expected
 
 
 def test_fast_keeps_fp32_on_the_cpu_and_bf16_on_cuda():
@@ -41,7 +42,8 @@ def test_fast_keeps_fp32_on_the_cpu_and_bf16_on_cuda():
                                                ('cpu', 'bf16', False)])
 def test_loss_scaling_only_for_fp16_on_cuda(device, amp, scales, monkeypatch):
     monkeypatch.setattr(compat, 'GradScaler', lambda enabled: SimpleNamespace(enabled=enabled))
-    assert misc.NativeScalerWithGradNormCount(SimpleNamespace(device=device, amp=amp))._scaler.enabled is scales
+    args = parsed_args(main_pretrain, device=device, amp=amp)
+    assert misc.NativeScalerWithGradNormCount(args)._scaler.enabled is scales
 
 
 class CountingDDP(torch.nn.Module):
@@ -74,8 +76,8 @@ def test_accumulation_micro_steps_skip_the_gradient_sync():
     model = CountingDDP(models_mae.mae_vit_tiny_patch4())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [(torch.randn(2, 3, 32, 32), torch.zeros(2)) for _ in range(6)]
-    args = SimpleNamespace(accum_iter=3, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=1, epochs=2,
-                           device='cpu', amp='fp16', skip_nonfinite=0, output_dir='')
+    args = parsed_args(main_pretrain, accum_iter=3, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=1, epochs=2,
+                       device='cpu', amp='fp16', skip_nonfinite=0, output_dir='')
     stats = train_one_epoch(model, batches, optimizer, torch.device('cpu'), 0,
                             misc.NativeScalerWithGradNormCount(args), LoopHooks(), args=args)
     assert (model.unsynced, model.synced) == (4, 2)  # 2 of every 3 micro-steps stay local
@@ -90,14 +92,15 @@ def test_accumulation_micro_steps_skip_the_gradient_sync():
 ])
 def test_the_cpu_precision_line_says_what_the_forward_runs_in(amp, line, monkeypatch):
     monkeypatch.setattr(process, 'cpu_has_fast_bf16', lambda: True)
-    assert process.precision_line(SimpleNamespace(device='cpu', amp=amp), torch.device('cpu')) == line
+    assert process.precision_line(parsed_args(main_pretrain, device='cpu', amp=amp), torch.device('cpu')) == line
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_says_it_will_be_slow(monkeypatch):
     monkeypatch.setattr(process, 'cpu_has_fast_bf16', lambda: False)
-    line = process.precision_line(SimpleNamespace(device='cpu', amp='bf16'), torch.device('cpu'))
+    line = process.precision_line(parsed_args(main_pretrain, device='cpu', amp='bf16'), torch.device('cpu'))
     assert line.startswith('Precision: bf16 autocast on the CPU') and 'no bf16 matrix instructions' in line
-    assert 'no bf16' not in process.precision_line(SimpleNamespace(device='cpu', amp='fp16'), torch.device('cpu'))
+    fp16 = parsed_args(main_pretrain, device='cpu', amp='fp16')
+    assert 'no bf16' not in process.precision_line(fp16, torch.device('cpu'))
 
 
 def train_tiny(amp):
@@ -110,8 +113,8 @@ def train_tiny(amp):
     batches = [(torch.randn(4, 3, 32, 32), torch.zeros(4)) for _ in range(3)]
     dtypes = set()
     model.blocks[0].attn.qkv.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
-    args = SimpleNamespace(accum_iter=1, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=0, epochs=1,
-                           device='cpu', amp=amp, skip_nonfinite=0, output_dir='')
+    args = parsed_args(main_pretrain, accum_iter=1, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=0, epochs=1,
+                       device='cpu', amp=amp, skip_nonfinite=0, output_dir='')
     stats = train_one_epoch(model, batches, optimizer, torch.device('cpu'), 0,
                             misc.NativeScalerWithGradNormCount(args), LoopHooks(), args=args)
     return stats['loss'], dtypes, {k: v - before[k] for k, v in model.state_dict().items()}

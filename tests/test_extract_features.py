@@ -1,6 +1,5 @@
 """extract_features.py: a tiny checkpoint's features of image folders and files are the encoder's output for the
 same images; --knn gives the kNN monitor's numbers; mistakes are one line."""
-import argparse
 import json
 
 import numpy as np
@@ -8,9 +7,10 @@ import pytest
 import torch
 
 import extract_features
+import main_pretrain
 import models_mae
 import models_vit
-from conftest import TINY, run_in_process
+from conftest import TINY, parsed_args, run_in_process
 from util import feature_probe, knn_monitor
 from util.datasets import eval_transform
 from util.image_folder import image_folder
@@ -70,8 +70,8 @@ def test_files_and_several_folders(tmp_path, capsys):
 
 def test_knn_gives_the_monitors_numbers(tmp_path, capsys):
     model = save_ours(tmp_path / 'c.pth', seed=5)
-    args = argparse.Namespace(knn_every=1, knn_data_path=str(TINY), knn_train_subset=0, knn_val_subset=6,
-                              epochs=1, batch_size=4, num_workers=0, input_size=32, device='cpu', amp='fp16')
+    args = parsed_args(main_pretrain, knn_every=1, knn_data_path=str(TINY), knn_train_subset=0, knn_val_subset=6,
+                       epochs=1, batch_size=4, num_workers=0, input_size=32, device='cpu', amp='fp16')
     logged = knn_monitor.from_args(args, torch.device('cpu'))(model, 0)
     stats = extract(TINY, '--knn', '--knn_val_subset', 6, '--checkpoint', tmp_path / 'c.pth', '--num_workers', 0)
     assert stats == logged

@@ -1,7 +1,6 @@
 """The fast path (--no_host_sync, --fused_adamw, --grad_checkpointing, --compile, --fast) and the fast input paths
 (--data_loader fast_cpu / gpu), checked on the CPU against the reference's path."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +19,8 @@ import util.errors as errors
 import util.misc as misc
 import util.resume as resume
 import util.speed as speed
-from conftest import TINY, one_line_error, pretrain_argv, read_log, run_in_process, run_script, save_pretrained
+from conftest import (TINY, one_line_error, parsed_args, pretrain_argv, read_log, run_in_process, run_script,
+                      save_pretrained)
 from util import compat, fast_data
 import util.crop
 import util.datasets as datasets
@@ -69,7 +69,7 @@ class PlainRun(LoopHooks):
 def pretrain_args(**kw):
     base = dict(accum_iter=1, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=1, epochs=2, device='cpu',
                 amp='none', no_host_sync=False, fused_adamw=False)
-    return SimpleNamespace(**{**base, **kw})
+    return parsed_args(main_pretrain, **{**base, **kw})
 
 
 def batches(n, nan_at=(), size=32, seed=1):
@@ -398,8 +398,8 @@ def test_bad_files_are_named_or_skipped(tmp_path):
     jpeg_file(root / '0.jpg', size=(40, 40))
     data = (root / '0.jpg').read_bytes()
     (root / '1.jpg').write_bytes(data[:len(data) // 2])  # truncated
-    args = SimpleNamespace(data_loader='fast_cpu', data_path=tmp_path / 'data', input_size=32, skip_bad_images=False,
-                           batch_size=1, accum_iter=1, num_workers=0, pin_mem=False)
+    args = parsed_args(main_pretrain, data_loader='fast_cpu', data_path=tmp_path / 'data', input_size=32,
+                       skip_bad_images=False, batch_size=1, accum_iter=1, num_workers=0, pin_mem=False)
     dataset = train_loader(args, pretrain_transform(32), torch.device('cpu')).dataset
     with pytest.raises(errors.UsageError, match='1.jpg'):
         dataset[1]
@@ -418,8 +418,8 @@ def test_fast_loader_keeps_the_reference_data_order_and_random_streams(tmp_path)
     """The loader hands out the same images in the same order with the same crops as the reference's (same
     seed); its iterator exists as soon as iter() is called, as a DataLoader's (a resume restores the random
     streams right after)."""
-    args = SimpleNamespace(data_loader='fast_cpu', data_path=TINY, input_size=32, skip_bad_images=False,
-                           batch_size=4, accum_iter=1, num_workers=0, pin_mem=False)
+    args = parsed_args(main_pretrain, data_loader='fast_cpu', data_path=TINY, input_size=32, skip_bad_images=False,
+                       batch_size=4, accum_iter=1, num_workers=0, pin_mem=False)
     loader = train_loader(args, pretrain_transform(32), torch.device('cpu'))
     assert len(loader) == 4 and len(loader.dataset) == 16
     args.data_loader = 'pil'
@@ -447,9 +447,9 @@ def test_gpu_path_parts_run_on_the_cpu(tmp_path):
         with pytest.raises(errors.UsageError, match=r"--data_loader gpu decodes each batch's JPEGs in one call "
                                                     r"\(torchvision.io.decode_jpeg of a list, torchvision >= 0.19\); "
                                                     r"this torchvision is .*: upgrade torchvision"):
-            check_data_loader(SimpleNamespace(data_loader='gpu', device='cuda', skip_bad_images=False))
+            check_data_loader(parsed_args(main_pretrain, data_loader='gpu', device='cuda'))
         return
-    check_data_loader(SimpleNamespace(data_loader='gpu', device='cuda', skip_bad_images=False))  # (no CUDA needed)
+    check_data_loader(parsed_args(main_pretrain, data_loader='gpu', device='cuda'))  # (no CUDA needed)
     paths = [jpeg_file(tmp_path / f'{k}.jpg', seed=k) for k in range(3)] + [
         jpeg_file(tmp_path / 'gray.png', size=(120, 90), mode='L')]
     torch.manual_seed(0)
@@ -466,7 +466,7 @@ def test_gpu_path_parts_run_on_the_cpu(tmp_path):
 
 
 def test_gpu_and_dali_loaders_say_what_is_missing():
-    args = SimpleNamespace(data_loader='gpu', skip_bad_images=False, device='cpu')
+    args = parsed_args(main_pretrain, data_loader='gpu', device='cpu')
     with pytest.raises(errors.UsageError, match='--data_loader gpu decodes on a CUDA GPU and --device is cpu'):
         check_data_loader(args)
     args.data_loader, args.device = 'dali', 'cuda'
@@ -475,7 +475,7 @@ def test_gpu_and_dali_loaders_say_what_is_missing():
     except ImportError:
         with pytest.raises(errors.UsageError, match='pip install nvidia-dali-cuda130'):
             check_data_loader(args)
-    check_data_loader(SimpleNamespace(data_loader='fast_cpu', device='cpu'))
+    check_data_loader(parsed_args(main_pretrain, data_loader='fast_cpu', device='cpu'))
 
 
 def test_a_torchvision_without_jpeg_decoding_stops_only_the_fast_loaders(tmp_path):
@@ -492,8 +492,8 @@ def test_a_torchvision_without_jpeg_decoding_stops_only_the_fast_loaders(tmp_pat
 
 # ---------------------------------------------------------------------------------------------------- one recipe
 def loader_args(kind, **extra):
-    return SimpleNamespace(data_loader=kind, data_path=TINY, input_size=32, skip_bad_images=False, batch_size=4,
-                           accum_iter=1, num_workers=0, pin_mem=False, **extra)
+    return parsed_args(main_pretrain, data_loader=kind, data_path=TINY, input_size=32, skip_bad_images=False,
+                       batch_size=4, accum_iter=1, num_workers=0, pin_mem=False, **extra)
 
 
 def with_grayscale(make_transform):

@@ -1,7 +1,6 @@
 """The kNN monitor of pre-training (util/knn_monitor.py, main_pretrain.py --knn_every): its numbers, and that it
 changes nothing else: every other log.txt value, TensorBoard point, weight and random stream is that of a run without
 it, and a run with it resumes exactly."""
-import argparse
 import random
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 
 import main_pretrain
 import models_mae
-from conftest import TINY, pretrain_argv, read_log, run_in_process, run_script, run_with_fault, tb_scalars
+from conftest import TINY, parsed_args, pretrain_argv, read_log, run_in_process, run_script, run_with_fault, tb_scalars
 from util import knn_monitor
 from util.from_checkpoint import features
 from util.knn import knn_accuracy
@@ -22,7 +21,7 @@ KNN_KEYS = ('knn_top1', 'knn_top5', 'knn_mean_top1', 'knn_mean_top5')
 def monitor_args(**kwargs):
     args = dict(knn_every=2, knn_data_path=str(TINY), knn_train_subset=0, knn_val_subset=0, epochs=3,
                 batch_size=4, num_workers=0, input_size=32, device='cpu', amp='fp16')
-    return argparse.Namespace(**{**args, **kwargs})
+    return parsed_args(main_pretrain, **{**args, **kwargs})
 
 
 def test_monitor_numbers_streams_and_mode():

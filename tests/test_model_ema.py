@@ -2,8 +2,6 @@
 optimizer step taken, by the formula its help states; it is evaluated beside the raw weights without changing
 them, kept in the checkpoints and restored exactly on resume (at an epoch's end or inside one); a resume that would
 lose or restart it, and a bad decay, are one line; --eval evaluates it too."""
-from types import SimpleNamespace
-
 import pytest
 import torch
 from timm.utils import ModelEmaV3
@@ -15,7 +13,8 @@ import models_vit
 import util.from_checkpoint as from_checkpoint
 import util.misc as misc
 import util.submitit_job as submitit_job
-from conftest import TINY, one_line_error, read_log, run_in_process, run_script, run_with_fault, save_pretrained
+from conftest import (TINY, one_line_error, parsed_args, read_log, run_in_process, run_script, run_with_fault,
+                      save_pretrained)
 from engine_finetune import train_one_epoch
 from util.run import LoopHooks
 
@@ -43,8 +42,8 @@ def test_the_average_follows_each_optimizer_step_taken():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(6)]
     batches[1] = (torch.full((2, 3, 32, 32), float('nan')), torch.tensor([0, 1]))
-    args = SimpleNamespace(accum_iter=2, lr=1e-2, min_lr=0., warmup_epochs=0, epochs=1, device='cpu', amp='none',
-                           skip_nonfinite=1, output_dir='')
+    args = parsed_args(main_finetune, accum_iter=2, lr=1e-2, min_lr=0., warmup_epochs=0, epochs=1, device='cpu',
+                       amp='none', skip_nonfinite=1, output_dir='')
     hooks = WeightsAfterEachStep(model)
     train_one_epoch(model, torch.nn.CrossEntropyLoss(), batches, optimizer, torch.device('cpu'), 0,
                     misc.NativeScalerWithGradNormCount(args), hooks, args=args, model_ema=model_ema)

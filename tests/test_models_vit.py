@@ -10,8 +10,9 @@ import torch.nn as nn
 from PIL import Image
 
 import models_mae
+import main_finetune
 import models_vit
-from conftest import DATA
+from conftest import DATA, parsed_args
 from util.crop import RandomResizedCrop
 from util.datasets import build_transform
 from util.lars import LARS
@@ -293,12 +294,11 @@ def test_tf_crop_draws_once_and_clips_to_the_image():
 
 
 def test_transforms():
-    args = SimpleNamespace(input_size=224, color_jitter=None, aa='rand-m9-mstd0.5-inc1', reprob=0.25,
-                           remode='pixel', recount=1)
+    args = parsed_args(main_finetune)  # its defaults: 224 px, rand-m9-mstd0.5-inc1, reprob 0.25, remode pixel
     train = repr(build_transform(True, args))
     assert 'RandAugment' in train and 'RandomErasing' in train and 'bicubic' in train.lower()
     ev = build_transform(False, args).transforms
     assert ev[0].size == 256 and ev[1].size == (224, 224)
-    assert build_transform(False, SimpleNamespace(input_size=32)).transforms[0].size == 36
-    assert build_transform(False, SimpleNamespace(input_size=384)).transforms[0].size == 384
+    assert build_transform(False, parsed_args(main_finetune, input_size=32)).transforms[0].size == 36
+    assert build_transform(False, parsed_args(main_finetune, input_size=384)).transforms[0].size == 384
     assert build_transform(True, args)(_image(300, 200)).shape == (3, 224, 224)

@@ -2,13 +2,14 @@
 several sizes and modes, so that an augmentation that fails once in a thousand images fails here, not hours into a
 run. Each draw must give a float32 tensor of the right shape with finite values."""
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import main_finetune
+from conftest import parsed_args
 from util.datasets import build_transform, eval_transform, linprobe_transform, posterize, pretrain_transform
 from util.image_decode import to_rgb
 
@@ -33,10 +34,7 @@ def _images():
 
 
 def finetune_args(**kw):
-    args = dict(input_size=SIZE, color_jitter=None, aa='rand-m9-mstd0.5-inc1', reprob=0.25, remode='pixel',
-                recount=1)  # main_finetune.py's defaults
-    args.update(kw)
-    return SimpleNamespace(**args)
+    return parsed_args(main_finetune, input_size=SIZE, **kw)  # main_finetune.py's defaults otherwise
 
 
 def soak(transform, draws, seed=0):

@@ -28,6 +28,7 @@ from util.checkpoint import load, stored_args
 from util.image_decode import BAD_FILE_ERRORS, as_tensor, bad_file_message, bad_file_reason, read_image
 from util.image_folder import image_folder
 from util.errors import UsageError
+from util.flags import Range
 
 DEFAULT_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 DEFAULT_STD = tuple(IMAGENET_DEFAULT_STD)
@@ -41,13 +42,13 @@ def add_args(parser, checkpoint_flag=None, measure=True):
     naming the checkpoint whose values are the defaults (fine-tuning's --finetune), or None (pre-training:
     ImageNet's)."""
     default = f"the {checkpoint_flag} checkpoint's, else " if checkpoint_flag else ''
-    parser.add_argument('--in_chans', default=None, type=int, metavar='N',
+    parser.add_argument('--in_chans', default=None, type=Range(int, 1), metavar='N',
                         help=f'[new] image channels (default: {default}3). 1 keeps grayscale images as one channel; '
                              'an image of another channel count is a bad file (docs/own-images.md)')
-    parser.add_argument('--mean', default=None, type=float, nargs='+', metavar='M',
+    parser.add_argument('--mean', default=None, type=Range(float), nargs='+', metavar='M',
                         help=f'[new] per-channel mean the images are normalised with, in [0, 1] units, one value per '
                              f'channel (default: {default}ImageNet\'s {" ".join(map(str, DEFAULT_MEAN))})')
-    parser.add_argument('--std', default=None, type=float, nargs='+', metavar='S',
+    parser.add_argument('--std', default=None, type=Range(float, 0, low_open=True), nargs='+', metavar='S',
                         help=f'[new] per-channel std, one value per channel (default: {default}ImageNet\'s '
                              f'{" ".join(map(str, DEFAULT_STD))})')
     if not measure:

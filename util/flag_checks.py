@@ -1,109 +1,18 @@
-"""The checks of the flags, before anything is written or computed: every numeric flag's valid range (``RANGES``,
-one entry per flag of ``util/flags.py`` and the entry points: a test fails for a flag without one), the constraints
-between flags, the model, the paths and the device; a mistake is one line (``UsageError``)."""
-import math
+"""The checks of the flags, before anything is written or computed: the constraints between flags, the model, the
+paths and the device; a mistake is one line (``UsageError``). Each numeric flag's own range is declared with the flag
+(``util.flags.Range``) and checked while parsing."""
 import os
 import re
-from typing import NamedTuple
 
 import torch
 
 from util import data_stats
 from util.errors import UsageError
+from util.flags import SEED_MAX
 from util.loaders import check_data_loader
 
 
-class Range(NamedTuple):
-    """The values a numeric flag may take: from ``low`` to ``high`` (``low_open``/``high_open``: that bound
-    excluded), finite, or one of ``special``, values with a meaning of their own (``meaning`` says it, e.g.
-    '-1 (all)'). ``None``, the default of flags that may be left out, is always allowed: argparse gives it only
-    when the flag is not on the command line."""
-    low: float = -math.inf
-    high: float = math.inf
-    low_open: bool = False
-    high_open: bool = False
-    special: tuple = ()
-    meaning: str = ''
-
-    def admits(self, value):
-        if value is None or (value in self.special and not isinstance(value, bool)):
-            return True
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return False  # (nan passes no comparison: `nan < 0` and `nan >= 0` are both false)
-        return ((value > self.low) if self.low_open else (value >= self.low)) and \
-            ((value < self.high) if self.high_open else (value <= self.high))
-
-    def rule(self):
-        """The range in words: 'at least 1', 'positive', 'in [0, 1)', '-1 (all) or at least 0'."""
-        if self.high == math.inf and self.low == -math.inf:
-            words = 'a number'
-        elif self.high == math.inf:
-            words = (('positive' if self.low == 0 else f'more than {self.low}') if self.low_open
-                     else f'at least {self.low}')
-        else:
-            words = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
-        return f"{self.meaning} or {words}" if self.meaning else words
-
-
-PROBABILITY = Range(0, 1)
-AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
 MIXUP_MODES = ('batch', 'pair', 'elem')  # timm's Mixup: any other name silently mixes per batch
-# what each numeric flag of every entry point may take, by its argparse dest (main_pretrain.py, main_finetune.py,
-# main_linprobe.py, the submitit_*.py scripts, extract_features.py, reproduce.py, demo/visualize.py): checked by
-# ``check_ranges`` before anything is written; tests/test_flags.py fails for a numeric flag without an entry here
-RANGES = {
-    # sizes and counts
-    'batch_size': AT_LEAST_1, 'accum_iter': AT_LEAST_1, 'epochs': AT_LEAST_1, 'input_size': AT_LEAST_1,
-    'nb_classes': AT_LEAST_1, 'save_freq': AT_LEAST_1, 'start_epoch': AT_LEAST_0,
-    # data loading processes of each training process (the reference's 10): thousands would exhaust the processes
-    # and memory of any node before the first batch
-    'num_workers': Range(0, 256),
-    'warmup_epochs': AT_LEAST_0, 'save_every_iters': AT_LEAST_0, 'skip_nonfinite': AT_LEAST_0,
-    'decoder_depth': AT_LEAST_1, 'decoder_embed_dim': AT_LEAST_1,
-    'train_blocks': Range(0, special=(-1,), meaning='-1 (all)'),
-    # numpy seeds each process with --seed + its rank, and takes 0 .. 2**32 - 1 only
-    'seed': Range(0, 2 ** 32 - 1),
-    # processes (overwritten by torchrun's and submitit's environment) and the submitit jobs
-    'world_size': AT_LEAST_1, 'local_rank': Range(-1), 'ngpus': AT_LEAST_1, 'nodes': AT_LEAST_1,
-    'timeout': AT_LEAST_1,
-    # optimisation: a negative --clip_grad multiplies every gradient by a negative factor (gradient ascent), 0 zeroes
-    # them; a --layer_decay outside (0, 1] gives layers a negative lr, or the lower layers the larger one
-    'lr': POSITIVE, 'blr': POSITIVE, 'min_lr': AT_LEAST_0, 'weight_decay': AT_LEAST_0, 'clip_grad': POSITIVE,
-    'layer_decay': Range(0, 1, low_open=True),
-    # AdamW's betas (torch refuses any outside [0, 1)); the EMA's decay (0 or 1: the average is the weights, or never
-    # moves)
-    'opt_betas': Range(0, 1, high_open=True), 'model_ema_decay': Range(0, 1, low_open=True, high_open=True),
-    # regularisation and augmentation: timm's label smoothing asserts < 1; drop-path 1 drops every block; a random
-    # erase count of 0 is taken as 1 by timm (turn erasing off with --reprob 0)
-    'mask_ratio': Range(0, 1, high_open=True), 'drop_path': Range(0, 1, high_open=True),
-    'smoothing': Range(0, 1, high_open=True), 'reprob': PROBABILITY, 'recount': AT_LEAST_1,
-    'color_jitter': AT_LEAST_0, 'mixup': AT_LEAST_0, 'cutmix': AT_LEAST_0, 'cutmix_minmax': PROBABILITY,
-    'mixup_prob': PROBABILITY, 'mixup_switch_prob': PROBABILITY,
-    # [new] your own images (util/data_stats.py checks that they fit together)
-    'in_chans': AT_LEAST_1, 'mean': Range(), 'std': POSITIVE,
-    # the kNN monitor (main_pretrain.py) and extract_features.py: 0 is off / all images
-    'knn_every': Range(1, special=(0,), meaning='0 (off)'),
-    'knn_train_subset': Range(1, special=(0,), meaning='0 (all)'),
-    'knn_val_subset': Range(1, special=(0,), meaning='0 (all)'),
-    # reproduce.py (--values: a study's x values, each study checks its own kind further)
-    'values': AT_LEAST_0, 'train_subset': Range(1, special=(0,), meaning='0 (all)'),
-    'val_subset': Range(1, special=(0,), meaning='0 (all)'), 'pretrain_epochs': AT_LEAST_1,
-    # demo/visualize.py
-    'mask_ratios': Range(0, 1, high_open=True), 'scale': Range(1, special=(0,), meaning='0 (automatic)'),
-    'colors': Range(2, 256, special=(0,), meaning='0 (full colour)'),
-}
-
-
-def check_ranges(args):
-    """One line naming the first flag of ``args`` whose value (each value, for a list) is outside its ``RANGES``
-    entry, or not finite. A flag of the same name that is a word in another script (reproduce.py's --scale) is
-    not one of them."""
-    for flag, allowed in RANGES.items():
-        values = getattr(args, flag, None)
-        for value in values if isinstance(values, (list, tuple)) else [values]:
-            if not isinstance(value, str) and not allowed.admits(value):
-                finite = isinstance(value, (int, float)) and math.isfinite(value)
-                raise UsageError(f"--{flag} must be {'' if finite else 'finite and '}{allowed.rule()}, got {value}")
 
 
 def check_between(args):
@@ -126,13 +35,11 @@ def check_between(args):
     if mixing and args.batch_size % 2:
         raise UsageError(f"--mixup/--cutmix mix each image with another of its batch (timm's Mixup), which needs an "
                          f"even --batch_size; got {args.batch_size}")
-    processes = max(int(os.environ.get('WORLD_SIZE') or 1), getattr(args, 'world_size', 1),
+    processes = max(int(os.environ.get('WORLD_SIZE') or 1), args.world_size,
                     getattr(args, 'nodes', 1) * getattr(args, 'ngpus', 1))
-    if getattr(args, 'seed', 0) + processes - 1 > RANGES['seed'].high:
-        raise UsageError(f"--seed {args.seed}: process k seeds numpy with --seed + k, at most "
-                         f"{RANGES['seed'].high}; with {processes} processes --seed must be at most "
-                         f"{RANGES['seed'].high - processes + 1}")
-
+    if args.seed + processes - 1 > SEED_MAX:
+        raise UsageError(f"--seed {args.seed}: process k seeds numpy with --seed + k, at most {SEED_MAX}; with "
+                         f"{processes} processes --seed must be at most {SEED_MAX - processes + 1}")
 
 
 def check_common(args, models, kind, splits):
@@ -142,7 +49,6 @@ def check_common(args, models, kind, splits):
         check_data_loader(args)
     if args.model not in models:
         raise UsageError(f"--model {args.model} is not a {kind} model; choose one of: " + ', '.join(models))
-    check_ranges(args)
     check_between(args)
     data_stats.check_args(args)  # --in_chans, --mean, --std, --data_stats together
     if getattr(args, 'eval', False) and not args.resume:  # a model with random weights would be evaluated

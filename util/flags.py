@@ -1,53 +1,131 @@
-"""The flags every entry point shares (the reference's and the [new] run-control ones). Each numeric flag has its
-valid range in ``util/flag_checks.py`` (``RANGES``; a test fails for a flag without one), where the checks turn a
-wrong value into one line before anything is written or computed."""
-import argparse
+"""How a flag is declared, and the flags every entry point shares (the reference's and the [new] run-control ones).
 
-from util.loaders import LOADER_HELP
+A numeric flag declares its valid range where it is defined, as its ``type``::
+
+    parser.add_argument('--mask_ratio', default=0.75, type=Range(float, 0, 1, high_open=True), help=...)
+
+argparse then refuses a value outside it while parsing, in one line naming the flag ('error: --mask_ratio must be in
+[0, 1), got 1.0', exit code 2), before anything is written or computed. A flag declared with a plain ``type=float``
+still works, with a note that it is unchecked. The constraints between flags are ``util/flag_checks.py``'s."""
+import argparse
+import math
+import re
+from dataclasses import dataclass
+
+SEED_MAX = 2 ** 32 - 1  # numpy seeds each process with --seed + its rank, and takes 0 .. 2**32 - 1 only
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric flag's ``type``: parses the value as ``kind`` (int, float) and refuses one outside ``low`` ..
+    ``high`` (``low_open``/``high_open``: that bound excluded), nan and inf, unless it is one of ``special``, values
+    with a meaning of their own that ``meaning`` says (e.g. ``special=(-1,), meaning='-1 (all)'``). A flag with
+    ``nargs`` checks each of its values."""
+    kind: type
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    special: tuple = ()
+    meaning: str = ''
+
+    @property
+    def __name__(self):  # argparse names the kind in "invalid int value: 'x'"
+        return self.kind.__name__
+
+    def __call__(self, text):
+        value = self.kind(text)
+        if not self.admits(value):
+            raise argparse.ArgumentTypeError(
+                f"must be {'' if math.isfinite(value) else 'finite and '}{self.rule()}, got {value}")
+        return value
+
+    def admits(self, value):
+        if value in self.special:
+            return True
+        if not math.isfinite(value):
+            return False  # (nan passes no comparison: `nan < 0` and `nan >= 0` are both false)
+        return ((value > self.low) if self.low_open else (value >= self.low)) and \
+            ((value < self.high) if self.high_open else (value <= self.high))
+
+    def rule(self):
+        """The range in words: 'at least 1', 'positive', 'in [0, 1)', '-1 (all) or at least 0'."""
+        if self.high == math.inf and self.low == -math.inf:
+            words = 'a number'
+        elif self.high == math.inf:
+            words = (('positive' if self.low == 0 else f'more than {self.low}') if self.low_open
+                     else f'at least {self.low}')
+        else:
+            words = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        return f"{self.meaning} or {words}" if self.meaning else words
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, where a value outside its flag's ``Range`` is one line as the project's other mistakes
+    ('error: --lr must be positive, got -1.0', exit code 2; argparse's other errors keep its usage line), and a
+    numeric flag declared without a range is named in a note (it works, unchecked)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        for action in self._actions:
+            if action.type in (int, float):
+                print(f"Note: {'/'.join(action.option_strings) or action.dest}: no valid range declared "
+                      f"(type=Range({action.type.__name__}, low, high) in its add_argument would check it)")
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message):
+        refused = re.fullmatch(r'argument (--\w+): (must be .*)', message)  # (a Range's ArgumentTypeError)
+        if refused:
+            self.exit(2, f"error: {refused[1]} {refused[2]}\n")
+        super().error(message)
+
 
 def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='adamw', checkpointing=True,
-                    data_loaders=('pil',)):
+                    data_loaders=None):
     """The flags every entry point has: the reference's (batch, model, schedule, data, output, device, seed,
     resuming, loading, distributed) with the script's ``defaults`` (batch_size, epochs, model, weight_decay, blr,
     min_lr, warmup_epochs) and ``models`` to choose from, the [new] run-control flags (precision, checkpoint cadence,
     resuming, fault handling), and the [new] fast path (docs/speed.md), off by default: each flag, and ``--fast`` for
     all of them but ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder).
     ``optimizer``: the script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow
-    through the encoder blocks; ``data_loaders``: the --data_loader choices, the reference's 'pil' first."""
-    parser.add_argument('--batch_size', default=defaults['batch_size'], type=int,
+    through the encoder blocks; ``data_loaders``: the --data_loader choices with their help ({name: help}), the
+    reference's 'pil' first (None: 'pil' only, no flag)."""
+    parser.add_argument('--batch_size', default=defaults['batch_size'], type=Range(int, 1),
                         help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
-    parser.add_argument('--epochs', default=defaults['epochs'], type=int)
-    parser.add_argument('--accum_iter', default=1, type=int,
+    parser.add_argument('--epochs', default=defaults['epochs'], type=Range(int, 1))
+    parser.add_argument('--accum_iter', default=1, type=Range(int, 1),
                         help='Accumulate gradient iterations (for increasing the effective batch size under memory '
                              'constraints)')
     parser.add_argument('--model', default=defaults['model'], type=str, metavar='MODEL',
                         help='Name of model to train: ' + ', '.join(models))
-    parser.add_argument('--input_size', default=224, type=int, help='images input size')
-    parser.add_argument('--weight_decay', type=float, default=defaults['weight_decay'],
+    parser.add_argument('--input_size', default=224, type=Range(int, 1), help='images input size')
+    parser.add_argument('--weight_decay', type=Range(float, 0), default=defaults['weight_decay'],
                         help='weight decay (default: %(default)s)')
-    parser.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (absolute lr)')
-    parser.add_argument('--blr', type=float, default=defaults['blr'], metavar='LR',
+    parser.add_argument('--lr', type=Range(float, 0, low_open=True), default=None, metavar='LR',
+                        help='learning rate (absolute lr)')
+    parser.add_argument('--blr', type=Range(float, 0, low_open=True), default=defaults['blr'], metavar='LR',
                         help='base learning rate: absolute_lr = base_lr * total_batch_size / 256')
-    parser.add_argument('--min_lr', type=float, default=defaults['min_lr'], metavar='LR',
+    parser.add_argument('--min_lr', type=Range(float, 0), default=defaults['min_lr'], metavar='LR',
                         help='lower lr bound for cyclic schedulers that hit 0')
-    parser.add_argument('--warmup_epochs', type=int, default=defaults['warmup_epochs'], metavar='N',
+    parser.add_argument('--warmup_epochs', type=Range(int, 0), default=defaults['warmup_epochs'], metavar='N',
                         help='epochs to warmup LR')
     parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str, help=data_help)
     parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
                         help='path where to tensorboard log (default: --output_dir; the reference: ./output_dir)')
     parser.add_argument('--device', default='cuda', help='device to use for training / testing')
-    parser.add_argument('--seed', default=0, type=int)
+    parser.add_argument('--seed', default=0, type=Range(int, 0, SEED_MAX))
     parser.add_argument('--resume', default='', help='resume from checkpoint')
-    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', help='start epoch')
-    parser.add_argument('--num_workers', default=10, type=int)
+    parser.add_argument('--start_epoch', default=0, type=Range(int, 0), metavar='N', help='start epoch')
+    # data loading processes of each training process (the reference's 10): thousands would exhaust the processes
+    # and memory of any node before the first batch
+    parser.add_argument('--num_workers', default=10, type=Range(int, 0, 256))
     parser.add_argument('--pin_mem', action='store_true',
                         help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
     parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem')
     parser.set_defaults(pin_mem=True)
-    # distributed training
-    parser.add_argument('--world_size', default=1, type=int, help='number of distributed processes')
-    parser.add_argument('--local_rank', default=-1, type=int)
+    # distributed training (both overwritten by torchrun's and submitit's environment)
+    parser.add_argument('--world_size', default=1, type=Range(int, 1), help='number of distributed processes')
+    parser.add_argument('--local_rank', default=-1, type=Range(int, -1))
     parser.add_argument('--dist_on_itp', action='store_true')
     parser.add_argument('--dist_url', default='env://', help='url used to set up distributed training')
     parser.add_argument('--amp', default='fp16', choices=['fp16', 'bf16', 'none'],
@@ -56,7 +134,7 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
                              'bf16 runs the forward under bf16 autocast (opt-in: faster where the CPU has bf16 '
                              'matrix instructions, AVX-512 BF16 or AMX, much slower where it has not; the losses '
                              'differ slightly from fp32\'s)')
-    parser.add_argument('--save_freq', default=save_freq, type=int,
+    parser.add_argument('--save_freq', default=save_freq, type=Range(int, 1),
                         help=f'[new] keep checkpoint-<epoch>.pth every N epochs and at the end (default {save_freq}, '
                              'as the reference); checkpoint-last.pth is rewritten every epoch regardless')
     parser.add_argument('--auto_resume', action='store_true',
@@ -66,10 +144,10 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
                         help='[new] start afresh (or from --resume) even if --output_dir holds a run; its log.txt '
                              'rows are moved to a side file')
     parser.set_defaults(auto_resume=True)
-    parser.add_argument('--save_every_iters', default=0, type=int, metavar='N',
+    parser.add_argument('--save_every_iters', default=0, type=Range(int, 0), metavar='N',
                         help='[new] also rewrite checkpoint-last.pth every N optimizer steps within an epoch '
                              '(default 0: only at the end of each epoch)')
-    parser.add_argument('--skip_nonfinite', default=0, type=int, metavar='N',
+    parser.add_argument('--skip_nonfinite', default=0, type=Range(int, 0), metavar='N',
                         help='[new] skip up to N steps with a non-finite loss before stopping (default 0: stop)')
     parser.add_argument('--skip_bad_images', action='store_true',
                         help='[new] skip image files that cannot be read (truncated, not an image, empty, unreadable): '
@@ -102,10 +180,10 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
                            help='[new] recompute each encoder block\'s activations in the backward instead of '
                                 'keeping them: less activation memory, for bigger batches per GPU (e.g. ViT-H at '
                                 '256), for about one more encoder forward of compute; the same numbers')
-    if len(data_loaders) > 1:
-        group.add_argument('--data_loader', default=data_loaders[0], choices=data_loaders,
+    if data_loaders:
+        group.add_argument('--data_loader', default=next(iter(data_loaders)), choices=list(data_loaders),
                            help='[new] how training images are decoded and augmented: ' + '; '.join(
-                               f'{k}: {LOADER_HELP[k]}' for k in data_loaders) + '. The same crop and flip '
+                               f'{k}: {v}' for k, v in data_loaders.items()) + '. The same crop and flip '
                            'distribution; the pixels differ slightly (resampling)')
 
 
@@ -117,7 +195,7 @@ def add_classifier_args(parser, global_pool, global_pool_help=None):
     parser.set_defaults(global_pool=global_pool)
     parser.add_argument('--cls_token', action='store_false', dest='global_pool',
                         help='Use class token instead of global pool for classification')
-    parser.add_argument('--nb_classes', default=1000, type=int, help='number of the classification types')
+    parser.add_argument('--nb_classes', default=1000, type=Range(int, 1), help='number of the classification types')
     parser.add_argument('--eval', action='store_true', help='Perform evaluation only')
     parser.add_argument('--dist_eval', action='store_true', default=False,
                         help='Enabling distributed evaluation (recommended during training for faster monitor')

@@ -35,13 +35,14 @@ from util.image_decode import ImageReader
 from util.image_folder import image_folder
 from util.knn import K, TEMPERATURE, knn_accuracy
 from util.errors import UsageError
+from util.flags import Range
 
 POOLS = ('cls', 'mean')  # the headline (cls) first
 SUBSET_SEED = 0
 
 
 def add_args(parser):
-    parser.add_argument('--knn_every', default=0, type=int, metavar='N',
+    parser.add_argument('--knn_every', default=0, type=Range(int, 1, special=(0,), meaning='0 (off)'), metavar='N',
                         help='[new] every N epochs and after the last, a weighted k-NN classifier (k=20, T=0.07, '
                              'DINO\'s protocol) on the encoder\'s unmasked features of --knn_data_path: knn_top1/'
                              'knn_top5 (class token) and knn_mean_top1/5 (mean of patch tokens) in log.txt and '
@@ -49,16 +50,17 @@ def add_args(parser):
     parser.add_argument('--knn_data_path', default='', metavar='DIR',
                         help='[new] an ImageFolder tree with train/ and val/ (the same class folders) for '
                              '--knn_every; may be a small labelled subset')
-    parser.add_argument('--knn_train_subset', default=0, type=int, metavar='M',
+    parser.add_argument('--knn_train_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'),
+                        metavar='M',
                         help='[new] use M images of --knn_data_path/train, drawn once with a fixed seed (default 0: '
                              'all), to bound the monitor\'s cost')
-    parser.add_argument('--knn_val_subset', default=0, type=int, metavar='M',
+    parser.add_argument('--knn_val_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'), metavar='M',
                         help='[new] the same for --knn_data_path/val')
 
 
 def check_args(args):
     """One line for flags of the monitor that cannot work together, or a folder it cannot use (before anything is
-    computed; their ranges are ``util.flag_checks.RANGES``'s, checked with the others)."""
+    computed; their ranges are declared with the flags, checked while parsing)."""
     extra = [f for f in ('knn_data_path', 'knn_train_subset', 'knn_val_subset') if getattr(args, f)]
     if args.knn_every == 0:
         if extra:

@@ -52,10 +52,10 @@ def check_data_loader(args):
             import nvidia.dali  # noqa: F401
         except ImportError:
             raise UsageError(f"--data_loader dali needs NVIDIA DALI, which is not installed: {DALI_INSTALL}") from None
-        if getattr(args, 'skip_bad_images', False):
+        if args.skip_bad_images:
             raise UsageError("--skip_bad_images works with --data_loader pil, fast_cpu or gpu, not dali (DALI stops "
                              "on a file it cannot decode)")
-        if getattr(args, 'in_chans', None) not in (None, 3):
+        if args.in_chans not in (None, 3):
             raise UsageError(f"--data_loader dali decodes RGB JPEGs; --in_chans {args.in_chans} needs --data_loader "
                              f"pil, fast_cpu or gpu")
 

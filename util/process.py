@@ -90,7 +90,7 @@ def init_distributed_mode(args):
     if use_cuda and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device} was asked for but no CUDA GPU is available; use --device cpu")
     distributed = True
-    if getattr(args, 'dist_on_itp', False):
+    if args.dist_on_itp:
         args.rank = int(os.environ['OMPI_COMM_WORLD_RANK'])
         args.world_size = int(os.environ['OMPI_COMM_WORLD_SIZE'])
         args.gpu = int(os.environ['OMPI_COMM_WORLD_LOCAL_RANK'])

@@ -5,7 +5,6 @@ submitit is an optional dependency (``pip install submitit``); nothing here impo
 
 The job itself, and how it saves and requeues, is ``util/submitit_trainer.py``.
 """
-import argparse
 import contextlib
 import functools
 import getpass
@@ -14,6 +13,7 @@ import sys
 from pathlib import Path
 
 from util.errors import UsageError
+from util.flags import Parser, Range
 from util.submitit_trainer import REPO, Trainer, get_init_file, import_submitit, import_trainer
 
 CHECKPOINT_ROOT = Path('/checkpoint')  # the reference's shared file system
@@ -21,9 +21,9 @@ CHECKPOINT_ROOT = Path('/checkpoint')  # the reference's shared file system
 
 # ---------------------------------------------------------------------------------------------------- flags
 def add_submitit_args(parser):
-    parser.add_argument("--ngpus", default=8, type=int, help="Number of gpus to request on each node")
-    parser.add_argument("--nodes", default=2, type=int, help="Number of nodes to request")
-    parser.add_argument("--timeout", default=4320, type=int, help="Duration of the job")
+    parser.add_argument("--ngpus", default=8, type=Range(int, 1), help="Number of gpus to request on each node")
+    parser.add_argument("--nodes", default=2, type=Range(int, 1), help="Number of nodes to request")
+    parser.add_argument("--timeout", default=4320, type=Range(int, 1), help="Duration of the job")
     parser.add_argument("--job_dir", default="", type=str, help="Job dir. Leave empty for automatic.")
 
     parser.add_argument("--partition", default="learnfair", type=str, help="Partition where to submit")
@@ -39,7 +39,7 @@ def add_submitit_args(parser):
 
 def get_args_parser(module, description):
     """The trainer's flags (``module.get_args_parser()``) plus the reference's submitit flags."""
-    parser = argparse.ArgumentParser(description, parents=[import_trainer(module).get_args_parser()])
+    parser = Parser(description, parents=[import_trainer(module).get_args_parser()])
     return add_submitit_args(parser)
 
 
@@ -104,7 +104,7 @@ def make_executor(args, submitit, cluster=None):
         kwargs['slurm_constraint'] = 'volta32gb'
     if args.comment:
         kwargs['slurm_comment'] = args.comment
-    if getattr(args, 'dependency', ''):
+    if args.dependency:
         if executor.cluster != 'slurm':
             raise UsageError(f"--dependency {args.dependency} needs SLURM; the {executor.cluster} executor runs "
                              f"jobs at once")
