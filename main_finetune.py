@@ -193,7 +193,8 @@ def main(args):
     print("criterion = %s" % str(criterion))
 
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
-                                           len(data_loader_train), model_ema=model_ema)
+                                           len(data_loader_train), model_ema=model_ema,
+                                           data=data_loader_train.dataset)
     # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
     run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True,
               model_ema=model_ema)

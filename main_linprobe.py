@@ -117,7 +117,7 @@ def main(args):
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
-                                           len(data_loader_train))
+                                           len(data_loader_train), data=data_loader_train.dataset)
     # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
     run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
 

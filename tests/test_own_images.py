@@ -19,6 +19,7 @@ from conftest import ROOT, TINY, run_in_process, save_pretrained
 
 import extract_features  # noqa: E402
 import main_finetune  # noqa: E402
+import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_mae  # noqa: E402
 from util import data_stats  # noqa: E402
@@ -214,6 +215,28 @@ def test_measure_and_cache(tmp_path, capsys):
     assert args.mean == cached['mean'] and 'from ' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('content, problem', [
+    ({'in_chans': 1, 'mean': [0.4], 'std': [0.0]}, 'holds std [0.0], which cannot normalise'),
+    ({'in_chans': 1, 'mean': ['x'], 'std': [0.2]}, "does not hold 1 numbers as mean and std (mean ['x'], std [0.2])"),
+    ({'in_chans': 1, 'mean': [0.4]}, 'does not hold 1 numbers as mean and std (mean [0.4], std None)'),
+])
+def test_a_damaged_cache_is_named_and_measured_again(tmp_path, capsys, content, problem):
+    """A data_stats.json that cannot normalise (std 0, not numbers) is named in one line and measured again; it was
+    blamed on --finetune in a pre-training run, without naming the file."""
+    for k, value in enumerate((51, 153)):  # mean 0.4, std 0.2
+        Image.fromarray(np.full((6, 6), value, np.uint8)).save(tmp_path / f'{k}.png')
+    cache = tmp_path / 'out' / data_stats.CACHE_NAME
+    cache.parent.mkdir()
+    cache.write_text(json.dumps(content))
+    args = main_pretrain.get_args_parser().parse_args(['--in_chans', '1', '--data_stats', 'auto', '--output_dir',
+                                                       str(tmp_path / 'out'), '--data_path', str(tmp_path)])
+    data_stats.resolve(args, lambda: [str(tmp_path / f'{k}.png') for k in range(2)])
+    out = capsys.readouterr().out
+    assert f"Note: {cache} {problem}: measuring again" in out and 'measured on 2 of 2 images' in out
+    assert args.mean == pytest.approx([0.4]) and args.std == pytest.approx([0.2])
+    assert json.loads(cache.read_text())['std'] == pytest.approx([0.2])
+
+
 # ---------------------------------------------------------------------------------------------------- warm start
 def test_warm_start_across_sizes_and_channels(tmp_path, capsys):
     path = save_pretrained(tmp_path / 'rgb.pth')  # a tiny full MAE at 32 px, 3 channels
@@ -332,6 +355,12 @@ def test_stats_round_trip_pretrain_finetune_visualize(tmp_path, capsys):
     (['--mean', '0.5', '0.5', '0.5', '--std', '0.2', '-1', '0.2'], '--std must be positive, got -1.0'),
     (['--mean', '0.5', 'inf', '0.5', '--std', '0.2', '0.2', '0.2'], '--mean must be finite and a number, got inf'),
     (['--mean', '0.5', '--std', '0.2', '--in_chans', '1', '--data_stats', 'auto'], 'leave out --mean/--std'),
+    (['--mean', '124', '116', '104', '--std', '58', '57', '57'],  # 0-255 pixel units: refused, with the division
+     '--mean 124 116 104 --std 58 57 57: images are read into [0, 1], so give --mean and --std in 0-1 units: divide '
+     'by 255 (--mean 0.4863 0.4549 0.4078 --std 0.2275 0.2235 0.2235); float .npy arrays in other units: '
+     '--data_stats auto measures them'),
+    (['--mean', '124', '116', '104', '--std', '0.2', '0.2', '0.2'], 'give --mean in 0-1 units: divide by 255 '
+                                                                    '(--mean 0.4863 0.4549 0.4078);'),
     (['--in_chans', '2'], "--in_chans 2: ImageNet's mean and std are for 3 channels"),
     (['--in_chans', '0'], '--in_chans must be at least 1'),
     (['--data_path', 'EMPTY'], 'no image files'),
@@ -353,3 +382,21 @@ def test_bad_input_is_one_line(tmp_path, capsys, extra, expect):
                                '--num_workers', '0', '--output_dir', tmp_path / 'o', *extra)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and expect in lines[0], lines
+
+
+@pytest.mark.parametrize('module, argv', [
+    (main_finetune, ['--model', 'vit_tiny_patch4', '--input_size', '32', '--nb_classes', '2']),
+    (main_linprobe, ['--model', 'vit_tiny_patch4', '--input_size', '32', '--nb_classes', '2']),
+    (vis, [TINY / 'val' / 'a', '--checkpoint', 'never_read.pth']),
+])
+def test_pixel_units_refused_in_every_script(tmp_path, capsys, module, argv):
+    """--mean/--std in 0-255 units (issue 29: accepted by fine-tuning and visualize, the input nearly constant): one
+    line with the division, before anything is read, loaded or written."""
+    out = tmp_path / 'o'
+    extra = [] if module is vis else ['--data_path', TINY, '--device', 'cpu', '--output_dir', out]
+    code, err = run_in_process(module, capsys, *argv, *extra, '--mean', '124', '116', '104', '--std', '58', '57',
+                               '57')
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and 'in 0-1 units: divide by 255 (--mean 0.4863 0.4549 0.4078 --std ' \
+        '0.2275 0.2235 0.2235)' in lines[0], lines
+    assert not out.exists()

@@ -73,6 +73,21 @@ def check_args(args):
     if getattr(args, 'data_stats', None):
         raise UsageError("--data_stats auto measures the mean and std: leave out --mean/--std, or --data_stats")
     check_values(mean, std, in_chans)
+    check_units(mean, std)
+
+
+def check_units(mean, std):
+    """--mean/--std as given: images are read into [0, 1] (``ToTensor``'s units), so a value above 1 is in 0-255
+    pixel units (``--mean 124 116 104 --std 58 57 57``), which would make the input nearly constant and train
+    silently wrong. (Only the flags: measured and stored values of float ``.npy`` arrays, taken as they are, may
+    lie beyond 1.)"""
+    high = {flag: values for flag, values in (('--mean', mean), ('--std', std)) if max(values) > 1}
+    if not high:
+        return
+    given = ' '.join(f"{flag} {' '.join(f'{v:g}' for v in values)}" for flag, values in high.items())
+    scaled = ' '.join(f"{flag} {' '.join(f'{v / 255:.4f}' for v in values)}" for flag, values in high.items())
+    raise UsageError(f"{given}: images are read into [0, 1], so give {' and '.join(high)} in 0-1 units: divide by "
+                     f"255 ({scaled}); float .npy arrays in other units: --data_stats auto measures them")
 
 
 def check_given(args):
@@ -145,12 +160,15 @@ def resolve(args, training_images=None, checkpoint=None, what='--finetune'):
         args.in_chans = saved['in_chans'] if saved else DEFAULT_IN_CHANS
         if saved and args.in_chans != DEFAULT_IN_CHANS:
             print(f"--in_chans {args.in_chans}: from {what} (pass --in_chans to override)")
+    where = ''  # where values that do not fit came from, for the one line of check_values
     if args.mean is not None:
         mean, std = args.mean, args.std
     elif getattr(args, 'data_stats', None) == 'auto':
         mean, std = auto_stats(args, training_images)
+        where = ' (--data_stats auto)'
     elif saved and (saved['stored'] or args.in_chans == DEFAULT_IN_CHANS):
         mean, std = saved['mean'], saved['std']
+        where = f" ({what})"
         print(f"Normalisation: mean {fmt(mean)} std {fmt(std)} from {what} "
               + ("(stored in it" if saved['stored'] else "(it stores none: ImageNet's, as it was trained with")
               + "; pass --mean/--std to override)")
@@ -158,7 +176,7 @@ def resolve(args, training_images=None, checkpoint=None, what='--finetune'):
         mean, std = DEFAULT_MEAN, DEFAULT_STD
     else:
         raise UsageError(no_stats_message(args.in_chans))
-    check_values(mean, std, args.in_chans, where='' if mean is args.mean else f" ({what})")
+    check_values(mean, std, args.in_chans, where=where)
     args.mean, args.std = [float(m) for m in mean], [float(s) for s in std]
 
 
@@ -211,6 +229,21 @@ def measure(paths, in_chans, skip_bad=False, size=SAMPLE_SIZE):
     return mean.tolist(), std.tolist(), count, bad, error
 
 
+def cache_problem(stored, in_chans):
+    """Why a cache's content cannot be used for ``in_chans`` channels, in words (None if it can): another channel
+    count, or values that cannot normalise (not numbers, a std that is not positive: a damaged or edited file)."""
+    if stored.get('in_chans') != in_chans:
+        return f"is for --in_chans {stored.get('in_chans')}"
+    mean, std = stored.get('mean'), stored.get('std')
+    numbers = [v for v in (mean, std) if isinstance(v, list) and len(v) == in_chans and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)]
+    if len(numbers) != 2:
+        return f"does not hold {in_chans} numbers as mean and std (mean {mean}, std {std})"
+    if min(std) <= 0:
+        return f"holds std {std}, which cannot normalise"
+    return None
+
+
 def auto_stats(args, training_images):
     """``--data_stats auto``: the cached statistics of ``--output_dir`` if they are for this channel count, else
     measured now (and cached). Returns (mean, std)."""
@@ -219,11 +252,12 @@ def auto_stats(args, training_images):
         try:
             with open(cache) as f:
                 stored = json.load(f)
-            if stored.get('in_chans') == args.in_chans and len(stored.get('mean', ())) == args.in_chans:
+            problem = cache_problem(stored, args.in_chans)
+            if not problem:
                 print(f"Data statistics (--data_stats auto) from {cache}: mean {fmt(stored['mean'])} std "
                       f"{fmt(stored['std'])} (measured on {stored.get('images')} images of {stored.get('data_path')})")
                 return stored['mean'], stored['std']
-            print(f"Note: {cache} is for --in_chans {stored.get('in_chans')}: measuring again")
+            print(f"Note: {cache} {problem}: measuring again")
         except (OSError, ValueError, AttributeError):
             print(f"Note: {cache} cannot be read: measuring again")
     start = time.time()

@@ -14,6 +14,7 @@ import torch
 import util.checkpoint as ckpt_io
 import util.misc as misc
 import util.rng as rng
+from util.checkpoint_saver import data_identity
 from util.errors import RunComplete, UsageError
 
 # Flags a continued run may change (docs/long-runs.md). Every other flag stored in the checkpoint must be the same.
@@ -56,47 +57,102 @@ class Start:
 def choose_checkpoint(args, script):
     """``(path, checkpoint)`` for the run of ``script`` to start from, or ``(args.resume, None)`` when there is
     none: with auto-resume (when training), the newest checkpoint in ``--output_dir``, checked to belong to this run,
-    unless ``--resume`` is further along; else ``--resume``."""
+    unless ``--resume`` is further along; else ``--resume``, checked the same way (the same script, model and
+    training flags). When training, a start with nothing to train is refused."""
     training = not getattr(args, 'eval', False)
     output_dir, script = args.output_dir if training else '', os.path.basename(script)
     found = ckpt_io.newest(output_dir) if training and args.auto_resume else ''
     given = ckpt_io.load(args.resume) if args.resume else None
+    path, checkpoint = args.resume, given
     if found and not (args.resume and os.path.realpath(found) == os.path.realpath(args.resume)):
-        checkpoint = ckpt_io.load(found, what="the newest checkpoint in --output_dir,")
-        if given is not None and ckpt_io.position(given) > ckpt_io.position(checkpoint):
+        newest = ckpt_io.load(found, what="the newest checkpoint in --output_dir,")
+        if given is not None and ckpt_io.position(given) > ckpt_io.position(newest):
             print(f"Note: --resume {args.resume} ({ckpt_io.describe_position(given)}) is further along than {found} in "
                   f"--output_dir: continuing from --resume")
-            return args.resume, given
-        check_continues(checkpoint, found, args, output_dir, script)
-        print(f"Auto-resume: continuing from {found}" + (
-            f" (further along than --resume {args.resume}, which is not used; pass --no_auto_resume to start "
-            f"from --resume)" if args.resume else ''))
-        return found, checkpoint
-    if given is not None and found:
+            check_resumed(given, args.resume, args, script)
+        else:
+            check_continues(newest, found, args, output_dir, script)
+            print(f"Auto-resume: continuing from {found}" + (
+                f" (further along than --resume {args.resume}, which is not used; pass --no_auto_resume to start "
+                f"from --resume)" if args.resume else ''))
+            path, checkpoint = found, newest
+    elif given is not None and found:  # --resume names the folder's newest checkpoint: as auto-resume
         check_continues(given, found, args, output_dir, script)
-    return args.resume, given
+    elif given is not None and training:
+        check_resumed(given, args.resume, args, script)
+    if training:
+        check_start(checkpoint, path, args)
+    return path, checkpoint
 
 
 def check_continues(checkpoint, path, args, output_dir, script):
     """Refuse to continue a checkpoint in ``output_dir`` that another script, model or set of training flags
     wrote; stop with exit code 0 if it is this very run, finished."""
-    there = ckpt_io.stored_args(checkpoint)
     folder = f"--output_dir {output_dir}"
     fix = "pass a new --output_dir, or --no_auto_resume to start afresh in that folder"
+    check_same_run(checkpoint, args, script, f"{folder} holds a run",
+                   f"{os.path.basename(path)}, {ckpt_io.describe_position(checkpoint)}",
+                   f"run it with its own flags to continue it, or {fix}", fix)
+    if checkpoint.get('epoch', -1) + 1 >= args.epochs:  # (a checkpoint inside a later epoch too: --epochs lowered)
+        raise RunComplete(f"{folder} holds this run, complete: it finished epoch {checkpoint['epoch']} of "
+                          f"--epochs {args.epochs}{beyond(checkpoint)}; nothing to do (raise --epochs to train longer)")
+
+
+def check_resumed(checkpoint, path, args, script):
+    """--resume FILE that is not the newest checkpoint of --output_dir: the same checks as auto-resume (another
+    script, model or training flags would continue with a mixed recipe); one already at --epochs is refused (nothing
+    to train; auto-resume's finished run in its own folder is the one that ends with exit code 0)."""
+    weights = ("pass it as --init_from" if script == 'main_pretrain.py' else "pass it as --finetune") + \
+        " to start a new run from its weights"
+    # (a run with --model_ema continued without it, or one without it continued with it: restore_ema's line says
+    # what to pass)
+    there = ckpt_io.stored_args(checkpoint)
+    ema_differs = bool(there.get('model_ema')) != bool(getattr(args, 'model_ema', False))
+    check_same_run(checkpoint, args, script, f"--resume {path} is a run", ckpt_io.describe_position(checkpoint),
+                   f"give it its own flags to continue it, or {weights}", weights,
+                   ignore=('model_ema', 'model_ema_decay') if ema_differs else ())
+    if continues(checkpoint, args) and checkpoint['epoch'] + 1 >= args.epochs:  # (also inside a later epoch)
+        raise UsageError(f"--resume {path} has finished epoch {checkpoint['epoch']} of --epochs {args.epochs}"
+                         f"{beyond(checkpoint)}: nothing to train (raise --epochs to train longer)")
+
+
+def check_same_run(checkpoint, args, script, holds, where, flags_fix, run_fix, ignore=()):
+    """Refuse a checkpoint (``holds`` says whose, ``where`` which and how far) of another script or model
+    (``run_fix`` says what to do), or of other training flags (``flags_fix``; those in ``ignore`` are checked
+    elsewhere)."""
+    there = ckpt_io.stored_args(checkpoint)
     wrote, model = checkpoint.get('script'), there.get('model', args.model)
     if (wrote and wrote != script) or model != args.model:
-        raise UsageError(f"{folder} holds a run of {wrote or 'another script'} --model {model} "
-                         f"({os.path.basename(path)}, {ckpt_io.describe_position(checkpoint)}), not of {script} "
-                         f"--model {args.model}: {fix}")
-    changed = changed_flags(there, args)
+        raise UsageError(f"{holds} of {wrote or 'another script'} --model {model} ({where}), not of {script} "
+                         f"--model {args.model}: {run_fix}")
+    changed = changed_flags({k: v for k, v in there.items() if k not in ignore}, args)
     if changed:
-        raise UsageError(f"{folder} holds a run with other training flags ({'; '.join(changed)}): run it with its "
-                         f"own flags to continue it, or {fix}")
-    if checkpoint.get('epoch', -1) + 1 >= args.epochs:  # (a checkpoint inside a later epoch too: --epochs lowered)
-        beyond = (f" and was stopped inside epoch {checkpoint['epoch'] + 1}, beyond --epochs"
-                  if 'resume_iter' in checkpoint else '')
-        raise RunComplete(f"{folder} holds this run, complete: it finished epoch {checkpoint['epoch']} of "
-                          f"--epochs {args.epochs}{beyond}; nothing to do (raise --epochs to train longer)")
+        raise UsageError(f"{holds} with other training flags ({'; '.join(changed)}): {flags_fix}")
+
+
+def continues(checkpoint, args):
+    """Whether a training run continues ``checkpoint`` (its optimizer and epoch), rather than starting from its
+    weights at --start_epoch (as ``restart_from_checkpoint`` decides)."""
+    return not getattr(args, 'eval', False) and 'optimizer' in checkpoint and 'epoch' in checkpoint
+
+
+def beyond(checkpoint):
+    return (f" and was stopped inside epoch {checkpoint['epoch'] + 1}, beyond --epochs"
+            if 'resume_iter' in checkpoint else '')
+
+
+def check_start(checkpoint, path, args):
+    """Before anything is computed: a fresh start at or after --epochs is refused (it would end at once, with
+    nothing written); --start_epoch beside a checkpoint that is continued is not used, which is said (a checkpoint
+    continues from its own position, as the reference's load_model; its optimizer and schedule are there)."""
+    if checkpoint is not None and continues(checkpoint, args):
+        after = checkpoint['epoch'] + 1
+        if args.start_epoch not in (0, after):
+            print(f"Note: --start_epoch {args.start_epoch} is not used: {path} continues at epoch {after}, where it "
+                  f"stopped (its optimizer and schedule are there)")
+    elif args.start_epoch >= args.epochs:
+        raise UsageError(f"--start_epoch {args.start_epoch} with --epochs {args.epochs}: nothing to train (epochs "
+                         f"are counted from 0; --start_epoch must be below --epochs)")
 
 
 def changed_flags(there, args):
@@ -124,11 +180,12 @@ def changed_flags(there, args):
 
 # ---------------------------------------------------------------------------------------------------- restoring
 def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_scaler=None, iters_per_epoch=0,
-                            model_ema=None):
+                            model_ema=None, data=None):
     """Load ``checkpoint`` (read from ``path``) into ``model`` (and ``model_ema``, [new] --model_ema) and, when
     training, ``optimizer`` and ``loss_scaler`` (setting ``args.start_epoch``, as the reference's ``load_model``);
     restore the random streams at an epoch boundary. Returns the ``Start`` after it (at ``--start_epoch`` for
-    ``checkpoint`` None). ``iters_per_epoch``: the training loader's length."""
+    ``checkpoint`` None). ``iters_per_epoch``: the training loader's length; ``data``: its data set, compared with
+    the one the checkpoint was trained on."""
     if checkpoint is None:
         return Start(epoch=args.start_epoch)
     problem = ckpt_io.state_dict_mismatch(model, checkpoint['model'])
@@ -136,7 +193,7 @@ def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_
         raise UsageError(f"--resume {path} does not fit --model {args.model}: {problem}")
     model.load_state_dict(checkpoint['model'])
     print("Resume checkpoint %s" % path)
-    continued = not getattr(args, 'eval', False) and 'optimizer' in checkpoint and 'epoch' in checkpoint
+    continued = continues(checkpoint, args)
     restore_ema(model_ema, checkpoint, path, args, model, continued)
     if not continued:
         return Start(epoch=args.start_epoch)
@@ -147,7 +204,19 @@ def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_
     print("With optim & sched!")
     # ours keep the best accuracy; the reference restarts it on resuming
     start = Start(epoch=args.start_epoch, max_accuracy=float(checkpoint.get('max_accuracy', 0.0)))
-    return continue_position(start, checkpoint, args, iters_per_epoch)
+    return continue_position(start, checkpoint, args, iters_per_epoch, data_change(checkpoint, data))
+
+
+def data_change(checkpoint, data):
+    """How the training set ``data`` differs from the one ``checkpoint`` was trained on, in words ('' when it is the
+    same, or either is unknown: checkpoints from before the identity was saved)."""
+    now = data_identity(data) if data is not None else {}
+    then = {k: checkpoint.get(k) for k in now}
+    if not now or None in then.values() or then == now:
+        return ''
+    size = (f"{then['data_size']} images then, {now['data_size']} now" if then['data_size'] != now['data_size']
+            else f"{now['data_size']} images, other files")
+    return f"the training data changed since it was saved ({size})"
 
 
 def restore_ema(model_ema, checkpoint, path, args, model, continued):
@@ -170,14 +239,21 @@ def restore_ema(model_ema, checkpoint, path, args, model, continued):
         model_ema.module.load_state_dict(saved)
 
 
-def continue_position(start, checkpoint, args, iters_per_epoch):
+def continue_position(start, checkpoint, args, iters_per_epoch, data_note=''):
     """The position inside ``start.epoch`` (a checkpoint written in the middle of an epoch, with the same batch
-    layout and process count), or the random streams at the epoch boundary; and TensorBoard's purge step."""
+    layout, process count and training set), or the random streams at the epoch boundary; and TensorBoard's purge
+    step. ``data_note``: how the training set changed (``data_change``): a position inside an epoch is an index into
+    that epoch's permutation of the old set, so the epoch restarts from its beginning (the rest of it drawn from
+    the new set's permutation would show some images twice and others never); at an epoch boundary it is said."""
     world, rank = misc.get_world_size(), misc.get_rank()
     there = ckpt_io.stored_args(checkpoint)
     states = checkpoint.get('rng') or []
     layout_note = ''
-    if states and len(states) != world:
+    if data_note and 'resume_iter' not in checkpoint:
+        print(f"Note: {data_note}; epoch {start.epoch} and the later ones draw from it as it is now")
+    if data_note and 'resume_iter' in checkpoint:
+        layout_note = data_note
+    elif states and len(states) != world:
         layout_note = f"its random streams are for {len(states)} processes, this run has {world}"
     elif 'resume_iter' in checkpoint and (there.get('batch_size'), there.get('accum_iter')) != (
             args.batch_size, args.accum_iter):

@@ -119,7 +119,7 @@ class Run(LoopHooks):
         super().__init__(args.skip_nonfinite)
         self.args, self.output_dir = args, args.output_dir
         self.saver = CheckpointSaver(model, optimizer, loss_scaler, args, self.output_dir, os.path.basename(script),
-                                     model_ema)
+                                     model_ema, data=data_loader.dataset)
         self.data_loader, self.position = data_loader, start.position
         self.max_accuracy = start.max_accuracy if track_accuracy else None
         self._iters_per_epoch = 0
