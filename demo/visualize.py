@@ -43,6 +43,7 @@ from util.errors import UsageError  # noqa: E402
 from util.flag_checks import check_device, check_ranges  # noqa: E402
 from util.image_decode import BAD_FILE_ERRORS, IMG_EXTENSIONS, bad_file_reason, read_image  # noqa: E402
 from util.image_sources import list_images  # noqa: E402
+from util.output_dir import check_outputs  # noqa: E402
 
 # the default normalisation (util/data_stats.py holds it); a checkpoint's own --mean/--std replace it
 IMAGENET_MEAN, IMAGENET_STD = data_stats.DEFAULT_MEAN, data_stats.DEFAULT_STD
@@ -380,6 +381,8 @@ def main(args):
     device = check_args(args)
     images = find_images(args.images)
     outputs = output_paths(args, images)
+    # no figure may replace an input (``--out`` the folder of the images, or an image itself)
+    check_outputs(outputs, '--out', [('--checkpoint', args.checkpoint)] + [('the image', p) for p, _ in images])
     model = load_mae(args).to(device)
     # every file is checked before any output
     tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans) for path, _ in images]

@@ -5,7 +5,10 @@ import argparse
 import errno
 import os
 import pathlib
+import re
 import shutil
+import tempfile
+import urllib.parse
 import zipfile
 from pathlib import Path
 
@@ -149,29 +152,76 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+# torch's refusal of a file that pickles other objects than tensors and plain values goes on to suggest
+# ``weights_only=False``, which runs whatever code the file holds: only its reason is kept
+_ADVICE = ('weights_only', 'trusted source', 'safe_globals', 'allowlist', 'Check the documentation')
+
+
 def _unpickling_reason(e):
-    # torch's message suggests weights_only=False, which runs arbitrary code from the file: keep only its reason
-    for line in str(e).splitlines():
-        if 'WeightsUnpickler error:' in line:
-            return line.split('WeightsUnpickler error:', 1)[1].strip() or 'not a PyTorch checkpoint'
-    return (str(e).splitlines() or [type(e).__name__])[0]
+    text = str(e)
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1]
+    text = text.replace('Weights only load failed', '')
+    for sentence in re.split(r'(?<=[.!?])\s+|\n+', text):
+        sentence = sentence.strip(' :.')
+        if sentence and not any(word in sentence for word in _ADVICE):
+            return sentence
+    return 'not a PyTorch checkpoint'
 
 
 def _safe_load(path, **kwargs):
     return compat.load_weights_only(path, allowed=_REFERENCE_GLOBALS, **kwargs)
 
 
+def is_url(path):
+    """Whether a checkpoint argument is a URL: only ``http://`` and ``https://`` (``https_ckpts/ck.pth`` is a path)."""
+    return str(path).startswith(('http://', 'https://'))
+
+
+def cached_path(url, what='--resume'):
+    """The local copy of ``url`` in torch's hub cache (``torch.hub.get_dir()``/checkpoints, where
+    ``torch.hub.load_state_dict_from_url`` keeps it), downloaded there first when absent. The download goes to a
+    folder of its own beside it and is renamed into place when whole: a failed one leaves nothing behind. A file
+    name with a hash (``name-<sha256 prefix>.pth``, torch's convention) is checked against it."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not urllib.parse.urlparse(url).netloc or not name:
+        raise UsageError(f"{what} {url}: not a URL of a file (https://host/.../name.pth)")
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    cached = os.path.join(folder, name)
+    if os.path.isfile(cached):
+        return cached
+    try:
+        os.makedirs(folder, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f'.{name}.', suffix='.partial', dir=folder)
+    except OSError as e:
+        raise UsageError(f"{what} {url}: cannot download it into {folder} ({e.strerror or e})") from None
+    try:
+        found = torch.hub.HASH_REGEX.search(name)
+        torch.hub.download_url_to_file(url, os.path.join(partial, name), found.group(1) if found else None)
+        os.replace(os.path.join(partial, name), cached)
+    except Exception as e:  # noqa: BLE001 - no connection, HTTP 404, a wrong hash, a full disk: the URL's fault here
+        reason = getattr(e, 'reason', None) or (str(e).splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{what} {url}: cannot be downloaded ({type(e).__name__}: {reason})") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return cached
+
+
 def load(path, what='--resume'):
     """Load a checkpoint file (ours, the reference's, or a released one) onto the CPU, safely: only tensors,
     plain values and the reference's Namespace of flags (with path values) are unpickled; a file that changed
-    since it was written (``damage``) is refused. ``what``: how the messages name the file's origin (its flag)."""
-    if str(path).startswith('https'):
-        return torch.hub.load_state_dict_from_url(str(path), map_location='cpu', check_hash=True)
+    since it was written (``damage``) is refused. ``what``: how the messages name the file's origin (its flag).
+    A URL (``is_url``) is downloaded into torch's hub cache (``cached_path``) and that file read the same way."""
     label = f"{what} {path}"
-    if os.path.isdir(path):
+    if is_url(path):
+        path = cached_path(str(path), what)
+        label += f" (cached as {path})"
+    elif os.path.isdir(path):
         raise UsageError(f"{label} is a folder; give a checkpoint file (e.g. {os.path.join(path, LAST)})")
     if not os.path.isfile(path):
         raise UsageError(f"{label}: no such file")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{label}: the file is empty (a copy or download that did not finish?)")
     checkpoint, failure = None, None
     try:
         checkpoint = _safe_load(path)
@@ -180,12 +230,21 @@ def load(path, what='--resume'):
     problem = damage(path)
     if problem:
         raise UsageError(f"{label}: damaged since it was written ({problem})")
+    if failure is not None and not _looks_like_torch_save(path):
+        raise UsageError(f"{label}: cannot be read as a PyTorch checkpoint (neither torch.save's zip archive nor "
+                         f"its legacy pickle format)")
     if failure is not None:
-        raise UsageError(f"{label}: cannot be read as a PyTorch checkpoint ({type(failure).__name__}: "
-                         f"{_unpickling_reason(failure)})")
+        raise UsageError(f"{label}: cannot be read as a PyTorch checkpoint of weights ({type(failure).__name__}: "
+                         f"{_unpickling_reason(failure)}); nothing in it was run")
     if not is_mae_checkpoint(checkpoint):
         raise UsageError(f"{label}: not an MAE checkpoint (no 'model' entry)")
     return checkpoint
+
+
+def _looks_like_torch_save(path):
+    with open(path, 'rb') as f:
+        start = f.read(2)
+    return zipfile.is_zipfile(path) or start[:1] == b'\x80'  # (a pickle's protocol opcode starts the legacy format)
 
 
 def is_mae_checkpoint(checkpoint):
