@@ -87,7 +87,7 @@ def check_outputs(paths, flag, inputs=(), folder=False):
         st = os.stat(path)
         if (st.st_dev, st.st_ino) in taken:
             what, given = taken[(st.st_dev, st.st_ino)]
-            linked = ', by a link' if os.path.realpath(path) != os.path.realpath(given) else ''
+            linked = ', by a link' if os.path.abspath(path) != os.path.abspath(given) else ''
             raise UsageError(f"{flag} {path} is {what} {given} (the same file{linked}): writing it would destroy that "
                              f"input; give another {flag}")
         if not os.access(path, os.W_OK):
