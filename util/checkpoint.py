@@ -5,6 +5,7 @@ import argparse
 import errno
 import os
 import pathlib
+import pickle
 import re
 import shutil
 import tempfile
@@ -166,7 +167,7 @@ def _unpickling_reason(e):
         sentence = sentence.strip(' :.')
         if sentence and not any(word in sentence for word in _ADVICE):
             return sentence
-    return 'not a PyTorch checkpoint'
+    return 'the file ends early' if isinstance(e, EOFError) else 'not a PyTorch checkpoint'
 
 
 def _safe_load(path, **kwargs):
@@ -230,21 +231,23 @@ def load(path, what='--resume'):
     problem = damage(path)
     if problem:
         raise UsageError(f"{label}: damaged since it was written ({problem})")
-    if failure is not None and not _looks_like_torch_save(path):
-        raise UsageError(f"{label}: cannot be read as a PyTorch checkpoint (neither torch.save's zip archive nor "
-                         f"its legacy pickle format)")
     if failure is not None:
-        raise UsageError(f"{label}: cannot be read as a PyTorch checkpoint of weights ({type(failure).__name__}: "
-                         f"{_unpickling_reason(failure)}); nothing in it was run")
+        raise UsageError(f"{label}: cannot be read as a PyTorch checkpoint ({_read_failure(path, failure)})")
     if not is_mae_checkpoint(checkpoint):
         raise UsageError(f"{label}: not an MAE checkpoint (no 'model' entry)")
     return checkpoint
 
 
-def _looks_like_torch_save(path):
+def _read_failure(path, e):
+    """Why torch.load failed on ``path``, in words, without torch's advice."""
     with open(path, 'rb') as f:
         start = f.read(2)
-    return zipfile.is_zipfile(path) or start[:1] == b'\x80'  # (a pickle's protocol opcode starts the legacy format)
+    if start == b'PK' and not zipfile.is_zipfile(path):
+        return "a zip archive cut short: a copy or download that did not finish?"
+    if start != b'PK' and start[:1] != b'\x80':  # (a pickle's protocol opcode starts torch's legacy format)
+        return "neither torch.save's zip archive nor its legacy pickle format"
+    reason = f"{type(e).__name__}: {_unpickling_reason(e)}"
+    return reason + ("; refused, nothing in it was run" if isinstance(e, pickle.UnpicklingError) else '')
 
 
 def is_mae_checkpoint(checkpoint):
