@@ -225,3 +225,20 @@ def test_check_outputs_cases(tmp_path):
         check_outputs([a / 'sub'], '--out', folder=True)
     with pytest.raises(UsageError, match=r'is a file; give a folder'):
         check_outputs([a], '--out', folder=True)
+
+
+# ---------------------------------------------------------------------------------------------------- plot_knn.py
+def test_plot_knn_never_writes_over_its_log(tmp_path, capsys):
+    pytest.importorskip('matplotlib')
+    plot_knn = pytest.importorskip('demo.plot_knn')
+    log = tmp_path / 'log.txt'
+    log.write_text('{"epoch": 0, "train_loss": 1.0, "knn_top1": 10.0, "knn_mean_top1": 9.0}\n')
+    before = log.read_bytes()
+    err = one_line(*run_in_process(plot_knn, capsys, log, '--out', log))
+    assert f"--out {log}: give a file name ending in one of" in err
+    os.link(log, tmp_path / 'log.png')
+    err = one_line(*run_in_process(plot_knn, capsys, log, '--out', tmp_path / 'log.png'))
+    assert f"--out {tmp_path / 'log.png'} is the log {log} (the same file, by a link)" in err
+    assert log.read_bytes() == before
+    run_ok(plot_knn, capsys, log, '--out', tmp_path / 'plot.png')
+    assert (tmp_path / 'plot.png').read_bytes()[:4] == b'\x89PNG'
