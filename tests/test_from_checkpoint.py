@@ -155,3 +155,17 @@ def test_files_that_do_not_fit_are_one_line(tmp_path, case, expected):
     with pytest.raises(UsageError) as e:
         load(path, **kwargs)
     assert f'--checkpoint {path}' in str(e.value) and expected in str(e.value)
+
+
+def test_init_from_a_global_pool_classifier_says_what_it_is(tmp_path):
+    """A classifier fine-tuned with global pooling has fc_norm and no final norm: --init_from says so (it used to
+    blame another depth); one with the class token still warm-starts the encoder."""
+    from util.pretrained import init_from_checkpoint
+    path = tmp_path / 'classifier.pth'
+    torch.save({'model': models_vit.vit_tiny_patch4(num_classes=3, global_pool=True).state_dict()}, path)
+    with pytest.raises(UsageError) as e:
+        init_from_checkpoint(models_mae.mae_vit_tiny_patch4(), path, check_only=True)
+    assert str(e.value).startswith(f"--init_from {path} is a classifier fine-tuned with global pooling (fc_norm, "
+                                   f"no final norm)") and 'depth' not in str(e.value)
+    torch.save({'model': models_vit.vit_tiny_patch4(num_classes=3, global_pool=False).state_dict()}, path)
+    init_from_checkpoint(models_mae.mae_vit_tiny_patch4(), path, check_only=True)

@@ -141,6 +141,10 @@ def init_from_checkpoint(model, path, check_only=False, what='--init_from'):
     if not isinstance(state, dict) or any(k not in state for k in ENCODER_KEYS):
         raise UsageError(f"{what} {path} is not an MAE/ViT checkpoint: its 'model' entry has no ViT encoder (no "
                          f"{' / '.join(ENCODER_KEYS)})")
+    if 'fc_norm.weight' in state and 'norm.weight' not in state:
+        raise UsageError(f"{what} {path} is a classifier fine-tuned with global pooling (fc_norm, no final norm): "
+                         f"its encoder is not an MAE's; start from a pre-training checkpoint (main_pretrain.py's, "
+                         f"or a released mae_pretrain_vit_*.pth / mae_visualize_vit_*.pth)")
     state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
     full = all(k in state for k in DECODER_KEYS)
     if not full:  # encoder only (or a stray decoder key): the decoder as the model initialised it
