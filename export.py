@@ -129,6 +129,12 @@ def export_timm(path, out, model=None, ema=False):
     import timm
     state_dict, saved = from_checkpoint.read(path, ema=ema)
     mae_name = from_checkpoint._mae_name(model or saved.get('model'), state_dict, path, '--checkpoint')
+    if model:  # (timm's call takes the architecture from --model: the weights must be its encoder's)
+        found = from_checkpoint.infer_model(state_dict)
+        if found is None or from_checkpoint.vit_name(found) != from_checkpoint.vit_name(mae_name):
+            raise UsageError(f"--model {model}: --checkpoint {path} holds the weights of "
+                             f"{from_checkpoint.vit_name(found) if found else 'none of the known models'}; leave "
+                             f"--model out")
     input_size = saved.get('input_size') or from_checkpoint.grid_input_size(state_dict) or 224
     tensors = timm_state_dict(state_dict)
     # written beside ``out`` and renamed over it once timm loads it: a file already there (maybe a hard link of
