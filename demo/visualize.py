@@ -384,6 +384,12 @@ def main(args):
     # no figure may replace an input (``--out`` the folder of the images, or an image itself)
     check_outputs(outputs, '--out', [('--checkpoint', args.checkpoint)] + [('the image', p) for p, _ in images])
     model = load_mae(args).to(device)
+    num_patches = model.patch_embed.num_patches
+    for ratio in args.mask_ratios or [args.mask_ratio]:
+        if int(num_patches * (1 - ratio)) == 0:  # (the model keeps int(L * (1 - ratio)) patches)
+            raise UsageError(f"--mask_ratio{'s' if args.mask_ratios else ''} {ratio} keeps none of the "
+                             f"{num_patches} patches at --input_size {args.input_size}: at most "
+                             f"{1 - 1 / num_patches:.4g} keeps one")
     # every file is checked before any output
     tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans) for path, _ in images]
     scale = args.scale or max(1, 128 // args.input_size)
@@ -394,7 +400,6 @@ def main(args):
             raise UsageError(f"--out {folder} cannot be created ({e.strerror or e})") from None
 
     generator = torch.Generator().manual_seed(args.seed)
-    num_patches = model.patch_embed.num_patches
     note = denorm_note(args.norm_pix_loss, args.denorm)
     title = f"{args.model} ({os.path.basename(args.checkpoint)}), {args.input_size}px, seed {args.seed}"
 
