@@ -301,7 +301,7 @@ def _log_rows(path):
     log = os.path.join(os.path.dirname(os.path.abspath(str(path))), 'log.txt')
     if not os.path.isfile(log):
         return []
-    with open(log) as f:
+    with open(log, encoding='utf-8', errors='replace') as f:  # (a damaged log still gives the card its rows)
         return [line.strip() for line in f if line.strip()][-LOG_ROWS:]
 
 

@@ -242,3 +242,13 @@ def test_plot_knn_never_writes_over_its_log(tmp_path, capsys):
     assert log.read_bytes() == before
     run_ok(plot_knn, capsys, log, '--out', tmp_path / 'plot.png')
     assert (tmp_path / 'plot.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_export_with_a_damaged_log_beside_and_an_empty_out(tmp_path, capsys, no_model_load):
+    ckpt = checkpoint(tmp_path / 'c.pth')
+    for to in ('timm', 'hf'):
+        err = one_line(*run_in_process(export, capsys, '--checkpoint', ckpt, '--to', to, '--out', ''))
+        assert '--out' in err and ('is empty' in err or 'give a file name' in err), err
+    # the model card's rows of a log.txt with bytes that are not UTF-8 (was a UnicodeDecodeError after the export)
+    (tmp_path / 'log.txt').write_bytes(b'{"epoch": 0, "train_loss": 1.5}\n\xff\xfe garbage\n')
+    assert export._log_rows(ckpt) == ['{"epoch": 0, "train_loss": 1.5}', '\ufffd\ufffd garbage']

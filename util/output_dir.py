@@ -65,6 +65,8 @@ def check_outputs(paths, flag, inputs=(), folder=False):
     probed = set()
     for path in paths:
         path = str(path)
+        if not path:
+            raise UsageError(f"{flag} is empty; give a {'folder' if folder else 'file name'}")
         if folder and os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"{flag} {path} is a file; give a folder")
         if not folder and os.path.isdir(path):
