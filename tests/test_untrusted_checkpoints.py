@@ -135,8 +135,8 @@ def test_only_http_and_https_prefixes_are_urls(tmp_path, monkeypatch, hub):
     assert 'model' in ckpt_io.load('https_ckpts/ck.pth')  # a relative path that begins with 'https'
     with pytest.raises(UsageError, match=r'^--finetune https_ckpts/nope.pth: no such file$'):
         ckpt_io.load('https_ckpts/nope.pth', what='--finetune')
-    assert [ckpt_io.is_url(p) for p in ('https://a/b.pth', 'http://a/b.pth', 'https_ckpts/ck.pth', 'ftp://a/b',
-                                        'httpsx://a/b.pth')] == [True, True, False, False, False]
+    assert [ckpt_io.is_url(p) for p in ('https://a/b.pth', 'http://a/b.pth', 'HTTPS://a/b.pth', 'https_ckpts/ck.pth',
+                                        'ftp://a/b', 'httpsx://a/b.pth')] == [True, True, True, False, False, False]
     assert os.listdir(hub) == []  # nothing was downloaded, nothing left behind
 
 

@@ -9,6 +9,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import urllib.error
 import urllib.parse
 import zipfile
 from pathlib import Path
@@ -176,7 +177,7 @@ def _safe_load(path, **kwargs):
 
 def is_url(path):
     """Whether a checkpoint argument is a URL: only ``http://`` and ``https://`` (``https_ckpts/ck.pth`` is a path)."""
-    return str(path).startswith(('http://', 'https://'))
+    return str(path).lower().startswith(('http://', 'https://'))
 
 
 def cached_path(url, what='--resume'):
@@ -201,7 +202,9 @@ def cached_path(url, what='--resume'):
         torch.hub.download_url_to_file(url, os.path.join(partial, name), found.group(1) if found else None)
         os.replace(os.path.join(partial, name), cached)
     except Exception as e:  # noqa: BLE001 - no connection, HTTP 404, a wrong hash, a full disk: the URL's fault here
-        reason = getattr(e, 'reason', None) or (str(e).splitlines() or [type(e).__name__])[0]
+        # (a URLError says its reason best, an HTTPError its own text: 'HTTP Error 404: Not Found')
+        reason = None if isinstance(e, urllib.error.HTTPError) else getattr(e, 'reason', None)
+        reason = reason or (str(e).splitlines() or [type(e).__name__])[0]
         raise UsageError(f"{what} {url}: cannot be downloaded ({type(e).__name__}: {reason})") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
