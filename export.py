@@ -27,6 +27,11 @@ keys follow the installed transformers' layout (4.x: ``vit.encoder.layer.N.atten
 split in three in both). It adds the image processor's settings and a model card (README.md: the training flags,
 the data statistics, the last rows of the run's log.txt when it lies beside the checkpoint). transformers is an
 optional dependency: ``pip install transformers``.
+
+``--out`` is checked before the checkpoint is read: it must be writable and must not be the checkpoint itself (by any
+name: a hard link such as ``checkpoint-last.pth``, a symbolic link); ``--to timm`` replaces an existing file whole;
+``--to hf`` writes into a new or empty folder, or one export.py wrote (its README.md says so), and into any other
+only with ``--overwrite``.
 """
 import argparse
 import json
