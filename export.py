@@ -27,6 +27,11 @@ keys follow the installed transformers' layout (4.x: ``vit.encoder.layer.N.atten
 split in three in both). It adds the image processor's settings and a model card (README.md: the training flags,
 the data statistics, the last rows of the run's log.txt when it lies beside the checkpoint). transformers is an
 optional dependency: ``pip install transformers``.
+
+``--out`` is checked before the checkpoint is read: it must be writable and must not be the checkpoint itself (by any
+name: a hard link such as ``checkpoint-last.pth``, a symbolic link); ``--to timm`` replaces an existing file whole;
+``--to hf`` writes into a new or empty folder, or one export.py wrote (its README.md says so), and into any other
+only with ``--overwrite``.
 """
 import argparse
 import json
@@ -38,6 +43,7 @@ import models_mae
 from util import from_checkpoint
 from util.errors import UsageError, run_main
 from util.flags import Parser
+from util.output_dir import check_outputs
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +52,8 @@ TIMM_NAMES = {(16, 768, 12, 12): 'vit_base_patch16_224', (16, 1024, 24, 16): 'vi
               (14, 1280, 32, 16): 'vit_huge_patch14_224'}
 TIMM_GENERIC = 'vit_tiny_patch16_224'  # any other shape: this constructor with the architecture as arguments
 LOG_ROWS = 5
+# the model card's words by which a folder is known to be one export.py wrote (and may be written again)
+EXPORT_MARK = "by this project's `export.py`"
 
 
 def get_args_parser():
@@ -59,6 +67,9 @@ def get_args_parser():
     parser.add_argument('--ema', action='store_true',
                         help='[new] the EMA of the weights that main_finetune.py --model_ema keeps in its '
                              'checkpoints, instead of the weights themselves')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='[new] --to hf: write into a folder that holds files export.py did not write (its '
+                             'config.json, model.safetensors, preprocessor_config.json and README.md are replaced)')
     return parser
 
 
@@ -124,17 +135,31 @@ def export_timm(path, out, model=None, ema=False):
     import timm
     state_dict, saved = from_checkpoint.read(path, ema=ema)
     mae_name = from_checkpoint._mae_name(model or saved.get('model'), state_dict, path, '--checkpoint')
+    if model:  # (timm's call takes the architecture from --model: the weights must be its encoder's)
+        found = from_checkpoint.infer_model(state_dict)
+        if found is None or from_checkpoint.vit_name(found) != from_checkpoint.vit_name(mae_name):
+            raise UsageError(f"--model {model}: --checkpoint {path} holds the weights of "
+                             f"{from_checkpoint.vit_name(found) if found else 'none of the known models'}; leave "
+                             f"--model out")
     input_size = saved.get('input_size') or from_checkpoint.grid_input_size(state_dict) or 224
     tensors = timm_state_dict(state_dict)
-    save_file(tensors, out)
-    name, kwargs = timm_call(tensors, mae_name, input_size, out)
+    # written beside ``out`` and renamed over it once timm loads it: a file already there (maybe a hard link of
+    # another) is replaced whole or not at all, never written through
+    folder, base = os.path.split(os.path.abspath(out))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{base}")  # (the same extension: the same format)
     try:
-        timm.create_model(name, **kwargs)  # strict: timm refuses a missing or unexpected key
-    except (RuntimeError, KeyError) as e:
-        os.remove(out)
-        raise UsageError(f"--checkpoint {path}: timm's {name} does not load its weights "
-                         f"({str(e).splitlines()[0]})") from None
-    return name, kwargs
+        save_file(tensors, tmp)
+        name, kwargs = timm_call(tensors, mae_name, input_size, tmp)
+        try:
+            timm.create_model(name, **kwargs)  # strict: timm refuses a missing or unexpected key
+        except (RuntimeError, KeyError) as e:
+            raise UsageError(f"--checkpoint {path}: timm's {name} does not load its weights "
+                             f"({str(e).splitlines()[0]})") from None
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return timm_call(tensors, mae_name, input_size, out)
 
 
 # ---------------------------------------------------------------------------------------------------- Hugging Face
@@ -282,7 +307,7 @@ def _log_rows(path):
     log = os.path.join(os.path.dirname(os.path.abspath(str(path))), 'log.txt')
     if not os.path.isfile(log):
         return []
-    with open(log) as f:
+    with open(log, encoding='utf-8', errors='replace') as f:  # (a damaged log still gives the card its rows)
         return [line.strip() for line in f if line.strip()][-LOG_ROWS:]
 
 
@@ -293,7 +318,7 @@ def model_card(path, info, class_name, version, layout):
     lines = ['---', 'library_name: transformers', 'tags:', '- vit-mae', '- masked-autoencoder',
              '- image-feature-extraction', '---', '', f"# {info['mae_model']} (MAE)", '',
              f"A masked autoencoder (He et al., 2021, https://arxiv.org/abs/2111.06377) exported from "
-             f"`{os.path.basename(str(path))}` by this project's `export.py` (transformers {version}, its "
+             f"`{os.path.basename(str(path))}` {EXPORT_MARK} (transformers {version}, its "
              f"{layout}.x key layout).", '', '```python', f"from transformers import {class_name}",
              f"model = {class_name}.from_pretrained('<this folder>')", '```', '',
              f"Images: {info['input_size']} x {info['input_size']} pixels, {info['in_chans']} channels; target: "
@@ -315,17 +340,45 @@ def model_card(path, info, class_name, version, layout):
 
 
 # ---------------------------------------------------------------------------------------------------- main
-def main(args):
+def written_by_export(folder):
+    """Whether ``folder`` holds a model card export.py wrote (so writing there again replaces only its own files)."""
+    try:
+        with open(os.path.join(folder, 'README.md'), encoding='utf-8', errors='replace') as f:
+            return EXPORT_MARK in f.read(4096)
+    except OSError:
+        return False
+
+
+def check_out(args):
+    """``--out`` can be written, is not ``--checkpoint``, and (``--to hf``) holds nothing export.py did not write
+    unless ``--overwrite``: said in one line before the checkpoint is read."""
+    inputs = [('--checkpoint', args.checkpoint)]
     if args.to == 'timm':
+        if args.overwrite:
+            raise UsageError("--overwrite is for --to hf's folder (--to timm replaces its --out file whole)")
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder) or os.path.isdir(args.out):
             raise UsageError(f"--out {args.out}: give a file name in an existing folder")
+        check_outputs([args.out], '--out', inputs)
+        return
+    if os.path.isfile(args.out):
+        raise UsageError(f"--out {args.out} is a file; --to hf writes a folder")
+    check_outputs([args.out], '--out', inputs, folder=True)
+    held = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
+    if held and not args.overwrite and not written_by_export(args.out):
+        shown = ', '.join(held[:4]) + (f' (+{len(held) - 4} more)' if len(held) > 4 else '')
+        raise UsageError(f"--out {args.out} holds files export.py did not write ({shown}): give a new or empty "
+                         f"folder, or pass --overwrite to replace config.json, model.safetensors, "
+                         f"preprocessor_config.json and README.md there")
+
+
+def main(args):
+    check_out(args)
+    if args.to == 'timm':
         name, kwargs = export_timm(args.checkpoint, args.out, args.model, args.ema)
         call = ', '.join([repr(name)] + [f'{k}={v!r}' for k, v in kwargs.items()])
         print(f"wrote {args.out}; timm loads it strictly with:\n    timm.create_model({call})")
         return
-    if os.path.isfile(args.out):
-        raise UsageError(f"--out {args.out} is a file; --to hf writes a folder")
     class_name = export_hf(args.checkpoint, args.out, args.model, args.ema)
     print(f"wrote {args.out}/: transformers.{class_name}.from_pretrained({json.dumps(args.out)})"
           + (" (and ViTMAEModel for the encoder)" if class_name == 'ViTMAEForPreTraining' else ''))

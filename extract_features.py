@@ -46,6 +46,7 @@ from util.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image
 from util.errors import UsageError, run_main
 from util.flag_checks import check_device
 from util.flags import Parser, Range
+from util.output_dir import check_outputs
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -178,6 +179,7 @@ def check_args(args):
                 raise UsageError(f"--results {args.results}: give a .json file name")
             if not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
                 raise UsageError(f"--results {args.results}: no folder {os.path.dirname(args.results) or '.'}")
+            check_outputs([args.results], '--results', [('--checkpoint', args.checkpoint)])
     elif args.results is not None:
         raise UsageError("--results is for the numbers of --knn or --probe")
     elif not args.out.endswith('.npz'):
@@ -286,6 +288,7 @@ def main(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {args.out}: no folder {out_dir}")
+    check_outputs([args.out], '--out', [('--checkpoint', args.checkpoint)])  # (an image is never a .npz)
     if args.random_init:
         model, info = random_encoder(args.model, args.input_size)
     else:
@@ -297,7 +300,14 @@ def main(args):
               'checkpoint': np.array(str(args.checkpoint) if args.checkpoint else 'random_init')}
     if labels is not None:
         result.update(labels=np.array(labels, dtype=np.int64), classes=np.array(classes))
-    np.savez(args.out, **result)
+    tmp = os.path.join(out_dir, f".tmp-{os.getpid()}-{os.path.basename(args.out)}")
+    try:  # whole or not at all, and never written through a hard link of another file
+        with open(tmp, 'wb') as f:
+            np.savez(f, **result)
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"wrote {args.out}: features {tuple(feats.shape)} ({args.pool}) of {len(files)} images"
           + (f", labels of {len(classes)} classes" if labels is not None else ''))
 

@@ -25,7 +25,7 @@ from util.flags import Parser, Range, add_classifier_args, add_common_args
 from util.image_decode import ImageReader
 from util.image_folder import image_folder
 from util.lr_sched import set_lr
-from util.pretrained import load_finetune_weights
+from util.from_checkpoint import load_finetune_weights
 from util.process import parallel_model, setup_process
 from util.run import Run
 

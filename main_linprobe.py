@@ -23,7 +23,7 @@ from util.image_decode import ImageReader
 from util.image_folder import image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr
-from util.pretrained import load_finetune_weights
+from util.from_checkpoint import load_finetune_weights
 from util.process import parallel_model, setup_process
 from util.run import Run
 

@@ -19,7 +19,7 @@ from util.flag_checks import check_common
 from util.flags import Parser, Range, add_common_args
 from util.image_sources import check_pretrain_path, pretrain_dataset
 from util.lr_sched import set_lr
-from util.pretrained import init_from_checkpoint
+from util.from_checkpoint import init_from_checkpoint
 from util.process import parallel_model, setup_process
 from util.run import Run
 

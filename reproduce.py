@@ -35,6 +35,7 @@ from studies.report import markdown_table, report_name, write_report
 from studies.runner import Runner
 from util.errors import TrainingStopped, UsageError
 from util.flags import SEED_MAX, Parser, Range
+from util.output_dir import check_outputs
 
 TINY_DATA = REPO / 'tests' / 'data' / 'tiny_imagefolder'
 IMAGENET_VAL_IMAGES = 50000
@@ -151,6 +152,9 @@ def main(args):
         args.data_path = str(TINY_DATA)
     work_dir = Path(args.work_dir or REPO / 'reproduce_output' / scale.name).absolute()
     results_dir = Path(args.results_dir).absolute() if args.results_dir else work_dir
+    check_outputs([work_dir], '--work_dir' if args.work_dir else 'the work folder', folder=True)
+    if args.results_dir:
+        check_outputs([results_dir], '--results_dir', folder=True)
     if not args.dry_run:
         work_dir.mkdir(parents=True, exist_ok=True)
     if scale.name == 'paper' and not args.dry_run and not shutil.which('sbatch'):

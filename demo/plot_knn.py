@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util.errors import UsageError, run_main  # noqa: E402
+from util.output_dir import check_outputs  # noqa: E402
 
 
 def get_args_parser():
@@ -30,6 +31,11 @@ def main(args):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("demo/plot_knn.py needs matplotlib: pip install matplotlib") from None
+    kinds = plt.figure().canvas.get_supported_filetypes()
+    plt.close('all')
+    if Path(args.out).suffix[1:].lower() not in kinds:
+        raise UsageError(f"--out {args.out}: give a file name ending in one of .{', .'.join(sorted(kinds))}")
+    check_outputs([args.out], '--out', [('the log', args.log)])
     try:
         rows = [json.loads(line) for line in Path(args.log).read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as e:

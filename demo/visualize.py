@@ -44,6 +44,7 @@ from util.flag_checks import check_device  # noqa: E402
 from util.flags import SEED_MAX, Parser, Range  # noqa: E402
 from util.image_decode import BAD_FILE_ERRORS, IMG_EXTENSIONS, bad_file_reason, read_image  # noqa: E402
 from util.image_sources import list_images  # noqa: E402
+from util.output_dir import check_outputs  # noqa: E402
 
 # the default normalisation (util/data_stats.py holds it); a checkpoint's own --mean/--std replace it
 IMAGENET_MEAN, IMAGENET_STD = data_stats.DEFAULT_MEAN, data_stats.DEFAULT_STD
@@ -381,7 +382,15 @@ def main(args):
     device = check_args(args)
     images = find_images(args.images)
     outputs = output_paths(args, images)
+    # no figure may replace an input (``--out`` the folder of the images, or an image itself)
+    check_outputs(outputs, '--out', [('--checkpoint', args.checkpoint)] + [('the image', p) for p, _ in images])
     model = load_mae(args).to(device)
+    num_patches = model.patch_embed.num_patches
+    for ratio in args.mask_ratios or [args.mask_ratio]:
+        if int(num_patches * (1 - ratio)) == 0:  # (the model keeps int(L * (1 - ratio)) patches)
+            raise UsageError(f"--mask_ratio{'s' if args.mask_ratios else ''} {ratio} keeps none of the "
+                             f"{num_patches} patches at --input_size {args.input_size}: at most "
+                             f"{1 - 1 / num_patches:.4g} keeps one")
     # every file is checked before any output
     tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans) for path, _ in images]
     scale = args.scale or max(1, 128 // args.input_size)
@@ -392,7 +401,6 @@ def main(args):
             raise UsageError(f"--out {folder} cannot be created ({e.strerror or e})") from None
 
     generator = torch.Generator().manual_seed(args.seed)
-    num_patches = model.patch_embed.num_patches
     note = denorm_note(args.norm_pix_loss, args.denorm)
     title = f"{args.model} ({os.path.basename(args.checkpoint)}), {args.input_size}px, seed {args.seed}"
 

@@ -164,3 +164,31 @@ def test_a_bare_state_dict_in_the_folder_is_passed_over_and_named_as_found(tmp_p
         ckpt_io.load(tmp_path / 'checkpoint-last.pth', what='the newest checkpoint in --output_dir,')
     assert str(e.value) == (f"the newest checkpoint in --output_dir, {tmp_path / 'checkpoint-last.pth'}: not an MAE "
                             f"checkpoint (no 'model' entry)")
+
+
+# ---------------------------------------------------------------------------------------------------- what load refuses
+def test_files_that_are_not_checkpoints_are_one_line_each(tmp_path):
+    """Each family of bad file is named for what it is (torch's own messages are about zip central directories)."""
+    good = tmp_path / 'good.pth'
+    torch.save(tiny(1), good)
+    data = good.read_bytes()
+    legacy = tmp_path / 'legacy.pth'
+    torch.save(tiny(1), legacy, _use_new_zipfile_serialization=False)
+    files = {'empty.pth': b'', 'notes.txt': b'hello\n', 'cut.pth': data[:len(data) // 2],
+             'cut_legacy.pth': legacy.read_bytes()[:200]}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    expected = {
+        'empty.pth': 'the file is empty (a copy or download that did not finish?)',
+        'notes.txt': "cannot be read as a PyTorch checkpoint (neither torch.save's zip archive nor its legacy pickle",
+        'cut.pth': 'cannot be read as a PyTorch checkpoint (a zip archive cut short: a copy or download that did not',
+        'cut_legacy.pth': 'cannot be read as a PyTorch checkpoint (',
+    }
+    for name, words in expected.items():
+        with pytest.raises(UsageError) as e:
+            ckpt_io.load(tmp_path / name, what='--finetune')
+        assert str(e.value).startswith(f"--finetune {tmp_path / name}: {words}"), str(e.value)
+        assert '\n' not in str(e.value) and 'weights_only' not in str(e.value)
+    assert ckpt_io.load(legacy)['epoch'] == 1 and ckpt_io.load(good)['epoch'] == 1
+    with pytest.raises(UsageError, match=r'is a folder; give a checkpoint file \(e.g. .*checkpoint-last.pth\)'):
+        ckpt_io.load(tmp_path)

@@ -191,6 +191,7 @@ def test_hf_export_of_an_encoder_only_checkpoint(tmp_path, capsys):
     ('no_encoder', 'holds no MAE/ViT encoder'),
     ('no_transformers', '--to hf needs the optional package transformers, which is not installed: pip install'),
     ('timm_out_is_folder', 'give a file name in an existing folder'),
+    ('timm_other_model', '--model mae_vit_base_patch16: --checkpoint {path} holds the weights of vit_tiny_patch4'),
 ])
 def test_mistakes_are_one_line(tmp_path, capsys, monkeypatch, case, expected):
     path, to, out = save(tmp_path / 'c.pth', tiny_mae()), 'hf', tmp_path / 'hf'
@@ -203,6 +204,9 @@ def test_mistakes_are_one_line(tmp_path, capsys, monkeypatch, case, expected):
         monkeypatch.setitem(sys.modules, 'transformers', None)  # import transformers then fails
     elif case == 'timm_out_is_folder':
         to, out = 'timm', tmp_path
-    code, err = run_in_process(export, capsys, '--checkpoint', path, '--to', to, '--out', out)
-    assert code == 2 and err.count('\n') == 1 and expected in err, err
+    extra = []
+    if case == 'timm_other_model':  # (timm's call was built for the other model: a traceback)
+        to, out, extra = 'timm', tmp_path / 'e.pth', ['--model', 'mae_vit_base_patch16']
+    code, err = run_in_process(export, capsys, '--checkpoint', path, '--to', to, '--out', out, *extra)
+    assert code == 2 and err.count('\n') == 1 and expected.format(path=path) in err, err
     assert not (tmp_path / 'hf').exists()

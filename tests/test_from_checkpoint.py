@@ -132,7 +132,8 @@ def test_load_mae(tmp_path):
 
 
 @pytest.mark.parametrize('case, expected', [
-    ('no_encoder', "holds no MAE/ViT encoder (its 'model' has no patch_embed.proj.weight / pos_embed)"),
+    ('no_encoder', "is not an MAE/ViT checkpoint: it holds no MAE/ViT encoder (its 'model' has no "
+                   "patch_embed.proj.weight / pos_embed / blocks.0.attn.qkv.weight)"),
     ('encoder_for_mae', 'holds an encoder only (like the released mae_pretrain_vit_*.pth), no decoder'),
     ('unknown_shapes', 'its weights fit none of mae_vit_base_patch16'),
     ('wrong_model', 'does not fit --model vit_small_patch4'),
@@ -155,3 +156,17 @@ def test_files_that_do_not_fit_are_one_line(tmp_path, case, expected):
     with pytest.raises(UsageError) as e:
         load(path, **kwargs)
     assert f'--checkpoint {path}' in str(e.value) and expected in str(e.value)
+
+
+def test_init_from_a_global_pool_classifier_says_what_it_is(tmp_path):
+    """A classifier fine-tuned with global pooling has fc_norm and no final norm: --init_from says so (it used to
+    blame another depth); one with the class token still warm-starts the encoder."""
+    from util.from_checkpoint import init_from_checkpoint
+    path = tmp_path / 'classifier.pth'
+    torch.save({'model': models_vit.vit_tiny_patch4(num_classes=3, global_pool=True).state_dict()}, path)
+    with pytest.raises(UsageError) as e:
+        init_from_checkpoint(models_mae.mae_vit_tiny_patch4(), path, check_only=True)
+    assert str(e.value).startswith(f"--init_from {path} is a classifier fine-tuned with global pooling (fc_norm, "
+                                   f"no final norm)") and 'depth' not in str(e.value)
+    torch.save({'model': models_vit.vit_tiny_patch4(num_classes=3, global_pool=False).state_dict()}, path)
+    init_from_checkpoint(models_mae.mae_vit_tiny_patch4(), path, check_only=True)

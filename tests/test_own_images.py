@@ -30,7 +30,7 @@ from util.image_folder import ImageFolder  # noqa: E402
 from util.image_sources import list_images, pretrain_dataset, pretrain_source, read_list  # noqa: E402
 import util.errors as errors  # noqa: E402
 from util.errors import UsageError  # noqa: E402
-from util.pretrained import adapt_patch_embed, init_from_checkpoint  # noqa: E402
+from util.from_checkpoint import adapt_patch_embed, init_from_checkpoint  # noqa: E402
 from versions import exact_numbers_expected, stack_note  # noqa: E402
 
 sys.path.insert(0, str(ROOT / 'demo'))

@@ -266,6 +266,8 @@ def test_encoder_only_checkpoint_is_one_clear_line(tmp_path, photos, script):
     ('bad_input_size', 'is not a multiple of the patch size 4'),
     ('ratios_without_grid', '--mask_ratios needs --grid'),
     ('many_images_one_file', 'is one file but there are 3 images'),
+    ('nothing_kept', '--mask_ratio 0.99 keeps none of the 64 patches at --input_size 32: at most 0.9844 keeps one'),
+    ('nothing_kept_grid', '--mask_ratios 0.99 keeps none of the 64 patches'),
 ])
 def test_mistakes(tmp_path, photos, ckpt, case, expected):
     argv = [photos, '--checkpoint', ckpt, '--out', tmp_path / 'out']
@@ -293,6 +295,10 @@ def test_mistakes(tmp_path, photos, ckpt, case, expected):
         argv += ['--mask_ratios', 0.5]
     elif case == 'many_images_one_file':
         argv[-1] = tmp_path / 'one.png'
+    elif case == 'nothing_kept':  # (an all-grey figure labelled 'masked 99%')
+        argv += ['--mask_ratio', 0.99]
+    elif case == 'nothing_kept_grid':
+        argv += ['--grid', '--mask_ratios', 0.5, 0.99]
     with pytest.raises(UsageError) as e:
         vis.main(parse(*argv))
     assert expected in str(e.value)

@@ -5,7 +5,12 @@ import argparse
 import errno
 import os
 import pathlib
+import pickle
+import re
 import shutil
+import tempfile
+import urllib.error
+import urllib.parse
 import zipfile
 from pathlib import Path
 
@@ -149,29 +154,78 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
+# torch's refusal of a file that pickles other objects than tensors and plain values goes on to suggest
+# ``weights_only=False``, which runs whatever code the file holds: only its reason is kept
+_ADVICE = ('weights_only', 'trusted source', 'safe_globals', 'allowlist', 'Check the documentation')
+
+
 def _unpickling_reason(e):
-    # torch's message suggests weights_only=False, which runs arbitrary code from the file: keep only its reason
-    for line in str(e).splitlines():
-        if 'WeightsUnpickler error:' in line:
-            return line.split('WeightsUnpickler error:', 1)[1].strip() or 'not a PyTorch checkpoint'
-    return (str(e).splitlines() or [type(e).__name__])[0]
+    text = str(e)
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1]
+    text = text.replace('Weights only load failed', '')
+    for sentence in re.split(r'(?<=[.!?])\s+|\n+', text):
+        sentence = sentence.strip(' :.')
+        if sentence and not any(word in sentence for word in _ADVICE):
+            return sentence
+    return 'the file ends early' if isinstance(e, EOFError) else 'not a PyTorch checkpoint'
 
 
 def _safe_load(path, **kwargs):
     return compat.load_weights_only(path, allowed=_REFERENCE_GLOBALS, **kwargs)
 
 
+def is_url(path):
+    """Whether a checkpoint argument is a URL: only ``http://`` and ``https://`` (``https_ckpts/ck.pth`` is a path)."""
+    return str(path).lower().startswith(('http://', 'https://'))
+
+
+def cached_path(url, what='--resume'):
+    """The local copy of ``url`` in torch's hub cache (``torch.hub.get_dir()``/checkpoints, where
+    ``torch.hub.load_state_dict_from_url`` keeps it), downloaded there first when absent. The download goes to a
+    folder of its own beside it and is renamed into place when whole: a failed one leaves nothing behind. A file
+    name with a hash (``name-<sha256 prefix>.pth``, torch's convention) is checked against it."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not urllib.parse.urlparse(url).netloc or not name:
+        raise UsageError(f"{what} {url}: not a URL of a file (https://host/.../name.pth)")
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    cached = os.path.join(folder, name)
+    if os.path.isfile(cached):
+        return cached
+    try:
+        os.makedirs(folder, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f'.{name}.', suffix='.partial', dir=folder)
+    except OSError as e:
+        raise UsageError(f"{what} {url}: cannot download it into {folder} ({e.strerror or e})") from None
+    try:
+        found = torch.hub.HASH_REGEX.search(name)
+        torch.hub.download_url_to_file(url, os.path.join(partial, name), found.group(1) if found else None)
+        os.replace(os.path.join(partial, name), cached)
+    except Exception as e:  # noqa: BLE001 - no connection, HTTP 404, a wrong hash, a full disk: the URL's fault here
+        # (a URLError says its reason best, an HTTPError its own text: 'HTTP Error 404: Not Found')
+        reason = None if isinstance(e, urllib.error.HTTPError) else getattr(e, 'reason', None)
+        reason = reason or (str(e).splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{what} {url}: cannot be downloaded ({type(e).__name__}: {reason})") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return cached
+
+
 def load(path, what='--resume'):
     """Load a checkpoint file (ours, the reference's, or a released one) onto the CPU, safely: only tensors,
     plain values and the reference's Namespace of flags (with path values) are unpickled; a file that changed
-    since it was written (``damage``) is refused. ``what``: how the messages name the file's origin (its flag)."""
-    if str(path).startswith('https'):
-        return torch.hub.load_state_dict_from_url(str(path), map_location='cpu', check_hash=True)
+    since it was written (``damage``) is refused. ``what``: how the messages name the file's origin (its flag).
+    A URL (``is_url``) is downloaded into torch's hub cache (``cached_path``) and that file read the same way."""
     label = f"{what} {path}"
-    if os.path.isdir(path):
+    if is_url(path):
+        path = cached_path(str(path), what)
+        label += f" (cached as {path})"
+    elif os.path.isdir(path):
         raise UsageError(f"{label} is a folder; give a checkpoint file (e.g. {os.path.join(path, LAST)})")
     if not os.path.isfile(path):
         raise UsageError(f"{label}: no such file")
+    if os.path.getsize(path) == 0:
+        raise UsageError(f"{label}: the file is empty (a copy or download that did not finish?)")
     checkpoint, failure = None, None
     try:
         checkpoint = _safe_load(path)
@@ -181,11 +235,22 @@ def load(path, what='--resume'):
     if problem:
         raise UsageError(f"{label}: damaged since it was written ({problem})")
     if failure is not None:
-        raise UsageError(f"{label}: cannot be read as a PyTorch checkpoint ({type(failure).__name__}: "
-                         f"{_unpickling_reason(failure)})")
+        raise UsageError(f"{label}: cannot be read as a PyTorch checkpoint ({_read_failure(path, failure)})")
     if not is_mae_checkpoint(checkpoint):
         raise UsageError(f"{label}: not an MAE checkpoint (no 'model' entry)")
     return checkpoint
+
+
+def _read_failure(path, e):
+    """Why torch.load failed on ``path``, in words, without torch's advice."""
+    with open(path, 'rb') as f:
+        start = f.read(2)
+    if start == b'PK' and not zipfile.is_zipfile(path):
+        return "a zip archive cut short: a copy or download that did not finish?"
+    if start != b'PK' and start[:1] != b'\x80':  # (a pickle's protocol opcode starts torch's legacy format)
+        return "neither torch.save's zip archive nor its legacy pickle format"
+    reason = f"{type(e).__name__}: {_unpickling_reason(e)}"
+    return reason + ("; refused, nothing in it was run" if isinstance(e, pickle.UnpicklingError) else '')
 
 
 def is_mae_checkpoint(checkpoint):

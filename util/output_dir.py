@@ -1,10 +1,12 @@
 """``--output_dir``'s own files besides the checkpoints: the lock that lets one run at a time use the folder, and the
-``log.txt`` rows, appended durably and cut back to the point a continued run starts from."""
+``log.txt`` rows, appended durably and cut back to the point a continued run starts from; and the check, before
+anything is computed, that a script's outputs can be written and destroy none of its inputs (``check_outputs``)."""
 import datetime
 import fcntl
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import util.misc as misc
@@ -44,6 +46,54 @@ def lock_output_dir(path):
     if error:
         raise UsageError(error)
     return handle
+
+
+def check_outputs(paths, flag, inputs=(), folder=False):
+    """Refuse in one line (``UsageError``, naming ``flag``) an output that cannot be written, checked before any model
+    is loaded or anything computed: ``paths`` (files, or with ``folder`` folders to write into, created later if
+    absent) whose nearest existing folder is a file or is not writable (a file is made and removed there, so that
+    read-only or immutable folders and full quotas fail here, for root too), a file where a folder is meant or the
+    reverse, a read-only file; and an output that is one of ``inputs`` (``(flag, path)`` pairs: the same file by
+    any name, symbolic or hard link included), which writing would destroy."""
+    taken = {}
+    for what, path in inputs:
+        try:
+            st = os.stat(path)
+        except (OSError, TypeError, ValueError):  # (none, a URL, or a missing file: its own check says so)
+            continue
+        taken.setdefault((st.st_dev, st.st_ino), (what, path))
+    probed = set()
+    for path in paths:
+        path = str(path)
+        if not path:
+            raise UsageError(f"{flag} is empty; give a {'folder' if folder else 'file name'}")
+        if folder and os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a file; give a folder")
+        if not folder and os.path.isdir(path):
+            raise UsageError(f"{flag} {path} is a folder; give a file name")
+        existing = os.path.abspath(path if folder else os.path.dirname(os.path.abspath(path)))
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+        if existing not in probed:
+            try:
+                fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=existing)
+                os.close(fd)
+                os.remove(probe)
+            except OSError as e:
+                raise UsageError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
+            probed.add(existing)
+        if folder or not os.path.isfile(path):
+            continue
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in taken:
+            what, given = taken[(st.st_dev, st.st_ino)]
+            linked = ', by a link' if os.path.abspath(path) != os.path.abspath(given) else ''
+            raise UsageError(f"{flag} {path} is {what} {given} (the same file{linked}): writing it would destroy that "
+                             f"input; give another {flag}")
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{flag} {path} is read-only")
 
 
 def move_log_rows_after(output_dir, last_epoch):
