@@ -369,8 +369,11 @@ def model_card(path, info, class_name, version, stats):
              f"from transformers import AutoImageProcessor, {class_name}",
              "processor = AutoImageProcessor.from_pretrained('<this folder>')",
              f"model = {class_name}.from_pretrained('<this folder>')",
-             "inputs = processor(images, return_tensors='pt')  # PIL images, "
-             + ("RGB" if info['in_chans'] == 3 else f"{info['in_chans']} channel(s)"), '```', '',
+             "inputs = processor(images, return_tensors='pt')  # " + (
+                 "PIL images, RGB" if info['in_chans'] == 3 else
+                 f"arrays (H, W, {info['in_chans']}), e.g. numpy.asarray(image)[..., None] for a grey PIL image "
+                 f"(transformers 4.x's processor refuses a PIL image of other than 3 channels; 5.x takes it)"),
+             '```', '',
              f"Images: {size} x {size} pixels, {info['in_chans']} channels; target: "
              f"{'per-patch normalised' if info['norm_pix_loss'] else 'plain'} pixels.", '', '## Data statistics', '',
              f"- input normalisation (in preprocessor_config.json): mean {stats['mean']}, std {stats['std']}"

@@ -88,8 +88,8 @@ def main():
                 failed |= not ok
                 print(f"{'ok  ' if ok else 'FAIL'} written by {writer} ({pythons[writer]}), read by transformers "
                       f"{r['version']}: missing/unexpected keys {r['full'] + r['encoder'] or 'none'}; loss "
-                      f"{r['loss']:.6f} (ours {loss:.6f}); encoder max difference {r['latent_diff']:.1e}; "
-                      f"processor mean {r['mean']}")
+                      f"{r['loss']:.6f} (ours {loss:.6f}, difference {abs(r['loss'] - loss):.1e}); encoder max "
+                      f"difference {r['latent_diff']:.1e}; processor mean {r['mean']}")
     sys.exit(1 if failed else 0)
 
 

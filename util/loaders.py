@@ -112,7 +112,9 @@ def train_loader(args, reference_transform, crop_kwargs, device, pretraining=Fal
     kind = getattr(args, 'data_loader', 'pil')
     in_chans, mean, std = normalisation(args)
 
-    def dataset_of(transform=None, skip_bad=False, loader=ImageReader(in_chans)):
+    to_grayscale = getattr(args, 'to_grayscale', False)
+
+    def dataset_of(transform=None, skip_bad=False, loader=ImageReader(in_chans, to_grayscale)):
         if pretraining:
             return pretrain_dataset(args.data_path, transform, skip_bad=skip_bad, loader=loader)
         return images.ImageFolder(os.path.join(args.data_path, 'train'), transform, skip_bad=skip_bad, loader=loader)
@@ -122,7 +124,8 @@ def train_loader(args, reference_transform, crop_kwargs, device, pretraining=Fal
     elif kind == 'dali':  # only the file list and labels: DALI reads the files
         dataset = dataset_of()
     else:
-        crop = CropFlip(args.input_size, encoded=kind == 'gpu', in_chans=in_chans, **crop_kwargs)
+        crop = CropFlip(args.input_size, encoded=kind == 'gpu', in_chans=in_chans,
+                        to_grayscale=to_grayscale, **crop_kwargs)
         dataset = dataset_of(skip_bad=args.skip_bad_images, loader=crop)
     print(dataset)
 
