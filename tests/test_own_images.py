@@ -380,6 +380,23 @@ def test_stats_round_trip_pretrain_finetune_visualize(tmp_path, capsys):
     assert 'from --checkpoint' in said and (tmp_path / 'fig.png').is_file()
 
 
+def test_colour_photos_train_one_channel_with_to_grayscale(tmp_path, capsys):
+    """--to_grayscale end to end: the statistics measured and the model trained on the converted images, the flag
+    stored in the checkpoint, which extract_features.py follows (refused without it: test_bad_input_is_one_line)."""
+    out = tmp_path / 'pre'
+    run_ok(main_pretrain, capsys, '--model', 'mae_vit_tiny_patch4', '--input_size', '16', '--batch_size', '4',
+           '--epochs', '1', '--warmup_epochs', '0', '--data_path', TINY / 'train', '--device', 'cpu', '--num_workers',
+           '0', '--output_dir', out, '--in_chans', '1', '--data_stats', 'auto', '--to_grayscale')
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['args']['to_grayscale'] is True and ckpt['model']['patch_embed.proj.weight'].shape[1] == 1
+    paths = sorted(str(p) for p in (TINY / 'train').rglob('*') if p.is_file())
+    grey = [np.asarray(Image.open(p).convert('RGB').convert('L'), np.float64) / 255 for p in paths]
+    assert ckpt['args']['mean'] == pytest.approx([np.mean([g.mean() for g in grey])], abs=1e-6)
+    said = run_ok(extract_features, capsys, TINY / 'val', '--checkpoint', out / 'checkpoint-last.pth', '--device',
+                  'cpu', '--num_workers', '0', '--out', tmp_path / 'f.npz')
+    assert 'Images: 1 channel(s)' in said and np.load(tmp_path / 'f.npz')['features'].shape[0] == 8
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize('extra, expect', [
     (['--mean', '0.5', '0.5', '--std', '0.2', '0.2'], '--mean has 2 values, --in_chans is 3'),
@@ -395,6 +412,7 @@ def test_stats_round_trip_pretrain_finetune_visualize(tmp_path, capsys):
     (['--data_path', 'LIST'], '1 of its 1 files do not exist, e.g. '),
     (['--data_path', 'FILE'], 'is a file: pre-training reads a folder'),
     (['--in_chans', '4', '--data_stats', 'auto', '--init_from', 'SIX'], 'is a 6-channel model and --in_chans is 4'),
+    (['--in_chans', '1', '--data_stats', 'auto'], '(colour: 3 channels that differ, --in_chans is 1; --to_grayscale'),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, expect):
     (tmp_path / 'empty' / 'sub').mkdir(parents=True)
