@@ -321,10 +321,23 @@ def write_hf_weights(transformers, out, config, class_name, ours):
     weights = os.path.join(out, 'model.safetensors')
     save_safetensors({k: v.contiguous() for k, v in hf_tensors(ours, class_name).items()}, weights,
                      metadata={'format': 'pt'})  # (the metadata save_pretrained writes, which 4.x checks)
-    with torch.random.fork_rng(devices=[]):  # (transformers draws initial weights, replaced on loading)
-        loaded, report = getattr(transformers, class_name).from_pretrained(out, output_loading_info=True)
-    problems = [f"{what.replace('_', ' ')}: {', '.join(sorted(report[what])[:3])}"
-                for what in ('missing_keys', 'unexpected_keys', 'mismatched_keys') if report.get(what)]
+    # (quietly: 5.x draws a progress bar while loading, and both write their own report of a bad load, which the one
+    # line below replaces)
+    log, bars = transformers.utils.logging, transformers.utils.logging.is_progress_bar_enabled()
+    verbosity = log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        with torch.random.fork_rng(devices=[]):  # (transformers draws initial weights, replaced on loading)
+            loaded, report = getattr(transformers, class_name).from_pretrained(out, output_loading_info=True)
+        problems = [f"{what.replace('_', ' ')}: {', '.join(sorted(report[what])[:3])}"
+                    for what in ('missing_keys', 'unexpected_keys', 'mismatched_keys') if report.get(what)]
+    except Exception as e:  # noqa: BLE001 - 5.x raises for mismatched shapes: said in the line below, as the others
+        problems = [f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"]
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
     if not problems:
         expected = hf_tensors(ours, class_name, installed_layout(loaded))
         theirs = loaded.state_dict()
@@ -374,7 +387,8 @@ def model_card(path, info, class_name, version, stats):
                  f"arrays (H, W, {info['in_chans']}), e.g. numpy.asarray(image)[..., None] for a grey PIL image "
                  f"(transformers 4.x's processor refuses a PIL image of other than 3 channels; 5.x takes it)"),
              '```', '',
-             f"Images: {size} x {size} pixels, {info['in_chans']} channels; target: "
+             f"Images: {size} x {size} pixels, {info['in_chans']} channel{'s' if info['in_chans'] != 1 else ''}; "
+             f"target: "
              f"{'per-patch normalised' if info['norm_pix_loss'] else 'plain'} pixels.", '', '## Data statistics', '',
              f"- input normalisation (in preprocessor_config.json): mean {stats['mean']}, std {stats['std']}"
              + ("" if stats['stored'] else " (ImageNet's, the training default)")]

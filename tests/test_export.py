@@ -217,6 +217,21 @@ def test_hf_export_of_an_encoder_only_checkpoint(tmp_path, capsys):
     assert processor['image_mean'] == list(export.IMAGENET_MEAN)  # a released file: trained on ImageNet's
 
 
+def test_hf_export_that_the_installed_transformers_does_not_load_cleanly_is_refused(tmp_path, capsys, monkeypatch):
+    transformers = pytest.importorskip('transformers')
+    if not transformers.utils.is_torch_available():
+        pytest.skip('this transformers cannot use this torch (refused in one line: the tests above)')
+    path = save(tmp_path / 'c.pth', tiny_mae(), {'model': 'mae_vit_tiny_patch4', 'input_size': 32})
+    written = export.hf_tensors
+    monkeypatch.setattr(export, 'hf_tensors', lambda ours, name, layout=export.HF_LAYOUT: {  # one key lost
+        k: v for k, v in written(ours, name, layout).items() if k != 'decoder.decoder_pred.bias' or layout != '4'})
+    code, err = run_in_process(export, capsys, '--checkpoint', path, '--to', 'hf', '--out', tmp_path / 'hf')
+    assert code == 2 and err.count('\n') == 1, err
+    assert f"transformers {transformers.__version__} does not load the exported ViTMAEForPreTraining as written " \
+           f"(missing keys: decoder.decoder_pred.bias): please report" in err
+    assert not (tmp_path / 'hf' / 'model.safetensors').exists()
+
+
 # transformers 4.x's names of the tiny MAE's keys (4.46.3's ViTMAEForPreTraining().state_dict(); ViTMAEModel's are
 # the 'vit.' ones without that prefix): what export.py writes whichever transformers is installed
 EMBEDDINGS_4X = ['embeddings.cls_token', 'embeddings.position_embeddings',
