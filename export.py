@@ -20,12 +20,14 @@ Another --input_size than 224 adds img_size=...; the printed call is the one to 
 of a timm model. A file ending in .safetensors is written with safetensors, anything else with torch.save.
 
 ``--to hf`` writes a ``save_pretrained`` folder: ``transformers.ViTMAEForPreTraining.from_pretrained(folder)`` loads a
-full MAE (decoder included; the same loss for the same ``noise``), ``ViTMAEModel.from_pretrained(folder)`` its
-encoder; an encoder-only checkpoint (the released ``mae_pretrain_vit_*.pth``) gives a ``ViTMAEModel`` folder. The
-keys follow the installed transformers' layout (4.x: ``vit.encoder.layer.N.attention.attention.{query,key,value}``,
-``intermediate``/``output``; 5.x: ``vit.layers.N.attention.{q,k,v,o}_proj``, ``mlp.fc1/fc2``; the qkv matrix is
-split in three in both). It adds the image processor's settings and a model card (README.md: the training flags,
-the data statistics, the last rows of the run's log.txt when it lies beside the checkpoint). transformers is an
+full MAE (decoder included; the same loss for the same ``noise``); an encoder-only checkpoint (the released
+``mae_pretrain_vit_*.pth``), or ``--hf_encoder_only``, gives a ``ViTMAEModel`` folder without decoder keys. The keys
+are transformers 4.x's (``vit.encoder.layer.N.attention.attention.{query,key,value}``, ``intermediate``/``output``;
+the qkv matrix split in three), whichever transformers is installed: 4.x reads them, and 5.x renames them on loading
+to its ``vit.layers.N.attention.{q,k,v,o}_proj``, ``mlp.fc1/fc2``; the installed transformers loads the folder back
+before export.py reports it written. It adds the image processor of the run (its mean, std and channel count; bicubic
+resizing) and a model card (README.md: the training flags, the data statistics, the preprocessing, the last rows of
+the run's log.txt when it lies beside the checkpoint). transformers is an
 optional dependency: ``pip install transformers``.
 
 ``--out`` is checked before the checkpoint is read: it must be writable and must not be the checkpoint itself (by any
@@ -40,7 +42,7 @@ import os
 import torch
 
 import models_mae
-from util import from_checkpoint
+from util import data_stats, from_checkpoint
 from util.errors import UsageError, run_main
 from util.flags import Parser
 from util.output_dir import check_outputs
@@ -70,6 +72,9 @@ def get_args_parser():
     parser.add_argument('--overwrite', action='store_true',
                         help='[new] --to hf: write into a folder that holds files export.py did not write (its '
                              'config.json, model.safetensors, preprocessor_config.json and README.md are replaced)')
+    parser.add_argument('--hf_encoder_only', action='store_true',
+                        help='[new] --to hf: write the encoder alone, a ViTMAEModel folder without the decoder '
+                             '(default: a full MAE checkpoint gives a ViTMAEForPreTraining folder)')
     return parser
 
 
@@ -95,8 +100,11 @@ def timm_state_dict(state_dict):
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def timm_call(state_dict, mae_name, input_size, file):
-    """``(name, kwargs)`` of the ``timm.create_model`` call that loads the exported ``state_dict`` strictly."""
+def timm_call(state_dict, mae_name, input_size, file, stats=None):
+    """``(name, kwargs)`` of the ``timm.create_model`` call that loads the exported ``state_dict`` strictly; its
+    ``pretrained_cfg`` carries ``stats`` (``{'mean', 'std'}``: the run's normalisation, ImageNet's when None) and
+    our evaluation resize (bicubic, crop ratio ``eval_crop_pct``), which timm's ``resolve_data_config`` and
+    ``create_transform`` then apply."""
     patch, width, depth, in_chans = _shape(state_dict)
     with torch.device('meta'):  # (the head count is not in the weights' shapes)
         heads = models_mae.MODELS[mae_name](img_size=patch).blocks[0].attn.num_heads
@@ -117,8 +125,22 @@ def timm_call(state_dict, mae_name, input_size, file):
         kwargs['in_chans'] = in_chans
     # (custom_load=False: our file is a plain state dict, not the .npz that some of timm's configs name; timm 1.0.3
     # would otherwise read it as one)
-    return name, dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(file), num_classes=classes,
-                                                                   custom_load=False), **kwargs)
+    stats = stats or {'mean': IMAGENET_MEAN, 'std': IMAGENET_STD}
+    overlay = dict(file=str(file), num_classes=classes, custom_load=False, mean=tuple(stats['mean']),
+                   std=tuple(stats['std']), interpolation='bicubic', crop_pct=eval_crop_pct(input_size))
+    return name, dict(pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def eval_crop_pct(input_size):
+    """The crop ratio of our evaluation transform (util/datasets.py eval_transform): resize the short side to
+    input_size / ratio, then take the central input_size square."""
+    return 224 / 256 if input_size <= 224 else 1.0
+
+
+def run_stats(saved, state_dict):
+    """``{'mean', 'std', 'in_chans'}`` the checkpoint's images were normalised with (its --mean/--std, measured by
+    --data_stats auto or given; ImageNet's for checkpoints that store none)."""
+    return data_stats.stats_from_checkpoint(saved, state_dict)
 
 
 def save_file(tensors, path):
@@ -149,7 +171,7 @@ def export_timm(path, out, model=None, ema=False):
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{base}")  # (the same extension: the same format)
     try:
         save_file(tensors, tmp)
-        name, kwargs = timm_call(tensors, mae_name, input_size, tmp)
+        name, kwargs = timm_call(tensors, mae_name, input_size, tmp, run_stats(saved, state_dict))
         try:
             timm.create_model(name, **kwargs)  # strict: timm refuses a missing or unexpected key
         except (RuntimeError, KeyError) as e:
@@ -159,10 +181,17 @@ def export_timm(path, out, model=None, ema=False):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return timm_call(tensors, mae_name, input_size, out)
+    return timm_call(tensors, mae_name, input_size, out, run_stats(saved, state_dict))
 
 
 # ---------------------------------------------------------------------------------------------------- Hugging Face
+# The key layout written, whichever transformers is installed: 4.x's. transformers 4.x reads only its own; 5.x
+# converts 4.x's names on loading (its conversion mapping for checkpoints of before 5.0), and the folder loads in
+# both with no missing or unexpected key. (5.x's own save_pretrained writes the decoder's blocks as
+# decoder.decoder_encoder.layer.N, which 4.x does not read: it gets a random decoder.)
+HF_LAYOUT = '4'
+
+
 def _block_map(ours, theirs, layout):
     """Our key names of one Transformer block -> transformers' (qkv: the three it is split into)."""
     if layout == '4':
@@ -261,9 +290,10 @@ def hf_config(transformers, net, info, patch_size):
     return transformers.ViTMAEConfig(**kwargs)
 
 
-def export_hf(path, out, model=None, ema=False):
-    """Write the ``save_pretrained`` folder ``out`` of checkpoint ``path``; returns the transformers class saved."""
-    state_dict, _ = from_checkpoint.read(path, ema=ema)
+def export_hf(path, out, model=None, ema=False, encoder_only=False):
+    """Write the ``save_pretrained`` folder ``out`` of checkpoint ``path`` (``encoder_only``: a ``ViTMAEModel``
+    folder of its encoder, no decoder keys); returns the transformers class written."""
+    state_dict, saved = from_checkpoint.read(path, ema=ema)
     kind = from_checkpoint.layout(state_dict)
     if kind == 'classifier':
         raise UsageError(f"--checkpoint {path} is a classifier (head.*), not an MAE: --to hf writes MAE "
@@ -278,29 +308,81 @@ def export_hf(path, out, model=None, ema=False):
         raise UsageError(f"--to hf: the installed transformers {transformers.__version__} cannot use the installed "
                          f"torch {torch.__version__} (its models need a newer one): upgrade torch, or install a "
                          f"transformers release that supports torch {torch.__version__}")
+    full = kind == 'mae' and not encoder_only
     # a full MAE as built (its fixed sin-cos tables for its size), or the encoder alone (ViTMAEModel)
-    load = from_checkpoint.load_mae if kind == 'mae' else from_checkpoint.load_encoder
+    load = from_checkpoint.load_mae if full else from_checkpoint.load_encoder
     net, info = load(path, model=model, ema=ema)
     if info['norm_pix_loss'] is None:
         info['norm_pix_loss'] = False
     config = hf_config(transformers, net, info, state_dict['patch_embed.proj.weight'].shape[-1])
-    with torch.random.fork_rng(devices=[]):  # (transformers draws initial weights, replaced right after)
-        hf = transformers.ViTMAEForPreTraining(config) if kind == 'mae' else transformers.ViTMAEModel(config)
-    layout = installed_layout(hf)
-    tensors = to_hf(net.state_dict(), layout)
-    if kind != 'mae':
-        tensors = {k[len('vit.'):]: v for k, v in tensors.items()}  # ViTMAEModel is the 'vit' of the full model
-    hf.load_state_dict(tensors, strict=True)
-    hf.save_pretrained(out)
+    class_name = 'ViTMAEForPreTraining' if full else 'ViTMAEModel'
+    ours = net.state_dict()
+    write_hf_weights(transformers, out, config, class_name, ours)
+    stats = run_stats(saved, state_dict)
     try:
-        transformers.ViTImageProcessor(size={'height': info['input_size'], 'width': info['input_size']},
-                                       image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
-                                       ).save_pretrained(out)
+        hf_image_processor(transformers, info['input_size'], stats).save_pretrained(out)
     except Exception as e:  # noqa: BLE001 - the weights are written; the processor's settings are a convenience
         print(f"Note: no preprocessor_config.json ({type(e).__name__}: {e})")
     with open(os.path.join(out, 'README.md'), 'w') as f:
-        f.write(model_card(path, info, type(hf).__name__, transformers.__version__, layout))
-    return type(hf).__name__
+        f.write(model_card(path, info, class_name, transformers.__version__, stats))
+    return class_name
+
+
+def hf_tensors(ours, class_name, layout=HF_LAYOUT):
+    """Our state dict ``ours`` as the keys of transformers' ``class_name`` in ``layout`` (``ViTMAEModel`` is the
+    ``vit`` of the full model: its keys lack that prefix, and it has no decoder)."""
+    tensors = to_hf(ours, layout)
+    if class_name == 'ViTMAEModel':
+        tensors = {k[len('vit.'):]: v for k, v in tensors.items() if k.startswith('vit.')}
+    return tensors
+
+
+def write_hf_weights(transformers, out, config, class_name, ours):
+    """config.json and model.safetensors (``HF_LAYOUT``'s keys) of our state dict ``ours`` in folder ``out``; then
+    the installed transformers loads the folder, and must find every key it expects, no other, and our values."""
+    from safetensors.torch import save_file as save_safetensors
+    os.makedirs(out, exist_ok=True)
+    config.architectures = [class_name]
+    config.save_pretrained(out)
+    weights = os.path.join(out, 'model.safetensors')
+    save_safetensors({k: v.contiguous() for k, v in hf_tensors(ours, class_name).items()}, weights,
+                     metadata={'format': 'pt'})  # (the metadata save_pretrained writes, which 4.x checks)
+    # (quietly: 5.x draws a progress bar while loading, and both write their own report of a bad load, which the one
+    # line below replaces)
+    log, bars = transformers.utils.logging, transformers.utils.logging.is_progress_bar_enabled()
+    verbosity = log.get_verbosity()
+    log.disable_progress_bar()
+    log.set_verbosity_error()
+    try:
+        with torch.random.fork_rng(devices=[]):  # (transformers draws initial weights, replaced on loading)
+            loaded, report = getattr(transformers, class_name).from_pretrained(out, output_loading_info=True)
+        problems = [f"{what.replace('_', ' ')}: {', '.join(sorted(report[what])[:3])}"
+                    for what in ('missing_keys', 'unexpected_keys', 'mismatched_keys') if report.get(what)]
+    except Exception as e:  # noqa: BLE001 - 5.x raises for mismatched shapes: said in the line below, as the others
+        problems = [f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"]
+    finally:
+        log.set_verbosity(verbosity)
+        if bars:
+            log.enable_progress_bar()
+    if not problems:
+        expected = hf_tensors(ours, class_name, installed_layout(loaded))
+        theirs = loaded.state_dict()
+        problems = [f"different values: {k}" for k in expected if k in theirs and not torch.equal(theirs[k],
+                                                                                                   expected[k])][:1]
+    if problems:
+        os.remove(weights)
+        raise UsageError(f"--to hf: the installed transformers {transformers.__version__} does not load the "
+                         f"exported {class_name} as written ({'; '.join(problems)}): please report this, with "
+                         f"that version")
+
+
+def hf_image_processor(transformers, input_size, stats):
+    """The ``ViTImageProcessor`` of the run: its normalisation and channel count (``stats``), bicubic resizing to
+    ``input_size``. It cannot crop: our evaluation's centre crop (``eval_crop_pct``) is in the model card."""
+    from transformers.image_utils import PILImageResampling
+    return transformers.ViTImageProcessor(do_resize=True, size={'height': input_size, 'width': input_size},
+                                          resample=PILImageResampling.BICUBIC, image_mean=list(stats['mean']),
+                                          image_std=list(stats['std']))
 
 
 def _log_rows(path):
@@ -311,23 +393,42 @@ def _log_rows(path):
         return [line.strip() for line in f if line.strip()][-LOG_ROWS:]
 
 
-def model_card(path, info, class_name, version, layout):
-    """README.md of the exported folder: what it is, how to load it, the data statistics, the training flags and
-    the last rows of the run's log.txt (when it lies beside the checkpoint)."""
+def model_card(path, info, class_name, version, stats):
+    """README.md of the exported folder: what it is, how to load it, the data statistics (``stats``: the run's
+    normalisation) and preprocessing, the training flags and the last rows of the run's log.txt (when it lies beside
+    the checkpoint)."""
     saved = info['args']
+    size = info['input_size']
+    resized = int(size / eval_crop_pct(size))
     lines = ['---', 'library_name: transformers', 'tags:', '- vit-mae', '- masked-autoencoder',
              '- image-feature-extraction', '---', '', f"# {info['mae_model']} (MAE)", '',
              f"A masked autoencoder (He et al., 2021, https://arxiv.org/abs/2111.06377) exported from "
-             f"`{os.path.basename(str(path))}` {EXPORT_MARK} (transformers {version}, its "
-             f"{layout}.x key layout).", '', '```python', f"from transformers import {class_name}",
-             f"model = {class_name}.from_pretrained('<this folder>')", '```', '',
-             f"Images: {info['input_size']} x {info['input_size']} pixels, {info['in_chans']} channels; target: "
-             f"{'per-patch normalised' if info['norm_pix_loss'] else 'plain'} pixels.", '', '## Data statistics', '']
-    stats = {k: v for k, v in saved.items() if any(w in k for w in ('mean', 'std', 'data_path', 'channels'))}
-    lines += [f"- `{k}`: {v}" for k, v in sorted(stats.items())]
-    if not any(k in saved for k in ('mean', 'std')):
-        lines += [f"- input normalisation: mean {list(IMAGENET_MEAN)}, std {list(IMAGENET_STD)} (ImageNet's, the "
-                  f"training default)"]
+             f"`{os.path.basename(str(path))}` {EXPORT_MARK} (with transformers {version}; the "
+             f"weights in transformers 4.x's key names, which 4.x and 5.x both load).", '', '```python',
+             f"from transformers import AutoImageProcessor, {class_name}",
+             "processor = AutoImageProcessor.from_pretrained('<this folder>')",
+             f"model = {class_name}.from_pretrained('<this folder>')",
+             "inputs = processor(images, return_tensors='pt')  # " + (
+                 "PIL images, RGB" if info['in_chans'] == 3 else
+                 f"arrays (H, W, {info['in_chans']}), e.g. numpy.asarray(image)[..., None] for a grey PIL image "
+                 f"(transformers 4.x's processor refuses a PIL image of other than 3 channels; 5.x takes it)"),
+             '```', '',
+             f"Images: {size} x {size} pixels, {info['in_chans']} channel{'s' if info['in_chans'] != 1 else ''}; "
+             f"target: "
+             f"{'per-patch normalised' if info['norm_pix_loss'] else 'plain'} pixels.", '', '## Data statistics', '',
+             f"- input normalisation (in preprocessor_config.json): mean {stats['mean']}, std {stats['std']}"
+             + ("" if stats['stored'] else " (ImageNet's, the training default)")]
+    given = {k: v for k, v in saved.items() if any(w in k for w in ('data_path', 'data_stats', 'channels'))}
+    lines += [f"- `{k}`: {v}" for k, v in sorted(given.items())]
+    lines += ['', '## Preprocessing', '',
+              f"The image processor resizes the whole image to {size} x {size} (bicubic) and normalises it. This "
+              f"project evaluates differently: it resizes the short side to {resized} (bicubic) and takes the "
+              f"central {size} x {size} square (util/datasets.py eval_transform); `ViTImageProcessor` cannot crop. "
+              f"For the same pixels as ours, crop first:", '', '```python',
+              'from torchvision import transforms',
+              f"crop = transforms.Compose([transforms.Resize({resized}, interpolation=transforms.InterpolationMode."
+              f"BICUBIC), transforms.CenterCrop({size})])",
+              "inputs = processor([crop(image) for image in images], return_tensors='pt')", '```']
     lines += ['', '## Training flags', '']
     if saved:
         lines += ['| flag | value |', '|---|---|'] + [f"| `--{k}` | `{v}` |" for k, v in sorted(saved.items())]
@@ -352,6 +453,8 @@ def written_by_export(folder):
 def check_out(args):
     """``--out`` can be written, is not ``--checkpoint``, and (``--to hf``) holds nothing export.py did not write
     unless ``--overwrite``: said in one line before the checkpoint is read."""
+    if args.hf_encoder_only and args.to != 'hf':
+        raise UsageError("--hf_encoder_only is for --to hf (--to timm writes the encoder alone anyway)")
     inputs = [('--checkpoint', args.checkpoint)]
     if args.to == 'timm':
         if args.overwrite:
@@ -379,9 +482,10 @@ def main(args):
         call = ', '.join([repr(name)] + [f'{k}={v!r}' for k, v in kwargs.items()])
         print(f"wrote {args.out}; timm loads it strictly with:\n    timm.create_model({call})")
         return
-    class_name = export_hf(args.checkpoint, args.out, args.model, args.ema)
+    class_name = export_hf(args.checkpoint, args.out, args.model, args.ema, args.hf_encoder_only)
     print(f"wrote {args.out}/: transformers.{class_name}.from_pretrained({json.dumps(args.out)})"
-          + (" (and ViTMAEModel for the encoder)" if class_name == 'ViTMAEForPreTraining' else ''))
+          + (" (--hf_encoder_only: a ViTMAEModel folder of the encoder alone)"
+             if class_name == 'ViTMAEForPreTraining' else ''))
 
 
 if __name__ == '__main__':

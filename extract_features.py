@@ -124,15 +124,15 @@ def find_images(paths):
 
 
 class Images(torch.utils.data.Dataset):
-    def __init__(self, files, transform, in_chans=3):
-        self.files, self.transform, self.in_chans = files, transform, in_chans
+    def __init__(self, files, transform, in_chans=3, to_grayscale=False):
+        self.files, self.transform, self.in_chans, self.to_grayscale = files, transform, in_chans, to_grayscale
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            img = read_image(self.files[i], self.in_chans)
+            img = read_image(self.files[i], self.in_chans, self.to_grayscale)
         except BAD_FILE_ERRORS as e:
             raise UsageError(f"bad image file {self.files[i]} ({bad_file_reason(self.files[i], e)})") from None
         return self.transform(img)
@@ -191,7 +191,8 @@ def extract(model, files, input_size, pool, device, batch_size=64, num_workers=0
     """The ``pool`` features of ``files`` (float32, on the CPU, in order); ``stats``: the channels and normalisation
     the model was trained with (``util.data_stats.stats_from_checkpoint``; ImageNet's RGB when None)."""
     stats = stats or data_stats.stats_from_checkpoint({})
-    images = Images(files, eval_transform(input_size, stats['mean'], stats['std']), stats['in_chans'])
+    images = Images(files, eval_transform(input_size, stats['mean'], stats['std']), stats['in_chans'],
+                    stats.get('to_grayscale', False))
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size,
                                          shuffle=False, num_workers=num_workers, generator=torch.Generator())
     out = []
@@ -271,8 +272,10 @@ def evaluate_frozen(args, device):
 
 def trained_stats(model, info):
     """The channels and normalisation the checkpoint was trained with (its --in_chans/--mean/--std; ImageNet's RGB
-    for checkpoints that store none), said in one line when they are not ImageNet's."""
+    for checkpoints that store none; colour converted to grey when it was, --to_grayscale), said in one line when
+    they are not ImageNet's."""
     stats = data_stats.stats_from_checkpoint(info['args'], model.state_dict())
+    stats['to_grayscale'] = bool((info['args'] or {}).get('to_grayscale'))
     if stats['stored']:
         print(f"Images: {stats['in_chans']} channel(s), normalised with mean {data_stats.fmt(stats['mean'])} std "
               f"{data_stats.fmt(stats['std'])} (from {info['path']})")

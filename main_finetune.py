@@ -125,7 +125,7 @@ def main(args):
     data_loader_train = None if args.eval else loaders.train_loader(args, build_transform(True, args), device)
     # [new] val/'s classes take train/'s numbers, by name (the reference numbers each split's folders on its own)
     dataset_val = image_folder(args.data_path, 'val', build_transform(False, args), skip_bad=args.skip_bad_images,
-                               numbered_as='train', loader=ImageReader(args.in_chans))
+                               numbered_as='train', loader=ImageReader.of(args))
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
     data_loader_val = loaders.val_loader(args, dataset_val, device)

@@ -82,7 +82,7 @@ def main(args):
         args, linprobe_transform(args.input_size, args.mean, args.std), device)
     # [new] val/'s classes take train/'s numbers, by name (the reference numbers each split's folders on its own)
     dataset_val = image_folder(args.data_path, 'val', eval_transform(args.input_size, args.mean, args.std),
-                               skip_bad=args.skip_bad_images, numbered_as='train', loader=ImageReader(args.in_chans))
+                               skip_bad=args.skip_bad_images, numbered_as='train', loader=ImageReader.of(args))
     print(dataset_val)
     check_classes(args, data_loader_train and data_loader_train.dataset, dataset_val)
     data_loader_val = loaders.val_loader(args, dataset_val, device)

@@ -128,13 +128,14 @@ def find_images(paths):
     return found
 
 
-def load_image(path, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3):
-    """``path`` as the model's input: read as in training (``read_image``: RGB for 3 channels), short side resized
+def load_image(path, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3, to_grayscale=False):
+    """``path`` as the model's input: read as in training (``read_image``: RGB for 3 channels; ``to_grayscale``:
+    colour converted for one channel), short side resized
     to ``input_size`` (bicubic), centre crop, normalised with ``mean`` and ``std`` as in training; a (in_chans,
     input_size, input_size) tensor."""
     import torchvision.transforms as transforms
     try:
-        img = read_image(path, in_chans)
+        img = read_image(path, in_chans, to_grayscale)
     except BAD_FILE_ERRORS as e:
         raise UsageError(f"bad image file {path} ({bad_file_reason(path, e)})") from None
     transform = transforms.Compose([
@@ -392,7 +393,8 @@ def main(args):
                              f"{num_patches} patches at --input_size {args.input_size}: at most "
                              f"{1 - 1 / num_patches:.4g} keeps one")
     # every file is checked before any output
-    tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans) for path, _ in images]
+    tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans, args.to_grayscale)
+               for path, _ in images]
     scale = args.scale or max(1, 128 // args.input_size)
     for folder in sorted({os.path.dirname(path) or '.' for path in outputs}):
         try:

@@ -64,7 +64,7 @@ def test_8bit_rgb_files_stay_the_references_pil_images(tmp_path):
     assert read_image(tmp_path / 'g.png').mode == 'RGB'  # grey -> 3 channels at the default --in_chans 3
     grey = read_image(tmp_path / 'g.png', in_chans=1)
     assert grey.mode == 'L' and np.array_equal(np.asarray(grey), rgb[..., 0])  # kept as one channel
-    with pytest.raises(ChannelMismatch, match='3 channels, --in_chans is 1'):
+    with pytest.raises(ChannelMismatch, match='colour: 3 channels that differ, --in_chans is 1; --to_grayscale conv'):
         read_image(tmp_path / 'a.png', in_chans=1)
 
 
@@ -107,11 +107,68 @@ def test_a_file_that_does_not_fit_in_chans_is_a_bad_file(tmp_path):
         Image.fromarray(np.full((8, 8), 10 * k, np.uint8)).save(tmp_path / 'train' / 'c' / f'{k}.png')
     Image.fromarray(RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / 'train' / 'c' / '1b.png')
     strict = ImageFolder(tmp_path / 'train', loader=ImageReader(1))
-    with pytest.raises(UsageError, match=r"1b.png \(3 channels, --in_chans is 1\).*--skip_bad_images"):
+    with pytest.raises(UsageError, match=r"1b.png \(colour: 3 channels that differ, --in_chans is 1; "
+                                         r"--to_grayscale converts colour to grey\): .*--skip_bad_images"):
         strict[2]  # (0.png, 1.png, 1b.png, 2.png)
     skipping = ImageFolder(tmp_path / 'train', loader=ImageReader(1), skip_bad=True)
     assert np.asarray(skipping[2][0]).max() == 20  # replaced by the next readable image, 2.png
     assert int(skipping._bad_this_epoch.sum()) == 1
+
+
+def test_grayscale_stored_as_rgb_is_one_channel_under_in_chans_1(tmp_path):
+    """Most X-ray and microscopy sets store grey as RGB: equal channels are read as one; --in_chans 3 (the default)
+    reads them as before."""
+    grey = RNG.integers(0, 256, (12, 10), dtype=np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    Image.fromarray(rgb).save(tmp_path / 'g.png')
+    Image.fromarray(rgb).save(tmp_path / 'g.bmp')
+    Image.fromarray(np.concatenate([rgb, np.full((12, 10, 1), 200, np.uint8)], axis=2)).save(tmp_path / 'ga.png')
+    for name in ('g.png', 'g.bmp', 'ga.png'):
+        img = read_image(tmp_path / name, in_chans=1)
+        assert img.mode == 'L' and np.array_equal(np.asarray(img), grey), name
+        assert np.array_equal(np.asarray(read_image(tmp_path / name)), np.asarray(load_rgb(tmp_path / name)))
+    Image.fromarray(rgb).save(tmp_path / 'g.jpg', quality=95)  # a JPEG of grey: its decoded channels are equal
+    assert read_image(tmp_path / 'g.jpg', in_chans=1).mode == 'L'
+    grey16 = RNG.integers(0, 65536, (5, 6), dtype=np.uint16)
+    x = read_image(png16(tmp_path / 'g16.png', np.repeat(grey16[..., None], 3, axis=2)), in_chans=1)
+    assert torch.equal(x, torch.from_numpy(grey16.astype(np.float32) / np.float32(65535))[None])  # all 16 bits
+    np.save(tmp_path / 'g.npy', np.repeat(grey16[..., None], 3, axis=2))
+    assert torch.equal(read_image(tmp_path / 'g.npy', in_chans=1), x)
+    # a folder of them is read whole, none skipped as bad
+    (tmp_path / 'train' / 'c').mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(np.full((8, 8, 3), 10 * k, np.uint8)).save(tmp_path / 'train' / 'c' / f'{k}.png')
+    folder = ImageFolder(tmp_path / 'train', loader=ImageReader(1), skip_bad=True)
+    assert [np.asarray(folder[k][0]).max() for k in range(3)] == [0, 10, 20]
+    assert int(folder._bad_this_epoch.sum()) == 0
+
+
+def test_colour_under_in_chans_1_is_refused_or_converted_with_to_grayscale(tmp_path):
+    colour = RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / 'c.png')
+    colour16 = RNG.integers(0, 65536, (5, 6, 3), dtype=np.uint16)
+    png16(tmp_path / 'c16.png', colour16)
+    np.save(tmp_path / 'c.npy', colour16)
+    for name in ('c.png', 'c16.png', 'c.npy'):
+        with pytest.raises(ChannelMismatch, match='--to_grayscale converts colour to grey'):
+            read_image(tmp_path / name, in_chans=1)
+    converted = read_image(tmp_path / 'c.png', in_chans=1, to_grayscale=True)
+    assert converted.mode == 'L'
+    assert np.array_equal(np.asarray(converted), np.asarray(Image.fromarray(colour).convert('L')))  # PIL's 'L'
+    luma = torch.from_numpy(colour16.astype(np.float32) / np.float32(65535)) @ torch.tensor([0.299, 0.587, 0.114])
+    for name in ('c16.png', 'c.npy'):
+        torch.testing.assert_close(read_image(tmp_path / name, in_chans=1, to_grayscale=True), luma[None])
+    # the flag: beside --in_chans in the entry points, and in the reader of their flags
+    for parser in (main_pretrain.get_args_parser(), vis.get_args_parser()):
+        help_text = next(a.help for a in parser._actions if a.dest == 'to_grayscale')
+        assert help_text.startswith('[new]')
+    args = main_pretrain.get_args_parser().parse_args(['--in_chans', '1', '--to_grayscale'])
+    assert ImageReader.of(args)(tmp_path / 'c.png').mode == 'L'
+    assert np.asarray(ImageReader.of(args)(tmp_path / 'c.png')).tolist() == np.asarray(converted).tolist()
+    mean, _, count, bad, _ = data_stats.measure([str(tmp_path / 'c.png')], 1, to_grayscale=True)
+    assert (count, bad) == (1, 0) and mean == pytest.approx([np.asarray(converted).mean() / 255])
+    with pytest.raises(UsageError, match=r"c.png \(colour: .*--to_grayscale converts colour to grey\)"):
+        data_stats.measure([str(tmp_path / 'c.png')], 1)
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -346,6 +403,23 @@ def test_stats_round_trip_pretrain_finetune_visualize(tmp_path, capsys):
     assert 'from --checkpoint' in said and (tmp_path / 'fig.png').is_file()
 
 
+def test_colour_photos_train_one_channel_with_to_grayscale(tmp_path, capsys):
+    """--to_grayscale end to end: the statistics measured and the model trained on the converted images, the flag
+    stored in the checkpoint, which extract_features.py follows (refused without it: test_bad_input_is_one_line)."""
+    out = tmp_path / 'pre'
+    run_ok(main_pretrain, capsys, '--model', 'mae_vit_tiny_patch4', '--input_size', '16', '--batch_size', '4',
+           '--epochs', '1', '--warmup_epochs', '0', '--data_path', TINY / 'train', '--device', 'cpu', '--num_workers',
+           '0', '--output_dir', out, '--in_chans', '1', '--data_stats', 'auto', '--to_grayscale')
+    ckpt = torch.load(out / 'checkpoint-last.pth', weights_only=True)
+    assert ckpt['args']['to_grayscale'] is True and ckpt['model']['patch_embed.proj.weight'].shape[1] == 1
+    paths = sorted(str(p) for p in (TINY / 'train').rglob('*') if p.is_file())
+    grey = [np.asarray(Image.open(p).convert('RGB').convert('L'), np.float64) / 255 for p in paths]
+    assert ckpt['args']['mean'] == pytest.approx([np.mean([g.mean() for g in grey])], abs=1e-6)
+    said = run_ok(extract_features, capsys, TINY / 'val', '--checkpoint', out / 'checkpoint-last.pth', '--device',
+                  'cpu', '--num_workers', '0', '--out', tmp_path / 'f.npz')
+    assert 'Images: 1 channel(s)' in said and np.load(tmp_path / 'f.npz')['features'].shape[0] == 8
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize('extra, expect', [
     (['--mean', '0.5', '0.5', '--std', '0.2', '0.2'], '--mean has 2 values, --in_chans is 3'),
@@ -367,6 +441,7 @@ def test_stats_round_trip_pretrain_finetune_visualize(tmp_path, capsys):
     (['--data_path', 'LIST'], '1 of its 1 files do not exist, e.g. '),
     (['--data_path', 'FILE'], 'is a file: pre-training reads a folder'),
     (['--in_chans', '4', '--data_stats', 'auto', '--init_from', 'SIX'], 'is a 6-channel model and --in_chans is 4'),
+    (['--in_chans', '1', '--data_stats', 'auto'], '(colour: 3 channels that differ, --in_chans is 1; --to_grayscale'),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, extra, expect):
     (tmp_path / 'empty' / 'sub').mkdir(parents=True)

@@ -45,6 +45,9 @@ def add_args(parser, checkpoint_flag=None, measure=True):
     parser.add_argument('--in_chans', default=None, type=Range(int, 1), metavar='N',
                         help=f'[new] image channels (default: {default}3). 1 keeps grayscale images as one channel; '
                              'an image of another channel count is a bad file (docs/own-images.md)')
+    parser.add_argument('--to_grayscale', action='store_true',
+                        help="[new] with --in_chans 1: convert colour images to grey (PIL's 'L'; without it an RGB "
+                             "file whose channels are equal is read as one, and one of real colour is a bad file)")
     parser.add_argument('--mean', default=None, type=Range(float), nargs='+', metavar='M',
                         help=f'[new] per-channel mean the images are normalised with, in [0, 1] units, one value per '
                              f'channel (default: {default}ImageNet\'s {" ".join(map(str, DEFAULT_MEAN))})')
@@ -197,7 +200,7 @@ def sample_indices(n, size=SAMPLE_SIZE):
     return list(range(n)) if n <= size else [k * n // size for k in range(size)]
 
 
-def measure(paths, in_chans, skip_bad=False, size=SAMPLE_SIZE):
+def measure(paths, in_chans, skip_bad=False, size=SAMPLE_SIZE, to_grayscale=False):
     """Per-channel mean and std (in [0, 1] units) over the pixels of ``size`` of ``paths`` (evenly spaced), each
     image weighing the same whatever its size. Returns (mean, std, images measured, bad files skipped, the largest
     standard error of a channel mean: the spread of the images' means over sqrt(images)). A bad file
@@ -209,7 +212,7 @@ def measure(paths, in_chans, skip_bad=False, size=SAMPLE_SIZE):
     for k in sample_indices(len(paths), size):
         path = paths[k]
         try:
-            x = as_tensor(read_image(path, in_chans)).double()
+            x = as_tensor(read_image(path, in_chans, to_grayscale)).double()
         except BAD_FILE_ERRORS as e:
             if not skip_bad:
                 raise UsageError(bad_file_message(path, bad_file_reason(path, e))) from None
@@ -262,7 +265,8 @@ def auto_stats(args, training_images):
             print(f"Note: {cache} cannot be read: measuring again")
     start = time.time()
     paths = training_images()
-    mean, std, count, bad, error = measure(paths, args.in_chans, skip_bad=getattr(args, 'skip_bad_images', False))
+    mean, std, count, bad, error = measure(paths, args.in_chans, skip_bad=getattr(args, 'skip_bad_images', False),
+                                           to_grayscale=getattr(args, 'to_grayscale', False))
     if min(std) == 0:
         raise UsageError(f"--data_stats auto: the {count} sampled images are constant in a channel (std "
                          f"{fmt(std)}): give --mean and --std")

@@ -96,14 +96,14 @@ class CropFlip:
 
     ``encoded=True`` (``--data_loader gpu``): a JPEG comes back undecoded, as (its bytes, [i, j, h, w, flip]), for
     ``decode_on_device``; other files are cropped here as above. ``in_chans`` other than 3: every file is read by
-    ``read_image`` (the JPEG shortcuts decode RGB)."""
+    ``read_image`` (the JPEG shortcuts decode RGB; ``to_grayscale``: its conversion of colour for one channel)."""
 
     def __init__(self, size, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), get_params=None, flip=0.5, encoded=False,
-                 in_chans=3):
+                 in_chans=3, to_grayscale=False):
         self.size, self.scale, self.ratio, self.flip = size, scale, ratio, flip
         self.get_params = get_params or transforms.RandomResizedCrop.get_params
         self.encoded = encoded
-        self.in_chans = in_chans
+        self.in_chans, self.to_grayscale = in_chans, to_grayscale
 
     def __call__(self, path):
         with open(path, 'rb') as f:
@@ -115,7 +115,7 @@ class CropFlip:
         if plain_jpeg:  # the size from the frame header (parsing it with PIL costs about a tenth of the decode)
             size = torch.zeros(1).expand(3, *frame)  # what get_params reads of an image: its size
         else:
-            size = image = read_image(path, self.in_chans)  # what get_params reads of an image: its size
+            size = image = read_image(path, self.in_chans, self.to_grayscale)  # (get_params reads its size)
         i, j, h, w = self.get_params(size, self.scale, self.ratio)  # the reference's draws, in its order
         flip = self.flip is not None and bool(torch.rand(1) < self.flip)
         if self.encoded and plain_jpeg:

@@ -93,12 +93,14 @@ def subset(dataset, size, seed=SUBSET_SEED):
 
 
 def knn_datasets(path, input_size, train_subset=0, val_subset=0, flag='--knn_data_path', in_chans=3,
-                 mean=DEFAULT_MEAN, std=DEFAULT_STD):
+                 mean=DEFAULT_MEAN, std=DEFAULT_STD, to_grayscale=False):
     """The train and val ImageFolders of ``path`` with the evaluation transform (the images read with ``in_chans``
-    channels and normalised with ``mean``/``std``, as the model was trained), subsets as asked."""
+    channels, colour converted with ``to_grayscale``, and normalised with ``mean``/``std``, as the model was
+    trained), subsets as asked."""
     check_data_path(path, flag)
     transform = eval_transform(input_size, mean, std)
-    train, val = (image_folder(path, split, transform, loader=ImageReader(in_chans)) for split in ('train', 'val'))
+    train, val = (image_folder(path, split, transform, loader=ImageReader(in_chans, to_grayscale))
+                  for split in ('train', 'val'))
     if train.classes != val.classes:
         raise UsageError(f"{flag} {path}: train/ and val/ hold other class folders ({len(train.classes)} and "
                          f"{len(val.classes)}); the kNN classifier needs the same classes in both")
@@ -164,7 +166,7 @@ class KnnMonitor:
         in_chans, mean, std = normalisation(args)
         self.train_set, self.val_set, self.num_classes = knn_datasets(
             args.knn_data_path, args.input_size, args.knn_train_subset, args.knn_val_subset, in_chans=in_chans,
-            mean=mean, std=std)
+            mean=mean, std=std, to_grayscale=getattr(args, 'to_grayscale', False))
         print(f"kNN monitor: every {self.every} epoch(s) and after the last, {len(self.train_set)} train and "
               f"{len(self.val_set)} val images of {args.knn_data_path} ({self.num_classes} classes), k={K}, "
               f"T={TEMPERATURE}")

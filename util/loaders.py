@@ -114,7 +114,9 @@ def train_loader(args, transform, device, pretraining=False):
     in_chans = normalisation(args)[0]
     crop, mean, std = augmentation(transform, kind) if kind != 'pil' else (None, None, None)
 
-    def dataset_of(transform=None, skip_bad=False, loader=ImageReader(in_chans)):
+    to_grayscale = getattr(args, 'to_grayscale', False)
+
+    def dataset_of(transform=None, skip_bad=False, loader=ImageReader(in_chans, to_grayscale)):
         if pretraining:
             return pretrain_dataset(args.data_path, transform, skip_bad=skip_bad, loader=loader)
         return images.ImageFolder(os.path.join(args.data_path, 'train'), transform, skip_bad=skip_bad, loader=loader)
@@ -125,7 +127,8 @@ def train_loader(args, transform, device, pretraining=False):
         dataset = dataset_of()
     else:
         dataset = dataset_of(skip_bad=args.skip_bad_images, loader=CropFlip(**crop, encoded=kind == 'gpu',
-                                                                             in_chans=in_chans))
+                                                                             in_chans=in_chans,
+                                                                             to_grayscale=to_grayscale))
     print(dataset)
 
     num_tasks, global_rank = misc.get_world_size(), misc.get_rank()
