@@ -263,6 +263,20 @@ def test_log_dir_inside_a_file_is_one_line(tmp_path, capsys):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('module, flag, name', [(main_finetune, '--finetune', 'checkpoint-0.pth'),
+                                                (main_pretrain, '--init_from', 'checkpoint-last.pth')])
+def test_starting_weights_in_the_output_dir_are_refused(tmp_path, capsys, module, flag, name):
+    """A run would write its own checkpoint-N.pth / checkpoint-last.pth over the file it starts from."""
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / name).write_bytes(b'weights')
+    code, err = run_in_process(module, capsys, *(PT if module is main_pretrain else FT), '--output_dir', out,
+                               '--no_auto_resume', flag, out / name)
+    assert code == 2 and err == (f"error: {flag} {out / name} lies in --output_dir {out}, whose checkpoint files this "
+                                 f"run writes over: copy it elsewhere, or give another --output_dir\n")
+    assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_bytes() == b'weights'
+
+
 def test_device_index_and_backend(monkeypatch):
     from util.flag_checks import check_device
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)

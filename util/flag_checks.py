@@ -75,6 +75,14 @@ def check_common(args, models, kind, splits):
             if os.path.exists(found) and not os.path.isdir(found):
                 raise UsageError(f"--{flag} {path} is a file, not a folder" if found == os.path.abspath(path) else
                                  f"--{flag} {path}: {found} is a file, not a folder")
+    for flag in ('finetune', 'init_from'):  # the weights a run starts from must outlive its first checkpoint
+        path = getattr(args, flag, '')
+        name = os.path.basename(str(path or ''))
+        in_output_dir = args.output_dir and path and os.path.isfile(path) and \
+            os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(args.output_dir)
+        if in_output_dir and name.startswith('checkpoint-') and name.endswith('.pth'):
+            raise UsageError(f"--{flag} {path} lies in --output_dir {args.output_dir}, whose checkpoint files this "
+                             f"run writes over: copy it elsewhere, or give another --output_dir")
     for split in splits:
         root = os.path.join(args.data_path, split)
         if not os.path.isdir(root):
