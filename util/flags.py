@@ -3,6 +3,7 @@ valid range in ``util/flag_checks.py`` (``RANGES``; a test fails for a flag with
 wrong value into one line before anything is written or computed."""
 import argparse
 
+from util import hf_datasets
 from util.loaders import LOADER_HELP
 
 def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='adamw', checkpointing=True,
@@ -33,6 +34,7 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
     parser.add_argument('--warmup_epochs', type=int, default=defaults['warmup_epochs'], metavar='N',
                         help='epochs to warmup LR')
     parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str, help=data_help)
+    hf_datasets.add_args(parser)  # [new] --hf_image_column, --hf_label_column
     parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
                         help='path where to tensorboard log (default: --output_dir; the reference: ./output_dir)')

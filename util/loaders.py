@@ -115,6 +115,8 @@ def train_loader(args, reference_transform, crop_kwargs, device, pretraining=Fal
     def dataset_of(transform=None, skip_bad=False, loader=ImageReader(in_chans)):
         if pretraining:
             return pretrain_dataset(args.data_path, transform, skip_bad=skip_bad, loader=loader)
+        if images.other_source(args.data_path):  # [new] tar shards, a Hugging Face dataset
+            return images.listed(args.data_path, 'train', transform, skip_bad=skip_bad, loader=loader)
         return images.ImageFolder(os.path.join(args.data_path, 'train'), transform, skip_bad=skip_bad, loader=loader)
 
     if kind == 'pil':
