@@ -73,18 +73,18 @@ def load(path):
 
 
 def split_of(path, split):
-    """The ``Dataset`` of ``split`` ('train', or an evaluation split: 'validation', 'val' or 'test')."""
+    """``(name, Dataset)`` of ``split`` ('train', or an evaluation split: 'validation', 'val' or 'test')."""
     datasets = _datasets()
     loaded = load(path)
     if isinstance(loaded, datasets.Dataset):
         if split == 'train':
-            return loaded
+            return split, loaded
         raise UsageError(f"--data_path {path} is one Dataset without splits: the {split} split needs a DatasetDict "
                          f"with train and {'/'.join(VAL_SPLITS)}")
     names = ['train'] if split == 'train' else [split] + [s for s in VAL_SPLITS if s != split]
     for name in names:
         if name in loaded:
-            return loaded[name]
+            return name, loaded[name]
     raise UsageError(f"--data_path {path} has no {' or '.join(names)} split (it has: {', '.join(loaded)})")
 
 
@@ -141,7 +141,7 @@ def check(path, splits, labelled):
 
 def split_samples(path, split, labelled):
     """``(root, samples, classes)`` of ``split``, as ``util.shards.split_samples``'s."""
-    ds = split_of(path, split)
+    split, ds = split_of(path, split)
     if len(ds) == 0:
         raise UsageError(f"--data_path {path}: its {split} split has no row")
     image, label = columns(path, ds, labelled)
@@ -156,6 +156,6 @@ def split_samples(path, split, labelled):
                              f"(integers from 0)")
         names = getattr(feature, 'names', None)
         classes = list(names) if names else [str(k) for k in range(max(targets) + 1)]
-    name = f"{path}[{ds.split or split}]"
+    name = f"{path}[{split}]"
     samples = [(Row(f"{name}[{k}]", table, k), t) for k, t in enumerate(targets)]
     return name, samples, classes
