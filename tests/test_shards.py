@@ -14,7 +14,7 @@ import torch
 import extract_features
 import main_finetune
 import main_pretrain
-from conftest import (TINY, one_line_error, pretrain_argv, read_log, resume_argv, run_in_process, run_script,
+from conftest import (TINY, pretrain_argv, read_log, resume_argv, run_in_process, run_script,
                       run_with_fault, save_pretrained)
 from util import shards
 from util.errors import UsageError
@@ -255,3 +255,10 @@ def test_two_processes_on_uneven_shards_write_the_folders_log(tiny_shards, tmp_p
         assert r.returncode == 0, r.stderr[-3000:]
         logs.append((out / 'log.txt').read_text())
     assert logs[0] == logs[1]
+
+
+def test_data_stats_auto_measures_shards_as_the_files(tiny_shards):
+    from util.data_stats import measure
+    files = [path for path, _ in pretrain_dataset(str(TINY)).samples]
+    members = [member for member, _ in pretrain_dataset(str(tiny_shards)).samples]
+    assert measure(members, 3) == measure(files, 3)
