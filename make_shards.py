@@ -11,7 +11,8 @@ writes ``OUT/<split>/<split>-000000.tar``, ... in the WebDataset convention (``w
 of a split is ``<k:08d>.<ext>`` (the file's bytes as they are, not re-encoded) and, for a tree, ``<k:08d>.cls`` (its
 class number), in the order the scripts list the files, so a run on the shards sees the same images at the same
 indices as on the folder (the same data order for the same seed). ``OUT/classes.json`` lists the class names (index
-= number; val/'s classes take train/'s numbers). ``--to hf`` writes a ``DatasetDict`` (``train``, ``validation``)
+= number; val/'s classes take train/'s numbers), and each shard's index lies beside it (``<shard>.index.json``,
+``util/shards.py``: the runs read it instead of scanning the tar headers). ``--to hf`` writes a ``DatasetDict`` (``train``, ``validation``)
 with an ``image`` column (the files' bytes) and, for a tree, a ``label`` ClassLabel column. Needs ``pip install
 webdataset`` (``--to hf``: ``pip install datasets``).
 """
@@ -20,6 +21,7 @@ import json
 import os
 import re
 
+from util import shards
 from util.errors import UsageError, run_main
 from util.image_folder import image_folder
 from util.image_sources import pretrain_dataset
@@ -119,6 +121,8 @@ def main(args):
     for split, (samples, _) in found.items():
         count = write_shards(samples, bool(classes), os.path.join(args.out, split), split, max_size,
                              args.samples_per_shard)
+        for shard in shards.split_urls(args.out, split):  # their indexes beside them: no run needs to scan them
+            shards.index(shard)
         print(f"wrote {count} {split} shard(s) of {len(samples)} images in {os.path.join(args.out, split)}")
     if classes:
         with open(os.path.join(args.out, 'classes.json'), 'w') as f:

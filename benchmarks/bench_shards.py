@@ -7,7 +7,8 @@ util/loaders.py, as main_pretrain.py builds it) with --data_loader pil and fast_
 The images are extracted once from the tarball at --cifar into --cache (default <tmp>/mae_bench_shards; never the
 repository) as an ImageFolder tree, and written into shards of --samples_per_shard images by make_shards.py (run as
 a script). --imagenet_like takes benchmarks/bench_input.py's upsampled noisy JPEGs instead. Each row times
---images images after a first batch (worker start-up); the sampler draws random indices, as training does. Both
+--images images after a first batch (worker start-up); the sampler draws random indices, as training does. A first line times reading
+the bytes alone; each cell is the best of --repeats runs, files and shards in turn. Both
 sources are read from the page cache after the first pass (the machine's memory holds them): the difference measured
 is the cost of opening a file per image against reading a member of an open shard, not the storage's; on network
 file systems and object stores, where each open is a round trip, shards gain more.
@@ -31,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 from bench_input import images_per_second, make_images  # noqa: E402
 from util.datasets import pretrain_transform  # noqa: E402
+from util.image_decode import read_bytes  # noqa: E402
+from util.image_sources import pretrain_dataset  # noqa: E402
 from util.loaders import train_loader  # noqa: E402
 
 CIFAR = Path('/work/shared/datasets/cifar10_jpg.tar.gz')
@@ -76,6 +79,20 @@ def loader_for(kind, data_path, input_size, batch_size, workers):
     return loader
 
 
+def read_rate(data_path, count):
+    """img/s of reading the images' bytes alone (``read_bytes``: a file opened, read and closed; or one ``pread``
+    from a shard), in a random order, after one pass that fills the page cache."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        samples = [path for path, _ in pretrain_dataset(str(data_path)).samples]
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()[:count]
+    for k in order:
+        read_bytes(samples[k])
+    start = time.perf_counter()
+    for k in order:
+        read_bytes(samples[k])
+    return len(order) / (time.perf_counter() - start)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--images', default=4000, type=int, help='images to extract, and images timed per row')
@@ -84,6 +101,7 @@ def main():
     parser.add_argument('--batch_size', default=64, type=int)
     parser.add_argument('--input_size', default=32, type=int)
     parser.add_argument('--samples_per_shard', default=1000, type=int)
+    parser.add_argument('--repeats', default=3, type=int, help='each row the best of this many runs of each')
     parser.add_argument('--imagenet_like', action='store_true', help="bench_input.py's 500x375 noisy JPEGs")
     parser.add_argument('--cifar', default=str(CIFAR))
     parser.add_argument('--cache', default=os.path.join(tempfile.gettempdir(), 'mae_bench_shards'))
@@ -98,16 +116,18 @@ def main():
     print(f"{datetime.date.today()}  {os.cpu_count()} cores  torch {torch.__version__}  {len(files)} JPEGs, "
           f"{kb:.1f} KB on average; shards of {args.samples_per_shard}; crop {args.input_size}, batch "
           f"{args.batch_size}; img/s")
+    print(f"reading the bytes alone, 1 core: files {read_rate(folder, args.images):.0f} img/s, shards "
+          f"{read_rate(sharded, args.images):.0f} img/s")
     print("| workers | " + " | ".join(f"{k} files | {k} shards | shards / files" for k in args.loaders) + " |")
     print("|---:|" + "---:|---:|---:|" * len(args.loaders))
     for workers in args.workers:
         cells = []
         for kind in args.loaders:
-            rates = []
-            for data in (folder, sharded):
-                loader = loader_for(kind, data, args.input_size, args.batch_size, workers)
-                images_per_second(loader, args.batch_size, torch.device('cpu'))  # a warm-up pass over the cache
-                rates.append(images_per_second(loader, args.images, torch.device('cpu')))
+            rates = [0, 0]
+            for _ in range(args.repeats):  # files and shards in turn, the best of each: load from other jobs shifts
+                for k, data in enumerate((folder, sharded)):
+                    loader = loader_for(kind, data, args.input_size, args.batch_size, workers)
+                    rates[k] = max(rates[k], images_per_second(loader, args.images, torch.device('cpu')))
             cells += [f"{rates[0]:.0f}", f"{rates[1]:.0f}", f"{rates[1] / rates[0]:.2f}x"]
         print(f"| {workers} | " + " | ".join(cells) + " |", flush=True)
 

@@ -239,8 +239,9 @@ def test_extract_features_on_shards(tiny_shards, tmp_path, capsys):
     for data in (TINY, tiny_shards):
         extract_features.main(extract_features.get_args_parser().parse_args(
             [str(data), '--knn', '--checkpoint', str(pretrained), '--device', 'cpu']))
-    out = [line.split(' on ')[-1] for line in capsys.readouterr().out.splitlines() if line.startswith('kNN of')]
-    assert len(out) == 2 and out[0].split(':', 1)[1] == out[1].split(':', 1)[1]
+    out = [line.split(': ', 1)[1].rsplit('; took', 1)[0]  # (the images and numbers, not the time taken)
+           for line in capsys.readouterr().out.splitlines() if line.startswith('kNN of')]
+    assert len(out) == 2 and out[0] == out[1] and out[0].startswith('16 train and 8 val images: top-1 ')
 
 
 @pytest.mark.slow

@@ -81,7 +81,8 @@ def is_shards(path):
     if not os.path.isdir(path):
         return False
     folder = os.path.join(path, 'train') if os.path.isdir(os.path.join(path, 'train')) else path
-    return bool(_tars_in(folder))
+    # (a folder of images that also holds an archive stays a folder of images)
+    return bool(_tars_in(folder)) and not any(f.lower().endswith(IMG_EXTENSIONS) for f in os.listdir(folder))
 
 
 def _tars_in(folder):
