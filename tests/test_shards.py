@@ -221,7 +221,7 @@ def test_knn_monitor_on_shards(tiny_shards, tmp_path):
     knn = ['--knn_every', '1', '--epochs', '1']
     folder = run_script(*pretrain_argv(tmp_path / 'folder', *knn, '--knn_data_path', TINY))
     sharded = run_script(*pretrain_argv(tmp_path / 'shards', *knn, '--knn_data_path', tiny_shards))
-    assert sharded.returncode == 0, sharded.stderr[-2000:]
+    assert folder.returncode == 0 and sharded.returncode == 0, sharded.stderr[-2000:]
     rows, expected = read_log(tmp_path / 'shards'), read_log(tmp_path / 'folder')
     assert 'knn_top1' in rows[0] and rows == expected
 
