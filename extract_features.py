@@ -43,6 +43,7 @@ import models_vit
 from util import data_stats, feature_probe, from_checkpoint, knn_monitor
 from util.datasets import eval_transform
 from util.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image
+from util.image_folder import other_source
 from util.errors import UsageError, run_main
 from util.flag_checks import check_device
 from util.flags import Parser, Range
@@ -99,6 +100,8 @@ def find_images(paths):
     """``(files, labels, classes)``: the image files of ``paths`` (files as given, folders searched recursively in
     sorted order); when every path is a folder whose images all lie in class folders, each file's class index into
     ``classes`` (the sorted names of all those class folders), else ``labels`` is None."""
+    if len(paths) == 1 and other_source(paths[0]):  # [new] tar shards, a Hugging Face dataset
+        return listed_images(paths[0])
     found, class_of = [], []
     for p in paths:
         if os.path.isfile(p):
@@ -121,6 +124,18 @@ def find_images(paths):
         return found, None, []
     classes = sorted(set(class_of))
     return found, [classes.index(c) for c in class_of], classes
+
+
+def listed_images(path):
+    """[new] ``find_images`` of tar shards or a Hugging Face dataset: the images of its train split (the shards
+    themselves for a pattern), labelled when every sample has a class."""
+    source = other_source(path)
+    try:
+        _, samples, classes = source.split_samples(path, 'train', labelled=True)
+    except UsageError:  # (no classes: features without labels; any other problem is raised again below)
+        _, samples, classes = source.split_samples(path, 'train', labelled=False)
+        return [image for image, _ in samples], None, []
+    return [image for image, _ in samples], [label for _, label in samples], classes
 
 
 class Images(torch.utils.data.Dataset):

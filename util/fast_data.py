@@ -41,7 +41,7 @@ import util.crop as tf_crop
 from util import datasets
 from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
 from util.errors import UsageError
-from util.image_decode import read_image, to_rgb
+from util.image_decode import read_bytes, read_image, to_rgb
 
 JPEG_END = b'\xff\xd9'  # a JPEG without its end marker is truncated: PIL's decoder refuses it, libjpeg would pad it
 
@@ -106,8 +106,7 @@ class CropFlip:
         self.in_chans, self.to_grayscale = in_chans, to_grayscale
 
     def __call__(self, path):
-        with open(path, 'rb') as f:
-            data = bytearray(f.read())
+        data = bytearray(read_bytes(path))  # (a file, or a shard member's or dataset row's bytes [new])
         frame = jpeg_frame(data) if self.in_chans == 3 else None
         # decode_jpeg for plain YCbCr/grayscale JPEGs that end properly; read_image (PIL with to_rgb for 8-bit
         # files) for everything else

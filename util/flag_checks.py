@@ -6,9 +6,10 @@ import re
 
 import torch
 
-from util import data_stats
+from util import data_stats, hf_datasets
 from util.errors import UsageError
 from util.flags import SEED_MAX
+from util.image_folder import other_source
 from util.loaders import check_data_loader
 
 
@@ -83,11 +84,28 @@ def check_common(args, models, kind, splits):
         if in_output_dir and name.startswith('checkpoint-') and name.endswith('.pth'):
             raise UsageError(f"--{flag} {path} lies in --output_dir {args.output_dir}, whose checkpoint files this "
                              f"run writes over: copy it elsewhere, or give another --output_dir")
-    for split in splits:
+    check_other_source(args, splits)  # [new] tar shards, a Hugging Face dataset
+    for split in ([] if other_source(args.data_path) else splits):
         root = os.path.join(args.data_path, split)
         if not os.path.isdir(root):
             raise UsageError(f"--data_path {args.data_path}: no such folder" if not os.path.isdir(args.data_path) else
                              f"--data_path {args.data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
+
+
+def check_other_source(args, splits):
+    """[new] ``--data_path`` as tar shards or a Hugging Face dataset: its ``splits`` indexed (a problem in one line
+    before anything runs), the --hf_* column flags taken (and refused for other data)."""
+    source = other_source(args.data_path)
+    given = [f for f in ('hf_image_column', 'hf_label_column') if getattr(args, f, None)]
+    if given and source is not hf_datasets:
+        raise UsageError(f"--{given[0]} is for a Hugging Face dataset as --data_path; {args.data_path} is not one")
+    hf_datasets.use_columns(args)
+    if source and getattr(args, 'data_loader', 'pil') == 'dali':
+        raise UsageError(f"--data_loader dali reads image files; --data_path {args.data_path} is "
+                         f"{'tar shards' if source is not hf_datasets else 'a Hugging Face dataset'}: use "
+                         f"--data_loader fast_cpu, gpu or pil")
+    if source:
+        source.check(args.data_path, splits, labelled=True)
 
 
 def check_model_fits(build, args):

@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from util import hf_datasets
+
 SEED_MAX = 2 ** 32 - 1  # numpy seeds each process with --seed + its rank, and takes 0 .. 2**32 - 1 only
 
 
@@ -109,6 +111,7 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
     parser.add_argument('--warmup_epochs', type=Range(int, 0), default=defaults['warmup_epochs'], metavar='N',
                         help='epochs to warmup LR')
     parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str, help=data_help)
+    hf_datasets.add_args(parser)  # [new] --hf_image_column, --hf_label_column
     parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
                         help='path where to tensorboard log (default: --output_dir; the reference: ./output_dir)')

@@ -61,7 +61,8 @@ def to_rgb(img):
 def load_rgb(path):
     """Open ``path`` with PIL and return it as RGB (the same pixels as torchvision's ``pil_loader`` for RGB,
     grayscale and CMYK files). Large images load without PIL's decompression-bomb warning, up to PIL's limit."""
-    with open(path, 'rb') as f, warnings.catch_warnings():
+    # (a tar shard's member or a dataset row [new]: its bytes, ``read_bytes``)
+    with (io.BytesIO(path.read()) if hasattr(path, 'read') else open(path, 'rb')) as f, warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)
         return to_rgb(Image.open(f))
 
@@ -91,9 +92,9 @@ def read_image(path, in_chans=3, to_grayscale=False):
     cannot read."""
     ext = os.path.splitext(str(path))[1].lower()
     if ext == '.npy':
-        return fit_channels(np.load(path, allow_pickle=False), in_chans, path, alpha=False, to_grayscale=to_grayscale)
-    with open(path, 'rb') as f:
-        data = f.read()
+        array = np.load(io.BytesIO(path.read()) if hasattr(path, 'read') else path, allow_pickle=False)
+        return fit_channels(array, in_chans, path, alpha=False, to_grayscale=to_grayscale)
+    data = read_bytes(path)
     if data[:8] == PNG_SIGNATURE and len(data) > 25 and data[24] == 16 and data[25] in (2, 6):
         # 16-bit RGB(A) PNG: PIL reads it as 8 bits; torchvision's decoder keeps the 16
         return fit_channels(compat.decode_png_16(data, path), in_chans, path, alpha=True, to_grayscale=to_grayscale)
@@ -128,6 +129,15 @@ def one_channel(img, path, to_grayscale):
     if to_grayscale:
         return rgb.convert('L')
     raise ChannelMismatch(COLOUR_MESSAGE)
+
+
+def read_bytes(path):
+    """The bytes of the image file ``path``, or of an image held elsewhere [new] (a tar shard's member, a Hugging
+    Face dataset's row: a ``str`` naming it whose ``read()`` gives them, ``util/shards.py``, ``util/hf_datasets.py``)."""
+    if hasattr(path, 'read'):
+        return path.read()
+    with open(path, 'rb') as f:
+        return f.read()
 
 
 def pil_reads_tiff(data):

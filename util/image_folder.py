@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision import datasets
 
 import util.misc as misc
+from util import hf_datasets, shards
 from util.errors import UsageError
 from util.image_decode import (BAD_FILE_ERRORS, SKIP_FLAG, bad_file_message, bad_file_reason, is_image_file,
                                load_rgb, too_large_message)
@@ -122,12 +123,41 @@ class ImageFolder(datasets.ImageFolder):
         return sample, target
 
 
+class ListedImages(ImageFolder):
+    """[new] Images not found in folders: ``samples`` as ``[(image, class number)]``, whose images are ``str``s that
+    ``read()`` their bytes (a tar shard's members, ``util/shards.py``; a Hugging Face dataset's rows,
+    ``util/hf_datasets.py``), and the class names. Read, transformed and skipped as ``ImageFolder``'s files."""
+
+    def __init__(self, root, samples, classes, transform=None, skip_bad=False, loader=load_rgb):
+        datasets.VisionDataset.__init__(self, root, transform=transform)
+        self.loader, self.numbered_as = loader, None
+        self.classes, self.class_to_idx = classes, {name: k for k, name in enumerate(classes)}
+        self.samples = self.imgs = samples
+        self.targets = [target for _, target in samples]
+        self._init_skip(skip_bad)
+
+
+def other_source(data_path):
+    """[new] The module that reads ``--data_path`` when it is not a folder of image files: ``util.shards`` (tar
+    shards), ``util.hf_datasets`` (a Hugging Face dataset), or None."""
+    return shards if shards.is_shards(data_path) else hf_datasets if hf_datasets.is_hf(data_path) else None
+
+
+def listed(data_path, split, transform=None, skip_bad=False, loader=load_rgb, labelled=True):
+    """[new] ``split`` of tar shards or a Hugging Face dataset (``other_source``) as ``ListedImages``."""
+    root, samples, classes = other_source(data_path).split_samples(data_path, split, labelled)
+    return ListedImages(root, samples, classes, transform=transform, skip_bad=skip_bad, loader=loader)
+
+
 def image_folder(data_path, split, transform, skip_bad=False, loader=load_rgb, numbered_as=None):
     """``ImageFolder(data_path/split)``: a one-line ``UsageError`` names the folder when it is missing, has no class
     folders, or a class folder holds no image, and the file when an image cannot be read (unless ``skip_bad``: see
     ``ImageFolder``). ``loader(path)`` reads a file (``util.fast_data``'s also augment it). ``numbered_as``: the
     split whose class numbers the classes take, when it is there (an evaluation split takes 'train''s). The entry
-    points check that the folders exist with their flags first (``util.flag_checks.check_common``)."""
+    points check that the folders exist with their flags first (``util.flag_checks.check_common``). [new] Tar shards
+    or a Hugging Face dataset: ``listed`` (their class numbers are the same in every split)."""
+    if other_source(data_path):
+        return listed(data_path, split, transform, skip_bad, loader)
     return ImageFolder(os.path.join(data_path, split), transform=transform, skip_bad=skip_bad, loader=loader,
                        numbered_as=numbered_as and os.path.join(data_path, numbered_as))
 

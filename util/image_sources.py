@@ -8,7 +8,7 @@ from torchvision import datasets
 
 from util.errors import UsageError
 from util.image_decode import IMG_EXTENSIONS, load_rgb
-from util.image_folder import ImageFolder
+from util.image_folder import ImageFolder, listed, other_source
 
 LIST_SUFFIX = '.txt'
 
@@ -92,7 +92,10 @@ def pretrain_source(data_path):
 
 
 def check_pretrain_path(data_path):
-    """One line before anything runs when pre-training's ``--data_path`` is neither a folder nor a .txt list."""
+    """One line before anything runs when pre-training's ``--data_path`` is neither a folder nor a .txt list (nor
+    tar shards or a Hugging Face dataset [new], whose problems are found here too)."""
+    if other_source(data_path):
+        return other_source(data_path).check(data_path, ['train'], labelled=False)
     if os.path.isfile(data_path):
         if not data_path.lower().endswith(LIST_SUFFIX):
             raise UsageError(f"--data_path {data_path} is a file: pre-training reads a folder of images (or an "
@@ -103,7 +106,10 @@ def check_pretrain_path(data_path):
 
 def pretrain_dataset(data_path, transform=None, skip_bad=False, loader=load_rgb):
     """Pre-training's images (see ``pretrain_source``): an ``ImageFolder`` for a tree with class folders (the
-    reference's data order), else ``ImageFiles``. A one-line ``UsageError`` when there is no image."""
+    reference's data order), else ``ImageFiles``. A one-line ``UsageError`` when there is no image. [new] Tar shards
+    or a Hugging Face dataset: their train split (``util.image_folder.listed``)."""
+    if other_source(data_path):
+        return listed(data_path, 'train', transform, skip_bad, loader, labelled=False)
     kind, root = pretrain_source(data_path)
     if kind == 'folder':
         return ImageFolder(root, transform=transform, skip_bad=skip_bad, loader=loader)

@@ -32,7 +32,7 @@ from util.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
 from util.datasets import eval_transform
 from util.from_checkpoint import features
 from util.image_decode import ImageReader
-from util.image_folder import image_folder
+from util.image_folder import image_folder, other_source
 from util.knn import K, TEMPERATURE, knn_accuracy
 from util.errors import UsageError
 from util.flags import Range
@@ -75,6 +75,8 @@ def check_args(args):
 def check_data_path(path, flag):
     if not path:
         raise UsageError(f"{flag} is needed: an ImageFolder tree with train/ and val/ folders")
+    if other_source(path):  # [new] tar shards, a Hugging Face dataset
+        return other_source(path).check(path, ['train', 'val'], labelled=True)
     if not os.path.isdir(path):
         raise UsageError(f"{flag} {path}: no such folder")
     for split in ('train', 'val'):

@@ -119,6 +119,8 @@ def train_loader(args, transform, device, pretraining=False):
     def dataset_of(transform=None, skip_bad=False, loader=ImageReader(in_chans, to_grayscale)):
         if pretraining:
             return pretrain_dataset(args.data_path, transform, skip_bad=skip_bad, loader=loader)
+        if images.other_source(args.data_path):  # [new] tar shards, a Hugging Face dataset
+            return images.listed(args.data_path, 'train', transform, skip_bad=skip_bad, loader=loader)
         return images.ImageFolder(os.path.join(args.data_path, 'train'), transform, skip_bad=skip_bad, loader=loader)
 
     if kind == 'pil':
