@@ -13,7 +13,6 @@ import torch
 
 import util.checkpoint as ckpt_io
 import util.misc as misc
-import util.rng as rng
 from util.errors import RunComplete, UsageError
 
 # Flags a continued run may change (README, "Long runs"). Every other flag stored in the checkpoint must be the same.
@@ -202,7 +201,7 @@ def continue_position(start, checkpoint, args, iters_per_epoch):
         where = f"restarting epoch {start.epoch} from its beginning" if 'resume_iter' in checkpoint else "continuing"
         print(f"Note: {layout_note}; {where} with fresh random streams")
     elif states:
-        rng.set_rng_state(states[rank])
+        ckpt_io.set_rng_state(states[rank])
     start.purge_step = start.epoch * 1000 if start.epoch > 0 else None
     return start
 
