@@ -29,7 +29,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: to
     if log_writer is not None:
         print('log_dir: {}'.format(log_writer.log_dir))
 
-    nonfinite = NonFiniteLosses(args, epoch, saver)
+    nonfinite = NonFiniteLosses(args.skip_nonfinite, epoch, saver, read_later=args.no_host_sync)
     # an epoch resumed in the middle starts after its trained batches, with its meters and random streams
     batches, start, iters_per_epoch = epoch_batches(data_loader, epoch, position, metric_logger, args.batch_size)
     for data_iter_step, (samples, _) in enumerate(

@@ -117,7 +117,7 @@ def main(args):
     # the reference's simple augmentation (PIL), or --data_loader's uint8 crop and flip (the same distribution)
     data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size, args.mean, args.std),
                                              dict(scale=(0.2, 1.0)), device, pretraining=True)
-    knn = knn_monitor.from_args(args, device)  # [new] None when --knn_every is 0 (off); draws no random number
+    knn = knn_monitor.KnnMonitor(args, device) if args.knn_every else None  # [new] draws no random number
 
     model = build_model(args)
     if args.init_from and checkpoint is None:  # a resumed run restores its own weights: never re-initialised

@@ -2,7 +2,6 @@
 optimizer step taken, by the formula its help states; it is evaluated beside the raw weights without changing
 them, kept in the checkpoints and restored exactly on resume (at an epoch's end or inside one); a resume that would
 lose or restart it, and a bad decay, are one line; --eval evaluates it too."""
-from types import SimpleNamespace
 
 import pytest
 import torch

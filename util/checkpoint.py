@@ -11,7 +11,8 @@ import random
 import shutil
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -281,6 +282,7 @@ class TrainedEpoch(NamedTuple):
     rng: dict
 
 
+@dataclass
 class CheckpointSaver:
     """A run's checkpoints in ``args.output_dir`` (``''``: nothing is saved), one object for them as timm's
     ``CheckpointSaver``: ``save`` after each epoch, ``after_step`` after each optimizer step. Each holds the
@@ -292,12 +294,20 @@ class CheckpointSaver:
     ``checkpoint-<epoch>.pth`` with ``last`` a hard link to the newest of them. ``max_accuracy``: the best test
     accuracy so far (fine-tuning, linear probing), kept in every checkpoint."""
 
-    def __init__(self, args, script, model, optimizer, loss_scaler, data_loader=None, model_ema=None,
-                 max_accuracy=None):
-        self.args, self.output_dir, self.script = args, args.output_dir, os.path.basename(script)
-        self.model, self.optimizer, self.loss_scaler, self.model_ema = model, optimizer, loss_scaler, model_ema
-        self.data_loader, self.max_accuracy = data_loader, max_accuracy
-        self.iters_per_epoch, self.trained = 0, None  # (a TrainedEpoch)
+    args: Any  # the run's flags (``--output_dir``, ``--save_freq``, ``--save_every_iters``, ...), saved with it
+    script: str  # the entry point's path
+    model: Any
+    optimizer: Any
+    loss_scaler: Any
+    data_loader: Any = None
+    model_ema: Any = None
+    max_accuracy: Optional[float] = None
+    iters_per_epoch: int = field(default=0, init=False)  # (of the epoch being trained)
+    trained: Optional[TrainedEpoch] = field(default=None, init=False)
+
+    @property
+    def output_dir(self):
+        return self.args.output_dir
 
     def save(self, epoch, max_accuracy=None):
         """After epoch ``epoch`` (every rank): ``checkpoint-last.pth``, kept as ``checkpoint-<epoch>.pth`` every
@@ -375,7 +385,7 @@ class CheckpointSaver:
             'scaler': self.loss_scaler.state_dict(),
             'args': args_to_dict(self.args),
             'rng': states,
-            'script': self.script,
+            'script': os.path.basename(self.script),
             **({'max_accuracy': self.max_accuracy} if self.max_accuracy is not None else {}),
             **extra,
         }

@@ -182,8 +182,3 @@ class KnnMonitor:
             set_rng_state(streams)
         print(f"kNN monitor after epoch {epoch}: {describe(stats)}; took {time.time() - start:.1f}s")
         return stats
-
-
-def from_args(args, device):
-    """The monitor of ``--knn_every``, or None when it is off (then nothing is built or scanned)."""
-    return KnnMonitor(args, device) if args.knn_every else None

@@ -18,7 +18,9 @@ import datetime
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +50,7 @@ class LogWriter:
 
     def __init__(self, writer, read_later=False):
         self.writer, self.read_later, self._queue = writer, read_later, []
+        self.log_dir = writer.log_dir
 
     def __getattr__(self, name):
         return getattr(self.__dict__['writer'], name)
@@ -133,17 +136,19 @@ def epoch_batches(data_loader, epoch, position, metric_logger, batch_size):
     return batches, start, iters_per_epoch
 
 
+@dataclass
 class NonFiniteLosses:
     """An epoch's non-finite losses (their mean over the processes, so every rank decides alike): each skips its
-    step while fewer than ``--skip_nonfinite`` were skipped this epoch, else the run stops, naming the last good
-    checkpoint of ``saver``. ``check`` reads each step's loss: at once (the reference's ``loss.item()``), or with
-    ``--no_host_sync`` [new] at the console's next print (``misc.Later``), the loss then made NaN where it is not
-    finite (its gradients NaN, so the optimizer step of its accumulation window is skipped on the device,
-    ``misc.NativeScalerWithGradNormCount``)."""
-
-    def __init__(self, args, epoch, saver=None):
-        self.limit, self.epoch, self.saver, self.skipped = args.skip_nonfinite, epoch, saver, 0
-        self.read_later = args.no_host_sync
+    step while fewer than ``limit`` (``--skip_nonfinite``) were skipped this epoch, else the run stops, naming the
+    last good checkpoint of ``saver``. ``check`` reads each step's loss: at once (the reference's
+    ``loss.item()``), or with ``read_later`` (``--no_host_sync`` [new]) at the console's next print
+    (``misc.Later``), the loss then made NaN where it is not finite (its gradients NaN, so the optimizer step of its
+    accumulation window is skipped on the device, ``misc.NativeScalerWithGradNormCount``)."""
+    limit: int
+    epoch: int
+    saver: Any = None
+    read_later: bool = False
+    skipped: int = 0
 
     def check(self, loss, step):
         """``(loss to back-propagate, loss_value, loss_value_reduce)``: the loss, its value on this process and its
