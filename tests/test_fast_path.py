@@ -160,6 +160,18 @@ def test_nan_loss_is_skipped_on_the_device_and_reported(fused):
     assert optimizer.param_groups[0]['fused'] is (True if fused and CPU_FUSED_ADAMW else None)
 
 
+def test_a_skipped_step_leaves_the_same_meters_and_points_on_both_paths():
+    """A NaN loss at step 2 of 5, skipped: read at once (the reference's path) or at the console's prints
+    (--no_host_sync), the step leaves no loss, no lr in the meters and no TensorBoard point of either."""
+    data = batches(5, nan_at=[2])
+    ref_stats, ref_run, _, _ = pretrain_epoch(pretrain_args(warmup_epochs=0, min_lr=1e-3), data)
+    stats, run, _, _ = pretrain_epoch(pretrain_args(warmup_epochs=0, min_lr=1e-3, no_host_sync=True), data)
+    assert [s for _, _, s in run.skipped] == [s for _, _, s in ref_run.skipped] == [2]
+    assert stats == ref_stats and math.isfinite(stats['loss'])
+    assert run.log_writer.points == ref_run.log_writer.points
+    assert sorted({step for _, _, step in ref_run.log_writer.points}) == [0, 200, 600, 800]  # (step 2: 400)
+
+
 def test_nan_loss_reported_late_stops_past_the_limit():
     """--skip_nonfinite 0 on the fast path: the run stops at the next read (the step itself was already skipped)."""
     args = pretrain_args(no_host_sync=True, fused_adamw=True)

@@ -1,6 +1,6 @@
 """What the training loops call besides the model, the meters and the checkpoints, each one call in the entry point or
-the engine: TensorBoard's writer (``summary_writer``), where an epoch starts
-(``epoch_batches``: in the middle after a resume) and what a non-finite loss does (``NonFiniteLosses``).
+the engine: TensorBoard's writer (``summary_writer``, ``add_points``), where an epoch starts (``epoch_batches``: in
+the middle after a resume) and what a non-finite loss does (``NonFiniteLosses``).
 
 The rules that keep a run's history whole whatever instant it is killed (the entry points' loops follow them):
 - one run at a time in a folder: rank 0 holds an OS lock on ``<output_dir>/.run.lock`` (``util/output_dir.py``,
