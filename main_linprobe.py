@@ -157,9 +157,7 @@ def main(args):
 
     if log_writer is not None:
         log_writer.close()
-    total_time = time.time() - start_time
-    total_time_str = str(datetime.timedelta(seconds=int(total_time)))
-    print('Training time {}'.format(total_time_str))
+    print('Training time {}'.format(datetime.timedelta(seconds=int(time.time() - start_time))))
 
 
 if __name__ == '__main__':
