@@ -1,5 +1,5 @@
-"""Supervised training (fine-tuning, linear probing): one epoch, the evaluation loop, and what follows each epoch's
-training (its evaluation, the best accuracy, its log row), as in the reference."""
+"""Supervised training (fine-tuning, linear probing): one epoch and the evaluation loop, as in the reference, and the
+evaluation after each epoch's training."""
 import contextlib
 from types import SimpleNamespace
 from typing import Iterable, Optional
@@ -10,28 +10,43 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-import util.rng as rng
+from util.checkpoint import rng_state, set_rng_state
 from util.errors import UsageError
-from util.step_log import EpochLog, drop_gradients
+from util.run import NonFiniteLosses, drop_gradients, epoch_batches
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
-                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler, run,
-                    max_norm: Optional[float] = None, mixup_fn: Optional[Mixup] = None, args=None, model_ema=None):
-    """``max_norm``: clip the gradient norm to it (None: no clipping). ``mixup_fn``: Mixup/CutMix applied to each
-    batch (the targets become soft). ``run`` (``util.run.LoopHooks``): where the epoch starts, non-finite losses,
-    checkpoints after optimizer steps. ``model_ema`` ([new] --model_ema, timm's ``ModelEmaV3``): the average of the
-    weights, updated after each optimizer step, before that step's checkpoint (a step skipped for a non-finite
-    loss is none). Returns the epoch's averaged meters (``lr``, ``loss``)."""
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int, loss_scaler,
+                    max_norm: Optional[float] = None, mixup_fn: Optional[Mixup] = None, log_writer=None, args=None,
+                    model_ema=None, saver=None, position=None):
+    """The reference's epoch, plus [new]: ``model_ema`` (--model_ema, timm's ``ModelEmaV3``), the average of the
+    weights, updated after each optimizer step, before that step's checkpoint (a step skipped for a non-finite loss
+    is none); ``saver`` (``util.checkpoint.CheckpointSaver``) checkpoints inside the epoch (``--save_every_iters``,
+    a stop signal); ``position`` (``util.resume.Position``) is where an epoch interrupted in the middle continues;
+    ``--skip_nonfinite``; ``--no_host_sync`` (the losses stay on the device until the console prints: the meters
+    and ``log_writer`` take them as they are)."""
     model.train(True)
+    metric_logger = misc.MetricLogger(delimiter="  ", read_later=args.no_host_sync)
+    metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    header = 'Epoch: [{}]'.format(epoch)
+    print_freq = 20
+
     accum_iter = args.accum_iter
+
     optimizer.zero_grad()
 
-    log = EpochLog(run, epoch, data_loader, args, loss_tag='loss')
-    for data_iter_step, (samples, targets) in log.batches:
-        # per-iteration (not per-epoch) lr schedule
+    if log_writer is not None:
+        print('log_dir: {}'.format(log_writer.log_dir))
+
+    nonfinite = NonFiniteLosses(args.skip_nonfinite, epoch, saver, read_later=args.no_host_sync)
+    # an epoch resumed in the middle starts after its trained batches, with its meters and random streams
+    batches, start, iters_per_epoch = epoch_batches(data_loader, epoch, position, metric_logger, args.batch_size)
+    for data_iter_step, (samples, targets) in enumerate(
+            metric_logger.log_every(batches, print_freq, header, iters_per_epoch, start), start):
+
+        # we use a per iteration (instead of per epoch) lr scheduler
         if data_iter_step % accum_iter == 0:
-            lr_sched.adjust_learning_rate(optimizer, data_iter_step / log.iters_per_epoch + epoch, args)
+            lr_sched.adjust_learning_rate(optimizer, data_iter_step / iters_per_epoch + epoch, args)
 
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -40,14 +55,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             samples, targets = mixup_fn(samples, targets)
 
         update = (data_iter_step + 1) % accum_iter == 0
+        # accumulation micro-steps keep their gradients local; DDP all-reduces once, on the step that updates
         with contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync():
             with loss_scaler.autocast:  # the forward's precision: fp16 on CUDA (the reference), --amp bf16, none
                 outputs = model(samples)
                 loss = criterion(outputs, targets)
-            # with layer-wise decay the groups' lrs differ: report the largest (the head's)
-            max_lr = max(group["lr"] for group in optimizer.param_groups)
-            loss, skip = log.add(loss, max_lr, data_iter_step, update)
-            if skip:  # a non-finite loss (--skip_nonfinite)
+            loss, loss_value, loss_value_reduce = nonfinite.check(loss, data_iter_step)
+            if loss_value is None:  # a non-finite loss, skipped (--skip_nonfinite)
                 drop_gradients(loss, model, optimizer)
                 continue
             loss_scaler(loss / accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
@@ -57,9 +71,24 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             optimizer.zero_grad()
             if model_ema is not None:  # (through DDP's and --compile's wrappers: the same tensors, in the same order)
                 model_ema.update(model)
-            log.after_update(data_iter_step)
 
-    return log.finish()
+        # with layer-wise decay the groups' lrs differ: report the largest (the head's)
+        max_lr = max(group["lr"] for group in optimizer.param_groups)
+        metric_logger.update(loss=loss_value, lr=max_lr)
+        if log_writer is not None and update:
+            # We use epoch_1000x as the x-axis in tensorboard. This calibrates different curves when batch size
+            # changes.
+            epoch_1000x = int((data_iter_step / iters_per_epoch + epoch) * 1000)
+            log_writer.add_scalar('loss', loss_value_reduce, epoch_1000x)
+            log_writer.add_scalar('lr', max_lr, epoch_1000x)
+
+        if update and saver is not None:  # checkpoints inside the epoch; a stop signal saves and stops
+            saver.after_step(epoch, data_iter_step + 1, iters_per_epoch, metric_logger)
+
+    # gather the stats from all processes
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
 @torch.no_grad()
@@ -101,28 +130,23 @@ def evaluate(data_loader, model, device, args=None, ema=False):
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
-def evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters, model_ema=None):
-    """After epoch ``epoch``'s training: evaluate, keep the best accuracy, and hand the epoch's ``log.txt`` row and
-    test points to ``run`` (which then writes its checkpoint). A bad validation image keeps the epoch's training.
-    ``model_ema`` ([new] --model_ema): its weights are evaluated too (``test_acc1_ema``, ...; the best accuracy
-    stays the raw weights'), with the random streams put back after it, so that the raw weights' training and
-    numbers are those of a run without it."""
+# the TensorBoard points of an evaluation (as ``perf/test_<name>``), in the reference's order; the EMA's after them
+TEST_POINTS = ('acc1', 'acc5', 'loss', 'acc1_ema', 'acc5_ema', 'loss_ema')
+
+
+def evaluate_epoch(saver, epoch, data_loader_val, model, device, args, model_ema=None):
+    """The evaluation after epoch ``epoch``'s training (``evaluate``). A bad validation image keeps the epoch's
+    training (``saver.keep_trained_epoch``). ``model_ema`` ([new] --model_ema): its weights are evaluated too
+    (``acc1_ema``, ...), with the random streams put back after it, so that the raw weights' training and numbers
+    are those of a run without it."""
     try:
         test_stats = evaluate(data_loader_val, model, device, args)
         if model_ema is not None:  # (a second pass of the loader draws its base seed from torch's stream)
-            streams = rng.rng_state()
+            streams = rng_state()
             ema_stats = evaluate(data_loader_val, model_ema.module, device, args, ema=True)
-            rng.set_rng_state(streams)
+            set_rng_state(streams)
             test_stats.update({f'{k}_ema': v for k, v in ema_stats.items()})
     except UsageError:  # a bad validation image: the epoch's training is not lost
-        run.keep_trained_epoch(epoch)
+        saver.keep_trained_epoch(epoch)
         raise
-    run.max_accuracy = max(run.max_accuracy, test_stats["acc1"])
-    print(f'Max accuracy: {run.max_accuracy:.2f}%')
-
-    log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                 **{f'test_{k}': v for k, v in test_stats.items()},
-                 'epoch': epoch,
-                 'n_parameters': n_parameters}
-    points = [k + suffix for suffix in ('', '_ema') for k in ('acc1', 'acc5', 'loss') if k + suffix in test_stats]
-    run.end_epoch(epoch, log_stats, points={f'perf/test_{k}': test_stats[k] for k in points})
+    return test_stats

@@ -7,14 +7,18 @@ not in the reference are marked [new]. Two reference defects are fixed: with ``-
 ``fc_norm`` is trained (the reference froze it at its initial identity, issue #186), and ``--resume`` is documented
 and tested for the BatchNorm head.
 """
+import datetime
+import time
+
 import torch
 
 import models_vit
 import util.loaders as loaders
 import util.misc as misc
 import util.resume as resume
-from engine_finetune import evaluate, evaluate_epoch, train_one_epoch
+from engine_finetune import TEST_POINTS, evaluate, evaluate_epoch, train_one_epoch
 from util import data_stats
+from util.checkpoint import CheckpointSaver
 from util.datasets import check_classes, eval_transform, linprobe_transform
 from util.errors import run_main
 from util.flag_checks import check_common
@@ -23,9 +27,10 @@ from util.image_decode import ImageReader
 from util.image_folder import image_folder
 from util.lars import LARS
 from util.lr_sched import set_lr
+from util.output_dir import append_log, move_log_rows_after
 from util.from_checkpoint import load_finetune_weights
 from util.process import parallel_model, setup_process
-from util.run import Run
+from util.run import add_points, print_epoch_time, summary_writer
 
 
 def get_args_parser():
@@ -118,14 +123,39 @@ def main(args):
 
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
                                            len(data_loader_train), data=data_loader_train.dataset)
-    # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
-    run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train, track_accuracy=True)
+    # [new] continued from a checkpoint: the log.txt rows written after it (by a run killed before its next
+    # checkpoint) go to a side file; TensorBoard hides its points after it
+    move_log_rows_after(args.output_dir, start.epoch - 1)
+    log_writer = summary_writer(args, start.purge_step)
+    saver = CheckpointSaver(args, __file__, model_without_ddp, optimizer, loss_scaler, data_loader_train,
+                            max_accuracy=start.max_accuracy)
+    misc.install_stop_handlers()  # [new] SIGUSR1, SIGTERM, Ctrl-C: save at the next optimizer step, then stop
 
-    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.loaders.start_epoch)
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    max_accuracy = start.max_accuracy
+    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.run.epoch_batches)
+        epoch_start = time.time()
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
-                                      run, args=args)
-        evaluate_epoch(run, epoch, train_stats, data_loader_val, model, device, args, n_parameters)
-    run.close()  # prints the training time
+                                      log_writer=log_writer, args=args, saver=saver, position=start.position)
+        test_stats = evaluate_epoch(saver, epoch, data_loader_val, model, device, args)
+        max_accuracy = max(max_accuracy, test_stats["acc1"])
+        print(f'Max accuracy: {max_accuracy:.2f}%')
+
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch,
+                     'n_parameters': n_parameters}
+        loaders.add_skipped_count(log_stats, data_loader_train, epoch)  # [new] --skip_bad_images
+        append_log(args.output_dir, log_stats, log_writer)  # (before the checkpoint: a resume trims what follows)
+        saver.save(epoch, max_accuracy=max_accuracy)  # every --save_freq epochs and the last kept
+        # (after the checkpoint: below a resumed run's purge step)
+        add_points(log_writer, {f'perf/test_{k}': test_stats[k] for k in TEST_POINTS if k in test_stats}, epoch)
+        print_epoch_time(epoch, args.epochs, epoch_start)
+
+    if log_writer is not None:
+        log_writer.close()
+    print('Training time {}'.format(datetime.timedelta(seconds=int(time.time() - start_time))))
 
 
 if __name__ == '__main__':

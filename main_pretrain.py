@@ -3,13 +3,15 @@
 The flags, their defaults and the training behaviour (data order, augmentation, schedule, checkpoints, logs) are the
 reference's (facebookresearch/mae, main_pretrain.py); flags that are not in the reference are marked [new].
 """
+import datetime
+import time
+
 import torch
 
 import models_mae
 import util.loaders as loaders
 import util.misc as misc
 import util.resume as resume
-import util.speed as speed
 from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
 from util import data_stats, knn_monitor
@@ -21,7 +23,9 @@ from util.image_sources import check_pretrain_path, pretrain_dataset
 from util.lr_sched import set_lr
 from util.from_checkpoint import init_from_checkpoint
 from util.process import parallel_model, setup_process
-from util.run import Run
+from util.checkpoint import CheckpointSaver
+from util.output_dir import append_log, move_log_rows_after
+from util.run import add_points, print_epoch_time, summary_writer
 
 
 def get_args_parser():
@@ -112,7 +116,7 @@ def main(args):
     # the reference's simple augmentation (PIL); a fast --data_loader applies the same steps, read from it
     data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size, args.mean, args.std), device,
                                              pretraining=True)
-    knn = knn_monitor.from_args(args, device)  # [new] None when --knn_every is 0 (off); draws no random number
+    knn = knn_monitor.KnnMonitor(args, device) if args.knn_every else None  # [new] draws no random number
 
     model = build_model(args)
     if args.init_from and checkpoint is None:  # a resumed run restores its own weights: never re-initialised
@@ -128,21 +132,37 @@ def main(args):
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95),
-                                  fused=speed.fused_adamw(args.device) if args.fused_adamw else None)
+                                  fused=misc.fused_adamw(args.device) if args.fused_adamw else None)
     print(optimizer)
     loss_scaler = misc.NativeScalerWithGradNormCount(args)
 
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
                                            len(data_loader_train), data=data_loader_train.dataset)
-    # log.txt, TensorBoard and checkpoints from where the run starts ("Start training for N epochs")
-    run = Run(args, __file__, start, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    # [new] continued from a checkpoint: the log.txt rows written after it (by a run killed before its next
+    # checkpoint) go to a side file; TensorBoard hides its points after it
+    move_log_rows_after(args.output_dir, start.epoch - 1)
+    log_writer = summary_writer(args, start.purge_step)
+    saver = CheckpointSaver(args, __file__, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    misc.install_stop_handlers()  # [new] SIGUSR1, SIGTERM, Ctrl-C: save at the next optimizer step, then stop
 
-    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.loaders.start_epoch)
-        train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler, run, args=args)
-        knn_stats = knn(model_without_ddp, epoch) if knn else {}  # its own random streams: training is unchanged
-        run.end_epoch(epoch, {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, **knn_stats},
-                      points=knn_stats)
-    run.close()  # prints the training time
+    print(f"Start training for {args.epochs} epochs")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.run.epoch_batches)
+        epoch_start = time.time()
+        train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
+                                      log_writer=log_writer, args=args, saver=saver, position=start.position)
+        knn_stats = knn(model_without_ddp, epoch) if knn else {}  # [new] its own random streams: training unchanged
+
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch, **knn_stats}
+        loaders.add_skipped_count(log_stats, data_loader_train, epoch)  # [new] --skip_bad_images
+        append_log(args.output_dir, log_stats, log_writer)  # (before the checkpoint: a resume trims what follows)
+        saver.save(epoch)  # every --save_freq epochs and the last kept; always checkpoint-last.pth
+        add_points(log_writer, knn_stats, epoch)  # (after the checkpoint: below a resumed run's purge step)
+        print_epoch_time(epoch, args.epochs, epoch_start)
+
+    if log_writer is not None:
+        log_writer.close()
+    print('Training time {}'.format(datetime.timedelta(seconds=int(time.time() - start_time))))
 
 
 if __name__ == '__main__':

@@ -38,8 +38,6 @@ import models_mae  # noqa: E402
 import models_vit  # noqa: E402
 import util.lr_decay as lrd  # noqa: E402
 import util.misc as misc  # noqa: E402
-import util.speed as speed  # noqa: E402
-from util.run import LoopHooks  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.loss import SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
@@ -89,7 +87,8 @@ class Bench:
         self.name, self.batch_size, self.device = name, batch_size, device
         self.pretrain = name in models_mae.MODELS
         self.args = SimpleNamespace(accum_iter=1, mask_ratio=0.75, lr=1e-4, min_lr=0., warmup_epochs=1, epochs=2,
-                                    device=str(device), skip_nonfinite=0, **PATHS[path])
+                                    device=str(device), skip_nonfinite=0, batch_size=batch_size,
+                                    **PATHS[path])
         torch.manual_seed(0)
         if self.pretrain:
             self.model = models_mae.MODELS[name](img_size=input_size, norm_pix_loss=True)
@@ -113,17 +112,17 @@ class Bench:
 
     def fused(self):
         """The entry points' AdamW choice: fused with --fused_adamw where torch has it, else the default."""
-        return speed.fused_adamw(self.args.device) if self.args.fused_adamw else None
+        return misc.fused_adamw(self.args.device) if self.args.fused_adamw else None
 
     def epoch(self, steps):
         data = [(self.images, self.targets)] * steps
         with contextlib.redirect_stdout(io.StringIO()):  # the engines' progress lines
             if self.pretrain:
                 engine_pretrain.train_one_epoch(self.step_model, data, self.optimizer, self.device, 0, self.scaler,
-                                                LoopHooks(), args=self.args)
+                                                args=self.args)
             else:
                 engine_finetune.train_one_epoch(self.step_model, SoftTargetCrossEntropy(), data, self.optimizer,
-                                                self.device, 0, self.scaler, LoopHooks(), mixup_fn=self.mixup,
+                                                self.device, 0, self.scaler, mixup_fn=self.mixup,
                                                 args=self.args)
 
     def flops(self):

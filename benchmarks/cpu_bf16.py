@@ -29,7 +29,6 @@ import models_mae  # noqa: E402
 import util.misc as misc  # noqa: E402
 import util.process as process  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
-from util.run import LoopHooks  # noqa: E402
 
 PRECISIONS = {'fp32': 'fp16', 'bf16': 'bf16'}  # the name printed -> --amp (fp16 runs fp32 on the CPU)
 
@@ -40,15 +39,15 @@ def make_step(model_name, batch_size, input_size, amp):
     model = models_mae.MODELS[model_name](img_size=input_size)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
     args = SimpleNamespace(accum_iter=1, mask_ratio=0.75, lr=1e-4, min_lr=0., warmup_epochs=1, epochs=2,
-                           device='cpu', amp=amp, skip_nonfinite=0, output_dir='')
+                           device='cpu', amp=amp, skip_nonfinite=0, output_dir='', no_host_sync=False,
+                           batch_size=batch_size)
     scaler = misc.NativeScalerWithGradNormCount(args)
     images = torch.randn(batch_size, 3, input_size, input_size)
 
     def run(steps):
         batches = [(images, torch.zeros(batch_size))] * steps
         with contextlib.redirect_stdout(io.StringIO()):  # the engine's console lines
-            engine_pretrain.train_one_epoch(model, batches, optimizer, torch.device('cpu'), 0, scaler, LoopHooks(),
-                                            args=args)
+            engine_pretrain.train_one_epoch(model, batches, optimizer, torch.device('cpu'), 0, scaler, args=args)
     return model, scaler, run
 
 

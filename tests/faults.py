@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import util.errors as errors  # noqa: E402
-import util.run as run  # noqa: E402
+import util.misc as misc  # noqa: E402
+from util.checkpoint import CheckpointSaver  # noqa: E402
 
 fault, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 kind, *where = fault.split(':')
@@ -32,16 +33,16 @@ def send_fault_signal():
             os.killpg(os.getpgrp(), sig)
     else:
         os.kill(os.getpid(), sig)
-after_step, replace, steps, writes = run.Run.after_step, os.replace, [0], [0]
+save_or_stop, replace, steps, writes = CheckpointSaver.save_or_stop, os.replace, [0], [0]
 
 
-def faulty_after_step(self, epoch, next_iter, metric_logger):
+def faulty_save_or_stop(self, epoch, next_iter, metric_logger):
     steps[0] += 1
     if kind == 'step' and [epoch, next_iter] == where:
         send_fault_signal()
     if kind == 'stop' and steps[0] == where[0]:
-        run.request_stop(signal.SIGUSR1)
-    return after_step(self, epoch, next_iter, metric_logger)
+        misc.request_stop(signal.SIGUSR1)
+    return save_or_stop(self, epoch, next_iter, metric_logger)
 
 
 def faulty_replace(src, dst):
@@ -54,7 +55,7 @@ def faulty_replace(src, dst):
     return replace(src, dst)
 
 
-run.Run.after_step = faulty_after_step
+CheckpointSaver.save_or_stop = faulty_save_or_stop
 os.replace = faulty_replace
 module = importlib.import_module(Path(script).stem)
 errors.run_main(module.main, module.get_args_parser(), argv)

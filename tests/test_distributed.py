@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY, pretrain_argv, read_log, run_script, save_pretrained
+from conftest import ROOT, TINY, pretrain_argv, read_log, run_script, save_pretrained, tb_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +76,17 @@ def test_pretrain_two_processes(tmp_path):
     assert 'find_unused_parameters' not in r.stderr  # DDP's warning, once per process before
     ckpt = torch.load(out / 'checkpoint-last.pth', map_location='cpu', weights_only=True)
     assert len(ckpt['rng']) == 2 and ckpt['epoch'] == 1
+
+
+def test_no_host_sync_on_two_processes_gives_the_reference_log_and_points(tmp_path):
+    """--no_host_sync reads the losses and their means over the processes (one all-reduce per read) at the
+    console's prints: in fp32 on the CPU the same log.txt and TensorBoard points as the reference's per-step reads."""
+    runs = {}
+    for name, extra in (('ref', []), ('fast', ['--no_host_sync'])):
+        r = torchrun(*pretrain_argv(tmp_path / name, '--accum_iter', '2', *extra, epochs=2, batch_size=2))
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = (tmp_path / name / 'log.txt').read_text(), tb_scalars(tmp_path / name)
+    assert runs['fast'] == runs['ref'] and len(runs['ref'][1]['train_loss']) == 4
 
 
 def test_pretrain_two_processes_with_accumulation_resume(tmp_path):

@@ -14,7 +14,6 @@ import util.process as process
 from conftest import parsed_args
 from util import compat
 from engine_pretrain import train_one_epoch
-from util.run import LoopHooks
 
 
 @pytest.mark.parametrize('device,amp,expected', [
@@ -76,10 +75,10 @@ def test_accumulation_micro_steps_skip_the_gradient_sync():
     model = CountingDDP(models_mae.mae_vit_tiny_patch4())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [(torch.randn(2, 3, 32, 32), torch.zeros(2)) for _ in range(6)]
-    args = parsed_args(main_pretrain, accum_iter=3, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=1, epochs=2,
-                       device='cpu', amp='fp16', skip_nonfinite=0, output_dir='')
+    args = main_pretrain.get_args_parser().parse_args(['--accum_iter', '3', '--lr', '1e-3', '--warmup_epochs', '1',
+                                                       '--epochs', '2', '--device', 'cpu', '--amp', 'fp16'])
     stats = train_one_epoch(model, batches, optimizer, torch.device('cpu'), 0,
-                            misc.NativeScalerWithGradNormCount(args), LoopHooks(), args=args)
+                            misc.NativeScalerWithGradNormCount(args), args=args)
     assert (model.unsynced, model.synced) == (4, 2)  # 2 of every 3 micro-steps stay local
     assert stats['loss'] > 0
 
@@ -113,10 +112,10 @@ def train_tiny(amp):
     batches = [(torch.randn(4, 3, 32, 32), torch.zeros(4)) for _ in range(3)]
     dtypes = set()
     model.blocks[0].attn.qkv.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
-    args = parsed_args(main_pretrain, accum_iter=1, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=0, epochs=1,
-                       device='cpu', amp=amp, skip_nonfinite=0, output_dir='')
+    args = main_pretrain.get_args_parser().parse_args(['--lr', '1e-3', '--warmup_epochs', '0', '--epochs', '1',
+                                                       '--device', 'cpu', '--amp', amp])
     stats = train_one_epoch(model, batches, optimizer, torch.device('cpu'), 0,
-                            misc.NativeScalerWithGradNormCount(args), LoopHooks(), args=args)
+                            misc.NativeScalerWithGradNormCount(args), args=args)
     return stats['loss'], dtypes, {k: v - before[k] for k, v in model.state_dict().items()}
 
 

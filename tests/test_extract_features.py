@@ -72,7 +72,7 @@ def test_knn_gives_the_monitors_numbers(tmp_path, capsys):
     model = save_ours(tmp_path / 'c.pth', seed=5)
     args = parsed_args(main_pretrain, knn_every=1, knn_data_path=str(TINY), knn_train_subset=0, knn_val_subset=6,
                        epochs=1, batch_size=4, num_workers=0, input_size=32, device='cpu', amp='fp16')
-    logged = knn_monitor.from_args(args, torch.device('cpu'))(model, 0)
+    logged = knn_monitor.KnnMonitor(args, torch.device('cpu'))(model, 0)
     stats = extract(TINY, '--knn', '--knn_val_subset', 6, '--checkpoint', tmp_path / 'c.pth', '--num_workers', 0)
     assert stats == logged
     assert knn_monitor.describe(stats) in capsys.readouterr().out

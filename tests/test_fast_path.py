@@ -1,6 +1,7 @@
 """The fast path (--no_host_sync, --fused_adamw, --grad_checkpointing, --compile, --fast) and the fast input paths
 (--data_loader fast_cpu / gpu), checked on the CPU against the reference's path."""
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,19 +19,18 @@ import models_vit
 import util.errors as errors
 import util.misc as misc
 import util.resume as resume
-import util.speed as speed
 from conftest import (TINY, one_line_error, parsed_args, pretrain_argv, read_log, run_in_process, run_script,
                       save_pretrained)
 from util import compat, fast_data
 import util.crop
 import util.datasets as datasets
+from util.checkpoint import CheckpointSaver
 from util.datasets import linprobe_transform, pretrain_transform
 from util.loaders import check_data_loader, train_loader
-from util.run import LoopHooks
-from util.step_log import EpochLog
+from util.run import LogWriter, NonFiniteLosses
 
 # features of newer versions than the oldest supported (constraints-oldest.txt): there the fast path falls back
-CPU_FUSED_ADAMW = speed.fused_adamw_problem('cpu') is None  # torch >= 2.4
+CPU_FUSED_ADAMW = misc.fused_adamw('cpu') is True  # torch >= 2.4
 # --data_loader gpu's decode_jpeg of a list
 BATCHED_DECODE = compat.torchvision_version() >= compat.BATCHED_JPEG_DECODE
 
@@ -48,28 +48,36 @@ class Writer:
         self.points.append((tag, value, step))
 
 
-class PlainRun(LoopHooks):
-    """The engines' util.run.LoopHooks as they are (a fresh epoch over a list of batches, no checkpoints, stopping
-    past ``limit`` non-finite losses), with TensorBoard points kept and after_step calls and non-finite reports
+class Saver(CheckpointSaver):
+    """The engines' checkpoint saver without a folder (nothing is written), recording the optimizer steps after
+    which the loop checked for a checkpoint or a stop request."""
+
+    def __init__(self, args):
+        super().__init__(args, 'main_pretrain.py', None, None, None)
+        self.told = []
+
+    def save_or_stop(self, epoch, next_iter, metric_logger):
+        self.told.append(next_iter)
+
+
+class PlainRun:
+    """What an epoch of the engine is given and tells (a fresh epoch over a list of batches, no checkpoints,
+    stopping past ``limit`` non-finite losses): TensorBoard points kept, checkpoint checks and non-finite reports
     recorded."""
 
     def __init__(self, limit=10):
-        super().__init__(skip_nonfinite=limit)
-        self.log_writer = Writer()
-        self.skipped, self.told = [], []
+        self.limit, self.log_writer, self.skipped, self.saver = limit, Writer(), [], None
 
-    def after_step(self, epoch, next_iter, metric_logger):
-        self.told.append(next_iter)
-
-    def skip_nonfinite(self, loss_value, epoch, step):
-        self.skipped.append((loss_value, epoch, step))
-        super().skip_nonfinite(loss_value, epoch, step)
+    @property
+    def told(self):
+        return self.saver.told
 
 
 def pretrain_args(**kw):
-    base = dict(accum_iter=1, mask_ratio=0.75, lr=1e-3, min_lr=0., warmup_epochs=1, epochs=2, device='cpu',
-                amp='none', no_host_sync=False, fused_adamw=False)
-    return parsed_args(main_pretrain, **{**base, **kw})
+    base = dict(accum_iter=1, lr=1e-3, min_lr=0., warmup_epochs=1, epochs=2, device='cpu', amp='none')
+    flags = [f'--{k}' if v is True else [f'--{k}', str(v)] for k, v in {**base, **kw}.items() if v is not False]
+    return main_pretrain.get_args_parser().parse_args(
+        [f for flag in flags for f in ([flag] if isinstance(flag, str) else flag)] + ['--output_dir', ''])
 
 
 def batches(n, nan_at=(), size=32, seed=1):
@@ -84,10 +92,20 @@ def pretrain_epoch(args, data, run=None, model=None):
     torch.manual_seed(0)
     model = model or models_mae.mae_vit_tiny_patch4()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
-                                  fused=speed.fused_adamw(args.device) if args.fused_adamw else None)
+                                  fused=misc.fused_adamw(args.device) if args.fused_adamw else None)
     run = run or PlainRun()
-    stats = engine_pretrain.train_one_epoch(model, data, optimizer, torch.device('cpu'), 0,
-                                            misc.NativeScalerWithGradNormCount(args), run, args=args)
+    args.skip_nonfinite, run.saver = run.limit, Saver(args)
+    judge = NonFiniteLosses.judge
+
+    def recording(self, loss_value, step):  # the non-finite losses the policy was told of
+        if not math.isfinite(loss_value):
+            run.skipped.append((loss_value, self.epoch, step))
+        return judge(self, loss_value, step)
+    with mock.patch.object(NonFiniteLosses, 'judge', recording):  # (LogWriter: the entry points' writer around it)
+        stats = engine_pretrain.train_one_epoch(model, data, optimizer, torch.device('cpu'), 0,
+                                                misc.NativeScalerWithGradNormCount(args),
+                                                log_writer=LogWriter(run.log_writer, args.no_host_sync), args=args,
+                                                saver=run.saver)
     return stats, run, model, optimizer
 
 
@@ -110,18 +128,24 @@ def test_device_reads_give_the_reference_meters_points_and_weights(accum_iter):
 
 
 def test_device_reads_happen_where_the_console_prints(monkeypatch):
-    reads = []
-    original = EpochLog._read
+    reads, syncs = [], []
+    read, read_later = misc.MetricLogger.read, misc.read_later
 
     def counting(self):
-        reads.append(len(self._pending))
-        original(self)
-    monkeypatch.setattr(EpochLog, '_read', counting)
+        reads.append(len(self._rows))
+        read(self)
+
+    def syncing():
+        syncs.append(len(misc._UNREAD))
+        read_later()
+    monkeypatch.setattr(misc.MetricLogger, 'read', counting)
+    monkeypatch.setattr(misc, 'read_later', syncing)
     pretrain_epoch(pretrain_args(no_host_sync=True), batches(22))
     assert [n for n in reads if n] == [1, 20, 1]  # steps 0, 1-20, 21: three host syncs in 22 steps
+    assert [n for n in syncs if n] == [2, 40, 2]  # (each step's loss on this process and its mean over processes)
 
 
-@pytest.mark.parametrize('fused', [True, False])  # (True on torch < 2.4: the default AdamW, speed.fused_adamw)
+@pytest.mark.parametrize('fused', [True, False])  # (True on torch < 2.4: the default AdamW, misc.fused_adamw)
 def test_nan_loss_is_skipped_on_the_device_and_reported(fused):
     """A NaN loss on the fast path: its step changes neither the weights nor AdamW's state (fused AdamW: in the
     kernel; the default AdamW: one host decision), and the report comes at the next read."""
@@ -136,6 +160,18 @@ def test_nan_loss_is_skipped_on_the_device_and_reported(fused):
     steps = [float(s['step']) for s in optimizer.state.values()]
     assert steps == [float(s['step']) for s in good_optimizer.state.values()] and set(steps) == {2.0}
     assert optimizer.param_groups[0]['fused'] is (True if fused and CPU_FUSED_ADAMW else None)
+
+
+def test_a_skipped_step_leaves_the_same_meters_and_points_on_both_paths():
+    """A NaN loss at step 2 of 5, skipped: read at once (the reference's path) or at the console's prints
+    (--no_host_sync), the step leaves no loss, no lr in the meters and no TensorBoard point of either."""
+    data = batches(5, nan_at=[2])
+    ref_stats, ref_run, _, _ = pretrain_epoch(pretrain_args(warmup_epochs=0, min_lr=1e-3), data)
+    stats, run, _, _ = pretrain_epoch(pretrain_args(warmup_epochs=0, min_lr=1e-3, no_host_sync=True), data)
+    assert [s for _, _, s in run.skipped] == [s for _, _, s in ref_run.skipped] == [2]
+    assert stats == ref_stats and math.isfinite(stats['loss'])
+    assert run.log_writer.points == ref_run.log_writer.points
+    assert sorted({step for _, _, step in ref_run.log_writer.points}) == [0, 200, 600, 800]  # (step 2: 400)
 
 
 def test_nan_loss_reported_late_stops_past_the_limit():
@@ -194,13 +230,13 @@ def test_new_flags_are_marked_new_in_help():
 
 def test_fused_adamw_where_available_and_kept_on_resume(capsys):
     if not CPU_FUSED_ADAMW:  # torch < 2.4: the default AdamW, with a note
-        assert speed.fused_adamw('cpu') is None
+        assert misc.fused_adamw('cpu') is None
         assert capsys.readouterr().out.startswith(f"Note: --fused_adamw: torch {torch.__version__} has no fused "
                                                   f"AdamW for --device cpu (")
         return
     model = models_mae.mae_vit_tiny_patch4()
     plain = torch.optim.AdamW(model.parameters(), lr=1e-3)  # the entry points without --fused_adamw
-    fused = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=speed.fused_adamw('cpu'))
+    fused = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=misc.fused_adamw('cpu'))
     assert plain.param_groups[0]['fused'] is None and fused.param_groups[0]['fused'] is True
     for p in model.parameters():
         p.grad = torch.ones_like(p)

@@ -9,6 +9,7 @@ import torch
 
 import main_pretrain
 import models_mae
+import util.errors as errors
 from conftest import TINY, parsed_args, pretrain_argv, read_log, run_in_process, run_script, run_with_fault, tb_scalars
 from util import knn_monitor
 from util.from_checkpoint import features
@@ -27,7 +28,7 @@ def monitor_args(**kwargs):
 def test_monitor_numbers_streams_and_mode():
     torch.manual_seed(0)
     model = models_mae.mae_vit_tiny_patch4().train()
-    monitor = knn_monitor.from_args(monitor_args(), torch.device('cpu'))
+    monitor = knn_monitor.KnnMonitor(monitor_args(), torch.device('cpu'))
     assert [e for e in range(3) if monitor.due(e)] == [1, 2]  # every 2 epochs, and after the last
     assert monitor(model, 0) == {}
 
@@ -53,12 +54,19 @@ def test_monitor_numbers_streams_and_mode():
 def test_subsets_are_drawn_by_their_own_generator():
     np.random.seed(3)
     state = np.random.get_state()[1].copy()
-    monitor = knn_monitor.from_args(monitor_args(knn_train_subset=5, knn_val_subset=3), torch.device('cpu'))
+    monitor = knn_monitor.KnnMonitor(monitor_args(knn_train_subset=5, knn_val_subset=3), torch.device('cpu'))
     assert (np.random.get_state()[1] == state).all()
     assert len(monitor.train_set) == 5 and len(monitor.val_set) == 3
-    again = knn_monitor.from_args(monitor_args(knn_train_subset=5, knn_val_subset=3), torch.device('cpu'))
+    again = knn_monitor.KnnMonitor(monitor_args(knn_train_subset=5, knn_val_subset=3), torch.device('cpu'))
     assert monitor.train_set.indices == again.train_set.indices == sorted(monitor.train_set.indices)
-    assert knn_monitor.from_args(monitor_args(knn_every=0), torch.device('cpu')) is None  # off: nothing built
+
+
+def test_off_builds_nothing(tmp_path, monkeypatch):
+    """--knn_every 0 (the default): no monitor is built, no folder scanned."""
+    monkeypatch.setattr(knn_monitor, 'KnnMonitor', lambda *args: pytest.fail('a kNN monitor was built'))
+    errors.run_main(main_pretrain.main, main_pretrain.get_args_parser(),
+                    [str(a) for a in pretrain_argv(tmp_path, epochs=1)[1:]])
+    assert [row['epoch'] for row in read_log(tmp_path)] == [0]
 
 
 @pytest.mark.parametrize('extra, expected', [

@@ -13,21 +13,21 @@ import models_vit
 import util.from_checkpoint as from_checkpoint
 import util.misc as misc
 import util.submitit_job as submitit_job
-from conftest import (TINY, one_line_error, parsed_args, read_log, run_in_process, run_script, run_with_fault,
+from conftest import (TINY, one_line_error, read_log, run_in_process, run_script, run_with_fault,
                       save_pretrained)
 from engine_finetune import train_one_epoch
-from util.run import LoopHooks
+from util.checkpoint import CheckpointSaver
 
 
 # ---------------------------------------------------------------------------------------------------- the formula
-class WeightsAfterEachStep(LoopHooks):
-    """Keeps a copy of the model's weights after each optimizer step."""
+class WeightsAfterEachStep(CheckpointSaver):
+    """Keeps a copy of the model's weights after each optimizer step, where a checkpoint would be written."""
 
-    def __init__(self, model):
-        super().__init__(skip_nonfinite=1)
-        self.model, self.snapshots = model, []
+    def __init__(self, args, model):
+        super().__init__(args, 'main_finetune.py', model, None, None)
+        self.snapshots = []
 
-    def after_step(self, epoch, next_iter, metric_logger):
+    def save_or_stop(self, epoch, next_iter, metric_logger):
         self.snapshots.append({k: v.detach().clone().double() for k, v in self.model.state_dict().items()})
 
 
@@ -42,11 +42,12 @@ def test_the_average_follows_each_optimizer_step_taken():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batches = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1])) for _ in range(6)]
     batches[1] = (torch.full((2, 3, 32, 32), float('nan')), torch.tensor([0, 1]))
-    args = parsed_args(main_finetune, accum_iter=2, lr=1e-2, min_lr=0., warmup_epochs=0, epochs=1, device='cpu',
-                       amp='none', skip_nonfinite=1, output_dir='')
-    hooks = WeightsAfterEachStep(model)
+    args = main_finetune.get_args_parser().parse_args(['--accum_iter', '2', '--lr', '1e-2', '--min_lr', '0',
+                                                       '--warmup_epochs', '0', '--epochs', '1', '--device', 'cpu',
+                                                       '--amp', 'none', '--skip_nonfinite', '1', '--output_dir', ''])
+    hooks = WeightsAfterEachStep(args, model)
     train_one_epoch(model, torch.nn.CrossEntropyLoss(), batches, optimizer, torch.device('cpu'), 0,
-                    misc.NativeScalerWithGradNormCount(args), hooks, args=args, model_ema=model_ema)
+                    misc.NativeScalerWithGradNormCount(args), args=args, model_ema=model_ema, saver=hooks)
     assert len(hooks.snapshots) == 2  # iterations 3 and 5; the window of iterations 0-1 was skipped
     expected = dict(initial)
     for weights in hooks.snapshots:

@@ -22,8 +22,8 @@ import util.misc as misc
 import util.output_dir as output_dir
 import util.resume as resume
 import util.run as run_mod
-from util.checkpoint_saver import CheckpointSaver
-from conftest import TINY, parsed_args, run_in_process
+from util.checkpoint import CheckpointSaver
+from conftest import TINY, run_in_process
 from util.errors import RunComplete, RunInterrupted, TrainingStopped, UsageError
 
 
@@ -216,22 +216,21 @@ def test_explicit_resume_that_is_not_the_newest_says_so(tmp_path, capsys):
 
 
 def test_a_stop_on_another_rank_names_its_signal(monkeypatch):
-    owner = run_mod.Run.__new__(run_mod.Run)  # (no lock, no TensorBoard)
-    owner.args, owner.output_dir, owner._iters_per_epoch = parsed_args(main_pretrain), '', 8
+    saver = CheckpointSaver(parse(main_pretrain, '--output_dir', ''), 'main_pretrain.py', None, None, None)
     monkeypatch.setattr(misc, 'all_reduce_max', lambda x: 15.0)  # this rank got none, another got SIGTERM
     with pytest.raises(RunInterrupted, match='^signal 15 received, stopped at epoch 1 iteration 3: nothing was'):
-        owner.after_step(1, 3, misc.MetricLogger())
+        saver.after_step(1, 3, 8, misc.MetricLogger())
 
 
 def test_nonfinite_weights_are_never_saved(tmp_path):
     torch.save({'model': {}, 'epoch': 0}, tmp_path / 'checkpoint-0.pth')
     model = torch.nn.Linear(2, 2)
-    saver = CheckpointSaver(model, torch.optim.AdamW(model.parameters()), None, parsed_args(main_pretrain),
-                            str(tmp_path), 'main_pretrain.py')
+    args = parse(main_pretrain, '--output_dir', tmp_path, '--save_freq', '1')
+    saver = CheckpointSaver(args, 'main_pretrain.py', model, torch.optim.AdamW(model.parameters()), None)
     with torch.no_grad():
         model.weight[0, 0] = float('nan')
     with pytest.raises(TrainingStopped) as e:
-        saver.save(1, keep=True, at='the end of epoch 1')
+        saver.save(1)
     assert str(e.value) == (f"non-finite values in weight at the end of epoch 1 (the loss was still finite): not "
                             f"saved; the last good checkpoint is {tmp_path / 'checkpoint-0.pth'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-0.pth']
@@ -298,9 +297,8 @@ def test_a_log_dir_shared_with_another_run_hides_none_of_its_points(tmp_path, ca
     shared.mkdir()
     (shared / 'events.out.tfevents.1.other').write_bytes(b'')
     (shared / run_mod.LOG_DIR_OWNER).write_text('/elsewhere/run1\n')
-    owner = run_mod.Run.__new__(run_mod.Run)  # (no lock, no TensorBoard)
-    owner.args, owner.output_dir = parsed_args(main_pretrain, log_dir=str(shared)), str(tmp_path / 'run2')
-    assert owner._purge_step(None) is None and owner._purge_step(3000) is None
+    args = parse(main_pretrain, '--log_dir', shared, '--output_dir', tmp_path / 'run2')
+    assert run_mod.purge(args, None) is None and run_mod.purge(args, 3000) is None
     assert 'holds the TensorBoard events of another run (/elsewhere/run1)' in capsys.readouterr().out
     (shared / run_mod.LOG_DIR_OWNER).write_text(os.path.realpath(tmp_path / 'run2') + '\n')
-    assert owner._purge_step(3000) == 3000 and owner._purge_step(None) == 0
+    assert run_mod.purge(args, 3000) == 3000 and run_mod.purge(args, None) == 0

@@ -221,7 +221,7 @@ class OnDevice:
 
     def __iter__(self):
         # the DataLoader's iterator is made here, not at the first batch: making it draws the workers' seed, and a
-        # resumed epoch restores the random streams right after (Run.epoch_batches)
+        # resumed epoch restores the random streams right after (util.run.epoch_batches)
         batches = iter(self.loader)
         return ((self.finish(samples, self.device), targets) for samples, targets in batches)
 

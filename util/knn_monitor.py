@@ -26,8 +26,8 @@ import time
 import numpy as np
 import torch
 
-from util import rng
 import util.misc as misc
+from util.checkpoint import rng_state, set_rng_state
 from util.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
 from util.datasets import eval_transform
 from util.from_checkpoint import features
@@ -180,16 +180,11 @@ class KnnMonitor:
         if not self.due(epoch):
             return {}
         start = time.time()
-        streams = rng.rng_state()  # put back afterwards: nothing of training may depend on the monitor
+        streams = rng_state()  # put back afterwards: nothing of training may depend on the monitor
         try:
             stats = knn_evaluate(model, self.train_set, self.val_set, self.num_classes, self.device,
                                  self.batch_size, self.num_workers, self.autocast)
         finally:
-            rng.set_rng_state(streams)
+            set_rng_state(streams)
         print(f"kNN monitor after epoch {epoch}: {describe(stats)}; took {time.time() - start:.1f}s")
         return stats
-
-
-def from_args(args, device):
-    """The monitor of ``--knn_every``, or None when it is off (then nothing is built or scanned)."""
-    return KnnMonitor(args, device) if args.knn_every else None

@@ -1,8 +1,10 @@
 """What the reference keeps in its ``util/misc.py``: metric logging, the distributed helpers, and mixed precision
-with its loss scaler."""
+with its loss scaler; [new] the stop requests (signals) and the fused AdamW of ``--fused_adamw``."""
 import contextlib
 import datetime
 import math
+import signal
+import sys
 import time
 from collections import defaultdict, deque
 
@@ -64,18 +66,43 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    def __init__(self, delimiter="\t"):
+    """The reference's meters and progress lines. ``read_later`` ([new] --no_host_sync): ``update`` keeps tensors on
+    the device (as ``Later`` values) and reads them at the console's next print, all at once (``read_later``); a
+    row of values one ``update`` was given is dropped whole where one of its values was dropped (a skipped step)."""
+
+    def __init__(self, delimiter="\t", read_later=False):
         self.meters = defaultdict(SmoothedValue)
         self.delimiter = delimiter
+        self.read_later = read_later
+        self.fresh = False  # read_later: values were read since the checkpoint/stop check last looked
+        self._rows = []  # read_later: the rows of values not read yet, in order
+        self._print_step = False  # log_every prints after the current iteration
 
     def update(self, **kwargs):
-        for k, v in kwargs.items():
+        if not self.read_later:
+            return self._record(kwargs)
+        self._rows.append({k: Later(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()})
+        if self._print_step:  # read where the console prints: one host sync per print
+            self.read()
+
+    def _record(self, values):
+        for k, v in values.items():
             if v is None:
                 continue
             if isinstance(v, torch.Tensor):
                 v = v.item()
             assert isinstance(v, (float, int)), f"meter {k} got {type(v)}"
             self.meters[k].update(v)
+
+    def read(self):
+        """``read_later``: read the values left on the device (one host sync, ``read_later``) and hand them to the
+        meters, each row whole or, where one of its values was dropped, not at all (call on all ranks)."""
+        self.fresh = self.fresh or bool(_UNREAD)
+        read_later()
+        rows, self._rows = self._rows, []
+        for row in rows:
+            if not any(isinstance(v, Later) and v.dropped for v in row.values()):
+                self._record({k: v.value if isinstance(v, Later) else v for k, v in row.items()})
 
     def __getattr__(self, attr):
         meters = self.__dict__.get('meters', {})
@@ -87,6 +114,7 @@ class MetricLogger:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def synchronize_between_processes(self):
+        self.read()
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
@@ -97,7 +125,7 @@ class MetricLogger:
         """Yield from ``iterable``, printing progress, ETA, the meters and the time per iteration every
         ``print_freq`` iterations. ``total`` is the epoch's length and ``start`` the iteration the iterable
         begins at (both differ from the defaults only when an epoch is resumed in the middle)."""
-        total = len(iterable) if total is None else total
+        total = len(iterable) + start if total is None else total
         start_time = end = time.time()
         iter_time = SmoothedValue(fmt='{avg:.4f}')
         data_time = SmoothedValue(fmt='{avg:.4f}')
@@ -109,21 +137,24 @@ class MetricLogger:
         i = start
         for obj in iterable:
             data_time.update(time.time() - end)
+            self._print_step = i % print_freq == 0 or i == total - 1
             yield obj
             iter_time.update(time.time() - end)
-            if i % print_freq == 0 or i == total - 1:
+            if self._print_step:
                 eta_seconds = iter_time.global_avg * (total - i)
                 memory = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else 0
                 print(log_msg.format(i, total, eta=str(datetime.timedelta(seconds=int(eta_seconds))),
                                      meters=str(self), time=str(iter_time), data=str(data_time), memory=memory))
             i += 1
             end = time.time()
+        self._print_step = False
         total_time = time.time() - start_time
         print('{} Total time: {} ({:.4f} s / it)'.format(
             header, str(datetime.timedelta(seconds=int(total_time))), total_time / max(i - start, 1)))
 
     def state(self):
         """The meters' running sums, to continue an epoch's averages after a mid-epoch resume."""
+        self.read()
         return {name: {'total': m.total, 'count': m.count, 'deque': list(m.deque)} for name, m in self.meters.items()}
 
     def load_state(self, state):
@@ -131,6 +162,43 @@ class MetricLogger:
             meter = self.meters[name]
             meter.total, meter.count = st['total'], st['count']
             meter.deque.extend(st['deque'])
+
+
+# ---------------------------------------------------------------------------------------------------- device values
+_UNREAD = []  # the Later values made and not read yet, in order
+
+
+class Later:
+    """[new] --no_host_sync: a number left on the device until ``read_later`` reads it with all the others (at the
+    console's next print). ``mean``: its mean over the processes is wanted (one all-reduce for all of them).
+    ``judge(value)``: False drops it (a non-finite loss: its step is skipped), and with it the values that
+    ``follow`` it. Read, ``value`` is a float, or None where it was dropped."""
+
+    def __init__(self, tensor, mean=False, judge=None, follows=None):
+        self.tensor, self.mean, self.judge, self.follows = tensor.detach(), mean, judge, follows
+        self.value, self.dropped, self.done = None, False, False
+        _UNREAD.append(self)
+
+
+def read_later():
+    """Read every ``Later`` value made so far, in one host sync; those that want the mean over the processes in one
+    all-reduce (call on all ranks, which made the same ones in the same order)."""
+    pending = list(_UNREAD)
+    del _UNREAD[:]
+    if not pending:
+        return
+    device = pending[0].tensor.device
+    local = torch.stack([p.tensor.float().reshape(()).to(device) for p in pending])
+    means = [i for i, p in enumerate(pending) if p.mean]
+    if means:
+        local[means] = all_reduce_mean(local[means])
+    for p, value in zip(pending, local.tolist()):
+        p.value, p.done = value, True
+    for p in pending:
+        if p.judge is not None and not p.judge(p.value):
+            p.value, p.dropped = None, True
+        if p.follows is not None and p.follows.dropped:
+            p.value, p.dropped = None, True
 
 
 # ---------------------------------------------------------------------------------------------------- distributed
@@ -197,6 +265,39 @@ def all_reduce_max(x):
     return t.item()
 
 
+# ---------------------------------------------------------------------------------------------------- stop requests
+_stop = {'signal': None}
+
+
+def install_stop_handlers():
+    """SIGUSR1 (SLURM's warning before the time limit), SIGTERM and Ctrl-C: save at the next optimizer step and
+    stop (``util.checkpoint.CheckpointSaver.after_step``)."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+
+
+def request_stop(signum=signal.SIGUSR1, frame=None):
+    """Signal handler: ask the training loop to save and stop at the next optimizer step. A second Ctrl-C (SIGINT)
+    stops at once, as Ctrl-C usually does."""
+    if signum == signal.SIGINT and _stop['signal'] == signal.SIGINT:
+        raise KeyboardInterrupt
+    _stop['signal'] = signum
+    if signum == signal.SIGINT and is_main_process():
+        sys.stderr.write("Ctrl-C: saving at the next optimizer step, then stopping (Ctrl-C again: stop at once, "
+                         "unsaved)\n")
+        sys.stderr.flush()
+
+
+def stop_signal():
+    """The signal that asked this process to stop, or None."""
+    return _stop['signal']
+
+
+def stop_requested():
+    """The signal number once any rank has been asked to stop, else 0 (a collective: call on all ranks)."""
+    return int(all_reduce_max(_stop['signal'] or 0))
+
+
 # ---------------------------------------------------------------------------------------------------- AMP
 def amp_settings(args):
     """``(device_type, dtype, enabled)`` of the forward pass's autocast (the engines' ``torch.autocast``):
@@ -224,8 +325,8 @@ class NativeScalerWithGradNormCount:
     steps that update (``None`` on accumulation micro-steps). Scaling is on only for fp16 on CUDA (the forward's
     precision, ``amp_settings(args)``); ``autocast`` is the forward's context that goes with it, chosen once.
 
-    With ``--no_host_sync`` a step whose gradients are not finite (``EpochLog.add`` makes those of a non-finite loss
-    NaN) is skipped on the device: fp16's GradScaler does that already; without it the check is handed to the
+    With ``--no_host_sync`` a step whose gradients are not finite (``util.run.NonFiniteLosses`` makes those of a
+    non-finite loss NaN) is skipped on the device: fp16's GradScaler does that already; without it the check is handed to the
     optimizer as GradScaler hands it (``found_inf``), which fused AdamW applies in its kernel. Other optimizers
     need the answer on the host: one sync per optimizer step."""
 
@@ -289,3 +390,19 @@ def step_if_finite(optimizer, grad_norm):
             del optimizer.found_inf
     elif not found_inf.item():
         optimizer.step()
+
+
+def fused_adamw(device):
+    """[new] ``--fused_adamw``: True (``AdamW(fused=True)``: one kernel for all tensors, and the device-side step
+    skip of ``--no_host_sync``) where this torch has fused AdamW for ``device``, else None (the default AdamW) with
+    a note. torch checks the device only at the first step (CPU support came in torch 2.4), so one step on a
+    one-element tensor tells."""
+    try:
+        p = torch.zeros(1, device=device, requires_grad=True)
+        p.grad = torch.zeros(1, device=device)
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, TypeError) as e:
+        print(f"Note: --fused_adamw: torch {torch.__version__} has no fused AdamW for --device {device} "
+              f"({(str(e).splitlines() or [type(e).__name__])[0]}); using the default AdamW")
+        return None
+    return True

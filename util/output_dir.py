@@ -98,9 +98,10 @@ def check_outputs(paths, flag, inputs=(), folder=False):
 
 def move_log_rows_after(output_dir, last_epoch):
     """Move the ``log.txt`` rows of epochs after ``last_epoch`` (and any row cut short by a kill) to a side file
-    named on the console, so that the run continued from that epoch neither duplicates nor loses rows."""
+    named on the console, so that the run continued from that epoch neither duplicates nor loses rows (rank 0;
+    nothing without --output_dir)."""
     path = os.path.join(output_dir, 'log.txt')
-    if not os.path.isfile(path):
+    if not (output_dir and misc.is_main_process() and os.path.isfile(path)):
         return
     with open(path, encoding='utf-8') as f:
         lines = f.readlines()
@@ -123,7 +124,13 @@ def move_log_rows_after(output_dir, last_epoch):
     print(f"Note: moved {len(moved)} log.txt row(s) written after the point this run starts from to {side}")
 
 
-def append_log(output_dir, stats):
+def append_log(output_dir, stats, log_writer=None):
+    """An epoch's row in ``log.txt`` (rank 0; nothing without --output_dir), on disk before its checkpoint is
+    written, after TensorBoard's points so far (as the reference)."""
+    if not (output_dir and misc.is_main_process()):
+        return
+    if log_writer is not None:
+        log_writer.flush()
     with open(os.path.join(output_dir, "log.txt"), mode="a", encoding="utf-8") as f:
         f.write(json.dumps(stats) + "\n")
         f.flush()

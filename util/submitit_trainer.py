@@ -15,7 +15,7 @@ to save would therefore lose the save: the process exits before the loop gets to
 from scratch).
 
 So ``Trainer.__call__`` takes the signals over before training: its handlers only ask the training loop to stop
-(``util.run.request_stop``). The loop finishes the current step, all ranks agree, ``checkpoint-last.pth`` is written
+(``util.misc.request_stop``). The loop finishes the current step, all ranks agree, ``checkpoint-last.pth`` is written
 (resumable in the middle of an epoch) and ``errors.RunInterrupted`` comes out of ``main(args)``. Then, unless the
 signal was ``SIGTERM`` (submitit's signal, ``SIGUSR1``, or a signal that reached another rank only), the job hands
 over to submitit's own handler, saved when the job started, which does what it would have done on the signal:
@@ -89,7 +89,6 @@ class Trainer:
             sys.path.insert(0, str(REPO))
         trainer = import_trainer(self.module)
         import util.misc as misc
-        import util.run as run
 
         self._setup_gpu_args()
         previous, submitit_handler, usr_sig = self._take_over_signals()
@@ -98,7 +97,7 @@ class Trainer:
             trainer.main(copy.deepcopy(self.args))
         except RunInterrupted as e:
             # the signal this process received; None when only another rank received one (all ranks stop together)
-            signum = run.stop_signal()
+            signum = misc.stop_signal()
             print(f"Run interrupted (signal {signum} here): {e}", flush=True)
             if signum != signal.SIGTERM:
                 self._requeue(submitit_handler, signum if signum in (usr_sig, signal.SIGUSR1) else usr_sig)
@@ -112,11 +111,11 @@ class Trainer:
         submitit = import_submitit()
         usr_sig = getattr(signal, 'SIG' + submitit.JobEnvironment.USR_SIG, signal.SIGUSR2)
         submitit_handler = signal.getsignal(usr_sig)
-        import util.run as run
+        import util.misc as misc
         previous = {}
         for sig in (usr_sig, signal.SIGUSR1, signal.SIGTERM):
             previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, run.request_stop)
+            signal.signal(sig, misc.request_stop)
         requeue_on = sorted({signal.Signals(usr_sig).name, 'SIGUSR1'})
         print(f"Stop handlers installed (save then requeue on {', '.join(requeue_on)}; save then stop on SIGTERM)",
               flush=True)
