@@ -31,7 +31,12 @@ def prepare_data(args, work_dir, dry_run):
             'val_subset': args.val_subset}
     spec_file = data / 'SOURCE.json'
     if spec_file.is_file():
-        made = json.loads(spec_file.read_text())
+        try:
+            made = json.loads(spec_file.read_bytes().decode('utf-8'))
+        except ValueError as e:  # (UnicodeDecodeError, json.JSONDecodeError)
+            raise UsageError(f"{spec_file} is damaged (not UTF-8 JSON: {e}); it says which data the runs of "
+                             f"{work_dir} were made from: if from these flags' data, move {data} aside (it is made "
+                             f"again), else pass another --work_dir") from None
         if made != spec:
             raise UsageError(f"{work_dir} was made from other data ({made}); its runs would mix the two: pass "
                              f"another --work_dir")

@@ -68,21 +68,27 @@ def move_log_rows_after(output_dir, last_epoch):
             moved.append(raw.decode('utf-8') + '\n')
         else:
             damage.append(f"line {number}: {why}")
-    stamp = f"{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     if damage:
-        side = f"{path}.damaged-{stamp}"
-        os.rename(path, side)  # kept as it was, every byte
+        side = set_aside(path)
         _write_rows(output_dir, kept)
         print(f"Note: {path} is damaged ({len(damage)} unreadable row(s), {damage[0]}): set aside as {side}; "
               f"log.txt rebuilt from its {len(kept)} readable row(s) up to epoch {last_epoch}")
         return
     if not moved:
         return
-    side = os.path.join(output_dir, f"log-moved-{stamp}.txt")
+    side = os.path.join(output_dir, f"log-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.txt")
     with open(side, 'w', encoding='utf-8') as f:
         f.writelines(moved)
     _write_rows(output_dir, kept)
     print(f"Note: moved {len(moved)} log.txt row(s) written after the point this run starts from to {side}")
+
+
+def set_aside(path):
+    """Rename a damaged bookkeeping file to ``<path>.damaged-<time>-<pid>`` (kept as it was, every byte: never
+    deleted) and return the new name."""
+    side = f"{path}.damaged-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    os.rename(path, side)
+    return side
 
 
 def read_log_row(raw):
