@@ -184,6 +184,17 @@ def test_a_damaged_log_is_set_aside_whole_and_rebuilt_from_its_readable_rows(tmp
     assert (tmp_path / 'log.txt').read_bytes() == rows[0] + rows[1] + rows[2] + rows[3]
 
 
+def test_a_log_dir_owner_file_of_damaged_bytes_is_another_runs(tmp_path, capsys):
+    log_dir = tmp_path / 'tb'
+    log_dir.mkdir()
+    (log_dir / 'events.out.tfevents.1.host.1.0').write_bytes(b'')
+    (log_dir / run_mod.LOG_DIR_OWNER).write_bytes(b'/runs/\xff\xfeold\n')
+    this = SimpleNamespace(args=SimpleNamespace(log_dir=str(log_dir)), output_dir=str(tmp_path / 'out'))
+    assert run_mod.Run._purge_step(this, 3) is None  # none of the other run's points hidden
+    assert f"Note: --log_dir {log_dir} holds the TensorBoard events of another run (/runs/\ufffd\ufffdold)" \
+        in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------- continuing
 def parse(module, *argv):
     return module.get_args_parser().parse_args([str(a) for a in argv])
