@@ -109,6 +109,19 @@ def timm_call(state_dict, mae_name, input_size, file):
                                                                    custom_load=False), **kwargs)
 
 
+def check_shape(state_dict, mae_name, path):
+    """Refuse in one line weights of another shape than ``mae_name``'s (a --model of another size): the timm model
+    is built with its head count."""
+    patch, width, depth, in_chans = _shape(state_dict)
+    with torch.device('meta'):  # (no memory, no random draw)
+        net = models_mae.MODELS[mae_name](in_chans=in_chans)
+    own = (net.patch_embed.proj.weight.shape[-1], net.patch_embed.proj.weight.shape[0], len(net.blocks))
+    if own != (patch, width, depth):
+        raise UsageError(f"--checkpoint {path} does not fit --model {mae_name}: its weights are patch {patch}, "
+                         f"width {width}, {depth} blocks; {mae_name} is patch {own[0]}, width {own[1]}, {own[2]} "
+                         f"blocks")
+
+
 def save_file(tensors, path):
     if str(path).endswith('.safetensors'):
         from safetensors.torch import save_file as save_safetensors
@@ -123,6 +136,7 @@ def export_timm(path, out, model=None, ema=False):
     import timm
     state_dict, saved = from_checkpoint.read(path, ema=ema)
     mae_name = from_checkpoint._mae_name(model or saved.get('model'), state_dict, path, '--checkpoint')
+    check_shape(state_dict, mae_name, path)
     input_size = saved.get('input_size') or from_checkpoint.grid_input_size(state_dict) or 224
     tensors = timm_state_dict(state_dict)
     save_file(tensors, out)

@@ -381,6 +381,12 @@ def main(args):
     images = find_images(args.images)
     outputs = output_paths(args, images)
     model = load_mae(args).to(device)
+    num_patches = model.patch_embed.num_patches
+    for ratio in args.mask_ratios or [args.mask_ratio]:
+        if int(num_patches * (1 - ratio)) == 0:  # (the model's random_masking keeps as many)
+            raise UsageError(f"--mask_ratio{'s' if args.mask_ratios else ''} {ratio:g} keeps no patch of the "
+                             f"{num_patches} of {args.model} at --input_size {args.input_size}: the figure would "
+                             f"be all grey (at most {(num_patches - 1) / num_patches:.4g} keeps one)")
     # every file is checked before any output
     tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans) for path, _ in images]
     scale = args.scale or max(1, 128 // args.input_size)
@@ -391,7 +397,6 @@ def main(args):
             raise UsageError(f"--out {folder} cannot be created ({e.strerror or e})") from None
 
     generator = torch.Generator().manual_seed(args.seed)
-    num_patches = model.patch_embed.num_patches
     note = denorm_note(args.norm_pix_loss, args.denorm)
     title = f"{args.model} ({os.path.basename(args.checkpoint)}), {args.input_size}px, seed {args.seed}"
 

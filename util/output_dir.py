@@ -48,10 +48,10 @@ def lock_output_dir(path):
 
 def move_log_rows_after(output_dir, last_epoch):
     """Move the ``log.txt`` rows of epochs after ``last_epoch`` (and any row cut short by a kill) to a side file
-    named on the console, so that the run continued from that epoch neither duplicates nor loses rows. A damaged
-    ``log.txt`` (bytes that are not UTF-8, a row that is not a JSON object of a numbered epoch, a row that is not
-    JSON before the last) is set aside whole under another name and rebuilt from its readable rows up to
-    ``last_epoch``."""
+    named on the console, so that the run continued from that epoch neither duplicates nor loses rows."""
+    # A damaged log.txt (bytes that are not UTF-8, a row that is not a JSON object of a numbered epoch, a row that
+    # is not JSON before the last) is set aside whole under another name and rebuilt from its readable rows up to
+    # last_epoch: the run goes on, nothing is lost.
     path = os.path.join(output_dir, 'log.txt')
     if not os.path.isfile(path):
         return

@@ -141,6 +141,10 @@ def init_from_checkpoint(model, path, check_only=False, what='--init_from'):
     if not isinstance(state, dict) or any(k not in state for k in ENCODER_KEYS):
         raise UsageError(f"{what} {path} is not an MAE/ViT checkpoint: its 'model' entry has no ViT encoder (no "
                          f"{' / '.join(ENCODER_KEYS)})")
+    if 'fc_norm.weight' in state and 'norm.weight' not in state:
+        raise UsageError(f"{what} {path} is a ViT classifier fine-tuned with global pooling (head, fc_norm), not "
+                         f"an MAE: its encoder has no final norm to start pre-training from; to train on from it, "
+                         f"use main_finetune.py --finetune {path} (or --resume to continue its fine-tuning)")
     state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
     full = all(k in state for k in DECODER_KEYS)
     if not full:  # encoder only (or a stray decoder key): the decoder as the model initialised it
