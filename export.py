@@ -37,6 +37,7 @@ import torch
 import models_mae
 from util import from_checkpoint
 from util.errors import UsageError, run_main
+from util.output_dir import read_log_row
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -293,10 +294,13 @@ def export_hf(path, out, model=None, ema=False):
 
 def _log_rows(path):
     log = os.path.join(os.path.dirname(os.path.abspath(str(path))), 'log.txt')
-    if not os.path.isfile(log):
+    try:
+        with open(log, 'rb') as f:
+            lines = f.read().split(b'\n')
+    except OSError:  # (none, or unreadable: the card goes without)
         return []
-    with open(log) as f:
-        return [line.strip() for line in f if line.strip()][-LOG_ROWS:]
+    # (a damaged log.txt: only its readable rows)
+    return [line.decode('utf-8').strip() for line in lines if read_log_row(line)[0] is not None][-LOG_ROWS:]
 
 
 def model_card(path, info, class_name, version, layout):
