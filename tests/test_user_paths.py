@@ -1,6 +1,12 @@
 """Paths a user names, tried as a hostile user would (issue 29's hunt): missing, empty, damaged, of the wrong kind,
 unwritable, or aliasing another path. Each is one line naming the path, or a note where the run goes on."""
+import os
+
+import pytest
+
 import export
+import main_pretrain
+from conftest import TINY, run_in_process
 
 
 def test_the_model_card_shows_only_the_readable_rows_of_a_damaged_log(tmp_path):
@@ -9,3 +15,12 @@ def test_the_model_card_shows_only_the_readable_rows_of_a_damaged_log(tmp_path):
     (tmp_path / 'log.txt').unlink()
     (tmp_path / 'log.txt').mkdir()
     assert export._log_rows(tmp_path / 'checkpoint-1.pth') == []
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self'), reason='needs /proc (Linux): a folder no one can create in')
+def test_a_log_dir_that_cannot_be_made_is_one_line_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(main_pretrain, 'build_model', lambda args: pytest.fail('the model must not be built'))
+    code, err = run_in_process(main_pretrain, capsys, '--model', 'mae_vit_tiny_patch4', '--input_size', 32,
+                               '--data_path', TINY, '--device', 'cpu', '--output_dir', tmp_path / 'out', '--log_dir',
+                               '/proc/mae_tb')
+    assert code == 2 and err == "error: --log_dir /proc/mae_tb is not writable (No such file or directory)\n"

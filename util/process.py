@@ -5,6 +5,7 @@ import builtins
 import datetime
 import os
 import random
+import tempfile
 import urllib.parse
 import warnings
 
@@ -28,6 +29,8 @@ def setup_process(args, script, seed_python=False):
         args.log_dir = args.output_dir
     if args.output_dir and not getattr(args, 'eval', False):
         lock_output_dir(args.output_dir)
+    if args.log_dir and not getattr(args, 'eval', False):
+        check_log_dir(args.log_dir)
     print('job dir: {}'.format(os.path.dirname(os.path.realpath(script))))
     print("{}".format(args).replace(', ', ',\n'))
     device = torch.device(args.device)
@@ -40,6 +43,25 @@ def setup_process(args, script, seed_python=False):
         random.seed(seed)
     torch.backends.cudnn.benchmark = True
     return device
+
+
+def check_log_dir(path):
+    """One line, before anything is computed, when --log_dir cannot be made or written in (rank 0 writes the
+    TensorBoard events; every rank gets the same answer): TensorBoard would fail once the model and data are
+    ready."""
+    error = None
+    if misc.is_main_process():
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=path)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            error = f"--log_dir {path} is not writable ({e.strerror or e})"
+    if misc.get_world_size() > 1:
+        error = misc.all_gather(error)[0]
+    if error:
+        raise UsageError(error)
 
 
 def cpu_has_fast_bf16():
