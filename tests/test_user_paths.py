@@ -5,6 +5,7 @@ import os
 import pytest
 
 import export
+import extract_features
 import main_pretrain
 from conftest import TINY, run_in_process
 
@@ -24,3 +25,16 @@ def test_a_log_dir_that_cannot_be_made_is_one_line_before_the_model_is_built(tmp
                                '--data_path', TINY, '--device', 'cpu', '--output_dir', tmp_path / 'out', '--log_dir',
                                '/proc/mae_tb')
     assert code == 2 and err == "error: --log_dir /proc/mae_tb is not writable (No such file or directory)\n"
+
+
+@pytest.mark.parametrize('make, expected', [
+    (lambda p: p.write_bytes(b''), '{flag} {path}: a file, not a folder with train/ and val/'),
+    (lambda p: (p / 'train').mkdir(parents=True),
+     "{flag} {path} has no 'val/' folder ({flag} needs {path}/train/<class>/<image> and {path}/val/...)"),
+])
+@pytest.mark.parametrize('flag', ['--probe', '--knn'])
+def test_the_evaluation_folder_of_extract_features_is_named_for_its_own_mode(tmp_path, capsys, make, expected, flag):
+    path = tmp_path / 'data'
+    make(path)
+    code, err = run_in_process(extract_features, capsys, flag, path, '--random_init', '--model', 'vit_tiny_patch4')
+    assert code == 2 and err == 'error: ' + expected.format(flag=flag, path=path) + '\n'
