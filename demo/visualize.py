@@ -42,7 +42,7 @@ from util.datasets import ToTensor  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 from util.flag_checks import check_device, check_ranges  # noqa: E402
 from util.image_decode import BAD_FILE_ERRORS, IMG_EXTENSIONS, bad_file_reason, read_image  # noqa: E402
-from util.image_sources import list_images  # noqa: E402
+from util.image_sources import check_outputs_outside_data, list_images  # noqa: E402
 
 # the default normalisation (util/data_stats.py holds it); a checkpoint's own --mean/--std replace it
 IMAGENET_MEAN, IMAGENET_STD = data_stats.DEFAULT_MEAN, data_stats.DEFAULT_STD
@@ -378,6 +378,8 @@ def output_paths(args, images):
 
 def main(args):
     device = check_args(args)
+    # (figures written among the images of a folder given would be read as images the next time)
+    check_outputs_outside_data([('--out', args.out)], [('visualize.py', p) for p in args.images if os.path.isdir(p)])
     images = find_images(args.images)
     outputs = output_paths(args, images)
     model = load_mae(args).to(device)

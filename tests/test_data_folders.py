@@ -130,8 +130,8 @@ def test_a_run_folder_among_the_images_it_reads_is_refused_before_it_is_made(tmp
                                *[a for pair in outputs.items() for a in pair])
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.strip() == (f"error: {flag} {data / where} lies inside {data / reads}, which --data_path reads "
-                           f"images from: the run's files would be read as data (a folder there is taken for a class "
-                           f"of images); give a {flag} outside it")
+                           f"images from: what is written there would be read as data (a folder as a class, a PNG "
+                           f"as an image); give a {flag} outside it")
     assert sorted(p.name for p in (data / reads).iterdir()) == ['a', 'b'] and not (tmp_path / 'out').exists()
 
 

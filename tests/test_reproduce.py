@@ -513,6 +513,27 @@ def test_a_damaged_data_record_is_one_line(tmp_path, capsys):
     assert f"move {tmp_path / 'data'} aside (it is made again), else pass another --work_dir" in err
 
 
+def test_a_work_dir_among_the_images_and_a_split_without_classes_are_one_line(tmp_path, capsys):
+    data = tmp_path / 'data'
+    for split in ('train', 'val'):
+        (data / split / 'a').mkdir(parents=True)
+    for argv, expected in (
+            (['--work_dir', data / 'train' / 'runs'],
+             f"--work_dir {data / 'train' / 'runs'} lies inside {data / 'train'}, which --data_path reads images"),
+            (['--work_dir', tmp_path / 'w', '--results_dir', data / 'val'],
+             f"--results_dir {data / 'val'} is {data / 'val'}, which --data_path reads images")):
+        code, out, err = run_reproduce(capsys, '--quick', '--study', 'scratch', '--data_path', data, *argv)
+        assert code == 2 and err.startswith('error: ' + expected) and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in data.rglob('*')) == ['a', 'a', 'train', 'val'] and not (tmp_path / 'w').exists()
+    no_classes = tmp_path / 'noclass'
+    (no_classes / 'train').mkdir(parents=True)
+    (no_classes / 'val' / 'a').mkdir(parents=True)
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'scratch', '--data_path', no_classes, '--work_dir',
+                                   tmp_path / 'w2')
+    assert code == 2 and err == (f"error: --data_path {no_classes}: train/ has no class folders (expected "
+                                 f"{no_classes / 'train'}/<class>/<image>)\n")
+
+
 class WritesResult:
     """extract_features.py as the runner starts it: writes its --results (a top-1 of 61.5 on 8 images)."""
     commands = []

@@ -1,13 +1,19 @@
 """Paths a user names, tried as a hostile user would (issue 29's hunt): missing, empty, damaged, of the wrong kind,
 unwritable, or aliasing another path. Each is one line naming the path, or a note where the run goes on."""
+import importlib.util
 import os
+import shutil
 
 import pytest
 
 import export
 import extract_features
 import main_pretrain
-from conftest import TINY, run_in_process
+from conftest import ROOT, TINY, run_in_process, save_pretrained
+
+spec = importlib.util.spec_from_file_location('visualize', ROOT / 'demo' / 'visualize.py')
+visualize = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(visualize)
 
 
 def test_the_model_card_shows_only_the_readable_rows_of_a_damaged_log(tmp_path):
@@ -38,3 +44,16 @@ def test_the_evaluation_folder_of_extract_features_is_named_for_its_own_mode(tmp
     make(path)
     code, err = run_in_process(extract_features, capsys, flag, path, '--random_init', '--model', 'vit_tiny_patch4')
     assert code == 2 and err == 'error: ' + expected.format(flag=flag, path=path) + '\n'
+
+
+@pytest.mark.parametrize('out', ['photos', 'photos/figures', 'photos/grid.png'])
+def test_visualize_writes_no_figure_among_the_images_of_a_folder_it_reads(tmp_path, capsys, out):
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    shutil.copy(TINY / 'val' / 'cat' / '0000.jpg', photos / 'a.jpg')
+    checkpoint = save_pretrained(tmp_path / 'mae_tiny.pth')
+    code, err = run_in_process(visualize, capsys, '--checkpoint', checkpoint, photos, '--grid', '--out', tmp_path / out)
+    where = 'is' if out == 'photos' else 'lies inside'
+    assert code == 2 and err.startswith(f"error: --out {tmp_path / out} {where} {photos}, which visualize.py reads "
+                                        f"images from: what is written there would be read as data")
+    assert [p.name for p in photos.iterdir()] == ['a.jpg']

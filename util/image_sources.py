@@ -119,9 +119,10 @@ def pretrain_dataset(data_path, transform=None, skip_bad=False, loader=load_rgb)
 
 def check_outputs_outside_data(outputs, inputs):
     """One line when an output folder (``outputs``: ``(flag, path)`` pairs, e.g. --output_dir, --log_dir) is, or
-    lies inside, a folder of images the script reads (``inputs``: ``(flag, folder)`` pairs): the run's files would
-    be read as data, by this run or the next (a folder inside an ImageFolder tree is taken for a class, its PNGs
-    for images). Paths are compared as they resolve (symbolic links followed), before anything is created."""
+    lies inside, a folder of images the script reads (``inputs``: ``(what reads it, folder)`` pairs): what is
+    written there would be read as data, by this run or the next (a folder inside an ImageFolder tree is taken for
+    a class, a PNG for an image). Paths are compared as they resolve (symbolic links followed), before anything is
+    created."""
     for flag, path in outputs:
         if not path:
             continue
@@ -130,8 +131,8 @@ def check_outputs_outside_data(outputs, inputs):
             root = os.path.realpath(folder)
             if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
                 where = 'is' if real == root else 'lies inside'
-                raise UsageError(f"{flag} {path} {where} {folder}, which {data_flag} reads images from: the run's "
-                                 f"files would be read as data (a folder there is taken for a class of images); "
+                raise UsageError(f"{flag} {path} {where} {folder}, which {data_flag} reads images from: what is "
+                                 f"written there would be read as data (a folder as a class, a PNG as an image); "
                                  f"give a {flag} outside it")
 
 
