@@ -46,6 +46,7 @@ from util import data_stats, from_checkpoint
 from util.errors import UsageError, run_main
 from util.flags import Parser
 from util.output_dir import check_outputs
+from util.output_dir import read_log_row
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -143,6 +144,19 @@ def run_stats(saved, state_dict):
     return data_stats.stats_from_checkpoint(saved, state_dict)
 
 
+def check_shape(state_dict, mae_name, path):
+    """Refuse in one line weights of another shape than ``mae_name``'s (a --model of another size): the timm model
+    is built with its head count."""
+    patch, width, depth, in_chans = _shape(state_dict)
+    with torch.device('meta'):  # (no memory, no random draw)
+        net = models_mae.MODELS[mae_name](in_chans=in_chans)
+    own = (net.patch_embed.proj.weight.shape[-1], net.patch_embed.proj.weight.shape[0], len(net.blocks))
+    if own != (patch, width, depth):
+        raise UsageError(f"--checkpoint {path} does not fit --model {mae_name}: its weights are patch {patch}, "
+                         f"width {width}, {depth} blocks; {mae_name} is patch {own[0]}, width {own[1]}, {own[2]} "
+                         f"blocks")
+
+
 def save_file(tensors, path):
     if str(path).endswith('.safetensors'):
         from safetensors.torch import save_file as save_safetensors
@@ -157,12 +171,7 @@ def export_timm(path, out, model=None, ema=False):
     import timm
     state_dict, saved = from_checkpoint.read(path, ema=ema)
     mae_name = from_checkpoint._mae_name(model or saved.get('model'), state_dict, path, '--checkpoint')
-    if model:  # (timm's call takes the architecture from --model: the weights must be its encoder's)
-        found = from_checkpoint.infer_model(state_dict)
-        if found is None or from_checkpoint.vit_name(found) != from_checkpoint.vit_name(mae_name):
-            raise UsageError(f"--model {model}: --checkpoint {path} holds the weights of "
-                             f"{from_checkpoint.vit_name(found) if found else 'none of the known models'}; leave "
-                             f"--model out")
+    check_shape(state_dict, mae_name, path)
     input_size = saved.get('input_size') or from_checkpoint.grid_input_size(state_dict) or 224
     tensors = timm_state_dict(state_dict)
     # written beside ``out`` and renamed over it once timm loads it: a file already there (maybe a hard link of
@@ -387,10 +396,13 @@ def hf_image_processor(transformers, input_size, stats):
 
 def _log_rows(path):
     log = os.path.join(os.path.dirname(os.path.abspath(str(path))), 'log.txt')
-    if not os.path.isfile(log):
+    try:
+        with open(log, 'rb') as f:
+            lines = f.read().split(b'\n')
+    except OSError:  # (none, or unreadable: the card goes without)
         return []
-    with open(log, encoding='utf-8', errors='replace') as f:  # (a damaged log still gives the card its rows)
-        return [line.strip() for line in f if line.strip()][-LOG_ROWS:]
+    # (a damaged log.txt: only its readable rows)
+    return [line.decode('utf-8').strip() for line in lines if read_log_row(line)[0] is not None][-LOG_ROWS:]
 
 
 def model_card(path, info, class_name, version, stats):

@@ -27,6 +27,7 @@ from util.flag_checks import check_common
 from util.flags import Parser, Range, add_classifier_args, add_common_args
 from util.image_decode import ImageReader
 from util.image_folder import image_folder
+from util.image_sources import check_run_outside_data
 from util.lr_sched import set_lr
 from util.output_dir import append_log, move_log_rows_after
 from util.from_checkpoint import load_finetune_weights
@@ -109,6 +110,7 @@ def get_args_parser():
 
 def check_args(args):
     check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
+    check_run_outside_data(args, ['val'] if args.eval else ['val', 'train'])  # [new] not written among its images
     check_augmentation(args)
     if args.opt_betas is not None and len(args.opt_betas) != 2:
         raise UsageError(f"--opt_betas takes AdamW's two betas (e.g. 0.9 0.95), got "

@@ -25,6 +25,7 @@ from util.flag_checks import check_common
 from util.flags import Parser, add_classifier_args, add_common_args
 from util.image_decode import ImageReader
 from util.image_folder import image_folder
+from util.image_sources import check_run_outside_data
 from util.lars import LARS
 from util.lr_sched import set_lr
 from util.output_dir import append_log, move_log_rows_after
@@ -72,6 +73,7 @@ def add_probe_head(model):
 
 def check_args(args):
     check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
+    check_run_outside_data(args, ['val'] if args.eval else ['val', 'train'])  # [new] not written among its images
 
 
 def main(args):

@@ -19,7 +19,7 @@ from util.datasets import pretrain_transform
 from util.errors import UsageError, run_main
 from util.flag_checks import check_common
 from util.flags import Parser, Range, add_common_args
-from util.image_sources import check_pretrain_path, pretrain_dataset
+from util.image_sources import check_pretrain_path, check_run_outside_data, pretrain_dataset
 from util.lr_sched import set_lr
 from util.from_checkpoint import init_from_checkpoint
 from util.process import parallel_model, setup_process
@@ -73,6 +73,7 @@ def check_args(args):
     check_pretrain_path(args.data_path)  # [new] a folder (ImageFolder tree or images) or a .txt list
     data_stats.check_given(args)  # other channel counts than ImageNet's 3 need their own statistics
     knn_monitor.check_args(args)
+    check_run_outside_data(args)  # [new] the run's folders are not among those it reads images from
     if args.mask_type == 'grid' and args.mask_ratio != models_mae.GRID_MASK_RATIO:
         raise UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
                          f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "

@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 import util.errors as errors
-from studies.data import class_folders, count_images, data_summary, prepare_data
+from studies.data import check_outside_data, class_folders, count_images, data_summary, prepare_data
 from studies.paper import STUDIES, VALUE_STUDIES, build_study, evals_per_study
 from studies.plan import REPO, Plan, Setup, command, print_commands
 from studies.recipes import EVALUATIONS, SCALES, with_pretrain_epochs
@@ -138,6 +138,7 @@ def check_args(args):
         raise UsageError("--quick is a small smoke test; it does not go with --scale paper")
     if not args.quick and not args.data_path:
         raise UsageError("--data_path is required (an ImageFolder tree with train/ and --val_split), unless --quick")
+    check_outside_data(args)  # the work and results folders are not among the images the runs read
     return evals_per_study(args.evals, studies, 'quick' if args.quick else args.scale)
 
 

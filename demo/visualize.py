@@ -43,7 +43,7 @@ from util.errors import UsageError  # noqa: E402
 from util.flag_checks import check_device  # noqa: E402
 from util.flags import SEED_MAX, Parser, Range  # noqa: E402
 from util.image_decode import BAD_FILE_ERRORS, IMG_EXTENSIONS, bad_file_reason, read_image  # noqa: E402
-from util.image_sources import list_images  # noqa: E402
+from util.image_sources import check_outputs_outside_data, list_images  # noqa: E402
 from util.output_dir import check_outputs  # noqa: E402
 
 # the default normalisation (util/data_stats.py holds it); a checkpoint's own --mean/--std replace it
@@ -381,6 +381,8 @@ def output_paths(args, images):
 
 def main(args):
     device = check_args(args)
+    # (figures written among the images of a folder given would be read as images the next time)
+    check_outputs_outside_data([('--out', args.out)], [('visualize.py', p) for p in args.images if os.path.isdir(p)])
     images = find_images(args.images)
     outputs = output_paths(args, images)
     # no figure may replace an input (``--out`` the folder of the images, or an image itself)
@@ -388,10 +390,10 @@ def main(args):
     model = load_mae(args).to(device)
     num_patches = model.patch_embed.num_patches
     for ratio in args.mask_ratios or [args.mask_ratio]:
-        if int(num_patches * (1 - ratio)) == 0:  # (the model keeps int(L * (1 - ratio)) patches)
-            raise UsageError(f"--mask_ratio{'s' if args.mask_ratios else ''} {ratio} keeps none of the "
-                             f"{num_patches} patches at --input_size {args.input_size}: at most "
-                             f"{1 - 1 / num_patches:.4g} keeps one")
+        if int(num_patches * (1 - ratio)) == 0:  # (the model's random_masking keeps as many)
+            raise UsageError(f"--mask_ratio{'s' if args.mask_ratios else ''} {ratio:g} keeps no patch of the "
+                             f"{num_patches} of {args.model} at --input_size {args.input_size}: the figure would "
+                             f"be all grey (at most {(num_patches - 1) / num_patches:.4g} keeps one)")
     # every file is checked before any output
     tensors = [load_image(path, args.input_size, args.mean, args.std, args.in_chans, args.to_grayscale)
                for path, _ in images]

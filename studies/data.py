@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from util.errors import UsageError
+from util.image_sources import check_outputs_outside_data
 
 
 def class_folders(folder):
@@ -19,10 +20,15 @@ def prepare_data(args, work_dir, dry_run):
     ``--train_subset``/``--val_subset`` a class-balanced random subset of links to the images (seed 0)."""
     src = Path(args.data_path).absolute()
     for split in ('train', args.val_split):
+        message = None
         if not (src / split).is_dir():
             message = f"--data_path {args.data_path} has no '{split}/' folder (expected {src / split}/<class>/<image>)"
-            if not dry_run:
-                raise UsageError(message)
+        elif not class_folders(src / split):  # (every run would fail on it, one after the other)
+            message = (f"--data_path {args.data_path}: {split}/ has no class folders (expected "
+                       f"{src / split}/<class>/<image>)")
+        if message and not dry_run:
+            raise UsageError(message)
+        if message:
             print(f"# note: {message}; the runs would stop on it")
     if args.val_split == 'val' and not args.train_subset and not args.val_subset:
         return src
@@ -31,7 +37,12 @@ def prepare_data(args, work_dir, dry_run):
             'val_subset': args.val_subset}
     spec_file = data / 'SOURCE.json'
     if spec_file.is_file():
-        made = json.loads(spec_file.read_text())
+        try:
+            made = json.loads(spec_file.read_bytes().decode('utf-8'))
+        except ValueError as e:  # (UnicodeDecodeError, json.JSONDecodeError)
+            raise UsageError(f"{spec_file} is damaged (not UTF-8 JSON: {e}); it says which data the runs of "
+                             f"{work_dir} were made from: if from these flags' data, move {data} aside (it is made "
+                             f"again), else pass another --work_dir") from None
         if made != spec:
             raise UsageError(f"{work_dir} was made from other data ({made}); its runs would mix the two: pass "
                              f"another --work_dir")
@@ -58,6 +69,16 @@ def prepare_data(args, work_dir, dry_run):
     (tmp / 'SOURCE.json').write_text(json.dumps(spec) + '\n')
     os.replace(tmp, data)
     return data
+
+
+def check_outside_data(args):
+    """One line when --work_dir or --results_dir is, or lies inside, a split of --data_path that the runs read
+    (train/, --val_split): the runs' folders would be taken for classes, the charts for images."""
+    if not args.data_path:
+        return
+    check_outputs_outside_data([('--work_dir', args.work_dir), ('--results_dir', args.results_dir)],
+                               [('--data_path', os.path.join(args.data_path, split))
+                                for split in ('train', args.val_split)])
 
 
 def count_images(data_path, split):

@@ -5,6 +5,7 @@ then its evaluations (``main_finetune.py``, ``main_linprobe.py``, ``extract_feat
 the last checkpoint. A pre-training that several cells or studies need (the baseline) is one run.
 """
 import json
+import math
 import os
 import shlex
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from studies.recipes import EVALUATIONS, SCALES, Scale
 from util.errors import UsageError
+from util.output_dir import read_log_row
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN_ENTRY_POINT, PRETRAIN_SUBMITIT_SCRIPT = 'main_pretrain.py', 'submitit_pretrain.py'
@@ -53,23 +55,28 @@ class PlannedRun:
         return f"{self.epochs} epochs" if self.trains else "features of train/ and val/"
 
     def result(self):
-        """What extract_features.py --results wrote (written whole or not at all), or None."""
+        """What extract_features.py --results wrote (written whole or not at all), or None where there is none or it
+        cannot be read: not JSON of an object with its top-1 (``metric``) a number, and its image count, if any, a
+        whole number (then the runner sets it aside and runs the evaluation again)."""
         try:
-            return json.loads(self.result_file.read_text(encoding='utf-8'))
-        except (OSError, json.JSONDecodeError):
+            result = json.loads(self.result_file.read_bytes().decode('utf-8'))
+        except (OSError, ValueError):  # (UnicodeDecodeError, json.JSONDecodeError)
             return None
+        if not isinstance(result, dict) or not is_number(result.get(EVALUATIONS[self.kind].metric)):
+            return None
+        images = result.get('val_images')
+        if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
+            return None
+        return result
 
     def rows(self):
+        """The readable rows of its ``log.txt`` (not those cut short by a kill or damaged)."""
         path = self.out / 'log.txt'
-        if not path.is_file():
+        try:
+            lines = path.read_bytes().split(b'\n') if path.is_file() else []
+        except OSError:
             return []
-        rows = []
-        for line in path.read_text(encoding='utf-8').splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a row cut short by a kill
-                pass
-        return rows
+        return [row for row, _ in map(read_log_row, lines) if row is not None]
 
     def finished(self):
         """Its log has the last epoch and its final checkpoint is written (the row comes first, so both); for an
@@ -86,11 +93,17 @@ class PlannedRun:
             return (value, value) if value is not None else None
         key = 'test_acc1_ema' if self.flags.get('model_ema') else 'test_acc1'
         accs = [r[key] for r in self.rows() if key in r]
-        return (accs[-1], max(accs)) if accs else None
+        if not accs or not all(map(is_number, accs)):
+            return None  # (the report says "no top-1")
+        return accs[-1], max(accs)
 
     def eval_images(self):
         """The number of images its top-1 is measured on, where the run says (result.json), else None."""
         return (self.result() or {}).get('val_images') if not self.trains else None
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def key_of(pairs):

@@ -18,9 +18,12 @@ from studies.runner import fmt_time
 
 def cell_value(run):
     """What a table shows for a run: its final top-1, or its state."""
-    acc = run.accuracy() if run.finished() else None
+    finished = run.finished()
+    acc = run.accuracy() if finished else None
     if acc:
         return f"{acc[0]:.1f}"
+    if finished:  # a training run whose log.txt has no readable top-1 (its rows damaged)
+        return 'no top-1'
     if run.status in ('failed', 'interrupted', 'skipped'):
         return run.status
     if run.status == 'submitted':

@@ -11,9 +11,10 @@ import signal
 import subprocess
 import time
 
-from studies.plan import REPO, command, shown
+from studies.plan import REPO, command, is_number, shown
 from studies.recipes import EVALUATIONS
 from util.errors import RunInterrupted
+from util.output_dir import set_aside
 
 
 def relative_cost(run):
@@ -60,8 +61,40 @@ class Progress:
         return f"{elapsed}, about {fmt_time(left)} left"
 
 
-def read_json(path):
-    return json.loads(path.read_text()) if path.is_file() else {}
+def seconds_value(value):
+    return is_number(value) and value >= 0
+
+
+def job_id_value(value):
+    return isinstance(value, str) and bool(value.strip())
+
+
+def read_json(path, valid):
+    """The {run folder: value} of one of the runner's files (``timings.json``: seconds; ``jobs.json``: job ids), {}
+    where there is none. A damaged one (not UTF-8 JSON of an object, or values that ``valid`` refuses) is set aside
+    under another name, never deleted, and rebuilt from its readable entries, in one line."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_bytes().decode('utf-8'))
+    except ValueError as e:  # (UnicodeDecodeError, json.JSONDecodeError)
+        data, why = {}, f"not UTF-8 JSON: {e}"
+    else:
+        if not isinstance(data, dict):
+            data, why = {}, f"a JSON {type(data).__name__}, not an object"
+        else:
+            bad = [k for k, v in data.items() if not valid(v)]
+            why = f"{len(bad)} value(s) of another kind, e.g. {bad[0]}: {json.dumps(data[bad[0]])}" if bad else None
+            data = {k: v for k, v in data.items() if k not in bad}
+    if why is None:
+        return data
+    try:
+        side = set_aside(path)
+    except FileNotFoundError:  # another invocation on this work dir set it aside first
+        return data
+    write_json(path, data)
+    print(f"Note: {path} is damaged ({why}): set aside as {side}; rebuilt with its {len(data)} readable entries")
+    return data
 
 
 def write_json(path, data):
@@ -77,8 +110,8 @@ class Runner:
         self.plan, self.setup = plan, setup
         self.timings_file = setup.work_dir / 'timings.json'
         self.jobs_file = setup.work_dir / 'jobs.json'
-        self.timings = read_json(self.timings_file)
-        self.jobs = read_json(self.jobs_file)
+        self.timings = read_json(self.timings_file, seconds_value)
+        self.jobs = read_json(self.jobs_file, job_id_value)
         for run in plan.runs.values():
             run.seconds = self.timings.get(setup.rel(run.out))
         self.child = None
@@ -141,6 +174,10 @@ class Runner:
 
     def _run_local(self, run):
         run.out.mkdir(parents=True, exist_ok=True)
+        if not run.trains and run.result_file.exists():  # there, yet the run is not done: it cannot be read
+            side = set_aside(run.result_file)
+            print(f"Note: {run.result_file} is damaged (not JSON of an object with a number "
+                  f"{EVALUATIONS[run.kind].metric}): set aside as {side}; the evaluation runs again")
         cmd = command(run, self.setup)
         before = checkpoints(run.out)
         start = time.time()
@@ -155,7 +192,7 @@ class Runner:
         run.seconds = (run.seconds or 0.0) + took
         # read again before writing: another invocation on this work dir (another study, another seed) may have
         # timed its own runs since this one started, and their times stay
-        self.timings = dict(read_json(self.timings_file), **{self.setup.rel(run.out): run.seconds})
+        self.timings = dict(read_json(self.timings_file, seconds_value), **{self.setup.rel(run.out): run.seconds})
         write_json(self.timings_file, self.timings)
         if code == 0 and run.finished():
             run.status = 'ran'
@@ -205,7 +242,7 @@ def checkpoints(folder):
 def last_message(console, code):
     """The one-line error an entry point printed last (or the last line of its output)."""
     try:
-        lines = [line for line in console.read_text(encoding='utf-8').splitlines() if line.strip()]
+        lines = [line for line in console.read_text(encoding='utf-8', errors='replace').splitlines() if line.strip()]
     except OSError:
         lines = []
     for line in reversed(lines):

@@ -7,6 +7,7 @@ from PIL import Image
 from torchvision import datasets
 
 import main_finetune
+import main_pretrain
 from conftest import TINY, parsed_args, run_in_process
 from engine_finetune import evaluate
 from util.datasets import check_classes, eval_transform
@@ -108,3 +109,42 @@ def test_links_to_folders_elsewhere_are_followed(tmp_path):
     (photos / 'all' / 'cat' / 'again.png').symlink_to(photos / 'all' / 'cat' / '0.png')  # a file link: no loop
     ds = image_folder(str(data), 'train', None)
     assert ds.classes == ['airplane', 'cat'] and len(ds) == 5
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+@pytest.mark.parametrize('script, flag, where, reads', [
+    (main_pretrain, '--output_dir', 'train/run', 'train'),  # a new class folder 'run' in the next run's tree
+    (main_pretrain, '--log_dir', 'link/tb', 'train'),  # through a symbolic link to train/
+    (main_finetune, '--output_dir', 'val/run', 'val'),
+])
+def test_a_run_folder_among_the_images_it_reads_is_refused_before_it_is_made(tmp_path, capsys, script, flag, where,
+                                                                             reads):
+    data = tree(tmp_path / 'data', {'train': ['a', 'b'], 'val': ['a', 'b']})
+    (data / 'link').symlink_to(data / 'train')
+    model = ['--model', 'mae_vit_tiny_patch4'] if script is main_pretrain else ['--model', 'vit_tiny_patch4',
+                                                                                 '--nb_classes', 2]
+    outputs = {'--output_dir': tmp_path / 'out', '--log_dir': tmp_path / 'out', flag: data / where}
+    code, err = run_in_process(script, capsys, *model, '--input_size', 32, '--data_path', data, '--device', 'cpu',
+                               *[a for pair in outputs.items() for a in pair])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.strip() == (f"error: {flag} {data / where} lies inside {data / reads}, which --data_path reads "
+                           f"images from: what is written there would be read as data (a folder as a class, a PNG "
+                           f"as an image); give a {flag} outside it")
+    assert sorted(p.name for p in (data / reads).iterdir()) == ['a', 'b'] and not (tmp_path / 'out').exists()
+
+
+def test_a_folder_of_images_as_the_output_dir_and_the_knn_data_are_refused(tmp_path, capsys):
+    flat = tmp_path / 'photos'
+    flat.mkdir()
+    for k in range(4):
+        Image.new('RGB', (8, 8), (k, 0, 0)).save(flat / f'{k}.png')
+    knn = tree(tmp_path / 'knn', {'train': ['a', 'b'], 'val': ['a', 'b']})
+    argv = ['--model', 'mae_vit_tiny_patch4', '--input_size', 32, '--device', 'cpu', '--epochs', 1]
+    code, err = run_in_process(main_pretrain, capsys, *argv, '--data_path', flat, '--output_dir', flat)
+    assert code == 2 and err.startswith(f"error: --output_dir {flat} is {flat}, which --data_path reads images from")
+    code, err = run_in_process(main_pretrain, capsys, *argv, '--data_path', flat, '--output_dir', tmp_path / 'out',
+                               '--knn_every', 1, '--knn_data_path', knn, '--log_dir', knn / 'val' / 'tb')
+    assert code == 2 and err.startswith(f"error: --log_dir {knn / 'val' / 'tb'} lies inside {knn / 'val'}, which "
+                                        f"--knn_data_path reads images from")
+    assert sorted(p.name for p in flat.iterdir()) == ['0.png', '1.png', '2.png', '3.png']
+

@@ -123,3 +123,13 @@ def test_a_stop_on_two_processes_is_said_once(tmp_path):
     assert r.returncode != 0
     assert r.stderr.count('stopped: signal 10 received, stopped at epoch 0 iteration 2: saved ') == 1, r.stderr[-3000:]
     assert torch.load(out / 'checkpoint-last.pth', weights_only=True)['resume_iter'] == 2
+
+
+def test_a_dist_url_torch_cannot_use_is_one_line_on_each_rank_before_joining(tmp_path):
+    out = tmp_path / 'run'
+    r = torchrun(*pretrain_argv(out, '--dist_url', 'garbage', epochs=1, batch_size=2))
+    assert r.returncode != 0
+    line = ("error: --dist_url garbage: not a rendezvous URL torch knows: give env:// (torchrun's), tcp://HOST:PORT "
+            "or file:///PATH/TO/A/NEW/FILE\n")
+    assert r.stderr.count(line) == 2 and 'exitcode  : 2' in r.stderr, r.stderr[-3000:]
+    assert 'No rendezvous handler' not in r.stderr and not out.exists()

@@ -464,6 +464,123 @@ def test_finished_runs_are_not_run_again(tmp_path, capsys, monkeypatch):
     assert '| 1 | 52.0 | ±17.7 | — |' in table
 
 
+@pytest.mark.parametrize('damaged, kept, why', [
+    (b'{"runs/baseline/pretrain": 60.5, "runs/bas', {}, 'not UTF-8 JSON: '),
+    (b'\xff\xfe\x00', {}, 'not UTF-8 JSON: '),
+    (b'[60.5, 40]', {}, 'a JSON list, not an object'),
+    (b'{"runs/baseline/pretrain": 60.5, "runs/baseline/linprobe": "forty"}', {'runs/baseline/pretrain': 60.5},
+     '1 value(s) of another kind, e.g. runs/baseline/linprobe: "forty"'),
+])
+def test_a_damaged_timings_file_is_set_aside_and_rebuilt_in_one_line(tmp_path, capsys, monkeypatch, damaged, kept,
+                                                                      why):
+    scale = recipes.SCALES['quick']
+    planned = plan.Plan(scale, tmp_path)
+    planned.add_study(paper.build_study('partial_ft', scale))
+    for i, run in enumerate(planned.runs.values()):
+        fake_finished(run, 50.0 + i)
+    monkeypatch.setattr(runner.Runner, '_run_local', lambda *a, **k: pytest.fail('nothing should run'))
+    (tmp_path / 'timings.json').write_bytes(damaged)
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'partial_ft', '--work_dir', tmp_path)
+    assert code == 0, err
+    side, = tmp_path.glob('timings.json.damaged-*')
+    assert side.read_bytes() == damaged
+    assert f"Note: {tmp_path / 'timings.json'} is damaged ({why}" in out
+    assert f"): set aside as {side}; rebuilt with its {len(kept)} readable entries" in out
+    assert json.loads((tmp_path / 'timings.json').read_text()) == kept
+    table = (tmp_path / 'partial_ft.md').read_text()
+    assert '| 0 (linear probe) | 51.0 |' in table
+    assert f"for the {len(kept)} of 4 runs of this study timed by the runner" in table
+
+
+@pytest.mark.parametrize('damaged', [b'{"runs/baseline/pretrain": 12', b'{"runs/baseline/pretrain": 12}'])
+def test_a_damaged_jobs_file_is_set_aside_and_rebuilt(tmp_path, capsys, damaged):
+    (tmp_path / 'jobs.json').write_bytes(damaged[:-1] + b', "runs/baseline/finetune": "345"}'
+                                         if damaged.endswith(b'}') else damaged)
+    jobs = runner.read_json(tmp_path / 'jobs.json', runner.job_id_value)
+    assert jobs == ({'runs/baseline/finetune': '345'} if damaged.endswith(b'}') else {})
+    side, = tmp_path.glob('jobs.json.damaged-*')
+    assert json.loads((tmp_path / 'jobs.json').read_text()) == jobs
+    assert f"set aside as {side}; rebuilt with its {len(jobs)} readable entries" in capsys.readouterr().out
+
+
+def test_a_damaged_data_record_is_one_line(tmp_path, capsys):
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'SOURCE.json').write_bytes(b'{"data_path": "/x", \xff')
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'scratch', '--work_dir', tmp_path, '--train_subset',
+                                   4)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: {tmp_path / 'data' / 'SOURCE.json'} is damaged (not UTF-8 JSON: ")
+    assert f"move {tmp_path / 'data'} aside (it is made again), else pass another --work_dir" in err
+
+
+def test_a_work_dir_among_the_images_and_a_split_without_classes_are_one_line(tmp_path, capsys):
+    data = tmp_path / 'data'
+    for split in ('train', 'val'):
+        (data / split / 'a').mkdir(parents=True)
+    for argv, expected in (
+            (['--work_dir', data / 'train' / 'runs'],
+             f"--work_dir {data / 'train' / 'runs'} lies inside {data / 'train'}, which --data_path reads images"),
+            (['--work_dir', tmp_path / 'w', '--results_dir', data / 'val'],
+             f"--results_dir {data / 'val'} is {data / 'val'}, which --data_path reads images")):
+        code, out, err = run_reproduce(capsys, '--quick', '--study', 'scratch', '--data_path', data, *argv)
+        assert code == 2 and err.startswith('error: ' + expected) and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in data.rglob('*')) == ['a', 'a', 'train', 'val'] and not (tmp_path / 'w').exists()
+    no_classes = tmp_path / 'noclass'
+    (no_classes / 'train').mkdir(parents=True)
+    (no_classes / 'val' / 'a').mkdir(parents=True)
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'scratch', '--data_path', no_classes, '--work_dir',
+                                   tmp_path / 'w2')
+    assert code == 2 and err == (f"error: --data_path {no_classes}: train/ has no class folders (expected "
+                                 f"{no_classes / 'train'}/<class>/<image>)\n")
+
+
+class WritesResult:
+    """extract_features.py as the runner starts it: writes its --results (a top-1 of 61.5 on 8 images)."""
+    commands = []
+
+    def __init__(self, cmd, **kwargs):
+        WritesResult.commands.append(cmd)
+        result = Path(cmd[cmd.index('--results') + 1])
+        result.write_text(json.dumps({'knn_top1': 61.5, 'val_images': 8}))
+
+    def wait(self):
+        return 0
+
+
+@pytest.mark.parametrize('damaged', [b'[61.5, 8]', b'{}', b'{"knn_top1": "61.5"}', b'{"knn_top1": true}',
+                                     b'{"knn_top1": 61.5, "val_images": "8"}', b'\xff\xfe{}', b'{"knn_top1": 6'])
+def test_an_unreadable_result_is_set_aside_and_its_evaluation_runs_again(tmp_path, capsys, monkeypatch, damaged):
+    scale = recipes.SCALES['quick']
+    planned = plan.Plan(scale, tmp_path)
+    planned.add_study(paper.build_study('mask_ratio', scale, [0.75], ['knn']))
+    for run in planned.runs.values():
+        fake_finished(run, 40.0, val_images=8)
+    knn = tmp_path / 'runs' / 'baseline' / 'knn' / 'result.json'
+    knn.write_bytes(damaged)
+    WritesResult.commands = []
+    monkeypatch.setattr(runner.subprocess, 'Popen', WritesResult)
+    code, out, err = run_reproduce(capsys, '--quick', '--study', 'mask_ratio', '--values', 0.75, '--evals', 'knn',
+                                   '--work_dir', tmp_path)
+    assert code == 0, err
+    assert '2 runs in 1 cells: 1 done before, 1 to run' in out
+    assert [cmd[1] for cmd in WritesResult.commands] == ['extract_features.py']
+    side, = knn.parent.glob('result.json.damaged-*')
+    assert side.read_bytes() == damaged
+    assert f"Note: {knn} is damaged (not JSON of an object with a number knn_top1): set aside as {side}; the " \
+           f"evaluation runs again" in out
+    assert '| 0.75 (default) | 61.5 | ±17.2 |' in (tmp_path / 'mask_ratio.md').read_text()
+
+
+def test_a_training_runs_log_of_unreadable_rows_is_no_traceback(tmp_path):
+    run = PlannedRun('finetune', {'epochs': 2}, tmp_path)
+    (tmp_path / 'checkpoint-1.pth').write_bytes(b'')
+    (tmp_path / 'log.txt').write_bytes(b'\xff\n[1]\n{"epoch": 0, "test_acc1": 10}\n{"epoch": 1, "test_acc1": 20}\n')
+    assert run.finished() and run.accuracy() == (20, 20)
+    (tmp_path / 'log.txt').write_bytes(b'{"epoch": 0, "test_acc1": 10}\n{"epoch": 1, "test_acc1": "20"}\n')
+    assert run.finished() and run.accuracy() is None
+    assert report.cell_value(run) == 'no top-1'
+
+
 def charts_drawn():
     try:
         import matplotlib  # noqa: F401 (optional: requirements-test.txt has it, so CI draws the charts)

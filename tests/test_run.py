@@ -3,6 +3,7 @@ which checkpoint is continued, the folder's lock, the flags a continued run may 
 the checks made before anything is written."""
 import argparse
 import errno
+import fcntl
 import json
 import os
 import pathlib
@@ -121,6 +122,17 @@ def test_lock_refuses_a_second_run_and_names_the_holder(tmp_path):
     output_dir.lock_output_dir(tmp_path).close()
 
 
+def test_lock_file_of_damaged_bytes_still_names_its_holder_in_one_line(tmp_path):
+    (tmp_path / output_dir.LOCK).write_bytes(b'\xff\xfe process 12 on \x80host\n')
+    with open(tmp_path / output_dir.LOCK, 'a') as held:  # another run holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError, match=f'--output_dir {tmp_path} is in use by another run '
+                                             f'\\(\ufffd\ufffd process 12 on \ufffdhost\\)'):
+            output_dir.lock_output_dir(tmp_path)
+    output_dir.lock_output_dir(tmp_path).close()  # let go: the folder is this run's, its lock file rewritten
+    assert (tmp_path / output_dir.LOCK).read_text(encoding='utf-8').startswith(f'process {os.getpid()} on ')
+
+
 def test_lock_of_a_killed_process_does_not_block(tmp_path):
     holder = subprocess.Popen([sys.executable, '-c', f'''
 import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parents[1])!r})
@@ -145,6 +157,41 @@ def test_log_rows_after_the_checkpoint_are_moved_not_deleted(tmp_path, capsys):
     assert str(side) in capsys.readouterr().out
     output_dir.move_log_rows_after(tmp_path, 1)  # nothing to move: no new side file
     assert len(list(tmp_path.glob('log-moved-*.txt'))) == 1
+
+
+@pytest.mark.parametrize('bad_row, why', [
+    (b'\xff\xfe{"epoch": 1}\n', 'line 3: not UTF-8'),
+    (b'[1, 2]\n', 'line 3: a JSON list, not an object'),
+    (b'{"epoch": "one"}\n', "line 3: epoch 'one' is not a number"),
+    (b'garbage\n', 'line 3: not JSON'),  # not the last row: not a row cut short by a kill
+])
+def test_a_damaged_log_is_set_aside_whole_and_rebuilt_from_its_readable_rows(tmp_path, capsys, bad_row, why):
+    rows = [json.dumps({'epoch': e}).encode() + b'\n' for e in range(4)]
+    damaged = rows[0] + rows[1] + bad_row + rows[2] + rows[3]
+    (tmp_path / 'log.txt').write_bytes(damaged)
+    output_dir.move_log_rows_after(tmp_path, 2)
+    assert (tmp_path / 'log.txt').read_bytes() == rows[0] + rows[1] + rows[2]
+    side, = tmp_path.glob('log.txt.damaged-*')
+    assert side.read_bytes() == damaged  # nothing lost
+    assert not list(tmp_path.glob('log-moved-*.txt'))
+    out = capsys.readouterr().out
+    assert out.count('\n') == 1
+    assert f"log.txt is damaged (1 unreadable row(s), {why}): set aside as {side}; log.txt rebuilt from its 3 " \
+           f"readable row(s) up to epoch 2" in out
+    output_dir.append_log(tmp_path, {'epoch': 3})  # the run goes on: its rows follow the readable ones
+    output_dir.move_log_rows_after(tmp_path, 3)
+    assert (tmp_path / 'log.txt').read_bytes() == rows[0] + rows[1] + rows[2] + rows[3]
+
+
+def test_a_log_dir_owner_file_of_damaged_bytes_is_another_runs(tmp_path, capsys):
+    log_dir = tmp_path / 'tb'
+    log_dir.mkdir()
+    (log_dir / 'events.out.tfevents.1.host.1.0').write_bytes(b'')
+    (log_dir / run_mod.LOG_DIR_OWNER).write_bytes(b'/runs/\xff\xfeold\n')
+    args = parse(main_pretrain, '--log_dir', log_dir, '--output_dir', tmp_path / 'out')
+    assert run_mod.purge(args, 3) is None  # none of the other run's points hidden
+    assert f"Note: --log_dir {log_dir} holds the TensorBoard events of another run (/runs/\ufffd\ufffdold)" \
+        in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------- continuing

@@ -266,8 +266,9 @@ def test_encoder_only_checkpoint_is_one_clear_line(tmp_path, photos, script):
     ('bad_input_size', 'is not a multiple of the patch size 4'),
     ('ratios_without_grid', '--mask_ratios needs --grid'),
     ('many_images_one_file', 'is one file but there are 3 images'),
-    ('nothing_kept', '--mask_ratio 0.99 keeps none of the 64 patches at --input_size 32: at most 0.9844 keeps one'),
-    ('nothing_kept_grid', '--mask_ratios 0.99 keeps none of the 64 patches'),
+    ('nothing_kept', '--mask_ratio 0.99 keeps no patch of the 64 of mae_vit_tiny_patch4 at --input_size 32: the '
+                     'figure would be all grey (at most 0.9844 keeps one)'),
+    ('nothing_kept_grid', '--mask_ratios 0.99 keeps no patch of the 64'),
 ])
 def test_mistakes(tmp_path, photos, ckpt, case, expected):
     argv = [photos, '--checkpoint', ckpt, '--out', tmp_path / 'out']

@@ -121,3 +121,37 @@ def pretrain_dataset(data_path, transform=None, skip_bad=False, loader=load_rgb)
     print(f"--data_path {data_path}: {len(paths)} images "
           + (f"listed in {root}" if kind == 'list' else f"in {root} (searched recursively; no labels)"))
     return ImageFiles(root, paths, transform=transform, skip_bad=skip_bad, loader=loader)
+
+
+def check_outputs_outside_data(outputs, inputs):
+    """One line when an output folder (``outputs``: ``(flag, path)`` pairs, e.g. --output_dir, --log_dir) is, or
+    lies inside, a folder of images the script reads (``inputs``: ``(what reads it, folder)`` pairs): what is
+    written there would be read as data, by this run or the next (a folder inside an ImageFolder tree is taken for
+    a class, a PNG for an image). Paths are compared as they resolve (symbolic links followed), before anything is
+    created."""
+    for flag, path in outputs:
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        for data_flag, folder in inputs:
+            root = os.path.realpath(folder)
+            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+                where = 'is' if real == root else 'lies inside'
+                raise UsageError(f"{flag} {path} {where} {folder}, which {data_flag} reads images from: what is "
+                                 f"written there would be read as data (a folder as a class, a PNG as an image); "
+                                 f"give a {flag} outside it")
+
+
+def check_run_outside_data(args, splits=None):
+    """``check_outputs_outside_data`` for a training run: its --output_dir and --log_dir against the folders it
+    reads, ``splits`` of --data_path (None: pre-training's, see ``pretrain_source``; none for a .txt list) and, with
+    the kNN monitor, --knn_data_path's train/ and val/."""
+    if splits is None:
+        kind, root = pretrain_source(args.data_path)
+        inputs = [] if kind == 'list' else [('--data_path', root)]
+    else:
+        inputs = [('--data_path', os.path.join(args.data_path, split)) for split in splits]
+    if getattr(args, 'knn_every', 0) and args.knn_data_path:
+        inputs += [('--knn_data_path', os.path.join(args.knn_data_path, split)) for split in ('train', 'val')]
+    check_outputs_outside_data([('--output_dir', args.output_dir), ('--log_dir', args.log_dir)], inputs)
+

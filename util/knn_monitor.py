@@ -78,10 +78,11 @@ def check_data_path(path, flag):
     if other_source(path):  # [new] tar shards, a Hugging Face dataset
         return other_source(path).check(path, ['train', 'val'], labelled=True)
     if not os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: no such folder")
+        raise UsageError(f"{flag} {path}: " + ('a file, not a folder with train/ and val/' if os.path.exists(path)
+                                               else 'no such folder'))
     for split in ('train', 'val'):
         if not os.path.isdir(os.path.join(path, split)):
-            raise UsageError(f"{flag} {path} has no '{split}/' folder (the kNN classifier needs "
+            raise UsageError(f"{flag} {path} has no '{split}/' folder ({flag} needs "
                              f"{os.path.join(path, 'train')}/<class>/<image> and {os.path.join(path, 'val')}/...)")
 
 
@@ -105,7 +106,7 @@ def knn_datasets(path, input_size, train_subset=0, val_subset=0, flag='--knn_dat
                   for split in ('train', 'val'))
     if train.classes != val.classes:
         raise UsageError(f"{flag} {path}: train/ and val/ hold other class folders ({len(train.classes)} and "
-                         f"{len(val.classes)}); the kNN classifier needs the same classes in both")
+                         f"{len(val.classes)}); {flag} needs the same classes in both")
     return subset(train, train_subset), subset(val, val_subset), len(train.classes)
 
 

@@ -22,7 +22,7 @@ def lock_output_dir(path):
     if misc.is_main_process():
         try:
             Path(path).mkdir(parents=True, exist_ok=True)
-            handle = open(Path(path) / LOCK, 'a+', encoding='utf-8')
+            handle = open(Path(path) / LOCK, 'a+', encoding='utf-8', errors='replace')  # (its holder's line)
         except OSError as e:
             error = f"--output_dir {path} is not writable ({e.strerror or e})"
         else:
@@ -100,28 +100,71 @@ def move_log_rows_after(output_dir, last_epoch):
     """Move the ``log.txt`` rows of epochs after ``last_epoch`` (and any row cut short by a kill) to a side file
     named on the console, so that the run continued from that epoch neither duplicates nor loses rows (rank 0;
     nothing without --output_dir)."""
+    # A damaged log.txt (bytes that are not UTF-8, a row that is not a JSON object of a numbered epoch, a row that
+    # is not JSON before the last) is set aside whole under another name and rebuilt from its readable rows up to
+    # last_epoch: the run goes on, nothing is lost.
     path = os.path.join(output_dir, 'log.txt')
     if not (output_dir and misc.is_main_process() and os.path.isfile(path)):
         return
-    with open(path, encoding='utf-8') as f:
-        lines = f.readlines()
-    kept, moved = [], []
-    for line in lines:
-        try:
-            keep = json.loads(line).get('epoch', -1) <= last_epoch
-        except json.JSONDecodeError:
-            keep = False
-        (kept if keep else moved).append(line if line.endswith('\n') else line + '\n')
+    with open(path, 'rb') as f:
+        lines = f.read().split(b'\n')
+    if lines[-1] == b'':
+        lines.pop()
+    kept, moved, damage = [], [], []
+    for number, raw in enumerate(lines, 1):
+        row, why = read_log_row(raw)
+        if why is None:
+            (kept if row.get('epoch', -1) <= last_epoch else moved).append(raw.decode('utf-8') + '\n')
+        elif why == 'not JSON' and number == len(lines):  # a row cut short by a kill
+            moved.append(raw.decode('utf-8') + '\n')
+        else:
+            damage.append(f"line {number}: {why}")
+    if damage:
+        side = set_aside(path)
+        _write_rows(output_dir, kept)
+        print(f"Note: {path} is damaged ({len(damage)} unreadable row(s), {damage[0]}): set aside as {side}; "
+              f"log.txt rebuilt from its {len(kept)} readable row(s) up to epoch {last_epoch}")
+        return
     if not moved:
         return
     side = os.path.join(output_dir, f"log-moved-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.txt")
     with open(side, 'w', encoding='utf-8') as f:
         f.writelines(moved)
+    _write_rows(output_dir, kept)
+    print(f"Note: moved {len(moved)} log.txt row(s) written after the point this run starts from to {side}")
+
+
+def set_aside(path):
+    """Rename a damaged bookkeeping file to ``<path>.damaged-<time>-<pid>`` (kept as it was, every byte: never
+    deleted) and return the new name."""
+    side = f"{path}.damaged-{datetime.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    os.rename(path, side)
+    return side
+
+
+def read_log_row(raw):
+    """``(row, None)`` for a readable ``log.txt`` row (the bytes of one line), else ``(None, what is wrong)``."""
+    try:
+        text = raw.decode('utf-8')
+    except UnicodeDecodeError:
+        return None, 'not UTF-8'
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError:
+        return None, 'not JSON'
+    if not isinstance(row, dict):
+        return None, f"a JSON {type(row).__name__}, not an object"
+    epoch = row.get('epoch', -1)
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+        return None, f"epoch {epoch!r} is not a number"
+    return row, None
+
+
+def _write_rows(output_dir, rows):
     tmp = os.path.join(output_dir, '.log.txt.tmp')
     with open(tmp, 'w', encoding='utf-8') as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-    print(f"Note: moved {len(moved)} log.txt row(s) written after the point this run starts from to {side}")
+        f.writelines(rows)
+    os.replace(tmp, os.path.join(output_dir, 'log.txt'))
 
 
 def append_log(output_dir, stats, log_writer=None):

@@ -5,6 +5,8 @@ import builtins
 import datetime
 import os
 import random
+import tempfile
+import urllib.parse
 import warnings
 
 import numpy as np
@@ -27,6 +29,8 @@ def setup_process(args, script, seed_python=False):
         args.log_dir = args.output_dir
     if args.output_dir and not getattr(args, 'eval', False):
         lock_output_dir(args.output_dir)
+    if args.log_dir and not getattr(args, 'eval', False):
+        check_log_dir(args.log_dir)
     print('job dir: {}'.format(os.path.dirname(os.path.realpath(script))))
     print("{}".format(args).replace(', ', ',\n'))
     device = torch.device(args.device)
@@ -39,6 +43,25 @@ def setup_process(args, script, seed_python=False):
         random.seed(seed)
     torch.backends.cudnn.benchmark = True
     return device
+
+
+def check_log_dir(path):
+    """One line, before anything is computed, when --log_dir cannot be made or written in (rank 0 writes the
+    TensorBoard events; every rank gets the same answer): TensorBoard would fail once the model and data are
+    ready."""
+    error = None
+    if misc.is_main_process():
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=path)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            error = f"--log_dir {path} is not writable ({e.strerror or e})"
+    if misc.get_world_size() > 1:
+        error = misc.all_gather(error)[0]
+    if error:
+        raise UsageError(error)
 
 
 def cpu_has_fast_bf16():
@@ -82,6 +105,28 @@ def parallel_model(model, args, device):
     return model
 
 
+def check_dist_url(url):
+    """Refuse in one line, before joining the process group, a ``--dist_url`` that torch's rendezvous cannot use
+    (it would fail on every process with a traceback): env://, tcp://HOST:PORT or file:///PATH (in a folder that
+    exists)."""
+    usage = "give env:// (torchrun's), tcp://HOST:PORT or file:///PATH/TO/A/NEW/FILE"
+    parsed = urllib.parse.urlsplit(str(url))
+    if parsed.scheme not in ('env', 'tcp', 'file'):
+        raise UsageError(f"--dist_url {url}: not a rendezvous URL torch knows: {usage}")
+    if parsed.scheme == 'tcp':
+        try:
+            port = parsed.port
+        except ValueError:
+            port = None
+        if not parsed.hostname or not port:
+            raise UsageError(f"--dist_url {url}: a tcp:// URL needs a host and a port (1-65535): {usage}")
+    if parsed.scheme == 'file':
+        folder = os.path.dirname(parsed.path)
+        if not parsed.path or not os.path.isdir(folder or '/'):
+            raise UsageError(f"--dist_url {url}: a file:// URL needs the path of a file in a folder that exists: "
+                             f"{usage}")
+
+
 def init_distributed_mode(args):
     """Join the process group described by torchrun (RANK/WORLD_SIZE/LOCAL_RANK), SLURM (SLURM_PROCID, with
     ``args.world_size``/``args.dist_url`` set by submitit) or OpenMPI (``--dist_on_itp``); otherwise run as one
@@ -117,6 +162,7 @@ def init_distributed_mode(args):
             args.dist_backend = 'nccl'
         else:
             args.dist_backend = 'gloo'
+        check_dist_url(args.dist_url)
         print('| distributed init (rank {}): {}, {}, {} processes'.format(
             args.rank, args.dist_url, f'gpu {args.gpu}' if use_cuda else 'gloo on the CPU', args.world_size),
             flush=True)

@@ -90,7 +90,7 @@ def purge(args, purge_step):
     os.makedirs(log_dir, exist_ok=True)
     if os.path.realpath(log_dir) != own:
         owner_file = log_dir / LOG_DIR_OWNER
-        owner = owner_file.read_text(encoding='utf-8').strip() if owner_file.is_file() else None
+        owner = owner_file.read_text(encoding='utf-8', errors='replace').strip() if owner_file.is_file() else None
         if list(log_dir.glob('events.out.tfevents.*')) and owner != own:
             print(f"Note: --log_dir {log_dir} holds the TensorBoard events of another run "
                   f"({owner or 'unknown'}): this run's points are added beside them, none are hidden "
