@@ -381,12 +381,12 @@ def output_paths(args, images):
 
 def main(args):
     device = check_args(args)
-    # (figures written among the images of a folder given would be read as images the next time)
-    check_outputs_outside_data([('--out', args.out)], [('visualize.py', p) for p in args.images if os.path.isdir(p)])
     images = find_images(args.images)
     outputs = output_paths(args, images)
     # no figure may replace an input (``--out`` the folder of the images, or an image itself)
     check_outputs(outputs, '--out', [('--checkpoint', args.checkpoint)] + [('the image', p) for p, _ in images])
+    # (figures written among the images of a folder given would be read as images the next time)
+    check_outputs_outside_data([('--out', args.out)], [('visualize.py', p) for p in args.images if os.path.isdir(p)])
     model = load_mae(args).to(device)
     num_patches = model.patch_embed.num_patches
     for ratio in args.mask_ratios or [args.mask_ratio]:

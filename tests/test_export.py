@@ -318,7 +318,8 @@ def test_hf_one_channel_export_runs_through_auto_image_processor(tmp_path):
     ('no_encoder', 'holds no MAE/ViT encoder'),
     ('no_transformers', '--to hf needs the optional package transformers, which is not installed: pip install'),
     ('timm_out_is_folder', 'give a file name in an existing folder'),
-    ('timm_other_model', '--checkpoint {path} does not fit --model mae_vit_base_patch16: its weights are patch 4, width 64, 2 blocks'),
+    ('timm_other_model', '--checkpoint {path} does not fit --model mae_vit_base_patch16: its weights are patch 4, '
+                         'width 64, 2 blocks'),
     ('encoder_only_for_timm', '--hf_encoder_only is for --to hf'),
 ])
 def test_mistakes_are_one_line(tmp_path, capsys, monkeypatch, case, expected):

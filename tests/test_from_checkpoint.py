@@ -166,7 +166,7 @@ def test_init_from_a_global_pool_classifier_says_what_it_is(tmp_path):
     torch.save({'model': models_vit.vit_tiny_patch4(num_classes=3, global_pool=True).state_dict()}, path)
     with pytest.raises(UsageError) as e:
         init_from_checkpoint(models_mae.mae_vit_tiny_patch4(), path, check_only=True)
-    assert str(e.value).startswith(f"--init_from {path} is a classifier fine-tuned with global pooling (fc_norm, "
-                                   f"no final norm)") and 'depth' not in str(e.value)
+    assert str(e.value).startswith(f"--init_from {path} is a ViT classifier fine-tuned with global pooling (head, "
+                                   f"fc_norm), not an MAE") and 'depth' not in str(e.value)
     torch.save({'model': models_vit.vit_tiny_patch4(num_classes=3, global_pool=False).state_dict()}, path)
     init_from_checkpoint(models_mae.mae_vit_tiny_patch4(), path, check_only=True)

@@ -253,4 +253,4 @@ def test_export_with_a_damaged_log_beside_and_an_empty_out(tmp_path, capsys, no_
         assert '--out' in err and ('is empty' in err or 'give a file name' in err), err
     # the model card's rows of a log.txt with bytes that are not UTF-8 (was a UnicodeDecodeError after the export)
     (tmp_path / 'log.txt').write_bytes(b'{"epoch": 0, "train_loss": 1.5}\n\xff\xfe garbage\n')
-    assert export._log_rows(ckpt) == ['{"epoch": 0, "train_loss": 1.5}', '\ufffd\ufffd garbage']
+    assert export._log_rows(ckpt) == ['{"epoch": 0, "train_loss": 1.5}']  # (its readable rows)

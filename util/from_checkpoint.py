@@ -369,9 +369,9 @@ def init_from_checkpoint(model, path, check_only=False, what='--init_from'):
     ``check_only``: only the checks (``model`` may be on the meta device), before anything is computed."""
     state, _ = read(path, what)
     if 'fc_norm.weight' in state and 'norm.weight' not in state:
-        raise UsageError(f"{what} {path} is a classifier fine-tuned with global pooling (fc_norm, no final norm): "
-                         f"its encoder is not an MAE's; start from a pre-training checkpoint (main_pretrain.py's, "
-                         f"or a released mae_pretrain_vit_*.pth / mae_visualize_vit_*.pth)")
+        raise UsageError(f"{what} {path} is a ViT classifier fine-tuned with global pooling (head, fc_norm), not an "
+                         f"MAE: its encoder has no final norm to start pre-training from; to train on from it, use "
+                         f"main_finetune.py --finetune {path} (or --resume to continue its fine-tuning)")
     state = {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}
     full = all(k in state for k in DECODER_KEYS)
     if not full:  # encoder only (or a stray decoder key): the decoder as the model initialised it
