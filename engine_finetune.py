@@ -10,7 +10,7 @@ from timm.utils import accuracy
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from util.checkpoint import rng_state, set_rng_state
+from util.saver import rng_state, set_rng_state
 from util.errors import UsageError
 from util.run import NonFiniteLosses, drop_gradients, epoch_batches
 
@@ -21,7 +21,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     model_ema=None, saver=None, position=None):
     """The reference's epoch, plus [new]: ``model_ema`` (--model_ema, timm's ``ModelEmaV3``), the average of the
     weights, updated after each optimizer step, before that step's checkpoint (a step skipped for a non-finite loss
-    is none); ``saver`` (``util.checkpoint.CheckpointSaver``) checkpoints inside the epoch (``--save_every_iters``,
+    is none); ``saver`` (``util.saver.CheckpointSaver``) checkpoints inside the epoch (``--save_every_iters``,
     a stop signal); ``position`` (``util.resume.Position``) is where an epoch interrupted in the middle continues;
     ``--skip_nonfinite``; ``--no_host_sync`` (the losses stay on the device until the console prints: the meters
     and ``log_writer`` take them as they are)."""

@@ -20,7 +20,7 @@ import util.misc as misc
 import util.resume as resume
 from engine_finetune import TEST_POINTS, evaluate, evaluate_epoch, train_one_epoch
 from util import data_stats
-from util.checkpoint import CheckpointSaver
+from util.saver import CheckpointSaver
 from util.datasets import build_transform, check_augmentation, check_classes
 from util.errors import UsageError, run_main
 from util.flag_checks import check_common

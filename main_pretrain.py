@@ -23,7 +23,7 @@ from util.image_sources import check_pretrain_path, check_run_outside_data, pret
 from util.lr_sched import set_lr
 from util.from_checkpoint import init_from_checkpoint
 from util.process import parallel_model, setup_process
-from util.checkpoint import CheckpointSaver
+from util.saver import CheckpointSaver
 from util.output_dir import append_log, move_log_rows_after
 from util.run import add_points, print_epoch_time, summary_writer
 

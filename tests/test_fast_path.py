@@ -24,7 +24,7 @@ from conftest import (TINY, one_line_error, parsed_args, pretrain_argv, read_log
 from util import compat, fast_data
 import util.crop
 import util.datasets as datasets
-from util.checkpoint import CheckpointSaver
+from util.saver import CheckpointSaver
 from util.datasets import linprobe_transform, pretrain_transform
 from util.loaders import check_data_loader, train_loader
 from util.run import LogWriter, NonFiniteLosses

@@ -16,7 +16,7 @@ import util.submitit_job as submitit_job
 from conftest import (TINY, one_line_error, read_log, run_in_process, run_script, run_with_fault,
                       save_pretrained)
 from engine_finetune import train_one_epoch
-from util.checkpoint import CheckpointSaver
+from util.saver import CheckpointSaver
 
 
 # ---------------------------------------------------------------------------------------------------- the formula

@@ -15,7 +15,7 @@ import util.errors as errors
 import util.resume as resume
 from conftest import TINY, run_in_process, run_script, run_with_fault
 from conftest import resume_argv as pretrain_args
-from util.checkpoint import data_identity
+from util.saver import data_identity
 from util.errors import RunComplete, UsageError
 from util.image_sources import pretrain_dataset
 

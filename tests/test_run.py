@@ -23,7 +23,7 @@ import util.misc as misc
 import util.output_dir as output_dir
 import util.resume as resume
 import util.run as run_mod
-from util.checkpoint import CheckpointSaver
+from util.saver import CheckpointSaver
 from conftest import TINY, run_in_process
 from util.errors import RunComplete, RunInterrupted, TrainingStopped, UsageError
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import util.misc as misc
-from util.checkpoint import rng_state, set_rng_state
+from util.saver import rng_state, set_rng_state
 from util.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
 from util.datasets import eval_transform
 from util.from_checkpoint import features

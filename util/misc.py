@@ -271,7 +271,7 @@ _stop = {'signal': None}
 
 def install_stop_handlers():
     """SIGUSR1 (SLURM's warning before the time limit), SIGTERM and Ctrl-C: save at the next optimizer step and
-    stop (``util.checkpoint.CheckpointSaver.after_step``)."""
+    stop (``util.saver.CheckpointSaver.after_step``)."""
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, request_stop)
 

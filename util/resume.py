@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 import util.checkpoint as ckpt_io
+import util.saver as saver
 import util.misc as misc
 from util.errors import RunComplete, UsageError
 
@@ -208,7 +209,7 @@ def restart_from_checkpoint(checkpoint, path, args, model, optimizer=None, loss_
 def data_change(checkpoint, data):
     """How the training set ``data`` differs from the one ``checkpoint`` was trained on, in words ('' when it is the
     same, or either is unknown: checkpoints from before the identity was saved)."""
-    now = ckpt_io.data_identity(data) if data is not None else {}
+    now = saver.data_identity(data) if data is not None else {}
     then = {k: checkpoint.get(k) for k in now}
     if not now or None in then.values() or then == now:
         return ''
@@ -276,7 +277,7 @@ def continue_position(start, checkpoint, args, iters_per_epoch, data_note=''):
         where = f"restarting epoch {start.epoch} from its beginning" if 'resume_iter' in checkpoint else "continuing"
         print(f"Note: {layout_note}; {where} with fresh random streams")
     elif states:
-        ckpt_io.set_rng_state(states[rank])
+        saver.set_rng_state(states[rank])
     start.purge_step = start.epoch * 1000 if start.epoch > 0 else None
     return start
 

@@ -10,7 +10,7 @@ The rules that keep a run's history whole whatever instant it is killed (the ent
   again (``util.output_dir.move_log_rows_after``), and TensorBoard is told to hide the points after it
   (``purge_step``); the event files are kept; the TensorBoard points of an epoch come after its checkpoint;
 - a checkpoint is never written with non-finite weights or optimizer state, so the newest one is always good
-  (``util.checkpoint.CheckpointSaver``);
+  (``util.saver.CheckpointSaver``);
 - SIGUSR1, SIGTERM and a first Ctrl-C save at the next optimizer step and stop; a second Ctrl-C stops at once
   (``util.misc.install_stop_handlers``).
 """
@@ -26,7 +26,7 @@ import torch
 
 import util.loaders as loaders
 import util.misc as misc
-from util.checkpoint import set_rng_state
+from util.saver import set_rng_state
 from util.errors import TrainingStopped
 
 LOG_DIR_OWNER = '.output_dir'  # in a --log_dir apart from --output_dir: the run folder whose events it holds
