@@ -6,14 +6,14 @@ import torch
 
 import util.lr_sched as lr_sched
 import util.misc as misc
-from util.run import NonFiniteLosses, drop_gradients, epoch_batches
+from util.training.run import NonFiniteLosses, drop_gradients, epoch_batches
 
 
 def train_one_epoch(model: torch.nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, loss_scaler, log_writer=None, args=None, saver=None,
                     position=None):
-    """The reference's epoch, plus [new]: ``saver`` (``util.saver.CheckpointSaver``) checkpoints inside the
-    epoch (``--save_every_iters``, a stop signal); ``position`` (``util.resume.Position``) is where an epoch
+    """The reference's epoch, plus [new]: ``saver`` (``util.checkpoints.saver.CheckpointSaver``) checkpoints inside the
+    epoch (``--save_every_iters``, a stop signal); ``position`` (``util.checkpoints.resume.Position``) is where an epoch
     interrupted in the middle continues; ``--skip_nonfinite``; ``--no_host_sync`` (the losses stay on the device
     until the console prints: the meters and ``log_writer`` take them as they are)."""
     model.train(True)

@@ -42,11 +42,12 @@ import os
 import torch
 
 import models_mae
-from util import data_stats, from_checkpoint
+from util.data import data_stats
+from util.checkpoints import from_checkpoint
 from util.errors import UsageError, run_main
 from util.flags import Parser
-from util.output_dir import check_outputs
-from util.output_dir import read_log_row
+from util.training.output_dir import check_outputs
+from util.training.output_dir import read_log_row
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

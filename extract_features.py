@@ -4,7 +4,7 @@
     python extract_features.py --checkpoint mae_pretrain_vit_base.pth --pool mean photos/ cat.jpg --device cuda
     python extract_features.py --checkpoint output_dir/checkpoint-last.pth --knn demo/data
 
-Any checkpoint with a ViT encoder (``util.from_checkpoint``): main_pretrain.py's (full MAE), main_finetune.py's and
+Any checkpoint with a ViT encoder (``util.checkpoints.from_checkpoint``): main_pretrain.py's (full MAE), main_finetune.py's and
 main_linprobe.py's (classifiers), the reference's released ``mae_pretrain_vit_*.pth`` (encoder only),
 ``mae_visualize_vit_*.pth`` (full) and fine-tuned ones; the model is recognised from the weights' shapes when the
 file does not say. Images are read as for evaluation (RGB, short side resized to ``input_size / 0.875``, centre
@@ -20,7 +20,7 @@ sorted class folder names of all the inputs), plus ``pool``, ``model`` and ``che
 numbers: for a pre-training checkpoint, the same numbers the monitor logged for that epoch.
 
 ``--probe DIR`` [new] fits a linear probe on the cached features of ``DIR/train`` and evaluates it on ``DIR/val``
-(``util.feature_probe``: logistic regression of the standardised features, full batch, L-BFGS from zero weights:
+(``util.evaluation.feature_probe``: logistic regression of the standardised features, full batch, L-BFGS from zero weights:
 seconds, deterministic; class token, and mean of patch tokens) and prints its numbers. ``--results FILE.json``
 [new] also writes the numbers of ``--knn`` or ``--probe`` there, with the number of images of each split (what
 ``reproduce.py --evals knn probe`` reads), and ``--random_init`` [new] evaluates an encoder of ``--model`` with
@@ -40,14 +40,16 @@ import numpy as np
 import torch
 
 import models_vit
-from util import data_stats, feature_probe, from_checkpoint, knn_monitor
+from util.data import data_stats
+from util.evaluation import feature_probe, knn_monitor
+from util.checkpoints import from_checkpoint
 from util.datasets import eval_transform
-from util.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image
-from util.image_folder import other_source
+from util.data.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image
+from util.data.image_folder import other_source
 from util.errors import UsageError, run_main
 from util.flag_checks import check_device
 from util.flags import Parser, Range
-from util.output_dir import check_outputs
+from util.training.output_dir import check_outputs
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -204,7 +206,7 @@ def check_args(args):
 
 def extract(model, files, input_size, pool, device, batch_size=64, num_workers=0, stats=None):
     """The ``pool`` features of ``files`` (float32, on the CPU, in order); ``stats``: the channels and normalisation
-    the model was trained with (``util.data_stats.stats_from_checkpoint``; ImageNet's RGB when None)."""
+    the model was trained with (``util.data.data_stats.stats_from_checkpoint``; ImageNet's RGB when None)."""
     stats = stats or data_stats.stats_from_checkpoint({})
     images = Images(files, eval_transform(input_size, stats['mean'], stats['std']), stats['in_chans'],
                     stats.get('to_grayscale', False))

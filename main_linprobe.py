@@ -13,25 +13,25 @@ import time
 import torch
 
 import models_vit
-import util.loaders as loaders
+import util.data.loaders as loaders
 import util.misc as misc
-import util.resume as resume
+import util.checkpoints.resume as resume
 from engine_finetune import TEST_POINTS, evaluate, evaluate_epoch, train_one_epoch
-from util import data_stats
-from util.saver import CheckpointSaver
+from util.data import data_stats
+from util.checkpoints.saver import CheckpointSaver
 from util.datasets import check_classes, eval_transform, linprobe_transform
 from util.errors import run_main
 from util.flag_checks import check_common
 from util.flags import Parser, add_classifier_args, add_common_args
-from util.image_decode import ImageReader
-from util.image_folder import image_folder
-from util.image_sources import check_run_outside_data
+from util.data.image_decode import ImageReader
+from util.data.image_folder import image_folder
+from util.data.image_sources import check_run_outside_data
 from util.lars import LARS
 from util.lr_sched import set_lr
-from util.output_dir import append_log, move_log_rows_after
-from util.from_checkpoint import load_finetune_weights
-from util.process import parallel_model, setup_process
-from util.run import add_points, print_epoch_time, summary_writer
+from util.training.output_dir import append_log, move_log_rows_after
+from util.checkpoints.from_checkpoint import load_finetune_weights
+from util.training.process import parallel_model, setup_process
+from util.training.run import add_points, print_epoch_time, summary_writer
 
 
 def get_args_parser():
@@ -136,7 +136,7 @@ def main(args):
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
     max_accuracy = start.max_accuracy
-    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.run.epoch_batches)
+    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.training.run.epoch_batches)
         epoch_start = time.time()
         train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args, saver=saver, position=start.position)

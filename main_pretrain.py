@@ -9,23 +9,24 @@ import time
 import torch
 
 import models_mae
-import util.loaders as loaders
+import util.data.loaders as loaders
 import util.misc as misc
-import util.resume as resume
+import util.checkpoints.resume as resume
 from engine_pretrain import train_one_epoch
 from util.compat import param_groups_weight_decay
-from util import data_stats, knn_monitor
+from util.data import data_stats
+from util.evaluation import knn_monitor
 from util.datasets import pretrain_transform
 from util.errors import UsageError, run_main
 from util.flag_checks import check_common
 from util.flags import Parser, Range, add_common_args
-from util.image_sources import check_pretrain_path, check_run_outside_data, pretrain_dataset
+from util.data.image_sources import check_pretrain_path, check_run_outside_data, pretrain_dataset
 from util.lr_sched import set_lr
-from util.from_checkpoint import init_from_checkpoint
-from util.process import parallel_model, setup_process
-from util.saver import CheckpointSaver
-from util.output_dir import append_log, move_log_rows_after
-from util.run import add_points, print_epoch_time, summary_writer
+from util.checkpoints.from_checkpoint import init_from_checkpoint
+from util.training.process import parallel_model, setup_process
+from util.checkpoints.saver import CheckpointSaver
+from util.training.output_dir import append_log, move_log_rows_after
+from util.training.run import add_points, print_epoch_time, summary_writer
 
 
 def get_args_parser():
@@ -148,7 +149,7 @@ def main(args):
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.run.epoch_batches)
+    for epoch in range(args.start_epoch, args.epochs):  # (each epoch's data order: util.training.run.epoch_batches)
         epoch_start = time.time()
         train_stats = train_one_epoch(model, data_loader_train, optimizer, device, epoch, loss_scaler,
                                       log_writer=log_writer, args=args, saver=saver, position=start.position)

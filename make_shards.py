@@ -12,7 +12,7 @@ of a split is ``<k:08d>.<ext>`` (the file's bytes as they are, not re-encoded) a
 class number), in the order the scripts list the files, so a run on the shards sees the same images at the same
 indices as on the folder (the same data order for the same seed). ``OUT/classes.json`` lists the class names (index
 = number; val/'s classes take train/'s numbers), and each shard's index lies beside it (``<shard>.index.json``,
-``util/shards.py``: the runs read it instead of scanning the tar headers). ``--to hf`` writes a ``DatasetDict`` (``train``, ``validation``)
+``util/data/shards.py``: the runs read it instead of scanning the tar headers). ``--to hf`` writes a ``DatasetDict`` (``train``, ``validation``)
 with an ``image`` column (the files' bytes) and, for a tree, a ``label`` ClassLabel column. Needs ``pip install
 webdataset`` (``--to hf``: ``pip install datasets``).
 """
@@ -21,10 +21,10 @@ import json
 import os
 import re
 
-from util import shards
+from util.data import shards
 from util.errors import UsageError, run_main
-from util.image_folder import image_folder
-from util.image_sources import pretrain_dataset
+from util.data.image_folder import image_folder
+from util.data.image_sources import pretrain_dataset
 
 SIZE_UNITS = {'': 1, 'B': 1, 'KB': 10 ** 3, 'MB': 10 ** 6, 'GB': 10 ** 9, 'KIB': 2 ** 10, 'MIB': 2 ** 20,
               'GIB': 2 ** 30}

@@ -35,7 +35,7 @@ from studies.report import markdown_table, report_name, write_report
 from studies.runner import Runner
 from util.errors import TrainingStopped, UsageError
 from util.flags import SEED_MAX, Parser, Range
-from util.output_dir import check_outputs
+from util.training.output_dir import check_outputs
 
 TINY_DATA = REPO / 'tests' / 'data' / 'tiny_imagefolder'
 IMAGENET_VAL_IMAGES = 50000

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util import data_stats  # noqa: E402
-from util.image_sources import list_images, pretrain_dataset, read_list  # noqa: E402
+from util.data import data_stats  # noqa: E402
+from util.data.image_sources import list_images, pretrain_dataset, read_list  # noqa: E402
 
 
 def time_stats(data_path, in_chans=3):

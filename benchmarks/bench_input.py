@@ -31,8 +31,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from util import fast_data  # noqa: E402
-from util.loaders import LOADERS, train_loader  # noqa: E402
+from util.data import fast_data  # noqa: E402
+from util.data.loaders import LOADERS, train_loader  # noqa: E402
 from util.datasets import pretrain_transform  # noqa: E402
 
 CIFAR = Path('/work/shared/datasets/cifar10_jpg.tar.gz')

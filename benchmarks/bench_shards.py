@@ -1,5 +1,5 @@
 """The same images as files and as tar shards: img/s of pre-training's input pipeline (the training loader of
-util/loaders.py, as main_pretrain.py builds it) with --data_loader pil and fast_cpu at 0, 1 and 2 workers.
+util/data/loaders.py, as main_pretrain.py builds it) with --data_loader pil and fast_cpu at 0, 1 and 2 workers.
 
     python benchmarks/bench_shards.py                          # 4000 CIFAR-10 JPEGs (32x32, ~1 KB each), crop 32
     python benchmarks/bench_shards.py --images 2000 --imagenet_like --input_size 224   # 500x375 JPEGs (~80 KB)
@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 from bench_input import images_per_second, make_images  # noqa: E402
 from util.datasets import pretrain_transform  # noqa: E402
-from util.image_decode import read_bytes  # noqa: E402
-from util.image_sources import pretrain_dataset  # noqa: E402
-from util.loaders import train_loader  # noqa: E402
+from util.data.image_decode import read_bytes  # noqa: E402
+from util.data.image_sources import pretrain_dataset  # noqa: E402
+from util.data.loaders import train_loader  # noqa: E402
 
 CIFAR = Path('/work/shared/datasets/cifar10_jpg.tar.gz')
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import util.checkpoint as ckpt_io  # noqa: E402
+import util.checkpoints.checkpoint as ckpt_io  # noqa: E402
 
 
 def timed(what, fn, gb):
@@ -54,8 +54,8 @@ def main():
         path = Path(folder) / 'checkpoint-last.pth'
         hashes_and_save(args.gb, path)
         timed('  torch.load (weights_only)', lambda: torch.load(path, weights_only=True), args.gb)
-        timed('  util.checkpoint.damage (every CRC-32)', lambda: ckpt_io.damage(path), args.gb)
-        timed('  util.checkpoint.load (both)', lambda: ckpt_io.load(path), args.gb)
+        timed('  util.checkpoints.checkpoint.damage (every CRC-32)', lambda: ckpt_io.damage(path), args.gb)
+        timed('  util.checkpoints.checkpoint.load (both)', lambda: ckpt_io.load(path), args.gb)
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import engine_pretrain  # noqa: E402
 import models_mae  # noqa: E402
 import util.misc as misc  # noqa: E402
-import util.process as process  # noqa: E402
+import util.training.process as process  # noqa: E402
 from timm.optim import param_groups_weight_decay  # noqa: E402
 
 PRECISIONS = {'fp32': 'fp16', 'bf16': 'bf16'}  # the name printed -> --amp (fp16 runs fp32 on the CPU)

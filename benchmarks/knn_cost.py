@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
-from util import knn_monitor  # noqa: E402
+from util.evaluation import knn_monitor  # noqa: E402
 
 
 def main():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util.errors import UsageError, run_main  # noqa: E402
-from util.output_dir import check_outputs  # noqa: E402
+from util.training.output_dir import check_outputs  # noqa: E402
 
 
 def get_args_parser():

@@ -37,16 +37,17 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
 import util.errors as errors  # noqa: E402
-from util import data_stats, from_checkpoint  # noqa: E402
+from util.data import data_stats  # noqa: E402
+from util.checkpoints import from_checkpoint  # noqa: E402
 from util.datasets import ToTensor  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 from util.flag_checks import check_device  # noqa: E402
 from util.flags import SEED_MAX, Parser, Range  # noqa: E402
-from util.image_decode import BAD_FILE_ERRORS, IMG_EXTENSIONS, bad_file_reason, read_image  # noqa: E402
-from util.image_sources import check_outputs_outside_data, list_images  # noqa: E402
-from util.output_dir import check_outputs  # noqa: E402
+from util.data.image_decode import BAD_FILE_ERRORS, IMG_EXTENSIONS, bad_file_reason, read_image  # noqa: E402
+from util.data.image_sources import check_outputs_outside_data, list_images  # noqa: E402
+from util.training.output_dir import check_outputs  # noqa: E402
 
-# the default normalisation (util/data_stats.py holds it); a checkpoint's own --mean/--std replace it
+# the default normalisation (util/data/data_stats.py holds it); a checkpoint's own --mean/--std replace it
 IMAGENET_MEAN, IMAGENET_STD = data_stats.DEFAULT_MEAN, data_stats.DEFAULT_STD
 NORM_PIX_EPS = 1e-6  # the loss's: target = (patch - mean) / sqrt(var + eps)
 DENORM_MODES = ('true_patch', 'neighbours')
@@ -148,7 +149,7 @@ def load_image(path, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=
 
 # ---------------------------------------------------------------------------------------------------- model
 def load_mae(args):
-    """Build the MAE of ``args.checkpoint`` and load its weights (``util.from_checkpoint.load_mae``: the model is
+    """Build the MAE of ``args.checkpoint`` and load its weights (``util.checkpoints.from_checkpoint.load_mae``: the model is
     recognised from the weights' shapes when the file does not say); resolves ``args.model``, ``args.input_size``,
     ``args.norm_pix_loss`` and the channels and normalisation (``args.in_chans``, ``args.mean``, ``args.std``) from
     the flags, the checkpoint's args and its shapes. Returns the model, in eval mode."""

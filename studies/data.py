@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from util.errors import UsageError
-from util.image_sources import check_outputs_outside_data
+from util.data.image_sources import check_outputs_outside_data
 
 
 def class_folders(folder):

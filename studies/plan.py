@@ -14,7 +14,7 @@ from pathlib import Path
 
 from studies.recipes import EVALUATIONS, SCALES, Scale
 from util.errors import UsageError
-from util.output_dir import read_log_row
+from util.training.output_dir import read_log_row
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN_ENTRY_POINT, PRETRAIN_SUBMITIT_SCRIPT = 'main_pretrain.py', 'submitit_pretrain.py'

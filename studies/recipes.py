@@ -55,7 +55,7 @@ SMALL_LINPROBE = dict(model='vit_small_patch4', input_size=32, cls_token=True, e
 
 # The evaluations of frozen features (extract_features.py --knn / --probe): the encoder embeds train/ and val/ once
 # (the evaluation transform, every patch), then a weighted k-NN classifier (k = 20, T = 0.07, the kNN monitor's) or
-# a logistic-regression probe (util/feature_probe.py) classifies val/ from train/: seconds to a minute, against
+# a logistic-regression probe (util/evaluation/feature_probe.py) classifies val/ from train/: seconds to a minute, against
 # minutes for a training run. The batch is only the embedding's (no effect on the numbers).
 SMALL_KNN = dict(model='vit_small_patch4', input_size=32, batch_size=256)
 SMALL_PROBE = dict(SMALL_KNN)

@@ -14,7 +14,7 @@ import time
 from studies.plan import REPO, command, is_number, shown
 from studies.recipes import EVALUATIONS
 from util.errors import RunInterrupted
-from util.output_dir import set_aside
+from util.training.output_dir import set_aside
 
 
 def relative_cost(run):

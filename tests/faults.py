@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import util.errors as errors  # noqa: E402
 import util.misc as misc  # noqa: E402
-from util.saver import CheckpointSaver  # noqa: E402
+from util.checkpoints.saver import CheckpointSaver  # noqa: E402
 
 fault, script, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 kind, *where = fault.split(':')

@@ -15,8 +15,8 @@ from torchvision import datasets
 from torchvision.datasets.folder import default_loader
 
 from conftest import TINY, run_script
-from util.image_decode import load_rgb
-from util.image_folder import (image_folder, reset_skipped, restore_skipped, skipped_images, skipped_indices,
+from util.data.image_decode import load_rgb
+from util.data.image_folder import (image_folder, reset_skipped, restore_skipped, skipped_images, skipped_indices,
                                skipped_report)
 from util.errors import UsageError
 

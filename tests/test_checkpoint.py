@@ -11,7 +11,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-import util.checkpoint as ckpt_io
+import util.checkpoints.checkpoint as ckpt_io
 from conftest import ROOT, our_stderr
 from util.errors import TrainingStopped, UsageError
 
@@ -32,7 +32,7 @@ def test_write_failing_inside_torchs_zip_writer_is_one_line(tmp_path):
     code = f'''
 import resource, signal, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-import util.checkpoint as ckpt_io
+import util.checkpoints.checkpoint as ckpt_io
 from util.errors import TrainingStopped
 ckpt_io.atomic_save({{'model': {{'w': torch.zeros(10)}}, 'epoch': 1}}, {str(path)!r})
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -160,7 +160,7 @@ def test_a_bare_state_dict_in_the_folder_is_passed_over_and_named_as_found(tmp_p
                                        f"(no 'model' entry)\n")
     ckpt_io.atomic_save(tiny(0), tmp_path / 'checkpoint-0.pth')
     assert ckpt_io.newest(tmp_path) == str(tmp_path / 'checkpoint-0.pth')
-    with pytest.raises(UsageError) as e:  # (as util/resume.py names a file it found)
+    with pytest.raises(UsageError) as e:  # (as util/checkpoints/resume.py names a file it found)
         ckpt_io.load(tmp_path / 'checkpoint-last.pth', what='the newest checkpoint in --output_dir,')
     assert str(e.value) == (f"the newest checkpoint in --output_dir, {tmp_path / 'checkpoint-last.pth'}: not an MAE "
                             f"checkpoint (no 'model' entry)")

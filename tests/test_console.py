@@ -4,10 +4,10 @@ a console without misleading lines, with a whole-run ETA."""
 import pytest
 import torch
 
-import util.resume as resume
+import util.checkpoints.resume as resume
 from conftest import TINY, pretrain_argv, run_script, save_pretrained
 from util.datasets import check_classes
-from util.image_folder import image_folder
+from util.data.image_folder import image_folder
 
 submitit = pytest.importorskip("submitit")
 

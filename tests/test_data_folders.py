@@ -11,7 +11,7 @@ import main_pretrain
 from conftest import TINY, parsed_args, run_in_process
 from engine_finetune import evaluate
 from util.datasets import check_classes, eval_transform
-from util.image_folder import image_folder
+from util.data.image_folder import image_folder
 from util.errors import UsageError
 
 COLOURS = {'a': (255, 0, 0), 'b': (0, 255, 0), 'c': (0, 0, 255), 'airplane': (255, 0, 0), 'cat': (0, 255, 0),

@@ -10,7 +10,7 @@ import torch
 import main_pretrain
 import models_mae
 import util.misc as misc
-import util.process as process
+import util.training.process as process
 from conftest import parsed_args
 from util import compat
 from engine_pretrain import train_one_epoch

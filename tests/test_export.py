@@ -14,7 +14,7 @@ import export
 import models_mae
 import models_vit
 from conftest import run_in_process
-from util.from_checkpoint import features
+from util.checkpoints.from_checkpoint import features
 from versions import meta_device
 
 

@@ -11,9 +11,9 @@ import main_pretrain
 import models_mae
 import models_vit
 from conftest import TINY, parsed_args, run_in_process
-from util import feature_probe, knn_monitor
+from util.evaluation import feature_probe, knn_monitor
 from util.datasets import eval_transform
-from util.image_folder import image_folder
+from util.data.image_folder import image_folder
 
 
 def save_ours(path, seed=0):

@@ -18,16 +18,17 @@ import models_mae
 import models_vit
 import util.errors as errors
 import util.misc as misc
-import util.resume as resume
+import util.checkpoints.resume as resume
 from conftest import (TINY, one_line_error, parsed_args, pretrain_argv, read_log, run_in_process, run_script,
                       save_pretrained)
-from util import compat, fast_data
+from util import compat
+from util.data import fast_data
 import util.crop
 import util.datasets as datasets
-from util.saver import CheckpointSaver
+from util.checkpoints.saver import CheckpointSaver
 from util.datasets import linprobe_transform, pretrain_transform
-from util.loaders import check_data_loader, train_loader
-from util.run import LogWriter, NonFiniteLosses
+from util.data.loaders import check_data_loader, train_loader
+from util.training.run import LogWriter, NonFiniteLosses
 
 # features of newer versions than the oldest supported (constraints-oldest.txt): there the fast path falls back
 CPU_FUSED_ADAMW = misc.fused_adamw('cpu') is True  # torch >= 2.4
@@ -576,7 +577,7 @@ def test_a_step_added_to_the_pil_transform_is_refused_by_name_by_every_fast_load
         with pytest.raises(errors.UsageError) as e:
             train_loader(loader_args(kind, device='cuda'), transform, torch.device('cpu'))
         assert str(e.value) == (f"--data_loader {kind} cannot apply RandomGrayscale(p=0.2) (the training transform "
-                                f"of util/datasets.py): use --data_loader pil, or implement it in util/fast_data.py")
+                                f"of util/datasets.py): use --data_loader pil, or implement it in util/data/fast_data.py")
     # the pil path applies it: about one image in five comes out grey (equal channels before normalisation)
     dataset = train_loader(loader_args('pil'), transform, torch.device('cpu')).dataset
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
@@ -608,7 +609,7 @@ def test_an_added_step_stops_main_before_training(tmp_path, monkeypatch, capsys)
     code, err = run_in_process(main_pretrain, capsys, *pretrain_argv(out, '--data_loader', 'fast_cpu')[1:])
     assert code == 2 and err.strip().splitlines()[-1] == (
         "error: --data_loader fast_cpu cannot apply RandomGrayscale(p=0.2) (the training transform of "
-        "util/datasets.py): use --data_loader pil, or implement it in util/fast_data.py")
+        "util/datasets.py): use --data_loader pil, or implement it in util/data/fast_data.py")
     assert not (out / 'log.txt').exists() and not list(out.glob('checkpoint*'))
 
 

@@ -1,10 +1,10 @@
-"""util/feature_probe.py: the linear probe on cached features, on features whose best accuracy is known."""
+"""util/evaluation/feature_probe.py: the linear probe on cached features, on features whose best accuracy is known."""
 import math
 
 import pytest
 import torch
 
-from util.feature_probe import probe_accuracy
+from util.evaluation.feature_probe import probe_accuracy
 
 
 def two_gaussians(n, dims, separation, seed):

@@ -17,7 +17,7 @@ import main_linprobe
 import main_pretrain
 import models_vit
 import util.flag_checks as flag_checks
-import util.submitit_job as submitit_job
+import util.slurm.submitit_job as submitit_job
 from conftest import ROOT, TINY, run_in_process
 from util.flag_checks import check_between
 from util.flags import Range

@@ -1,4 +1,4 @@
-"""util/from_checkpoint.py: any checkpoint (ours, the reference's released layouts) into a model, recognised from
+"""util/checkpoints/from_checkpoint.py: any checkpoint (ours, the reference's released layouts) into a model, recognised from
 its weights' shapes, and the encoder's features without masking."""
 import argparse
 
@@ -7,7 +7,7 @@ import torch
 
 import models_mae
 import models_vit
-from util import from_checkpoint as fc
+from util.checkpoints import from_checkpoint as fc
 from util.errors import UsageError
 from versions import meta_device
 
@@ -161,7 +161,7 @@ def test_files_that_do_not_fit_are_one_line(tmp_path, case, expected):
 def test_init_from_a_global_pool_classifier_says_what_it_is(tmp_path):
     """A classifier fine-tuned with global pooling has fc_norm and no final norm: --init_from says so (it used to
     blame another depth); one with the class token still warm-starts the encoder."""
-    from util.from_checkpoint import init_from_checkpoint
+    from util.checkpoints.from_checkpoint import init_from_checkpoint
     path = tmp_path / 'classifier.pth'
     torch.save({'model': models_vit.vit_tiny_patch4(num_classes=3, global_pool=True).state_dict()}, path)
     with pytest.raises(UsageError) as e:

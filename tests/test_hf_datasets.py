@@ -1,4 +1,4 @@
-"""Hugging Face datasets as --data_path (util/hf_datasets.py): a DatasetDict written by ``make_shards.py --to hf``
+"""Hugging Face datasets as --data_path (util/data/hf_datasets.py): a DatasetDict written by ``make_shards.py --to hf``
 from the tiny ImageFolder holds its images in the same order, so runs on it write the folder's log.txt; columns
 detected or given by flag; mistakes in one line."""
 import argparse
@@ -11,11 +11,11 @@ import datasets  # noqa: E402
 
 import extract_features  # noqa: E402
 from conftest import TINY, one_line_error, pretrain_argv, run_script, save_pretrained  # noqa: E402
-from util import hf_datasets  # noqa: E402
+from util.data import hf_datasets  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 from util.flag_checks import check_other_source  # noqa: E402
-from util.image_folder import image_folder, listed  # noqa: E402
-from util.image_sources import pretrain_dataset  # noqa: E402
+from util.data.image_folder import image_folder, listed  # noqa: E402
+from util.data.image_sources import pretrain_dataset  # noqa: E402
 
 
 @pytest.fixture(scope='module')

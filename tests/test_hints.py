@@ -9,7 +9,7 @@ import torch
 import export
 import main_pretrain
 import models_vit
-import util.process as process
+import util.training.process as process
 from conftest import ROOT, TINY, run_in_process, save_pretrained
 from util.errors import UsageError
 

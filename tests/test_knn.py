@@ -1,11 +1,11 @@
-"""util/knn.py: the weighted k-NN classifier (DINO's eval_knn.py protocol) on hand-made features with known
+"""util/evaluation/knn.py: the weighted k-NN classifier (DINO's eval_knn.py protocol) on hand-made features with known
 answers."""
 import math
 
 import pytest
 import torch
 
-from util.knn import knn_accuracy, knn_predict
+from util.evaluation.knn import knn_accuracy, knn_predict
 
 
 def unit(*angles_deg):

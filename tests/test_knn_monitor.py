@@ -1,4 +1,4 @@
-"""The kNN monitor of pre-training (util/knn_monitor.py, main_pretrain.py --knn_every): its numbers, and that it
+"""The kNN monitor of pre-training (util/evaluation/knn_monitor.py, main_pretrain.py --knn_every): its numbers, and that it
 changes nothing else: every other log.txt value, TensorBoard point, weight and random stream is that of a run without
 it, and a run with it resumes exactly."""
 import random
@@ -11,9 +11,9 @@ import main_pretrain
 import models_mae
 import util.errors as errors
 from conftest import TINY, parsed_args, pretrain_argv, read_log, run_in_process, run_script, run_with_fault, tb_scalars
-from util import knn_monitor
-from util.from_checkpoint import features
-from util.knn import knn_accuracy
+from util.evaluation import knn_monitor
+from util.checkpoints.from_checkpoint import features
+from util.evaluation.knn import knn_accuracy
 
 KNN = ['--knn_every', '1', '--knn_data_path', TINY]
 KNN_KEYS = ('knn_top1', 'knn_top5', 'knn_mean_top1', 'knn_mean_top5')

@@ -10,13 +10,13 @@ import export
 import extract_features
 import main_finetune
 import models_vit
-import util.from_checkpoint as from_checkpoint
+import util.checkpoints.from_checkpoint as from_checkpoint
 import util.misc as misc
-import util.submitit_job as submitit_job
+import util.slurm.submitit_job as submitit_job
 from conftest import (TINY, one_line_error, read_log, run_in_process, run_script, run_with_fault,
                       save_pretrained)
 from engine_finetune import train_one_epoch
-from util.saver import CheckpointSaver
+from util.checkpoints.saver import CheckpointSaver
 
 
 # ---------------------------------------------------------------------------------------------------- the formula
@@ -225,7 +225,7 @@ def test_extract_and_export_read_the_average_with_ema(tmp_path, capsys, plain, w
 
 
 def test_the_decay_is_compared_on_resume_only_where_an_average_is_kept():
-    from util.resume import changed_flags
+    from util.checkpoints.resume import changed_flags
     args = main_finetune.get_args_parser().parse_args(['--model_ema_decay', '0.99'])
     there = dict(vars(args), model_ema_decay=0.9999)
     assert changed_flags(there, args) == []  # neither run keeps an average: its decay is no flag of either

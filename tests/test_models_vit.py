@@ -19,7 +19,7 @@ from util.lars import LARS
 from util.lr_decay import param_groups_lrd
 from util.errors import UsageError
 from util.pos_embed import interpolate_pos_embed
-from util.from_checkpoint import load_pretrained_encoder
+from util.checkpoints.from_checkpoint import load_pretrained_encoder
 from versions import meta_device
 
 VECTORS = torch.load(DATA / 'model_vectors.pt', weights_only=True)

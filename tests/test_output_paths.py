@@ -1,5 +1,5 @@
 """No output may destroy an input or a user's file, and an output that cannot be written is said in one line before
-any model is loaded (util.output_dir.check_outputs, used by export.py, extract_features.py, demo/visualize.py and
+any model is loaded (util.training.output_dir.check_outputs, used by export.py, extract_features.py, demo/visualize.py and
 reproduce.py). The tests run as root, which no permission bit stops: an unwritable folder is a folder under a file,
 or one whose write is refused by a monkeypatched ``tempfile.mkstemp`` (what a read-only or immutable folder gives)."""
 import os
@@ -14,8 +14,8 @@ import models_mae
 import reproduce
 from conftest import TINY, run_in_process
 from demo import visualize
-from util import from_checkpoint
-from util.output_dir import check_outputs
+from util.checkpoints import from_checkpoint
+from util.training.output_dir import check_outputs
 from util.errors import UsageError
 
 IMAGE = TINY / 'train' / 'airplane' / '0004.jpg'

@@ -22,15 +22,15 @@ import main_finetune  # noqa: E402
 import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_mae  # noqa: E402
-from util import data_stats  # noqa: E402
+from util.data import data_stats  # noqa: E402
 from util.datasets import pretrain_transform  # noqa: E402
-from util.fast_data import CropFlip, collate_pixels  # noqa: E402
-from util.image_decode import ChannelMismatch, ImageReader, load_rgb, read_image  # noqa: E402
-from util.image_folder import ImageFolder  # noqa: E402
-from util.image_sources import list_images, pretrain_dataset, pretrain_source, read_list  # noqa: E402
+from util.data.fast_data import CropFlip, collate_pixels  # noqa: E402
+from util.data.image_decode import ChannelMismatch, ImageReader, load_rgb, read_image  # noqa: E402
+from util.data.image_folder import ImageFolder  # noqa: E402
+from util.data.image_sources import list_images, pretrain_dataset, pretrain_source, read_list  # noqa: E402
 import util.errors as errors  # noqa: E402
 from util.errors import UsageError  # noqa: E402
-from util.from_checkpoint import adapt_patch_embed, init_from_checkpoint  # noqa: E402
+from util.checkpoints.from_checkpoint import adapt_patch_embed, init_from_checkpoint  # noqa: E402
 from versions import exact_numbers_expected, stack_note  # noqa: E402
 
 sys.path.insert(0, str(ROOT / 'demo'))

@@ -20,7 +20,7 @@ from studies import paper, plan, recipes, report, runner
 from studies.data import prepare_data
 from studies.plan import PlannedRun
 from util.errors import UsageError
-from util.from_checkpoint import load_pretrained_encoder
+from util.checkpoints.from_checkpoint import load_pretrained_encoder
 
 
 def pretrain_args(*argv):

@@ -10,14 +10,14 @@ import torch
 
 import main_finetune
 import main_pretrain
-import util.checkpoint as ckpt_io
+import util.checkpoints.checkpoint as ckpt_io
 import util.errors as errors
-import util.resume as resume
+import util.checkpoints.resume as resume
 from conftest import TINY, run_in_process, run_script, run_with_fault
 from conftest import resume_argv as pretrain_args
-from util.saver import data_identity
+from util.checkpoints.saver import data_identity
 from util.errors import RunComplete, UsageError
-from util.image_sources import pretrain_dataset
+from util.data.image_sources import pretrain_dataset
 
 PRETRAIN = ['--model', 'mae_vit_tiny_patch4', '--epochs', '3']
 

@@ -17,13 +17,13 @@ import torch
 import main_finetune
 import main_linprobe
 import main_pretrain
-import util.checkpoint as ckpt_io
+import util.checkpoints.checkpoint as ckpt_io
 import util.errors as errors
 import util.misc as misc
-import util.output_dir as output_dir
-import util.resume as resume
-import util.run as run_mod
-from util.saver import CheckpointSaver
+import util.training.output_dir as output_dir
+import util.checkpoints.resume as resume
+import util.training.run as run_mod
+from util.checkpoints.saver import CheckpointSaver
 from conftest import TINY, run_in_process
 from util.errors import RunComplete, RunInterrupted, TrainingStopped, UsageError
 
@@ -136,7 +136,7 @@ def test_lock_file_of_damaged_bytes_still_names_its_holder_in_one_line(tmp_path)
 def test_lock_of_a_killed_process_does_not_block(tmp_path):
     holder = subprocess.Popen([sys.executable, '-c', f'''
 import sys; sys.path.insert(0, {str(pathlib.Path(__file__).parents[1])!r})
-import util.output_dir as r, time
+import util.training.output_dir as r, time
 held = r.lock_output_dir({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)'''],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == 'locked'

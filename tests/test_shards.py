@@ -1,4 +1,4 @@
-"""Tar shards as --data_path (util/shards.py, make_shards.py): written from the tiny ImageFolder by the converter,
+"""Tar shards as --data_path (util/data/shards.py, make_shards.py): written from the tiny ImageFolder by the converter,
 the shards give the scripts the same samples at the same indices, so every run on them must write the same log.txt
 as on the folder (pre-training, fast_cpu, fine-tuning with val/, linear probing, the kNN monitor, two processes on
 uneven shards, a kill mid-epoch and the same command again); bad shards stop with one line."""
@@ -16,10 +16,10 @@ import main_finetune
 import main_pretrain
 from conftest import (TINY, pretrain_argv, read_log, resume_argv, run_in_process, run_script,
                       run_with_fault, save_pretrained)
-from util import shards
+from util.data import shards
 from util.errors import UsageError
-from util.image_folder import image_folder, listed
-from util.image_sources import check_pretrain_path, pretrain_dataset
+from util.data.image_folder import image_folder, listed
+from util.data.image_sources import check_pretrain_path, pretrain_dataset
 
 
 def make_shards(src, out, *extra):
@@ -147,7 +147,7 @@ def test_a_member_that_is_not_an_image_is_named_or_skipped_and_counted(tmp_path)
     data = pretrain_dataset(str(folder), skip_bad=True)
     img, _ = data[1]  # replaced by the next readable sample
     assert np.asarray(img).shape == np.asarray(data[2][0]).shape
-    from util.image_folder import skipped_images
+    from util.data.image_folder import skipped_images
     assert skipped_images(data) == 1
 
 
@@ -259,7 +259,7 @@ def test_two_processes_on_uneven_shards_write_the_folders_log(tiny_shards, tmp_p
 
 
 def test_data_stats_auto_measures_shards_as_the_files(tiny_shards):
-    from util.data_stats import measure
+    from util.data.data_stats import measure
     files = [path for path, _ in pretrain_dataset(str(TINY)).samples]
     members = [member for member, _ in pretrain_dataset(str(tiny_shards)).samples]
     assert measure(members, 3) == measure(files, 3)

@@ -16,8 +16,8 @@ submitit = pytest.importorskip("submitit")
 import submitit_finetune  # noqa: E402
 import submitit_linprobe  # noqa: E402
 import submitit_pretrain  # noqa: E402
-import util.submitit_job as submitit_job  # noqa: E402
-import util.submitit_trainer as submitit_trainer  # noqa: E402
+import util.slurm.submitit_job as submitit_job  # noqa: E402
+import util.slurm.submitit_trainer as submitit_trainer  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the scripts

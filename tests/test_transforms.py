@@ -11,7 +11,7 @@ from PIL import Image
 import main_finetune
 from conftest import parsed_args
 from util.datasets import build_transform, eval_transform, linprobe_transform, posterize, pretrain_transform
-from util.image_decode import to_rgb
+from util.data.image_decode import to_rgb
 
 SIZE = 16
 

@@ -1,4 +1,4 @@
-"""Every checkpoint a user can name goes through one loader (util.checkpoint.load): a local path and an http(s) URL
+"""Every checkpoint a user can name goes through one loader (util.checkpoints.checkpoint.load): a local path and an http(s) URL
 alike are read with ``torch.load(weights_only=True)`` and the integrity and kind checks, so that a crafted pickle
 (a ``__reduce__`` that would run a command) runs on none of the seven entry points, and the refusal is one line that
 never advises ``weights_only=False``. A URL is downloaded into torch's hub cache (here: a file already there, so no
@@ -16,7 +16,7 @@ import main_pretrain
 import models_mae
 from conftest import TINY, run_in_process, run_script
 from demo import visualize
-from util import checkpoint as ckpt_io
+from util.checkpoints import checkpoint as ckpt_io
 from util.errors import UsageError
 
 IMAGE = TINY / 'train' / 'airplane' / '0004.jpg'

@@ -1,10 +1,10 @@
 """The data of the three entry points, as in the reference: training and evaluation transforms (DeiT's recipe for
 fine-tuning), and the class checks of supervised training.
 
-The transforms take what ``util.image_folder.read_image`` returns: a PIL image (8-bit RGB, or grey for --in_chans
+The transforms take what ``util.data.image_folder.read_image`` returns: a PIL image (8-bit RGB, or grey for --in_chans
 1), transformed exactly as in the reference, or a float (C, H, W) tensor in [0, 1] (16-bit, multi-band, arrays),
 cropped, resized (bicubic, antialiased), flipped and normalised by torchvision's tensor kernels with the same random
-draws. Normalisation takes the run's ``--mean``/``--std`` (``util.data_stats``; ImageNet's by default).
+draws. Normalisation takes the run's ``--mean``/``--std`` (``util.data.data_stats``; ImageNet's by default).
 """
 import torch
 from PIL import Image, ImageOps
@@ -14,7 +14,7 @@ from torchvision import transforms
 
 import util.errors as errors
 from util.crop import RandomResizedCrop
-from util.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
+from util.data.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
 
 
 class ToTensor(transforms.ToTensor):
@@ -60,7 +60,7 @@ def check_classes(args, dataset_train, dataset_val):
               f"in {(dataset_train or dataset_val).root}: the head has outputs no image is labelled with (pass "
               f"--nb_classes {found} unless that is what you want)")
     if dataset_train is not None and dataset_train.classes != dataset_val.classes:
-        # (val/'s classes are train/'s, numbered as there: util.image_folder refuses any other)
+        # (val/'s classes are train/'s, numbered as there: util.data.image_folder refuses any other)
         missing = [name for name in dataset_train.classes if name not in dataset_val.class_to_idx]
         print(f"Note: {dataset_val.root} holds {len(dataset_val.classes)} of the {len(dataset_train.classes)} "
               f"classes of {dataset_train.root} (not: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); "

@@ -6,11 +6,11 @@ import re
 
 import torch
 
-from util import data_stats, hf_datasets
+from util.data import data_stats, hf_datasets
 from util.errors import UsageError
 from util.flags import SEED_MAX
-from util.image_folder import other_source
-from util.loaders import check_data_loader
+from util.data.image_folder import other_source
+from util.data.loaders import check_data_loader
 
 
 MIXUP_MODES = ('batch', 'pair', 'elem')  # timm's Mixup: any other name silently mixes per batch

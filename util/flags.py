@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from util import hf_datasets
+from util.data import hf_datasets
 
 SEED_MAX = 2 ** 32 - 1  # numpy seeds each process with --seed + its rank, and takes 0 .. 2**32 - 1 only
 

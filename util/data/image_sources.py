@@ -7,8 +7,8 @@ import os
 from torchvision import datasets
 
 from util.errors import UsageError
-from util.image_decode import IMG_EXTENSIONS, load_rgb
-from util.image_folder import ImageFolder, listed, other_source
+from util.data.image_decode import IMG_EXTENSIONS, load_rgb
+from util.data.image_folder import ImageFolder, listed, other_source
 
 LIST_SUFFIX = '.txt'
 
@@ -107,7 +107,7 @@ def check_pretrain_path(data_path):
 def pretrain_dataset(data_path, transform=None, skip_bad=False, loader=load_rgb):
     """Pre-training's images (see ``pretrain_source``): an ``ImageFolder`` for a tree with class folders (the
     reference's data order), else ``ImageFiles``. A one-line ``UsageError`` when there is no image. [new] Tar shards
-    or a Hugging Face dataset: their train split (``util.image_folder.listed``)."""
+    or a Hugging Face dataset: their train split (``util.data.image_folder.listed``)."""
     if other_source(data_path):
         return listed(data_path, 'train', transform, skip_bad, loader, labelled=False)
     kind, root = pretrain_source(data_path)

@@ -1,7 +1,7 @@
 """The job submitit runs on every task of a ``submitit_*.py`` submission (``Trainer``): the trainer's ``main(args)``
 with the job's rank and output folder, saving and requeueing itself before SLURM's time limit or on preemption.
 What the job needs on its node (``import_submitit``, ``import_trainer``, ``get_init_file``) is here too; the
-submitting side, ``util/submitit_job.py``, imports them from this module (never the other way round).
+submitting side, ``util/slurm/submitit_job.py``, imports them from this module (never the other way round).
 
 Requeueing, and why it is done this way
 ---------------------------------------

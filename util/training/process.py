@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import util.misc as misc
 from util.errors import UsageError
-from util.output_dir import lock_output_dir
+from util.training.output_dir import lock_output_dir
 
 
 def setup_process(args, script, seed_python=False):

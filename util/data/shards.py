@@ -9,7 +9,7 @@ URLs (webdataset's ``gopen`` opens them; each is copied once into a local cache,
 index = class number; ``make_shards.py`` writes it), else the numbers themselves.
 
 Why map-style, not an iterable pipeline: a dataset with a length and samples by index takes the reference's
-DistributedSampler and ``util.loaders.ResumableSampler`` unchanged, so every rank runs the same number of steps
+DistributedSampler and ``util.data.loaders.ResumableSampler`` unchanged, so every rank runs the same number of steps
 (uneven shards too), every sample is seen once per epoch, the order is a function of the seed and epoch, and an
 epoch resumed in the middle skips exactly what was trained on. The price is random reads inside the shards (one
 ``pread`` per sample: sequential enough on local and parallel file systems; object stores go through the cache).
@@ -21,7 +21,7 @@ modification time; else rebuilt by each run). webdataset 1.0.2 no longer ships `
 separate ``wids`` package), so the index is this module's own: some 60 lines over ``tarfile``.
 
 A sample's image is a ``Member``: a ``str`` naming it (``shard.tar:KEY.jpg``, what bad-image messages show) that
-``util.image_decode.read_bytes`` reads, so decoding, channels, 16-bit, ``--skip_bad_images`` and the fast loaders
+``util.data.image_decode.read_bytes`` reads, so decoding, channels, 16-bit, ``--skip_bad_images`` and the fast loaders
 are those of image files.
 """
 import errno
@@ -30,7 +30,7 @@ import os
 import tarfile
 
 from util.errors import UsageError
-from util.image_decode import IMG_EXTENSIONS
+from util.data.image_decode import IMG_EXTENSIONS
 
 SHARD_SUFFIX = '.tar'
 CLASSES_FILE = 'classes.json'

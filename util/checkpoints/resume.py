@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-import util.checkpoint as ckpt_io
-import util.saver as saver
+import util.checkpoints.checkpoint as ckpt_io
+import util.checkpoints.saver as saver
 import util.misc as misc
 from util.errors import RunComplete, UsageError
 

@@ -1,5 +1,5 @@
 """Weighted k-nearest-neighbour classification of features: the protocol of DINO's ``eval_knn.py`` (Caron et al.,
-2021), used by the kNN monitor of pre-training (``util.knn_monitor``) and ``extract_features.py --knn``.
+2021), used by the kNN monitor of pre-training (``util.evaluation.knn_monitor``) and ``extract_features.py --knn``.
 
 Each test feature votes with its ``k`` most similar training features (cosine similarity of L2-normalised
 features); a neighbour of similarity ``s`` adds ``exp(s / temperature)`` to its class. The classes with the most

@@ -1,7 +1,7 @@
 """The ImageFolder of the entry points: a one-line error naming a bad file (or the file skipped and counted with
 ``--skip_bad_images``), class folders checked for link loops and numbered by another split's names, and the
-counts of skipped files per epoch. How a file is decoded: ``util/image_decode.py``; pre-training's other sources
-(flat folders, lists): ``util/image_sources.py``.
+counts of skipped files per epoch. How a file is decoded: ``util/data/image_decode.py``; pre-training's other sources
+(flat folders, lists): ``util/data/image_sources.py``.
 
 A file that cannot be read as an image (truncated, not an image, empty, unreadable) stops the run with one line
 naming it, or, with ``skip_bad=True`` (``--skip_bad_images``), is replaced by the next readable sample, reported
@@ -16,9 +16,9 @@ from PIL import Image
 from torchvision import datasets
 
 import util.misc as misc
-from util import hf_datasets, shards
+from util.data import hf_datasets, shards
 from util.errors import UsageError
-from util.image_decode import (BAD_FILE_ERRORS, SKIP_FLAG, bad_file_message, bad_file_reason, is_image_file,
+from util.data.image_decode import (BAD_FILE_ERRORS, SKIP_FLAG, bad_file_message, bad_file_reason, is_image_file,
                                load_rgb, too_large_message)
 
 
@@ -125,8 +125,8 @@ class ImageFolder(datasets.ImageFolder):
 
 class ListedImages(ImageFolder):
     """[new] Images not found in folders: ``samples`` as ``[(image, class number)]``, whose images are ``str``s that
-    ``read()`` their bytes (a tar shard's members, ``util/shards.py``; a Hugging Face dataset's rows,
-    ``util/hf_datasets.py``), and the class names. Read, transformed and skipped as ``ImageFolder``'s files."""
+    ``read()`` their bytes (a tar shard's members, ``util/data/shards.py``; a Hugging Face dataset's rows,
+    ``util/data/hf_datasets.py``), and the class names. Read, transformed and skipped as ``ImageFolder``'s files."""
 
     def __init__(self, root, samples, classes, transform=None, skip_bad=False, loader=load_rgb):
         datasets.VisionDataset.__init__(self, root, transform=transform)
@@ -138,8 +138,8 @@ class ListedImages(ImageFolder):
 
 
 def other_source(data_path):
-    """[new] The module that reads ``--data_path`` when it is not a folder of image files: ``util.shards`` (tar
-    shards), ``util.hf_datasets`` (a Hugging Face dataset), or None."""
+    """[new] The module that reads ``--data_path`` when it is not a folder of image files: ``util.data.shards`` (tar
+    shards), ``util.data.hf_datasets`` (a Hugging Face dataset), or None."""
     return shards if shards.is_shards(data_path) else hf_datasets if hf_datasets.is_hf(data_path) else None
 
 
@@ -152,7 +152,7 @@ def listed(data_path, split, transform=None, skip_bad=False, loader=load_rgb, la
 def image_folder(data_path, split, transform, skip_bad=False, loader=load_rgb, numbered_as=None):
     """``ImageFolder(data_path/split)``: a one-line ``UsageError`` names the folder when it is missing, has no class
     folders, or a class folder holds no image, and the file when an image cannot be read (unless ``skip_bad``: see
-    ``ImageFolder``). ``loader(path)`` reads a file (``util.fast_data``'s also augment it). ``numbered_as``: the
+    ``ImageFolder``). ``loader(path)`` reads a file (``util.data.fast_data``'s also augment it). ``numbered_as``: the
     split whose class numbers the classes take, when it is there (an evaluation split takes 'train''s). The entry
     points check that the folders exist with their flags first (``util.flag_checks.check_common``). [new] Tar shards
     or a Hugging Face dataset: ``listed`` (their class numbers are the same in every split)."""

@@ -1,7 +1,7 @@
 """Any MAE/ViT checkpoint into a model: the model built from the file, for the tools that use trained weights
 (demo/visualize.py, extract_features.py, export.py, the kNN monitor's features); and the weights of a file made
 elsewhere into the model a training run builds (``--finetune`` of main_finetune.py / main_linprobe.py, as the
-reference loads it; ``--init_from`` of main_pretrain.py). Every file is read by ``util.checkpoint.load``.
+reference loads it; ``--init_from`` of main_pretrain.py). Every file is read by ``util.checkpoints.checkpoint.load``.
 
 The checkpoints it reads (all hold a ``model`` state dict):
 
@@ -45,7 +45,7 @@ from timm.layers import trunc_normal_
 
 import models_mae
 import models_vit
-import util.checkpoint as ckpt_io
+import util.checkpoints.checkpoint as ckpt_io
 from util.errors import UsageError
 from util.pos_embed import interpolate_pos_embed
 

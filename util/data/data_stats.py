@@ -24,9 +24,9 @@ import time
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from util.checkpoint import load, stored_args
-from util.image_decode import BAD_FILE_ERRORS, as_tensor, bad_file_message, bad_file_reason, read_image
-from util.image_folder import image_folder
+from util.checkpoints.checkpoint import load, stored_args
+from util.data.image_decode import BAD_FILE_ERRORS, as_tensor, bad_file_message, bad_file_reason, read_image
+from util.data.image_folder import image_folder
 from util.errors import UsageError
 from util.flags import Range
 
@@ -131,7 +131,7 @@ def normalisation(args):
 
 def stats_from_checkpoint(args_dict, state_dict=None):
     """The normalisation and channel count a checkpoint was trained with: ``{'mean', 'std', 'in_chans',
-    'stored'}``. ``args_dict``: its stored flags (``util.checkpoint.stored_args``); ``state_dict``: its weights,
+    'stored'}``. ``args_dict``: its stored flags (``util.checkpoints.checkpoint.stored_args``); ``state_dict``: its weights,
     whose patch embedding says the channel count when the flags do not. Checkpoints without stored values (the
     reference's, the released ones, ours from before --mean) were trained on ImageNet's, which are returned, with
     ``stored`` False."""

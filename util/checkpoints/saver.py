@@ -1,7 +1,7 @@
 """Writing a run's checkpoints (``CheckpointSaver``, one object for it as timm's): after each epoch, and inside an
 epoch on request or on a stop signal; never one with non-finite weights; with every rank's random streams
 (``rng_state``; ``set_rng_state`` puts them back) and which training images the data order was drawn over
-(``data_identity``). The files themselves (atomic writes, safe reads, checks) are ``util/checkpoint.py``'s."""
+(``data_identity``). The files themselves (atomic writes, safe reads, checks) are ``util/checkpoints/checkpoint.py``'s."""
 import hashlib
 import os
 import random
@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 import util.misc as misc
-from util.checkpoint import LAST, args_to_dict, atomic_save, fmt_keys, link_or_copy, newest, nonfinite, \
+from util.checkpoints.checkpoint import LAST, args_to_dict, atomic_save, fmt_keys, link_or_copy, newest, nonfinite, \
     optimizer_tensors
 from util.errors import RunInterrupted, TrainingStopped
-from util.image_folder import skipped_indices
+from util.data.image_folder import skipped_indices
 
 
 class TrainedEpoch(NamedTuple):

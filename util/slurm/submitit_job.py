@@ -1,9 +1,9 @@
 """What ``submitit_pretrain.py``, ``submitit_finetune.py`` and ``submitit_linprobe.py`` share: their flags, the shared
-folder, the checks before anything is queued, and the submission of the job (``util.submitit_trainer.Trainer``).
+folder, the checks before anything is queued, and the submission of the job (``util.slurm.submitit_trainer.Trainer``).
 
 submitit is an optional dependency (``pip install submitit``); nothing here imports it at module level.
 
-The job itself, and how it saves and requeues, is ``util/submitit_trainer.py``.
+The job itself, and how it saves and requeues, is ``util/slurm/submitit_trainer.py``.
 """
 import contextlib
 import functools
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from util.errors import UsageError
 from util.flags import Parser, Range
-from util.submitit_trainer import REPO, Trainer, get_init_file, import_submitit, import_trainer
+from util.slurm.submitit_trainer import REPO, Trainer, get_init_file, import_submitit, import_trainer
 
 CHECKPOINT_ROOT = Path('/checkpoint')  # the reference's shared file system
 
@@ -77,7 +77,7 @@ def get_shared_folder(job_dir='') -> Path:
 # ---------------------------------------------------------------------------------------------------- submitting
 @contextlib.contextmanager
 def _repo_on_pythonpath():
-    """The jobs unpickle ``util.submitit_trainer.Trainer`` and import the trainer: put the repo on their PYTHONPATH
+    """The jobs unpickle ``util.slurm.submitit_trainer.Trainer`` and import the trainer: put the repo on their PYTHONPATH
     (sbatch and the local executor pass the submitting environment on)."""
     old = os.environ.get('PYTHONPATH')
     os.environ['PYTHONPATH'] = os.pathsep.join([str(REPO)] + ([old] if old else []))
@@ -135,9 +135,9 @@ def check_before_submitting(args, module):
     trainer = import_trainer(module)
     trainer.check_args(args)
     if not getattr(args, 'eval', False):
-        from util.loaders import batch_problem
-        from util.image_folder import image_folder
-        from util.image_sources import pretrain_dataset
+        from util.data.loaders import batch_problem
+        from util.data.image_folder import image_folder
+        from util.data.image_sources import pretrain_dataset
         images = pretrain_dataset(args.data_path) if module == 'main_pretrain' else \
             image_folder(args.data_path, 'train', transform=None)
         problem = batch_problem(args, len(images), args.nodes * args.ngpus)

@@ -20,7 +20,7 @@ image's size from its header, then ``torch.rand(1) < p``), from the same random 
 PIL's filter on uint8, within a few grey levels; see tests/test_fast_path.py). DALI draws its own crops (same
 ranges of scale and ratio) from its own generator.
 
-Files that are not plain JPEGs are read by ``util.image_folder.read_image`` as on the reference's path: 8-bit ones
+Files that are not plain JPEGs are read by ``util.data.image_folder.read_image`` as on the reference's path: 8-bit ones
 travel as uint8, 16-bit and multi-band ones as float32 on the same 0-255 scale (their precision kept), with
 ``--in_chans`` channels; the normalisation is the transform's ``Normalize`` (the run's ``--mean``/``--std``).
 """
@@ -33,15 +33,15 @@ from PIL import Image
 from torchvision import transforms
 try:  # torchvision 0.29 deprecated its image decoding for TorchCodec; where it is gone, only the fast loaders stop
     from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # (util.loaders.check_data_loader says so before anything runs)
+except ImportError:  # (util.data.loaders.check_data_loader says so before anything runs)
     ImageReadMode = decode_jpeg = None
 from torchvision.transforms.v2 import functional as F2
 
 import util.crop as tf_crop
 from util import datasets
-from util.data_stats import DEFAULT_MEAN, DEFAULT_STD
+from util.data.data_stats import DEFAULT_MEAN, DEFAULT_STD
 from util.errors import UsageError
-from util.image_decode import read_bytes, read_image, to_rgb
+from util.data.image_decode import read_bytes, read_image, to_rgb
 
 JPEG_END = b'\xff\xd9'  # a JPEG without its end marker is truncated: PIL's decoder refuses it, libjpeg would pad it
 
@@ -65,7 +65,7 @@ def augmentation(transform, loader):
     it cannot apply, is a ``UsageError`` naming the step and the loader, before anything is read."""
     def refuse(what):
         raise UsageError(f"--data_loader {loader} cannot apply {what} (the training transform of util/datasets.py): "
-                         f"use --data_loader pil, or implement it in util/fast_data.py")
+                         f"use --data_loader pil, or implement it in util/data/fast_data.py")
 
     steps = getattr(transform, 'transforms', [transform])
     kinds = []
@@ -221,7 +221,7 @@ class OnDevice:
 
     def __iter__(self):
         # the DataLoader's iterator is made here, not at the first batch: making it draws the workers' seed, and a
-        # resumed epoch restores the random streams right after (util.run.epoch_batches)
+        # resumed epoch restores the random streams right after (util.training.run.epoch_batches)
         batches = iter(self.loader)
         return ((self.finish(samples, self.device), targets) for samples, targets in batches)
 

@@ -5,7 +5,7 @@ loaded by ``datasets.load_dataset`` (from its cache when there is no network).
 The image column is the first of ``datasets.Image`` type and the label column the first ``ClassLabel`` (class names
 from it), unless ``--hf_image_column``/``--hf_label_column`` name them (a label column of integers: the numbers
 are the names). Images are read undecoded (``Image(decode=False)``: their encoded bytes) and decoded by
-``util.image_decode`` as files are, through ``Row``, a ``str`` naming the row that ``read_bytes`` reads: the same
+``util.data.image_decode`` as files are, through ``Row``, a ``str`` naming the row that ``read_bytes`` reads: the same
 transforms, channels, bad-image policy and fast loaders. The dataset stays memory-mapped Arrow (``datasets``'
 own), so DataLoader workers share it.
 
@@ -140,7 +140,7 @@ def check(path, splits, labelled):
 
 
 def split_samples(path, split, labelled):
-    """``(root, samples, classes)`` of ``split``, as ``util.shards.split_samples``'s."""
+    """``(root, samples, classes)`` of ``split``, as ``util.data.shards.split_samples``'s."""
     split, ds = split_of(path, split)
     if len(ds) == 0:
         raise UsageError(f"--data_path {path}: its {split} split has no row")

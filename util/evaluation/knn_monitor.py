@@ -3,7 +3,7 @@
 Every N epochs, and after the last one, the encoder being trained embeds the images of ``DIR/train`` and ``DIR/val``
 (an ImageFolder tree, e.g. a small labelled subset; the evaluation transform of fine-tuning: short side resized to
 ``input_size / 0.875``, centre crop) with every patch kept (no masking), and the weighted k-NN classifier of DINO's
-``eval_knn.py`` (``util.knn``: cosine similarity, k = 20, temperature 0.07) classifies ``val`` from ``train``. Its
+``eval_knn.py`` (``util.evaluation.knn``: cosine similarity, k = 20, temperature 0.07) classifies ``val`` from ``train``. Its
 numbers go to the epoch's ``log.txt`` row and to TensorBoard (step = epoch):
 
 - ``knn_top1`` / ``knn_top5``: the class token after the encoder's final norm. This is the headline: it is the
@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 import util.misc as misc
-from util.saver import rng_state, set_rng_state
-from util.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
+from util.checkpoints.saver import rng_state, set_rng_state
+from util.data.data_stats import DEFAULT_MEAN, DEFAULT_STD, normalisation
 from util.datasets import eval_transform
-from util.from_checkpoint import features
-from util.image_decode import ImageReader
-from util.image_folder import image_folder, other_source
-from util.knn import K, TEMPERATURE, knn_accuracy
+from util.checkpoints.from_checkpoint import features
+from util.data.image_decode import ImageReader
+from util.data.image_folder import image_folder, other_source
+from util.evaluation.knn import K, TEMPERATURE, knn_accuracy
 from util.errors import UsageError
 from util.flags import Range
 

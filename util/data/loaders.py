@@ -1,5 +1,5 @@
 """The DataLoaders of the three entry points: which ``--data_loader`` may run here, the training loader (the
-reference's PIL pipeline or a fast one of ``util/fast_data.py``) with its resumable sampler, the evaluation loader,
+reference's PIL pipeline or a fast one of ``util/data/fast_data.py``) with its resumable sampler, the evaluation loader,
 and what an epoch of the training loader needs to start, resume in the middle and count its bad files."""
 import functools
 import os
@@ -9,12 +9,12 @@ import torch
 
 import util.misc as misc
 from util import compat
-from util import image_folder as images
+from util.data import image_folder as images
 from util.errors import UsageError
-from util.image_decode import ImageReader
-from util.image_sources import pretrain_dataset
-from util.data_stats import normalisation
-from util.fast_data import (CropFlip, DaliLoader, OnDevice, augmentation, collate_encoded, collate_pixels,
+from util.data.image_decode import ImageReader
+from util.data.image_sources import pretrain_dataset
+from util.data.data_stats import normalisation
+from util.data.fast_data import (CropFlip, DaliLoader, OnDevice, augmentation, collate_encoded, collate_pixels,
                              decode_on_device, normalise)
 
 LOADERS = ('pil', 'fast_cpu', 'gpu', 'dali')
@@ -103,9 +103,9 @@ def batch_problem(args, num_images, world_size):
 # ---------------------------------------------------------------------------------------------------- building
 def train_loader(args, transform, device, pretraining=False):
     """The training loader of ``<data_path>/train`` (with ``pretraining`` [new], of any source of
-    ``util.image_folder.pretrain_dataset``: also a flat folder or a .txt list) for ``--data_loader``: the
+    ``util.data.image_folder.pretrain_dataset``: also a flat folder or a .txt list) for ``--data_loader``: the
     reference's (an ImageFolder with the PIL ``transform``, float batches), or a fast one applying what
-    ``util.fast_data.augmentation`` reads from ``transform`` (and refusing what it cannot apply, before anything is
+    ``util.data.fast_data.augmentation`` reads from ``transform`` (and refusing what it cannot apply, before anything is
     read): the same crop and flip drawn by ``CropFlip`` with uint8 batches finished on the device ('fast_cpu',
     'gpu'), or DALI's. ``args.in_chans`` [new]: how images are read. Its sampler is a DistributedSampler also on one
     process (its fixed seed gives the reference's data order), wrapped so that an epoch resumed in the middle skips

@@ -3,14 +3,14 @@ the engine: TensorBoard's writer (``summary_writer``, ``add_points``), where an 
 the middle after a resume) and what a non-finite loss does (``NonFiniteLosses``).
 
 The rules that keep a run's history whole whatever instant it is killed (the entry points' loops follow them):
-- one run at a time in a folder: rank 0 holds an OS lock on ``<output_dir>/.run.lock`` (``util/output_dir.py``,
-  taken by ``util.process.setup_process``);
+- one run at a time in a folder: rank 0 holds an OS lock on ``<output_dir>/.run.lock`` (``util/training/output_dir.py``,
+  taken by ``util.training.process.setup_process``);
 - an epoch's ``log.txt`` row is written before its checkpoint; a run that continues from a checkpoint moves the
   rows written after it (by a run that died before its checkpoint was complete) to a side file and writes them
-  again (``util.output_dir.move_log_rows_after``), and TensorBoard is told to hide the points after it
+  again (``util.training.output_dir.move_log_rows_after``), and TensorBoard is told to hide the points after it
   (``purge_step``); the event files are kept; the TensorBoard points of an epoch come after its checkpoint;
 - a checkpoint is never written with non-finite weights or optimizer state, so the newest one is always good
-  (``util.saver.CheckpointSaver``);
+  (``util.checkpoints.saver.CheckpointSaver``);
 - SIGUSR1, SIGTERM and a first Ctrl-C save at the next optimizer step and stop; a second Ctrl-C stops at once
   (``util.misc.install_stop_handlers``).
 """
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-import util.loaders as loaders
+import util.data.loaders as loaders
 import util.misc as misc
-from util.saver import set_rng_state
+from util.checkpoints.saver import set_rng_state
 from util.errors import TrainingStopped
 
 LOG_DIR_OWNER = '.output_dir'  # in a --log_dir apart from --output_dir: the run folder whose events it holds
@@ -120,7 +120,7 @@ def print_epoch_time(epoch, epochs, epoch_start):
 # ---------------------------------------------------------------------------------------------------- the loop
 def epoch_batches(data_loader, epoch, position, metric_logger, batch_size):
     """Start epoch ``epoch``: ``(batches, first iteration, iterations in the epoch)``. Resumed in the middle
-    (``position``, a ``util.resume.Position`` of this epoch), it starts after the batches already trained on, with
+    (``position``, a ``util.checkpoints.resume.Position`` of this epoch), it starts after the batches already trained on, with
     its running averages and skip counts, and its random streams restored after the loader's iterator exists
     (creating it draws the workers' base seed, which the interrupted run did at the start of the epoch). (A list
     of batches, in tests and benchmarks, has no data order to set.)"""
