@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import util.loaders as loaders
+import util.config_file as config_file
 import util.misc as misc
 import util.rng as rng
 from util.checkpoint_saver import CheckpointSaver
@@ -127,6 +128,7 @@ class Run(LoopHooks):
         self._epoch_start = time.time()
         if self.output_dir and misc.is_main_process():
             move_log_rows_after(self.output_dir, start.epoch - 1)
+            config_file.write_args(args, self.output_dir, misc.get_world_size())  # [new] args.yaml: repeats the run
         if misc.is_main_process() and args.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.log_writer = SummaryWriter(log_dir=args.log_dir, purge_step=self._purge_step(start.purge_step))
