@@ -141,6 +141,10 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
     parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
                         help='path where to tensorboard log (default: --output_dir; the reference: ./output_dir)')
+    parser.add_argument('--wandb_project', default=None, metavar='NAME',
+                        help='[new] also log the curves, each epoch\'s log.txt row and the flags to this Weights & '
+                             'Biases project (pip install wandb; WANDB_MODE=offline works without an account); a '
+                             'resumed run continues the same W&B run (docs/configs-and-tracking.md)')
     parser.add_argument('--device', default='cuda', help='device to use for training / testing')
     parser.add_argument('--seed', default=0, type=Range(int, 0, SEED_MAX))
     parser.add_argument('--resume', default='', help='resume from checkpoint')

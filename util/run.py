@@ -26,6 +26,7 @@ import util.loaders as loaders
 import util.config_file as config_file
 import util.misc as misc
 import util.rng as rng
+import util.tracking as tracking
 from util.checkpoint_saver import CheckpointSaver
 from util.errors import RunInterrupted, TrainingStopped
 from util.output_dir import append_log, move_log_rows_after
@@ -129,9 +130,9 @@ class Run(LoopHooks):
         if self.output_dir and misc.is_main_process():
             move_log_rows_after(self.output_dir, start.epoch - 1)
             config_file.write_args(args, self.output_dir, misc.get_world_size())  # [new] args.yaml: repeats the run
-        if misc.is_main_process() and args.log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-            self.log_writer = SummaryWriter(log_dir=args.log_dir, purge_step=self._purge_step(start.purge_step))
+        if misc.is_main_process() and (args.log_dir or getattr(args, 'wandb_project', None)):  # (+ [new] W&B)
+            self.log_writer = tracking.open_log_writer(
+                args, self._purge_step(start.purge_step) if args.log_dir else None, start.purge_step is not None)
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # save and stop at the next optimizer step
             signal.signal(sig, request_stop)
         print(f"Start training for {args.epochs} epochs")
@@ -221,6 +222,7 @@ class Run(LoopHooks):
             if self.log_writer is not None:
                 self.log_writer.flush()
             append_log(self.output_dir, log_stats)
+            tracking.send_epoch_row(self.log_writer, log_stats)  # [new] --wandb_project
         if self.output_dir:
             keep = epoch % self.args.save_freq == 0 or epoch + 1 == self.args.epochs
             self._save(epoch, keep=keep, at=f"the end of epoch {epoch}")
