@@ -74,6 +74,9 @@ def test_a_wrong_key_or_value_is_one_line_naming_the_file_and_the_key(tmp_path, 
 def test_a_missing_file_is_one_line(tmp_path, capsys):
     line = refused(capsys, main_pretrain.get_args_parser(), ['--config', tmp_path / 'none.yaml'])
     assert line == f"error: --config {tmp_path / 'none.yaml'}: cannot be read (No such file or directory)"
+    (tmp_path / 'weights.pth').write_bytes(b'PK\x03\x04\xff\xfe\x00')  # a checkpoint given by mistake
+    line = refused(capsys, main_pretrain.get_args_parser(), ['--config', tmp_path / 'weights.pth'])
+    assert line == f"error: --config {tmp_path / 'weights.pth'}: not valid YAML (not UTF-8 text)"
 
 
 def test_every_entry_point_takes_a_config(tmp_path, capsys):

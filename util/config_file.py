@@ -54,6 +54,8 @@ def read(path, actions):
             data = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not valid YAML (not UTF-8 text)") from None
     except yaml.YAMLError as e:
         where = getattr(e, 'problem_mark', None)
         raise ConfigError(f"--config {path}: not valid YAML ({getattr(e, 'problem', None) or e}"
