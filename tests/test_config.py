@@ -8,7 +8,7 @@ import yaml
 
 import main_finetune
 import main_pretrain
-from conftest import TINY, parsed_args, pretrain_argv, read_log, run_script
+from conftest import TINY, parsed_args, pretrain_argv, read_log, reference_argv, run_script, save_pretrained
 from test_flags import PARSERS
 from util.config_file import NOT_REPEATED
 from util.flags import Range
@@ -114,3 +114,18 @@ def test_args_yaml_repeats_the_run_and_a_resumed_run_rewrites_it(tmp_path):
     assert yaml.safe_load((first / 'args.yaml').read_text())['epochs'] == 3
     assert not (first / 'args.yaml.tmp').exists()
     assert str(TINY) == yaml.safe_load((again / 'args.yaml').read_text())['data_path']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('which', ['finetune', 'linprobe'])
+def test_args_yaml_repeats_a_classifier_run(tmp_path, which):
+    """Fine-tuning (Mixup, CutMix, --clip_grad, --accum_iter) and linear probing (the class token, LARS): the same."""
+    pretrained = save_pretrained(tmp_path / 'mae_tiny.pth')
+    first, again = tmp_path / 'first', tmp_path / 'again'
+    ran = run_script(*reference_argv(which, pretrained, first))
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    flags = yaml.safe_load((first / 'args.yaml').read_text())
+    assert flags['finetune'] == str(pretrained) and flags['global_pool'] is (which == 'finetune')
+    repeat = run_script(reference_argv(which, pretrained)[0], '--config', first / 'args.yaml', '--output_dir', again)
+    assert repeat.returncode == 0, repeat.stderr[-2000:]
+    assert filecmp.cmp(first / 'log.txt', again / 'log.txt', shallow=False)
