@@ -60,3 +60,15 @@ def test_the_long_jobs_report_their_progress(monkeypatch):
         f"Listing the images of {TINY / 'train'}: 16 images so far")
     assert [line for line in lines if line.startswith('Measuring')][-1].startswith(
         'Measuring data stats: 16/16 images, 0:00:00 left')
+
+
+def test_the_knn_monitor_reports_its_embedding(monkeypatch):
+    import models_mae
+    import torch
+    from util import knn_monitor
+    monkeypatch.setattr(sys, 'stdout', Terminal())
+    monkeypatch.setattr(misc, 'PROGRESS_EVERY', 0)
+    train, val, _ = knn_monitor.knn_datasets(str(TINY), 32)
+    knn_monitor.embed(models_mae.mae_vit_tiny_patch4(), train, torch.device('cpu'), batch_size=4)
+    lines = [line for line in sys.stdout.getvalue().splitlines() if line.startswith('kNN monitor: embedding')]
+    assert [line.split(',')[0] for line in lines] == [f'kNN monitor: embedding: {n}/16 images' for n in (4, 8, 12, 16)]

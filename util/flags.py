@@ -79,7 +79,7 @@ class Parser(argparse.ArgumentParser):
                               help='[new] flags from a YAML file (flag: value; e.g. configs/ or a run\'s args.yaml); '
                                    'the command line overrides it')
         args = sys.argv[1:] if args is None else list(args)
-        config = argparse.ArgumentParser(add_help=False)
+        config = argparse.ArgumentParser(prog=self.prog, add_help=False)
         config.add_argument('--config', default=None)
         path = config.parse_known_args(args)[0].config
         if path is None:
