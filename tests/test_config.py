@@ -10,7 +10,8 @@ import main_finetune
 import main_pretrain
 from conftest import TINY, parsed_args, pretrain_argv, read_log, reference_argv, run_script, save_pretrained
 from test_flags import PARSERS
-from util.config_file import NOT_REPEATED
+from main_pretrain import check_args
+from util.config_file import NOT_REPEATED, write_args
 from util.flags import Range
 
 
@@ -129,3 +130,22 @@ def test_args_yaml_repeats_a_classifier_run(tmp_path, which):
     repeat = run_script(reference_argv(which, pretrained)[0], '--config', first / 'args.yaml', '--output_dir', again)
     assert repeat.returncode == 0, repeat.stderr[-2000:]
     assert filecmp.cmp(first / 'log.txt', again / 'log.txt', shallow=False)
+
+
+def test_args_yaml_keeps_the_flags_as_given_where_main_resolved_them(tmp_path):
+    """--lr from --blr and the statistics --data_stats auto measured are written as given (null), so that the
+    repeat resolves them again; the values a checkpoint supplied are written as values."""
+    args = parsed_args(main_pretrain, '--data_stats', 'auto', '--batch_size', '8', '--blr', '1e-3', '--data_path', TINY,
+                       '--output_dir', tmp_path / 'run', lr=1e-3 * 8 / 256, mean=[0.4, 0.5, 0.6], std=[0.2] * 3,
+                       in_chans=3)
+    write_args(args, tmp_path)
+    flags = yaml.safe_load((tmp_path / 'args.yaml').read_text())
+    assert (flags['lr'], flags['mean'], flags['std'], flags['data_stats'], flags['in_chans']) == (
+        None, None, None, 'auto', 3)
+    again = parsed_args(main_pretrain, '--config', tmp_path / 'args.yaml')
+    check_args(again)  # (--mean with --data_stats auto would be refused)
+    assert (again.lr, again.blr, again.batch_size, again.output_dir) == (None, 1e-3, 8, './output_dir')
+    given = parsed_args(main_pretrain, '--lr', '0.5', '--output_dir', tmp_path / 'run', mean=[0.4] * 3, std=[0.2] * 3)
+    write_args(given, tmp_path)
+    flags = yaml.safe_load((tmp_path / 'args.yaml').read_text())
+    assert (flags['lr'], flags['mean'], flags['std']) == (0.5, [0.4] * 3, [0.2] * 3)
