@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import util.loaders as loaders
 import util.config_file as config_file
+import util.loaders as loaders
 import util.misc as misc
 import util.rng as rng
 import util.tracking as tracking
