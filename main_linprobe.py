@@ -14,6 +14,7 @@ import torch
 
 import models_vit
 import util.data.loaders as loaders
+import util.config_file as config_file
 import util.misc as misc
 import util.checkpoints.resume as resume
 from engine_finetune import TEST_POINTS, evaluate, evaluate_epoch, train_one_epoch
@@ -128,6 +129,7 @@ def main(args):
     # [new] continued from a checkpoint: the log.txt rows written after it (by a run killed before its next
     # checkpoint) go to a side file; TensorBoard hides its points after it
     move_log_rows_after(args.output_dir, start.epoch - 1)
+    config_file.write_args(args, args.output_dir, misc.get_world_size())  # [new] args.yaml, to repeat the run
     log_writer = summary_writer(args, start.purge_step)
     saver = CheckpointSaver(args, __file__, model_without_ddp, optimizer, loss_scaler, data_loader_train,
                             max_accuracy=start.max_accuracy)

@@ -7,6 +7,7 @@ import re
 import torch
 
 from util.data import data_stats, hf_datasets
+from util.training import tracking
 from util.errors import UsageError
 from util.flags import SEED_MAX
 from util.data.image_folder import other_source
@@ -52,6 +53,7 @@ def check_common(args, models, kind, splits):
         raise UsageError(f"--model {args.model} is not a {kind} model; choose one of: " + ', '.join(models))
     check_between(args)
     data_stats.check_args(args)  # --in_chans, --mean, --std, --data_stats together
+    tracking.check_args(args)  # [new] --wandb_project needs wandb
     if getattr(args, 'eval', False) and not args.resume:  # a model with random weights would be evaluated
         raise UsageError("--eval evaluates the checkpoint given with --resume; "
                          + ("--finetune only initialises training" if args.finetune else "none was given"))

@@ -10,8 +10,10 @@ still works, with a note that it is unchecked. The constraints between flags are
 import argparse
 import math
 import re
+import sys
 from dataclasses import dataclass
 
+import util.config_file as config_file
 from util.data import hf_datasets
 
 SEED_MAX = 2 ** 32 - 1  # numpy seeds each process with --seed + its rank, and takes 0 .. 2**32 - 1 only
@@ -64,15 +66,41 @@ class Range:
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser, where a value outside its flag's ``Range`` is one line as the project's other mistakes
-    ('error: --lr must be positive, got -1.0', exit code 2; argparse's other errors keep its usage line), and a
-    numeric flag declared without a range is named in a note (it works, unchecked)."""
+    ('error: --lr must be positive, got -1.0', exit code 2; argparse's other errors keep its usage line), a
+    numeric flag declared without a range is named in a note (it works, unchecked), and ``--config FILE.yaml`` [new]
+    gives flags from a file, the command line overriding it (util/config_file.py)."""
 
     def parse_known_args(self, args=None, namespace=None):
         for action in self._actions:
             if action.type in (int, float):
                 print(f"Note: {'/'.join(action.option_strings) or action.dest}: no valid range declared "
                       f"(type=Range({action.type.__name__}, low, high) in its add_argument would check it)")
-        return super().parse_known_args(args, namespace)
+        if '--config' not in self._option_string_actions:  # (added here: a submitit parser has the trainer's as parent)
+            self.add_argument('--config', default=None, metavar='FILE.yaml',
+                              help='[new] flags from a YAML file (flag: value; e.g. configs/ or a run\'s args.yaml); '
+                                   'the command line overrides it')
+        args = sys.argv[1:] if args is None else list(args)
+        config = argparse.ArgumentParser(prog=self.prog, add_help=False)
+        config.add_argument('--config', default=None)
+        path = config.parse_known_args(args)[0].config
+        if path is None:
+            return super().parse_known_args(args, namespace)
+        try:
+            defaults = config_file.read(path, self._actions)
+        except config_file.ConfigError as e:
+            self.exit(2, f"error: {e}\n")
+        namespace = namespace if namespace is not None else argparse.Namespace()
+        for dest, value in defaults.items():  # argparse fills in only the flags the namespace lacks
+            if not hasattr(namespace, dest):
+                setattr(namespace, dest, value)
+        given = [a for a in self._actions if a.required and a.dest in defaults]
+        for action in given:  # (a required flag the file gives is not required on the command line)
+            action.required = False
+        try:
+            return super().parse_known_args(args, namespace)
+        finally:
+            for action in given:
+                action.required = True
 
     def error(self, message):
         refused = re.fullmatch(r'argument (--\w+): (must be .*)', message)  # (a Range's ArgumentTypeError)
@@ -115,6 +143,10 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
     parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
                         help='path where to tensorboard log (default: --output_dir; the reference: ./output_dir)')
+    parser.add_argument('--wandb_project', default=None, metavar='NAME',
+                        help='[new] also log the curves, each epoch\'s log.txt row and the flags to this Weights & '
+                             'Biases project (pip install wandb; WANDB_MODE=offline works without an account); a '
+                             'resumed run continues the same W&B run (docs/configs-and-tracking.md)')
     parser.add_argument('--device', default='cuda', help='device to use for training / testing')
     parser.add_argument('--seed', default=0, type=Range(int, 0, SEED_MAX))
     parser.add_argument('--resume', default='', help='resume from checkpoint')

@@ -296,6 +296,47 @@ def stop_signal():
 def stop_requested():
     """The signal number once any rank has been asked to stop, else 0 (a collective: call on all ranks)."""
     return int(all_reduce_max(_stop['signal'] or 0))
+# ---------------------------------------------------------------------------------------------------- progress
+PROGRESS_EVERY = 10.0  # seconds between two progress lines
+
+
+class Progress:
+    """[new] The progress of a long job that otherwise says nothing for minutes (a dataset scan, --data_stats auto,
+    the kNN monitor's embedding): ``update(n)`` as it goes; at most every ``every`` seconds a line such as
+    'Measuring data stats: 12000/50000 images, 0:01:12 left' (without ``total``: '... 12000 images so far'). Only on
+    a terminal (and the first process): logs, piped output and the tests stay as they were."""
+
+    def __init__(self, what, total=None, unit='images', every=None, stream=None):
+        self.what, self.total, self.unit = what, total, unit
+        self.every = PROGRESS_EVERY if every is None else every
+        stream = stream or sys.stdout
+        self.shown = is_main_process() and hasattr(stream, 'isatty') and stream.isatty()
+        self.done, self.start = 0, time.time()
+        self.last = self.start
+
+    def update(self, n=1):
+        self.done += n
+        now = time.time()
+        if self.shown and now - self.last >= self.every:
+            self.last = now
+            print(self.line(now), flush=True)
+
+    def line(self, now):
+        if not self.total:
+            return f"{self.what}: {self.done} {self.unit} so far, {datetime.timedelta(seconds=int(now - self.start))}"
+        left = (now - self.start) / max(self.done, 1) * (self.total - self.done)
+        return f"{self.what}: {self.done}/{self.total} {self.unit}, {datetime.timedelta(seconds=int(left))} left"
+
+
+def progress(iterable, what, total=None, unit='images', count=None):
+    """``iterable``'s items, with a ``Progress`` line on a terminal; ``total``: ``len(iterable)`` by default;
+    ``count(item)``: how many ``unit`` an item is (1 by default; e.g. a batch's images)."""
+    if total is None and hasattr(iterable, '__len__'):
+        total = len(iterable)
+    shown = Progress(what, total, unit)
+    for item in iterable:
+        yield item
+        shown.update(count(item) if count else 1)
 
 
 # ---------------------------------------------------------------------------------------------------- AMP

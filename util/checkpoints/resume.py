@@ -22,6 +22,7 @@ CHANGEABLE_ON_RESUME = {
     'num_workers', 'pin_mem', 'device', 'amp', 'data_path',  # how, and from where, the same data is read
     'output_dir', 'log_dir', 'resume', 'auto_resume', 'start_epoch', 'finetune', 'eval', 'dist_eval',
     'save_freq', 'save_every_iters', 'skip_nonfinite', 'skip_bad_images', 'seed',
+    'config', 'wandb_project',  # [new] where the flags came from; where the curves also go
     # how fast the same training runs (docs/speed.md)
     'fast', 'fused_adamw', 'compile', 'no_host_sync', 'grad_checkpointing', 'data_loader',
     # the kNN monitor only watches (its own random streams; training is unchanged)

@@ -24,6 +24,7 @@ import time
 import torch
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+import util.misc as misc
 from util.checkpoints.checkpoint import load, stored_args
 from util.data.image_decode import BAD_FILE_ERRORS, as_tensor, bad_file_message, bad_file_reason, read_image
 from util.data.image_folder import image_folder
@@ -209,7 +210,7 @@ def measure(paths, in_chans, skip_bad=False, size=SAMPLE_SIZE, to_grayscale=Fals
     second = torch.zeros(in_chans, dtype=torch.float64)
     means_squared = torch.zeros(in_chans, dtype=torch.float64)  # for the spread of the images' means
     count = bad = 0
-    for k in sample_indices(len(paths), size):
+    for k in misc.progress(sample_indices(len(paths), size), 'Measuring data stats'):  # [new] on a terminal
         path = paths[k]
         try:
             x = as_tensor(read_image(path, in_chans, to_grayscale)).double()

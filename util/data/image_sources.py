@@ -6,6 +6,7 @@ import os
 
 from torchvision import datasets
 
+import util.misc as misc
 from util.errors import UsageError
 from util.data.image_decode import IMG_EXTENSIONS, load_rgb
 from util.data.image_folder import ImageFolder, listed, other_source
@@ -30,10 +31,10 @@ def list_images(root):
     """The image files under the folder ``root`` (``IMG_EXTENSIONS``), searched recursively, sorted by path (the
     names at each level, files and folders together). Symlinks are followed, each directory once (by its real
     path), so a link back up the tree or two links to one folder do not repeat files."""
-    return _list_below(root, set())
+    return _list_below(root, set(), misc.Progress(f'Listing the images of {root}'))
 
 
-def _list_below(folder, seen):
+def _list_below(folder, seen, found):
     seen.add(os.path.realpath(folder))
     try:
         with os.scandir(folder) as it:
@@ -44,9 +45,10 @@ def _list_below(folder, seen):
     for e in entries:
         if e.is_dir():
             if os.path.realpath(e.path) not in seen:
-                out.extend(_list_below(e.path, seen))
+                out.extend(_list_below(e.path, seen, found))
         elif e.name.lower().endswith(IMG_EXTENSIONS):
             out.append(e.path)
+            found.update()  # [new] a line every 10 s on a terminal
     return out
 
 

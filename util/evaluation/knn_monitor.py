@@ -124,7 +124,8 @@ def embed(model, dataset, device, batch_size, num_workers=0, autocast=None):
                                          shuffle=False, num_workers=num_workers, drop_last=False,
                                          generator=torch.Generator())
     parts, labels = {p: [] for p in POOLS}, []
-    for images, targets in loader:
+    for images, targets in misc.progress(loader, 'kNN monitor: embedding', count=lambda batch: len(batch[1]),
+                                         total=len(indices)):  # [new] a line on a terminal
         with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
             out = features(model, images.to(device, non_blocking=True), POOLS)
         for p in POOLS:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import util.misc as misc
 from util.errors import AT_MAIN_EXIT, UsageError
+from util.training import tracking
 
 LOCK = '.run.lock'
 
@@ -178,5 +179,6 @@ def append_log(output_dir, stats, log_writer=None):
         f.write(json.dumps(stats) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    tracking.send_epoch_row(log_writer, stats)  # [new] --wandb_project: the row in W&B too
 
 

@@ -28,6 +28,7 @@ import util.data.loaders as loaders
 import util.misc as misc
 from util.checkpoints.saver import set_rng_state
 from util.errors import TrainingStopped
+from util.training import tracking
 
 LOG_DIR_OWNER = '.output_dir'  # in a --log_dir apart from --output_dir: the run folder whose events it holds
 
@@ -35,11 +36,12 @@ LOG_DIR_OWNER = '.output_dir'  # in a --log_dir apart from --output_dir: the run
 # ---------------------------------------------------------------------------------------------------- TensorBoard
 def summary_writer(args, purge_step):
     """The reference's ``SummaryWriter(log_dir=args.log_dir)`` on rank 0 (None elsewhere or without --log_dir),
-    hiding the points from ``purge_step`` on (those of a run that died after its checkpoint; see ``purge``)."""
-    if not (misc.is_main_process() and args.log_dir):
+    hiding the points from ``purge_step`` on (those of a run that died after its checkpoint; see ``purge``); with
+    [new] --wandb_project, teed to Weights & Biases (``util/training/tracking.py``)."""
+    if not (misc.is_main_process() and (args.log_dir or args.wandb_project)):
         return None
-    from torch.utils.tensorboard import SummaryWriter
-    return LogWriter(SummaryWriter(log_dir=args.log_dir, purge_step=purge(args, purge_step)), args.no_host_sync)
+    writer = tracking.open_log_writer(args, purge(args, purge_step) if args.log_dir else None, purge_step is not None)
+    return LogWriter(writer, args.no_host_sync)
 
 
 class LogWriter:
