@@ -19,21 +19,12 @@ that loads it. The timm model of each of ours:
 Another --input_size than 224 adds img_size=...; the printed call is the one to use. The MAE's decoder is not part
 of a timm model. A file ending in .safetensors is written with safetensors, anything else with torch.save.
 
-``--to hf`` writes a ``save_pretrained`` folder: ``transformers.ViTMAEForPreTraining.from_pretrained(folder)`` loads a
-full MAE (decoder included; the same loss for the same ``noise``); an encoder-only checkpoint (the released
-``mae_pretrain_vit_*.pth``), or ``--hf_encoder_only``, gives a ``ViTMAEModel`` folder without decoder keys. The keys
-are transformers 4.x's (``vit.encoder.layer.N.attention.attention.{query,key,value}``, ``intermediate``/``output``;
-the qkv matrix split in three), whichever transformers is installed: 4.x reads them, and 5.x renames them on loading
-to its ``vit.layers.N.attention.{q,k,v,o}_proj``, ``mlp.fc1/fc2``; the installed transformers loads the folder back
-before export.py reports it written. It adds the image processor of the run (its mean, std and channel count; bicubic
-resizing) and a model card (README.md: the training flags, the data statistics, the preprocessing, the last rows of
-the run's log.txt when it lies beside the checkpoint). transformers is an
-optional dependency: ``pip install transformers``.
-
-``--out`` is checked before the checkpoint is read: it must be writable and must not be the checkpoint itself (by any
-name: a hard link such as ``checkpoint-last.pth``, a symbolic link); ``--to timm`` replaces an existing file whole;
-``--to hf`` writes into a new or empty folder, or one export.py wrote (its README.md says so), and into any other
-only with ``--overwrite``.
+``--to hf`` writes a folder that ``transformers.ViTMAEForPreTraining.from_pretrained`` loads (decoder included; the
+same loss for the same ``noise``), or with ``--hf_encoder_only`` (or an encoder-only checkpoint) a ``ViTMAEModel``
+folder, in transformers 4.x's key names, which 4.x and 5.x both load; the run's image processor and a model card go
+with it. ``--out`` is checked before the checkpoint is read: writable, never the checkpoint by any name, and for
+``--to hf`` a new or empty folder, one export.py wrote, or any with ``--overwrite``. docs/evaluation-and-export.md
+says more.
 """
 import argparse
 import json

@@ -33,9 +33,11 @@ import torch  # noqa: E402
 MODEL_FILES = ('models_mae.py', 'models_vit.py', os.path.join('util', 'pos_embed.py'))
 ACCESSORS = {'get_rank', 'get_world_size', 'is_main_process', 'is_dist_avail_and_initialized', 'add_meter',
              'stamped_print', '__len__'}
-PER_SAMPLE = {(os.path.join('util', 'loaders.py'), '__iter__'), (os.path.join('util', 'image_folder.py'), '__getitem__'),
-              (os.path.join('util', 'image_folder.py'), '_load'), (os.path.join('util', 'image_folder.py'), 'load_rgb'),
-              (os.path.join('util', 'image_folder.py'), 'to_rgb')}
+PER_SAMPLE = {(os.path.join('util', 'data', 'loaders.py'), '__iter__'),
+              (os.path.join('util', 'data', 'image_folder.py'), '__getitem__'),
+              (os.path.join('util', 'data', 'image_folder.py'), '_load'),
+              (os.path.join('util', 'data', 'image_folder.py'), 'load_rgb'),
+              (os.path.join('util', 'data', 'image_folder.py'), 'to_rgb')}
 
 
 class Stepped(Exception):
