@@ -2,7 +2,8 @@
 
     python submitit_linprobe.py --nodes 2 --ngpus 8 --use_volta32 --job_dir <shared folder>/%j [main_linprobe.py flags]
 
-(util/slurm/submitit_job.py submits; the job saves and requeues itself before the time limit: util/slurm/submitit_trainer.py)
+(util/slurm/submitit_job.py submits; the job saves and requeues itself before the time limit:
+util/slurm/submitit_trainer.py)
 """
 import util.slurm.submitit_job as submitit_job
 

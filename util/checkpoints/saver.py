@@ -1,7 +1,8 @@
 """Writing a run's checkpoints (``CheckpointSaver``, one object for it as timm's): after each epoch, and inside an
 epoch on request or on a stop signal; never one with non-finite weights; with every rank's random streams
 (``rng_state``; ``set_rng_state`` puts them back) and which training images the data order was drawn over
-(``data_identity``). The files themselves (atomic writes, safe reads, checks) are ``util/checkpoints/checkpoint.py``'s."""
+(``data_identity``). The files themselves (atomic writes, safe reads, checks) are
+``util/checkpoints/checkpoint.py``'s."""
 import hashlib
 import os
 import random

@@ -133,7 +133,8 @@ def one_channel(img, path, to_grayscale):
 
 def read_bytes(path):
     """The bytes of the image file ``path``, or of an image held elsewhere [new] (a tar shard's member, a Hugging
-    Face dataset's row: a ``str`` naming it whose ``read()`` gives them, ``util/data/shards.py``, ``util/data/hf_datasets.py``)."""
+    Face dataset's row: a ``str`` naming it whose ``read()`` gives them, ``util/data/shards.py``,
+    ``util/data/hf_datasets.py``)."""
     if hasattr(path, 'read'):
         return path.read()
     with open(path, 'rb') as f:
