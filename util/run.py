@@ -133,8 +133,6 @@ class Run(LoopHooks):
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):  # save and stop at the next optimizer step
             signal.signal(sig, request_stop)
         print(f"Start training for {args.epochs} epochs")
-        if self.log_writer is not None:  # (the reference printed it again every epoch)
-            print(f"log_dir: {self.log_writer.log_dir}")
         self._start_time = time.time()
 
     def _purge_step(self, purge_step):

@@ -30,6 +30,8 @@ class EpochLog:
         self.every = print_freq if getattr(args, 'no_host_sync', False) else None
         self.metric_logger = misc.MetricLogger(delimiter="  ")
         self.metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+        if run.log_writer is not None:
+            print('log_dir: {}'.format(run.log_writer.log_dir))
         # (after a resume in the middle of the epoch, its batches start further on, with the meters so far)
         batches, self.start, self.iters_per_epoch = run.epoch_batches(epoch, data_loader, self.metric_logger)
         self.batches = enumerate(self.metric_logger.log_every(batches, print_freq, 'Epoch: [{}]'.format(epoch),
