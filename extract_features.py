@@ -12,8 +12,9 @@ file does not say. Images are read as for evaluation (RGB, short side resized to
 crop, ImageNet normalisation), in batches, on ``--device``.
 
 The ``.npz`` holds ``features`` (float32: (N, D) for ``--pool cls`` or ``mean``, (N, 1 + L, D) for ``tokens``, the
-class token first), ``paths`` (the image files, in order: folders searched recursively in sorted order), and when
-every input is a folder of class folders (an ImageFolder tree), ``labels`` (int64, indices into ``classes``: the
+class token first), ``paths`` (the image files, in order: folders searched recursively in sorted order, ``.txt``
+lists line by line: ``util.data.image_sources.image_paths``, as demo/visualize.py), and when every input is a folder of
+class folders (an ImageFolder tree), ``labels`` (int64, indices into ``classes``: the
 sorted class folder names of all the inputs), plus ``pool``, ``model`` and ``checkpoint``.
 
 ``--knn DIR`` instead classifies ``DIR/val`` from ``DIR/train`` with the weighted k-NN classifier of the kNN monitor
@@ -36,7 +37,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,21 +47,19 @@ from util.evaluation import feature_probe, knn_monitor
 from util.checkpoints import from_checkpoint
 from util.datasets import eval_transform
 from util.data.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image
-from util.data.image_folder import other_source
+from util.data.image_sources import image_paths
 from util.errors import UsageError, run_main
 from util.flag_checks import check_device
 from util.flags import Parser, Range
 from util.training.output_dir import check_outputs
 
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
-
-
 def get_args_parser():
     parser = Parser('MAE feature extraction', description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     parser.add_argument('images', nargs='+',
-                        help='image files and/or folders (searched recursively, in sorted order); with --knn or '
-                             '--probe, one folder with train/ and val/')
+                        help='image files, folders (searched recursively, in sorted order; the folders below one '
+                             'are its classes), .txt lists of image paths (one per line), or tar shards / a Hugging '
+                             'Face dataset; with --knn or --probe, one folder with train/ and val/')
     parser.add_argument('--checkpoint', default=None, help='any checkpoint with a ViT encoder (see above)')
     parser.add_argument('--random_init', action='store_true',
                         help='[new] instead of --checkpoint: an encoder of --model with random weights (seed 0, '
@@ -100,48 +98,6 @@ def get_args_parser():
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def find_images(paths):
-    """``(files, labels, classes)``: the image files of ``paths`` (files as given, folders searched recursively in
-    sorted order); when every path is a folder whose images all lie in class folders, each file's class index into
-    ``classes`` (the sorted names of all those class folders), else ``labels`` is None."""
-    if len(paths) == 1 and other_source(paths[0]):  # [new] tar shards, a Hugging Face dataset
-        return listed_images(paths[0])
-    found, class_of = [], []
-    for p in paths:
-        if os.path.isfile(p):
-            found.append(p)
-            class_of.append(None)
-        elif os.path.isdir(p):
-            inside = []
-            for root, _, files in os.walk(p, followlinks=True):
-                inside += [os.path.join(root, f) for f in files if f.lower().endswith(IMG_EXTENSIONS)]
-            inside.sort(key=lambda f: Path(os.path.relpath(f, p)).parts)
-            if not inside:
-                raise UsageError(f"{p}: no image files ({', '.join(IMG_EXTENSIONS)}) in this folder or below")
-            found += inside
-            for f in inside:
-                parts = Path(os.path.relpath(f, p)).parts
-                class_of.append(parts[0] if len(parts) > 1 else None)
-        else:
-            raise UsageError(f"{p}: no such file or folder")
-    if any(c is None for c in class_of):
-        return found, None, []
-    classes = sorted(set(class_of))
-    return found, [classes.index(c) for c in class_of], classes
-
-
-def listed_images(path):
-    """[new] ``find_images`` of tar shards or a Hugging Face dataset: the images of its train split (the shards
-    themselves for a pattern), labelled when every sample has a class."""
-    source = other_source(path)
-    try:
-        _, samples, classes = source.split_samples(path, 'train', labelled=True)
-    except UsageError:  # (no classes: features without labels; any other problem is raised again below)
-        _, samples, classes = source.split_samples(path, 'train', labelled=False)
-        return [image for image, _ in samples], None, []
-    return [image for image, _ in samples], [label for _, label in samples], classes
-
-
 class Images(torch.utils.data.Dataset):
     def __init__(self, files, transform, in_chans=3, to_grayscale=False):
         self.files, self.transform, self.in_chans, self.to_grayscale = files, transform, in_chans, to_grayscale
@@ -306,7 +262,7 @@ def main(args):
     if args.knn or args.probe:
         return evaluate_frozen(args, device)
 
-    files, labels, classes = find_images(args.images)
+    files, _, labels, classes = image_paths(args.images)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UsageError(f"--out {args.out}: no folder {out_dir}")

@@ -113,7 +113,7 @@ def main(args):
     device = setup_process(args, __file__)  # process group, --output_dir locked, flags printed, seeds
     # [new] --in_chans, --mean/--std or --data_stats auto (measured, or read from --output_dir's cache) before the
     # checkpoint to continue is compared with them
-    data_stats.resolve(args, lambda: [path for path, _ in pretrain_dataset(args.data_path).samples])
+    data_stats.resolve(args, lambda: [path for path, _ in pretrain_dataset(args.data_path, announce=False).samples])
     args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # the reference's simple augmentation (PIL); a fast --data_loader applies the same steps, read from it

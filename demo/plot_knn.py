@@ -12,12 +12,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from util.errors import UsageError, run_main  # noqa: E402
+from util.flags import Parser  # noqa: E402
 from util.training.output_dir import check_outputs  # noqa: E402
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser('kNN monitor plot', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    parser = Parser('kNN monitor plot', description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
     parser.add_argument('log', help="a run's log.txt")
     parser.add_argument('--out', default='knn_monitor.png', help='the PNG to write')
     parser.add_argument('--title', default='', help='a line above the plots')

@@ -43,8 +43,8 @@ from util.datasets import ToTensor  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 from util.flag_checks import check_device  # noqa: E402
 from util.flags import SEED_MAX, Parser, Range  # noqa: E402
-from util.data.image_decode import BAD_FILE_ERRORS, IMG_EXTENSIONS, bad_file_reason, read_image  # noqa: E402
-from util.data.image_sources import check_outputs_outside_data, list_images  # noqa: E402
+from util.data.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image  # noqa: E402
+from util.data.image_sources import check_outputs_outside_data, image_paths  # noqa: E402
 from util.training.output_dir import check_outputs  # noqa: E402
 
 # the default normalisation (util/data/data_stats.py holds it); a checkpoint's own --mean/--std replace it
@@ -68,7 +68,8 @@ def get_args_parser():
         'MAE reconstruction figures', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False)  # (run_main adds -h/--help)
     parser.add_argument('images', nargs='+',
-                        help='image files and/or folders (searched recursively, in sorted order)')
+                        help='image files, folders (searched recursively, in sorted order), .txt lists of image '
+                             'paths (one per line), or tar shards / a Hugging Face dataset')
     parser.add_argument('--checkpoint', required=True,
                         help='a full MAE checkpoint with the decoder: main_pretrain.py checkpoint-*.pth, or the '
                              "reference's mae_visualize_vit_*.pth / mae_pretrain_vit_*_full.pth")
@@ -112,23 +113,6 @@ def get_args_parser():
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
-def find_images(paths):
-    """The image files named by ``paths``: files as given, folders searched recursively in sorted order. Returns
-    ``[(path, name)]`` with ``name`` the path relative to the folder it was found in (the file name for files)."""
-    found = []
-    for p in paths:
-        if os.path.isfile(p):
-            found.append((p, os.path.basename(p)))
-        elif os.path.isdir(p):
-            inside = [(full, os.path.relpath(full, p)) for full in list_images(p)]
-            if not inside:
-                raise UsageError(f"{p}: no image files ({', '.join(IMG_EXTENSIONS)}) in this folder or below")
-            found.extend(inside)
-        else:
-            raise UsageError(f"{p}: no such file or folder")
-    return found
-
-
 def load_image(path, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=3, to_grayscale=False):
     """``path`` as the model's input: read as in training (``read_image``: RGB for 3 channels; ``to_grayscale``:
     colour converted for one channel), short side resized
@@ -383,7 +367,8 @@ def output_paths(args, images):
 
 def main(args):
     device = check_args(args)
-    images = find_images(args.images)
+    found = image_paths(args.images)  # (the figure's name of each: its path below its folder or list)
+    images = list(zip(found.paths, found.names))
     outputs = output_paths(args, images)
     # no figure may replace an input (``--out`` the folder of the images, or an image itself)
     check_outputs(outputs, '--out', [('--checkpoint', args.checkpoint)] + [('the image', p) for p, _ in images])

@@ -103,3 +103,23 @@ def test_finetune_console_and_eval(tmp_path):
     assert 'actual lr' not in r.stdout and 'effective batch size' not in r.stdout
     assert r.stderr.count('This DataLoader will create') <= 1
     assert torch.load(out / 'checkpoint-0.pth', weights_only=True)['args']['log_dir'] == str(out)
+
+
+@pytest.mark.slow
+def test_pretraining_start_up_lines_appear_once(tmp_path):
+    """A flat folder with --data_stats auto (its images listed twice: measured, then loaded): every start-up line
+    once, the epochs' own lines aside."""
+    flat = tmp_path / 'flat'
+    flat.mkdir()
+    for image in sorted((TINY / 'train').glob('*/*.jpg')):
+        (flat / f"{image.parent.name}-{image.name}").write_bytes(image.read_bytes())
+    out = tmp_path / 'out'
+    argv = pretrain_argv(out, '--data_stats', 'auto', epochs=1)
+    argv[argv.index(TINY)] = flat
+    r = run_script(*argv)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count(f"--data_path {flat}: 16 images in {flat} (searched recursively; no labels)") == 1
+    lines = [line.split('] ', 1)[1] for line in r.stdout.splitlines() if line.startswith('[')]  # (timestamped)
+    start_up = [line for line in lines if not line.startswith(('Epoch', 'Averaged stats'))]
+    assert 'Start training for 1 epochs' in start_up and 'Data statistics (--data_stats auto)' in r.stdout
+    assert len(start_up) == len(set(start_up)), [line for line in start_up if start_up.count(line) > 1]

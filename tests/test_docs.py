@@ -16,7 +16,7 @@ PAGES = ['README.md', 'PRETRAIN.md', 'FINETUNE.md'] + DOCS
 DEMO_COMMAND = (
     'python3 -m venv .venv && .venv/bin/pip install -r requirements.txt && .venv/bin/python main_pretrain.py '
     '--model mae_vit_tiny_patch4 --input_size 64 --batch_size 8 --epochs 300 --warmup_epochs 20 --blr 1.5e-3 '
-    '--norm_pix_loss --data_path demo/data --device cpu --num_workers 2 --output_dir demo_output && '
+    '--norm_pix_loss --data_path demo/data --device cpu --num_workers 0 --output_dir demo_output && '
     '.venv/bin/python demo/visualize.py demo/data/val/color --checkpoint demo_output/checkpoint-last.pth --grid '
     '--mask_ratios 0.5 0.75 0.9 --colors 256 --out demo_output/reconstructions.png')
 TEST_COMMAND = ('python3 -m venv .venv && .venv/bin/pip install -r requirements.txt -r requirements-test.txt && '

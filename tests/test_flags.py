@@ -319,3 +319,31 @@ def test_a_model_too_big_for_memory_is_one_line_before_writing(tmp_path, capsys,
     pages['SC_PHYS_PAGES'] *= 2
     flag_checks.check_model_fits(models_vit.MODELS['vit_large_patch16'], main_finetune.get_args_parser().parse_args(
         ['--model', 'vit_large_patch16']))
+
+
+# ---------------------------------------------------------------------------------------------------- --help
+def one_spaced(text):
+    return ' '.join(text.split())
+
+
+@pytest.mark.parametrize('script', ['main_pretrain.py', 'main_finetune.py', 'main_linprobe.py',
+                                    'submitit_pretrain.py', 'submitit_finetune.py', 'submitit_linprobe.py'])
+def test_help_shows_every_default(script):
+    parser = PARSERS[script][0]()
+    text = one_spaced(parser.format_help())
+    defaults = {a.dest: a.default for a in parser._actions}
+    assert f"--epochs EPOCHS default: {defaults['epochs']}" in text
+    assert f"batch_size * accum_iter * # gpus) (default: {defaults['batch_size']})" in text
+    assert "--input_size INPUT_SIZE images input size (default: 224)" in text
+    assert f"(default: {defaults['model']})" in text and defaults['model'].endswith(('patch16', 'patch14'))
+    assert "--seed SEED default: 0" in text and "--num_workers NUM_WORKERS default: 10" in text
+    assert '--lr LR learning rate (absolute lr) --blr' in text  # (a default of None: nothing to show)
+
+
+def test_every_flag_that_takes_a_value_says_its_default():
+    for script, (make, _) in PARSERS.items():
+        parser = make()
+        formatter = parser._get_formatter()
+        for a in parser._actions:
+            if a.option_strings and a.nargs != 0 and a.default not in (None, '') and a.help != '==SUPPRESS==':
+                assert 'default' in formatter._expand_help(a).lower(), (script, a.dest)

@@ -64,11 +64,41 @@ class Range:
         return f"{self.meaning} or {words}" if self.meaning else words
 
 
+def shows_default(action):
+    """Whether ``--help`` should show this flag's default: one that takes a value and has a default to show (not
+    None, False or '')."""
+    default = action.default
+    nothing = default is None or default is False or default is argparse.SUPPRESS or default == ''
+    return bool(action.option_strings) and action.nargs != 0 and action.help != argparse.SUPPRESS and not nothing
+
+
+class ShowDefaults(argparse.HelpFormatter):
+    """``--help`` shows each flag's default, '(default: 224)', unless its help says it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if not shows_default(action) or 'default' in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser, where a value outside its flag's ``Range`` is one line as the project's other mistakes
     ('error: --lr must be positive, got -1.0', exit code 2; argparse's other errors keep its usage line), a
-    numeric flag declared without a range is named in a note (it works, unchecked), and ``--config FILE.yaml`` [new]
-    gives flags from a file, the command line overriding it (util/config_file.py)."""
+    numeric flag declared without a range is named in a note (it works, unchecked), and ``--help`` shows every
+    flag's default (``ShowDefaults``, with the ``formatter_class`` given, e.g. argparse.RawDescriptionHelpFormatter),
+    and ``--config FILE.yaml`` [new] gives flags from a file, the command line overriding it (util/config_file.py)."""
+
+    def __init__(self, *args, formatter_class=argparse.HelpFormatter, **kwargs):
+        if not issubclass(formatter_class, ShowDefaults):
+            formatter_class = type(f"ShowDefaults{formatter_class.__name__}", (ShowDefaults, formatter_class), {})
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if not action.help and shows_default(action):  # (argparse shows no line for a flag without help)
+            action.help = 'default: %(default)s'
+        return action
 
     def parse_known_args(self, args=None, namespace=None):
         for action in self._actions:
@@ -120,7 +150,7 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
     through the encoder blocks; ``data_loaders``: the --data_loader choices with their help ({name: help}), the
     reference's 'pil' first (None: 'pil' only, no flag)."""
     parser.add_argument('--batch_size', default=defaults['batch_size'], type=Range(int, 1),
-                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus')
+                        help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus)')
     parser.add_argument('--epochs', default=defaults['epochs'], type=Range(int, 1))
     parser.add_argument('--accum_iter', default=1, type=Range(int, 1),
                         help='Accumulate gradient iterations (for increasing the effective batch size under memory '
