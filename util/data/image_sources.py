@@ -123,8 +123,8 @@ def check_pretrain_path(data_path):
 def pretrain_dataset(data_path, transform=None, skip_bad=False, loader=load_rgb, announce=True):
     """Pre-training's images (see ``pretrain_source``): an ``ImageFolder`` for a tree with class folders (the
     reference's data order), else ``ImageFiles``. A one-line ``UsageError`` when there is no image. [new] Tar shards
-    or a Hugging Face dataset: their train split (``util.data.image_folder.listed``). ``announce``: print how many images
-    a folder or list gives (once per run: a second look at the same images says nothing)."""
+    or a Hugging Face dataset: their train split (``util.data.image_folder.listed``). ``announce``: print how many
+    images a folder or list gives (once per run: a second look at the same images says nothing)."""
     if other_source(data_path):
         return listed(data_path, 'train', transform, skip_bad, loader, labelled=False)
     kind, root = pretrain_source(data_path)
