@@ -146,7 +146,8 @@ def main(args):
     move_log_rows_after(args.output_dir, start.epoch - 1)
     config_file.write_args(args, args.output_dir, misc.get_world_size())  # [new] args.yaml, to repeat the run
     log_writer = summary_writer(args, start.purge_step)
-    saver = CheckpointSaver(args, __file__, model_without_ddp, optimizer, loss_scaler, data_loader_train)
+    saver = CheckpointSaver(args, __file__, model_without_ddp, optimizer, loss_scaler, data_loader_train,
+                            log_writer=log_writer)
     misc.install_stop_handlers()  # [new] SIGUSR1, SIGTERM, Ctrl-C: save at the next optimizer step, then stop
 
     print(f"Start training for {args.epochs} epochs")

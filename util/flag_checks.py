@@ -83,7 +83,8 @@ def check_common(args, models, kind, splits):
         name = os.path.basename(str(path or ''))
         in_output_dir = args.output_dir and path and os.path.isfile(path) and \
             os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(args.output_dir)
-        if in_output_dir and name.startswith('checkpoint-') and name.endswith('.pth'):
+        # (with auto-resume, a folder holding another run's checkpoints is refused, more precisely, before training)
+        if in_output_dir and not args.auto_resume and name.startswith('checkpoint-') and name.endswith('.pth'):
             raise UsageError(f"--{flag} {path} lies in --output_dir {args.output_dir}, whose checkpoint files this "
                              f"run writes over: copy it elsewhere, or give another --output_dir")
     check_other_source(args, splits)  # [new] tar shards, a Hugging Face dataset

@@ -61,7 +61,9 @@ class CheckpointSaver:
     timm's ``ModelEmaV3``), the average's weights. Never one with non-finite weights or optimizer state (so the
     newest one is always good); ``checkpoint-last.pth`` replaced atomically, kept epochs as
     ``checkpoint-<epoch>.pth`` with ``last`` a hard link to the newest of them. ``max_accuracy``: the best test
-    accuracy so far (fine-tuning, linear probing), kept in every checkpoint."""
+    accuracy so far (fine-tuning, linear probing), kept in every checkpoint. ``log_writer``: the run's TensorBoard
+    writer, flushed before a checkpoint inside an epoch (a run killed right after it must find every point before
+    it on disk: the resumed run writes only those after it)."""
 
     args: Any  # the run's flags (``--output_dir``, ``--save_freq``, ``--save_every_iters``, ...), saved with it
     script: str  # the entry point's path
@@ -71,6 +73,7 @@ class CheckpointSaver:
     data_loader: Any = None
     model_ema: Any = None
     max_accuracy: Optional[float] = None
+    log_writer: Any = None
     iters_per_epoch: int = field(default=0, init=False)  # (of the epoch being trained)
     trained: Optional[TrainedEpoch] = field(default=None, init=False)
 
@@ -122,6 +125,8 @@ class CheckpointSaver:
             raise RunInterrupted(f"signal {signum} received, stopped at epoch {epoch} iteration {next_iter}: {where}")
 
     def write_position(self, epoch, next_iter, metric_logger, rng=None):
+        if self.log_writer is not None:  # (with --no_host_sync, points read just now may still wait in its queue)
+            self.log_writer.flush()
         self.write(epoch - 1, keep=False, at=f"epoch {epoch} iteration {next_iter}", rng=rng,
                    resume_iter=next_iter, resume_epoch=epoch, meters=misc.all_gather(metric_logger.state()),
                    skipped_images=skipped_indices(self.data_loader.dataset))
