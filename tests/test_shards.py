@@ -263,3 +263,18 @@ def test_data_stats_auto_measures_shards_as_the_files(tiny_shards):
     files = [path for path, _ in pretrain_dataset(str(TINY)).samples]
     members = [member for member, _ in pretrain_dataset(str(tiny_shards)).samples]
     assert measure(members, 3) == measure(files, 3)
+
+
+def test_the_checkpoints_data_identity_covers_shards(tiny_shards, tmp_path):
+    """A checkpoint records which samples the data order was drawn over (issue 29's fingerprint): the same shards
+    moved elsewhere keep it, other shards change it (a resume then says so)."""
+    import shutil
+    from util.checkpoints.saver import data_identity
+    here = data_identity(pretrain_dataset(str(tiny_shards)))
+    assert here['data_size'] == 16
+    moved = shutil.copytree(tiny_shards, tmp_path / 'moved')
+    assert data_identity(pretrain_dataset(str(moved))) == here
+    fewer = make_shards(TINY, tmp_path / 'other', '--samples_per_shard', '4')  # 4 shards of 4: drop one
+    (fewer / 'train' / 'train-000003.tar').unlink()
+    other = data_identity(pretrain_dataset(str(fewer)))
+    assert other['data_size'] == 12 and other['data_fingerprint'] != here['data_fingerprint']
