@@ -22,11 +22,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     """The reference's epoch, plus [new]: ``model_ema`` (--model_ema, timm's ``ModelEmaV3``), the average of the
     weights, updated after each optimizer step, before that step's checkpoint (a step skipped for a non-finite loss
     is none); ``saver`` (``util.checkpoints.saver.CheckpointSaver``) checkpoints inside the epoch
-    (``--save_every_iters``,
-    a stop signal); ``position`` (``util.checkpoints.resume.Position``) is where an epoch interrupted in the middle
-    continues;
-    ``--skip_nonfinite``; ``--no_host_sync`` (the losses stay on the device until the console prints: the meters
-    and ``log_writer`` take them as they are)."""
+    (``--save_every_iters``, a stop signal); ``position`` (``util.checkpoints.resume.Position``) is where an epoch
+    interrupted in the middle continues; ``--skip_nonfinite``; ``--no_host_sync`` (the losses stay on the device
+    until the console prints: the meters and ``log_writer`` take them as they are)."""
     model.train(True)
     metric_logger = misc.MetricLogger(delimiter="  ", read_later=args.no_host_sync)
     metric_logger.add_meter('lr', misc.SmoothedValue(window_size=1, fmt='{value:.6f}'))

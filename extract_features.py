@@ -5,9 +5,8 @@
     python extract_features.py --checkpoint output_dir/checkpoint-last.pth --knn demo/data
 
 Any checkpoint with a ViT encoder (``util.checkpoints.from_checkpoint``): main_pretrain.py's (full MAE),
-main_finetune.py's and
-main_linprobe.py's (classifiers), the reference's released ``mae_pretrain_vit_*.pth`` (encoder only),
-``mae_visualize_vit_*.pth`` (full) and fine-tuned ones; the model is recognised from the weights' shapes when the
+main_finetune.py's and main_linprobe.py's (classifiers), the reference's released ``mae_pretrain_vit_*.pth`` (encoder
+only), ``mae_visualize_vit_*.pth`` (full) and fine-tuned ones; the model is recognised from the weights' shapes when the
 file does not say. Images are read as for evaluation (RGB, short side resized to ``input_size / 0.875``, centre
 crop, ImageNet normalisation), in batches, on ``--device``.
 
@@ -23,8 +22,7 @@ numbers: for a pre-training checkpoint, the same numbers the monitor logged for 
 
 ``--probe DIR`` [new] fits a linear probe on the cached features of ``DIR/train`` and evaluates it on ``DIR/val``
 (``util.evaluation.feature_probe``: logistic regression of the standardised features, full batch, L-BFGS from zero
-weights:
-seconds, deterministic; class token, and mean of patch tokens) and prints its numbers. ``--results FILE.json``
+weights: seconds, deterministic; class token, and mean of patch tokens) and prints its numbers. ``--results FILE.json``
 [new] also writes the numbers of ``--knn`` or ``--probe`` there, with the number of images of each split (what
 ``reproduce.py --evals knn probe`` reads), and ``--random_init`` [new] evaluates an encoder of ``--model`` with
 random weights instead of a checkpoint's (the baseline of frozen features):

@@ -13,9 +13,8 @@ class number), in the order the scripts list the files, so a run on the shards s
 indices as on the folder (the same data order for the same seed). ``OUT/classes.json`` lists the class names (index
 = number; val/'s classes take train/'s numbers), and each shard's index lies beside it (``<shard>.index.json``,
 ``util/data/shards.py``: the runs read it instead of scanning the tar headers). ``--to hf`` writes a ``DatasetDict``
-(``train``, ``validation``)
-with an ``image`` column (the files' bytes) and, for a tree, a ``label`` ClassLabel column. Needs ``pip install
-webdataset`` (``--to hf``: ``pip install datasets``).
+(``train``, ``validation``) with an ``image`` column (the files' bytes) and, for a tree, a ``label`` ClassLabel column.
+Needs ``pip install webdataset`` (``--to hf``: ``pip install datasets``).
 """
 import argparse
 import json

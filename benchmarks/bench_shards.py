@@ -8,8 +8,7 @@ The images are extracted once from the tarball at --cifar into --cache (default 
 repository) as an ImageFolder tree, and written into shards of --samples_per_shard images by make_shards.py (run as
 a script). --imagenet_like takes benchmarks/bench_input.py's upsampled noisy JPEGs instead. Each row times
 --images images after a first batch (worker start-up); the sampler draws random indices, as training does. A first line
-times reading
-the bytes alone; each cell is the best of --repeats runs, files and shards in turn. Both
+times reading the bytes alone; each cell is the best of --repeats runs, files and shards in turn. Both
 sources are read from the page cache after the first pass (the machine's memory holds them): the difference measured
 is the cost of opening a file per image against reading a member of an open shard, not the storage's; on network
 file systems and object stores, where each open is a round trip, shards gain more.

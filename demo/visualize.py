@@ -133,11 +133,10 @@ def load_image(path, input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, in_chans=
 
 # ---------------------------------------------------------------------------------------------------- model
 def load_mae(args):
-    """Build the MAE of ``args.checkpoint`` and load its weights
-    (``util.checkpoints.from_checkpoint.load_mae``: the model is
-    recognised from the weights' shapes when the file does not say); resolves ``args.model``, ``args.input_size``,
-    ``args.norm_pix_loss`` and the channels and normalisation (``args.in_chans``, ``args.mean``, ``args.std``) from
-    the flags, the checkpoint's args and its shapes. Returns the model, in eval mode."""
+    """Build the MAE of ``args.checkpoint`` and load its weights (``util.checkpoints.from_checkpoint.load_mae``:
+    the model is recognised from the weights' shapes when the file does not say); resolves ``args.model``,
+    ``args.input_size``, ``args.norm_pix_loss`` and the channels and normalisation (``args.in_chans``, ``args.mean``,
+    ``args.std``) from the flags, the checkpoint's args and its shapes. Returns the model, in eval mode."""
     model, info = from_checkpoint.load_mae(args.checkpoint, model=args.model, input_size=args.input_size,
                                            norm_pix_loss=args.norm_pix_loss)
     args.model, args.input_size, args.norm_pix_loss = info['mae_model'], info['input_size'], info['norm_pix_loss']

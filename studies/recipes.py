@@ -45,8 +45,7 @@ PAPER_LINPROBE_BASE = recipe('linprobe/vit_base_patch16', effective_batch=16384)
 # The evaluations of frozen features (extract_features.py --knn / --probe): the encoder embeds train/ and val/ once
 # (the evaluation transform, every patch), then a weighted k-NN classifier (k = 20, T = 0.07, the kNN monitor's) or
 # a logistic-regression probe (util/evaluation/feature_probe.py) classifies val/ from train/: seconds to a minute,
-# against
-# minutes for a training run. The batch is only the embedding's (no effect on the numbers).
+# against minutes for a training run. The batch is only the embedding's (no effect on the numbers).
 SMALL_PRETRAIN = recipe('studies/small/pretrain', effective_batch=128)
 SMALL_FINETUNE = recipe('studies/small/finetune', effective_batch=128)
 SMALL_LINPROBE = recipe('studies/small/linprobe', effective_batch=128)

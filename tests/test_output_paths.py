@@ -1,7 +1,6 @@
 """No output may destroy an input or a user's file, and an output that cannot be written is said in one line before
 any model is loaded (util.training.output_dir.check_outputs, used by export.py, extract_features.py, demo/visualize.py
-and
-reproduce.py). The tests run as root, which no permission bit stops: an unwritable folder is a folder under a file,
+and reproduce.py). The tests run as root, which no permission bit stops: an unwritable folder is a folder under a file,
 or one whose write is refused by a monkeypatched ``tempfile.mkstemp`` (what a read-only or immutable folder gives)."""
 import os
 import tempfile
@@ -139,8 +138,7 @@ def test_export_into_an_unwritable_folder_is_one_line_before_loading(tmp_path, c
     assert f"--out {ckpt / 'hf'}: {ckpt} is a file, not a folder" in err
 
 
-# ----------------------------------------------------------------------------------------------------
-# extract_features.py
+# ---------------------------------------------------------------------------------------------------- extract_features.py
 def test_extract_features_checks_its_outputs_before_loading(tmp_path, capsys, monkeypatch, no_model_load):
     ckpt = checkpoint(tmp_path / 'c.pth')
     locked = tmp_path / 'locked'

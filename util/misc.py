@@ -367,10 +367,8 @@ class NativeScalerWithGradNormCount:
     precision, ``amp_settings(args)``); ``autocast`` is the forward's context that goes with it, chosen once.
 
     With ``--no_host_sync`` a step whose gradients are not finite (``util.training.run.NonFiniteLosses`` makes those of
-    a
-    non-finite loss NaN) is skipped on the device: fp16's GradScaler does that already; without it the check is handed
-    to the
-    optimizer as GradScaler hands it (``found_inf``), which fused AdamW applies in its kernel. Other optimizers
+    a non-finite loss NaN) is skipped on the device: fp16's GradScaler does that already; without it the check is handed
+    to the optimizer as GradScaler hands it (``found_inf``), which fused AdamW applies in its kernel. Other optimizers
     need the answer on the host: one sync per optimizer step."""
 
     def __init__(self, args):

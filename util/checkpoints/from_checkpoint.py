@@ -250,8 +250,7 @@ def load_encoder(path, model=None, input_size=None, what='--checkpoint', ema=Fal
     return net.eval(), info
 
 
-# ---------------------------------------------------------------------------------------------------- training:
-# --finetune
+# ------------------------------------------------------------------------------------------ training: --finetune
 def expected_missing(model):
     """The classifier keys a pre-trained (encoder-only) checkpoint does not hold."""
     keys = set(HEAD_KEYS)

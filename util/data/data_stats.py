@@ -133,8 +133,7 @@ def normalisation(args):
 def stats_from_checkpoint(args_dict, state_dict=None):
     """The normalisation and channel count a checkpoint was trained with: ``{'mean', 'std', 'in_chans',
     'stored'}``. ``args_dict``: its stored flags (``util.checkpoints.checkpoint.stored_args``); ``state_dict``: its
-    weights,
-    whose patch embedding says the channel count when the flags do not. Checkpoints without stored values (the
+    weights, whose patch embedding says the channel count when the flags do not. Checkpoints without stored values (the
     reference's, the released ones, ours from before --mean) were trained on ImageNet's, which are returned, with
     ``stored`` False."""
     args_dict = args_dict or {}

@@ -4,10 +4,9 @@
 Where the shards are: a folder whose ``train/`` (and ``val/``) hold ``*.tar`` (or, for pre-training, a folder of
 ``*.tar``), a brace pattern (``shards/train-{000000..000127}.tar``; for a classification split other than train,
 the same pattern with ``train`` replaced by the split's name in the file name and its folder's), a single ``.tar``, or
-``pipe:``/``http(s)://`` shard
-URLs (webdataset's ``gopen`` opens them; each is copied once into a local cache, ``MAE_SHARD_CACHE`` or
-``~/.cache/mae-shards``, since samples are read by position). Class names: ``classes.json`` beside the shards (a list,
-index = class number; ``make_shards.py`` writes it), else the numbers themselves.
+``pipe:``/``http(s)://`` shard URLs (webdataset's ``gopen`` opens them; each is copied once into a local cache,
+``MAE_SHARD_CACHE`` or ``~/.cache/mae-shards``, since samples are read by position). Class names: ``classes.json``
+beside the shards (a list, index = class number; ``make_shards.py`` writes it), else the numbers themselves.
 
 Why map-style, not an iterable pipeline: a dataset with a length and samples by index takes the reference's
 DistributedSampler and ``util.data.loaders.ResumableSampler`` unchanged, so every rank runs the same number of steps

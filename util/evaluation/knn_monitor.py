@@ -4,8 +4,7 @@ Every N epochs, and after the last one, the encoder being trained embeds the ima
 (an ImageFolder tree, e.g. a small labelled subset; the evaluation transform of fine-tuning: short side resized to
 ``input_size / 0.875``, centre crop) with every patch kept (no masking), and the weighted k-NN classifier of DINO's
 ``eval_knn.py`` (``util.evaluation.knn``: cosine similarity, k = 20, temperature 0.07) classifies ``val`` from
-``train``. Its
-numbers go to the epoch's ``log.txt`` row and to TensorBoard (step = epoch):
+``train``. Its numbers go to the epoch's ``log.txt`` row and to TensorBoard (step = epoch):
 
 - ``knn_top1`` / ``knn_top5``: the class token after the encoder's final norm. This is the headline: it is the
   feature the paper's linear probe reads (main_linprobe.py's default, ``--cls_token``), so the monitor follows the

@@ -78,8 +78,7 @@ def get_shared_folder(job_dir='') -> Path:
 @contextlib.contextmanager
 def _repo_on_pythonpath():
     """The jobs unpickle ``util.slurm.submitit_trainer.Trainer`` and import the trainer: put the repo on their
-    PYTHONPATH
-    (sbatch and the local executor pass the submitting environment on)."""
+    PYTHONPATH (sbatch and the local executor pass the submitting environment on)."""
     old = os.environ.get('PYTHONPATH')
     os.environ['PYTHONPATH'] = os.pathsep.join([str(REPO)] + ([old] if old else []))
     try:

@@ -123,8 +123,7 @@ def print_epoch_time(epoch, epochs, epoch_start):
 def epoch_batches(data_loader, epoch, position, metric_logger, batch_size):
     """Start epoch ``epoch``: ``(batches, first iteration, iterations in the epoch)``. Resumed in the middle
     (``position``, a ``util.checkpoints.resume.Position`` of this epoch), it starts after the batches already trained
-    on, with
-    its running averages and skip counts, and its random streams restored after the loader's iterator exists
+    on, with its running averages and skip counts, and its random streams restored after the loader's iterator exists
     (creating it draws the workers' base seed, which the interrupted run did at the start of the epoch). (A list
     of batches, in tests and benchmarks, has no data order to set.)"""
     position = position if position is not None and position.epoch == epoch else None
