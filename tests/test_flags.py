@@ -277,6 +277,15 @@ def test_starting_weights_in_the_output_dir_are_refused(tmp_path, capsys, module
     assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_bytes() == b'weights'
 
 
+def test_a_file_as_the_data_folder_of_fine_tuning_says_so(tmp_path, capsys):
+    (tmp_path / 'images.txt').write_text('a.jpg\n')
+    out = tmp_path / 'out'
+    code, err = run_in_process(main_finetune, capsys, *FT, '--output_dir', out, '--data_path', tmp_path / 'images.txt')
+    assert code == 2 and err == (f"error: --data_path {tmp_path / 'images.txt'} is a file: give the folder that holds "
+                                 f"train/ and val/ (or tar shards, a saved Hugging Face dataset)\n")
+    assert not out.exists()
+
+
 def test_device_index_and_backend(monkeypatch):
     from util.flag_checks import check_device
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)

@@ -90,6 +90,10 @@ def check_common(args, models, kind, splits):
     check_other_source(args, splits)  # [new] tar shards, a Hugging Face dataset
     for split in ([] if other_source(args.data_path) else splits):
         root = os.path.join(args.data_path, split)
+        if os.path.isfile(args.data_path):
+            raise UsageError(f"--data_path {args.data_path} is a file: give the folder that holds "
+                             f"{' and '.join(s + '/' for s in sorted(splits, key=('train', 'val').index))} (or tar "
+                             f"shards, a saved Hugging Face dataset)")
         if not os.path.isdir(root):
             raise UsageError(f"--data_path {args.data_path}: no such folder" if not os.path.isdir(args.data_path) else
                              f"--data_path {args.data_path} has no '{split}/' folder (expected {root}/<class>/<image>)")
