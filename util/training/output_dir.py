@@ -49,6 +49,14 @@ def lock_output_dir(path):
     return handle
 
 
+def probe_write(folder):
+    """Make and remove a file in ``folder``: raises the OSError a write there would (read-only or immutable
+    folders and full quotas too, which no permission bit shows to root)."""
+    fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=folder)
+    os.close(fd)
+    os.remove(probe)
+
+
 def check_outputs(paths, flag, inputs=(), folder=False):
     """Refuse in one line (``UsageError``, naming ``flag``) an output that cannot be written, checked before any model
     is loaded or anything computed: ``paths`` (files, or with ``folder`` folders to write into, created later if
@@ -79,9 +87,7 @@ def check_outputs(paths, flag, inputs=(), folder=False):
             raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
         if existing not in probed:
             try:
-                fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=existing)
-                os.close(fd)
-                os.remove(probe)
+                probe_write(existing)
             except OSError as e:
                 raise UsageError(f"{flag} {path}: cannot write in {existing} ({e.strerror or e})") from None
             probed.add(existing)

@@ -5,7 +5,6 @@ import builtins
 import datetime
 import os
 import random
-import tempfile
 import urllib.parse
 import warnings
 
@@ -15,7 +14,7 @@ import torch.distributed as dist
 
 import util.misc as misc
 from util.errors import UsageError
-from util.training.output_dir import lock_output_dir
+from util.training.output_dir import lock_output_dir, probe_write
 
 
 def setup_process(args, script, seed_python=False):
@@ -53,9 +52,7 @@ def check_log_dir(path):
     if misc.is_main_process():
         try:
             os.makedirs(path, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=path)
-            os.close(fd)
-            os.remove(probe)
+            probe_write(path)
         except OSError as e:
             error = f"--log_dir {path} is not writable ({e.strerror or e})"
     if misc.get_world_size() > 1:
