@@ -33,9 +33,10 @@ import os
 import torch
 
 import models_mae
+from util.training.process import run_main
 from util.data import data_stats
 from util.checkpoints import from_checkpoint
-from util.errors import UsageError, run_main
+from util.errors import UsageError
 from util.flags import Parser
 from util.training.output_dir import check_outputs
 from util.training.output_dir import read_log_row

@@ -40,13 +40,14 @@ import numpy as np
 import torch
 
 import models_vit
+from util.training.process import run_main
 from util.data import data_stats
 from util.evaluation import feature_probe, knn_monitor
 from util.checkpoints import from_checkpoint
 from util.datasets import eval_transform
 from util.data.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image
 from util.data.image_sources import image_paths
-from util.errors import UsageError, run_main
+from util.errors import UsageError
 from util.flag_checks import check_device
 from util.flags import Parser, Range
 from util.training.output_dir import check_outputs

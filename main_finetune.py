@@ -16,24 +16,23 @@ from timm.utils import ModelEmaV3
 import models_vit
 import util.data.loaders as loaders
 import util.lr_decay as lrd
-import util.config_file as config_file
 import util.misc as misc
 import util.checkpoints.resume as resume
 from engine_finetune import TEST_POINTS, evaluate, evaluate_epoch, train_one_epoch
 from util.data import data_stats
 from util.checkpoints.saver import CheckpointSaver
 from util.datasets import build_transform, check_augmentation, check_classes
-from util.errors import UsageError, run_main
+from util.errors import UsageError
 from util.flag_checks import check_common
 from util.flags import Parser, Range, add_classifier_args, add_common_args
 from util.data.image_decode import ImageReader
 from util.data.image_folder import image_folder
 from util.data.image_sources import check_run_outside_data
 from util.lr_sched import set_lr
-from util.training.output_dir import append_log, move_log_rows_after
+from util.training.output_dir import append_log
 from util.checkpoints.from_checkpoint import load_finetune_weights
-from util.training.process import parallel_model, setup_process
-from util.training.run import add_points, print_epoch_time, summary_writer
+from util.training.process import parallel_model, run_main, setup_process
+from util.training.run import add_points, open_records, print_epoch_time
 
 
 def get_args_parser():
@@ -42,7 +41,7 @@ def get_args_parser():
                     dict(batch_size=64, epochs=50, model='vit_large_patch16', weight_decay=0.05, blr=1e-3, min_lr=1e-6,
                          warmup_epochs=5),
                     data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
-                    optimizer='adamw', checkpointing=True)
+                    optimizer='adamw', checkpointing=True, stats_from='--finetune')
 
     # Model parameters (a drop-path rate of 1 drops every block)
     parser.add_argument('--drop_path', type=Range(float, 0, 1, high_open=True), default=0.1, metavar='PCT',
@@ -105,7 +104,6 @@ def get_args_parser():
                         help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
 
     add_classifier_args(parser, global_pool=True)
-    data_stats.add_args(parser, checkpoint_flag='--finetune')  # [new] --in_chans, --mean, --std, --data_stats
     return parser
 
 
@@ -202,14 +200,10 @@ def main(args):
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
                                            len(data_loader_train), model_ema=model_ema,
                                            data=data_loader_train.dataset)
-    # [new] continued from a checkpoint: the log.txt rows written after it (by a run killed before its next
-    # checkpoint) go to a side file; TensorBoard hides its points after it
-    move_log_rows_after(args.output_dir, start.epoch - 1)
-    config_file.write_args(args, args.output_dir, misc.get_world_size())  # [new] args.yaml, to repeat the run
-    log_writer = summary_writer(args, start.purge_step)
+    # log.txt cut back to the checkpoint [new], args.yaml [new], TensorBoard (hiding its points after the checkpoint)
+    log_writer = open_records(args, start)
     saver = CheckpointSaver(args, __file__, model_without_ddp, optimizer, loss_scaler, data_loader_train,
                             model_ema=model_ema, max_accuracy=start.max_accuracy, log_writer=log_writer)
-    misc.install_stop_handlers()  # [new] SIGUSR1, SIGTERM, Ctrl-C: save at the next optimizer step, then stop
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()

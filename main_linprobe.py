@@ -14,14 +14,12 @@ import torch
 
 import models_vit
 import util.data.loaders as loaders
-import util.config_file as config_file
 import util.misc as misc
 import util.checkpoints.resume as resume
 from engine_finetune import TEST_POINTS, evaluate, evaluate_epoch, train_one_epoch
 from util.data import data_stats
 from util.checkpoints.saver import CheckpointSaver
 from util.datasets import check_classes, eval_transform, linprobe_transform
-from util.errors import run_main
 from util.flag_checks import check_common
 from util.flags import Parser, add_classifier_args, add_common_args
 from util.data.image_decode import ImageReader
@@ -29,10 +27,10 @@ from util.data.image_folder import image_folder
 from util.data.image_sources import check_run_outside_data
 from util.lars import LARS
 from util.lr_sched import set_lr
-from util.training.output_dir import append_log, move_log_rows_after
+from util.training.output_dir import append_log
 from util.checkpoints.from_checkpoint import load_finetune_weights
-from util.training.process import parallel_model, setup_process
-from util.training.run import add_points, print_epoch_time, summary_writer
+from util.training.process import parallel_model, run_main, setup_process
+from util.training.run import add_points, open_records, print_epoch_time
 
 
 def get_args_parser():
@@ -43,11 +41,10 @@ def get_args_parser():
                          warmup_epochs=10),
                     data_help='dataset path (an ImageFolder tree with train/ and val/ folders)', save_freq=1,
                     optimizer='lars', checkpointing=False,
-                    data_loaders={k: loaders.LOADER_HELP[k] for k in ('pil', 'fast_cpu')})
+                    data_loaders={k: loaders.LOADER_HELP[k] for k in ('pil', 'fast_cpu')}, stats_from='--finetune')
 
     add_classifier_args(parser, global_pool=False,
                         global_pool_help='pool the mean of the patch tokens (its fc_norm is trained with the head)')
-    data_stats.add_args(parser, checkpoint_flag='--finetune')  # [new] --in_chans, --mean, --std, --data_stats
     return parser
 
 
@@ -126,14 +123,10 @@ def main(args):
 
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
                                            len(data_loader_train), data=data_loader_train.dataset)
-    # [new] continued from a checkpoint: the log.txt rows written after it (by a run killed before its next
-    # checkpoint) go to a side file; TensorBoard hides its points after it
-    move_log_rows_after(args.output_dir, start.epoch - 1)
-    config_file.write_args(args, args.output_dir, misc.get_world_size())  # [new] args.yaml, to repeat the run
-    log_writer = summary_writer(args, start.purge_step)
+    # log.txt cut back to the checkpoint [new], args.yaml [new], TensorBoard (hiding its points after the checkpoint)
+    log_writer = open_records(args, start)
     saver = CheckpointSaver(args, __file__, model_without_ddp, optimizer, loss_scaler, data_loader_train,
                             max_accuracy=start.max_accuracy, log_writer=log_writer)
-    misc.install_stop_handlers()  # [new] SIGUSR1, SIGTERM, Ctrl-C: save at the next optimizer step, then stop
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()

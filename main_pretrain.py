@@ -10,7 +10,6 @@ import torch
 
 import models_mae
 import util.data.loaders as loaders
-import util.config_file as config_file
 import util.misc as misc
 import util.checkpoints.resume as resume
 from engine_pretrain import train_one_epoch
@@ -18,16 +17,15 @@ from util.compat import param_groups_weight_decay
 from util.data import data_stats
 from util.evaluation import knn_monitor
 from util.datasets import pretrain_transform
-from util.errors import UsageError, run_main
+from util.errors import UsageError
 from util.flag_checks import check_common
 from util.flags import Parser, Range, add_common_args
-from util.data.image_sources import check_pretrain_path, check_run_outside_data, pretrain_dataset
-from util.lr_sched import set_lr
+from util.data.image_sources import check_pretrain_path, check_run_outside_data
 from util.checkpoints.from_checkpoint import init_from_checkpoint
-from util.training.process import parallel_model, setup_process
+from util.training.process import run_main, setup_process
 from util.checkpoints.saver import CheckpointSaver
-from util.training.output_dir import append_log, move_log_rows_after
-from util.training.run import add_points, print_epoch_time, summary_writer
+from util.training.output_dir import append_log
+from util.training.run import add_points, open_records, print_epoch_time
 
 
 def get_args_parser():
@@ -57,7 +55,6 @@ def get_args_parser():
                         help='[new] decoder width (the paper\'s Table 1b; default: the model\'s own, 512 for the '
                              'paper\'s models). The attention heads keep their width (32 for the paper\'s models: '
                              '16 heads at 512, 8 at 256), so D must be a multiple of it')
-    data_stats.add_args(parser)  # [new] --in_chans, --mean, --std, --data_stats
     parser.add_argument('--init_from', default='', metavar='FILE',
                         help='[new] start from the weights of an MAE checkpoint (a released full or encoder-only '
                              'one, or ours; position embeddings resized to --input_size, patch embedding adapted to '
@@ -66,13 +63,30 @@ def get_args_parser():
     parser.add_argument('--shuffle_every_epoch', action='store_true',
                         help='[new] draw a new data order every epoch also on a single process (the reference '
                              'reshuffles only when distributed, so one process sees the same order every epoch)')
-    knn_monitor.add_args(parser)  # [new] --knn_every, --knn_data_path, --knn_train_subset, --knn_val_subset
+
+    # [new] the kNN monitor (util/evaluation/knn_monitor.py)
+    parser.add_argument('--knn_every', default=0, type=Range(int, 1, special=(0,), meaning='0 (off)'), metavar='N',
+                        help='[new] every N epochs and after the last, a weighted k-NN classifier (k=20, T=0.07, '
+                             'DINO\'s protocol) on the encoder\'s unmasked features of --knn_data_path: knn_top1/'
+                             'knn_top5 (class token) and knn_mean_top1/5 (mean of patch tokens) in log.txt and '
+                             'TensorBoard; it does not change training (default 0: off)')
+    parser.add_argument('--knn_data_path', default='', metavar='DIR',
+                        help='[new] an ImageFolder tree with train/ and val/ (the same class folders) for '
+                             '--knn_every; may be a small labelled subset')
+    parser.add_argument('--knn_train_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'),
+                        metavar='M', help='[new] use M images of --knn_data_path/train, drawn once with a fixed seed '
+                                          '(default 0: all), to bound the monitor\'s cost')
+    parser.add_argument('--knn_val_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'),
+                        metavar='M', help='[new] the same for --knn_data_path/val')
     return parser
 
 
 def check_args(args):
+    """Refuse what cannot run, in one line, before anything is computed (each flag's range is checked while
+    parsing); [new] returns the checkpoint this run continues (auto-resume: the newest in --output_dir), checked to
+    be of this script, model and training flags, or None."""
     check_common(args, models_mae.MODELS, 'pre-training', splits=[])
-    check_pretrain_path(args.data_path)  # [new] a folder (ImageFolder tree or images) or a .txt list
+    check_pretrain_path(args.data_path)  # [new] a folder (ImageFolder tree or images), a .txt list, shards, HF
     data_stats.check_given(args)  # other channel counts than ImageNet's 3 need their own statistics
     knn_monitor.check_args(args)
     check_run_outside_data(args)  # [new] the run's folders are not among those it reads images from
@@ -80,14 +94,15 @@ def check_args(args):
         raise UsageError(f"--mask_type grid keeps one patch of every four, so it masks "
                          f"{models_mae.GRID_MASK_RATIO} by construction; --mask_ratio {args.mask_ratio} cannot "
                          f"be (leave --mask_ratio out)")
-    if args.mask_type != 'random' or args.decoder_depth is not None or args.decoder_embed_dim is not None:
-        # the model's own checks (decoder width vs head width, an even patch grid for grid masks) before any
-        # compute: built on the meta device, the model takes no memory and no time
+    if args.mask_type != 'random' or args.decoder_depth is not None or args.decoder_embed_dim is not None \
+            or args.init_from:
+        # the model's own checks (decoder width vs head width, an even patch grid for grid masks) and the
+        # --init_from file fitting it, before any compute: on the meta device the model takes no memory and no time
         try:
             with torch.device('meta'):
                 model = models_mae.MODELS[args.model](
                     img_size=args.input_size, mask_type=args.mask_type, decoder_depth=args.decoder_depth,
-                    decoder_embed_dim=args.decoder_embed_dim)
+                    decoder_embed_dim=args.decoder_embed_dim, in_chans=args.in_chans or 3)
         except ValueError as e:
             raise UsageError(f"--decoder_embed_dim {args.decoder_embed_dim} does not fit --model {args.model}: "
                              f"{e}") from None
@@ -95,42 +110,48 @@ def check_args(args):
         if args.mask_type == 'grid' and (grid_h % 2 or grid_w % 2):
             raise UsageError(f"--mask_type grid needs an even patch grid (2x2 cells); --input_size "
                              f"{args.input_size} gives {grid_h}x{grid_w} patches with --model {args.model}")
-    if args.init_from:  # the file must fit the model (or be adaptable to it) before anything is computed
-        with torch.device('meta'):
-            init_from_checkpoint(build_model(args), args.init_from, check_only=True)
-
-
-def build_model(args):
-    """The MAE of the flags; --decoder_depth/--decoder_embed_dim/--mask_type/--in_chans [new] left out are the
-    reference's model."""
-    return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
-                                         mask_type=args.mask_type, decoder_depth=args.decoder_depth,
-                                         decoder_embed_dim=args.decoder_embed_dim, in_chans=args.in_chans or 3)
+        if args.init_from:
+            with torch.device('meta'):
+                init_from_checkpoint(model, args.init_from, check_only=True)
+    args.resume, checkpoint = resume.choose_checkpoint(args, __file__)
+    return checkpoint
 
 
 def main(args):
-    check_args(args)
-    device = setup_process(args, __file__)  # process group, --output_dir locked, flags printed, seeds
-    # [new] --in_chans, --mean/--std or --data_stats auto (measured, or read from --output_dir's cache) before the
-    # checkpoint to continue is compared with them
-    data_stats.resolve(args, lambda: [path for path, _ in pretrain_dataset(args.data_path, announce=False).samples])
-    args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
+    checkpoint = check_args(args)  # (and the checkpoint to continue, if any)
+    # process group, --output_dir locked, flags printed, seeds; [new] SIGUSR1, SIGTERM, Ctrl-C: save at the next
+    # optimizer step, then stop
+    device = setup_process(args, __file__)
 
-    # the reference's simple augmentation (PIL); a fast --data_loader applies the same steps, read from it
-    data_loader_train = loaders.train_loader(args, pretrain_transform(args.input_size, args.mean, args.std), device,
-                                             pretraining=True)
+    # the reference's simple augmentation (PIL) with the normalisation given, ImageNet's, or [new] measured on the
+    # images (--data_stats auto); a fast --data_loader applies the same steps, read from it
+    data_loader_train = loaders.train_loader(args, pretrain_transform, device, pretraining=True)
     knn = knn_monitor.KnnMonitor(args, device) if args.knn_every else None  # [new] draws no random number
 
-    model = build_model(args)
+    # --decoder_depth/--decoder_embed_dim/--mask_type/--in_chans [new] left out: the reference's model
+    model = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss,
+                                          mask_type=args.mask_type, decoder_depth=args.decoder_depth,
+                                          decoder_embed_dim=args.decoder_embed_dim, in_chans=args.in_chans)
     if args.init_from and checkpoint is None:  # a resumed run restores its own weights: never re-initialised
         init_from_checkpoint(model, args.init_from)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    print("Model = %s" % str(model))
+    model.to(device)
+    model_without_ddp = model
+    print("Model = %s" % str(model_without_ddp))
 
-    set_lr(args, misc.get_world_size())  # unless --lr: --blr x effective batch size / 256
+    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    print("actual lr: %.2e" % args.lr)
+    print("accumulate grad iterations: %d" % args.accum_iter)
+    print("effective batch size: %d" % eff_batch_size)
 
-    # on the device, DistributedDataParallel across processes, --compile [new]
-    model_without_ddp, model = model, parallel_model(model, args, device)
+    if args.distributed:  # (every parameter takes part in every step: no search for unused ones)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
+                                                          else None)
+    if args.compile:  # [new] after the DDP wrap, so that its buckets still overlap the backward
+        model = torch.compile(model)
 
     # no weight decay on biases and norm layers (timm's rule, as the reference)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
@@ -141,14 +162,10 @@ def main(args):
 
     start = resume.restart_from_checkpoint(checkpoint, args.resume, args, model_without_ddp, optimizer, loss_scaler,
                                            len(data_loader_train), data=data_loader_train.dataset)
-    # [new] continued from a checkpoint: the log.txt rows written after it (by a run killed before its next
-    # checkpoint) go to a side file; TensorBoard hides its points after it
-    move_log_rows_after(args.output_dir, start.epoch - 1)
-    config_file.write_args(args, args.output_dir, misc.get_world_size())  # [new] args.yaml, to repeat the run
-    log_writer = summary_writer(args, start.purge_step)
+    # log.txt cut back to the checkpoint [new], args.yaml [new], TensorBoard (hiding its points after the checkpoint)
+    log_writer = open_records(args, start)
     saver = CheckpointSaver(args, __file__, model_without_ddp, optimizer, loss_scaler, data_loader_train,
                             log_writer=log_writer)
-    misc.install_stop_handlers()  # [new] SIGUSR1, SIGTERM, Ctrl-C: save at the next optimizer step, then stop
 
     print(f"Start training for {args.epochs} epochs")
     start_time = time.time()

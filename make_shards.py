@@ -21,8 +21,9 @@ import json
 import os
 import re
 
+from util.training.process import run_main
 from util.data import shards
-from util.errors import UsageError, run_main
+from util.errors import UsageError
 from util.data.image_folder import image_folder
 from util.data.image_sources import pretrain_dataset
 

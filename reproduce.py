@@ -26,7 +26,7 @@ This file is the command (its flags, their checks, the order of the steps); the 
 import shutil
 from pathlib import Path
 
-import util.errors as errors
+import util.training.process as process
 from studies.data import check_outside_data, class_folders, count_images, data_summary, prepare_data
 from studies.paper import STUDIES, VALUE_STUDIES, build_study, evals_per_study
 from studies.plan import REPO, Plan, Setup, command, print_commands
@@ -213,4 +213,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    errors.run_main(main, get_args_parser())
+    process.run_main(main, get_args_parser())

@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import main_pretrain  # noqa: E402
-import util.errors as errors
+import util.training.process as process
 
 PATHS = {
     'faithful': [],
@@ -61,7 +61,7 @@ def main():
         with open(os.devnull, 'w') as devnull:
             stdout, sys.stdout = sys.stdout, devnull
             try:
-                errors.run_main(main_pretrain.main, main_pretrain.get_args_parser(), argv)
+                process.run_main(main_pretrain.main, main_pretrain.get_args_parser(), argv)
             finally:
                 sys.stdout = stdout
         curves[name] = step_losses(folder)

@@ -45,14 +45,14 @@ class Stepped(Exception):
 
 
 SPINE = {('main_pretrain.py', 'get_args_parser'), ('main_pretrain.py', 'main'),
-         ('engine_pretrain.py', 'train_one_epoch'), (os.path.join('util', 'errors.py'), 'run_main')}
+         ('engine_pretrain.py', 'train_one_epoch'), (os.path.join('util', 'training', 'process.py'), 'run_main')}
 
 
 def trace(argv):
     """The project functions entered, in order, until the first optimizer step, and those of them that the spine
     calls (or that are the spine)."""
     import main_pretrain
-    import util.errors as errors
+    import util.training.process as process
     entered, met, stepped = [], [], []
 
     def step(self, *args, **kwargs):
@@ -77,14 +77,12 @@ def trace(argv):
     torch.optim.AdamW.step = step
     sys.setprofile(profile)
     try:
-        errors.run_main(main_pretrain.main, main_pretrain.get_args_parser(), argv)
+        process.run_main(main_pretrain.main, main_pretrain.get_args_parser(), argv)  # (its end lets go of the lock)
     except Stepped:
         pass
     finally:
         sys.setprofile(None)
         torch.optim.AdamW.step = real_step
-        while errors.AT_MAIN_EXIT:
-            errors.AT_MAIN_EXIT.pop()()
     return entered, met
 
 

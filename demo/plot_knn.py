@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util.errors import UsageError, run_main  # noqa: E402
+from util.training.process import run_main  # noqa: E402
+from util.errors import UsageError  # noqa: E402
 from util.flags import Parser  # noqa: E402
 from util.training.output_dir import check_outputs  # noqa: E402
 

@@ -36,13 +36,13 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models_mae  # noqa: E402
-import util.errors as errors  # noqa: E402
+import util.training.process as process  # noqa: E402
 from util.data import data_stats  # noqa: E402
 from util.checkpoints import from_checkpoint  # noqa: E402
 from util.datasets import ToTensor  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 from util.flag_checks import check_device  # noqa: E402
-from util.flags import SEED_MAX, Parser, Range  # noqa: E402
+from util.flags import SEED_MAX, Parser, Range, add_normalisation_args  # noqa: E402
 from util.data.image_decode import BAD_FILE_ERRORS, bad_file_reason, read_image  # noqa: E402
 from util.data.image_sources import check_outputs_outside_data, image_paths  # noqa: E402
 from util.training.output_dir import check_outputs  # noqa: E402
@@ -108,7 +108,7 @@ def get_args_parser():
                         help='output folder (one <image>.png each), or a .png file name (with --grid, or for one '
                              'image); default: ./reconstructions')
     parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:1, ...')
-    data_stats.add_args(parser, checkpoint_flag='--checkpoint', measure=False)
+    add_normalisation_args(parser, checkpoint_flag='--checkpoint', measure=False)
     return parser
 
 
@@ -424,4 +424,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    errors.run_main(main, get_args_parser())
+    process.run_main(main, get_args_parser())

@@ -8,13 +8,14 @@ argparse then refuses a value outside it while parsing, in one line naming the f
 [0, 1), got 1.0', exit code 2), before anything is written or computed. A flag declared with a plain ``type=float``
 still works, with a note that it is unchecked. The constraints between flags are ``util/flag_checks.py``'s."""
 import argparse
+import copy
 import math
 import re
 import sys
 from dataclasses import dataclass
 
 import util.config_file as config_file
-from util.data import hf_datasets
+from util.data import data_stats, hf_datasets
 
 SEED_MAX = 2 ** 32 - 1  # numpy seeds each process with --seed + its rank, and takes 0 .. 2**32 - 1 only
 
@@ -75,6 +76,12 @@ def shows_default(action):
 class ShowDefaults(argparse.HelpFormatter):
     """``--help`` shows each flag's default, '(default: 224)', unless its help says it already."""
 
+    def _format_action(self, action):
+        if not action.help and shows_default(action):  # (argparse shows no default for a flag without help)
+            action = copy.copy(action)
+            action.help = 'default: %(default)s'
+        return super()._format_action(action)
+
     def _get_help_string(self, action):
         text = action.help or ''
         if not shows_default(action) or 'default' in text.lower():
@@ -89,16 +96,10 @@ class Parser(argparse.ArgumentParser):
     flag's default (``ShowDefaults``, with the ``formatter_class`` given, e.g. argparse.RawDescriptionHelpFormatter),
     and ``--config FILE.yaml`` [new] gives flags from a file, the command line overriding it (util/config_file.py)."""
 
-    def __init__(self, *args, formatter_class=argparse.HelpFormatter, **kwargs):
-        if not issubclass(formatter_class, ShowDefaults):
-            formatter_class = type(f"ShowDefaults{formatter_class.__name__}", (ShowDefaults, formatter_class), {})
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
-
-    def add_argument(self, *args, **kwargs):
-        action = super().add_argument(*args, **kwargs)
-        if not action.help and shows_default(action):  # (argparse shows no line for a flag without help)
-            action.help = 'default: %(default)s'
-        return action
+    def _get_formatter(self):  # (argparse's one place that makes the --help formatter)
+        mixed = self.formatter_class if issubclass(self.formatter_class, ShowDefaults) else \
+            type(f"ShowDefaults{self.formatter_class.__name__}", (ShowDefaults, self.formatter_class), {})
+        return mixed(prog=self.prog)
 
     def parse_known_args(self, args=None, namespace=None):
         for action in self._actions:
@@ -140,7 +141,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='adamw', checkpointing=True,
-                    data_loaders=None):
+                    data_loaders=None, stats_from=None):
     """The flags every entry point has: the reference's (batch, model, schedule, data, output, device, seed,
     resuming, loading, distributed) with the script's ``defaults`` (batch_size, epochs, model, weight_decay, blr,
     min_lr, warmup_epochs) and ``models`` to choose from, the [new] run-control flags (precision, checkpoint cadence,
@@ -148,7 +149,8 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
     all of them but ``--grad_checkpointing`` (a memory saving that costs a second forward of the encoder).
     ``optimizer``: the script's ('adamw' has a fused kernel; LARS has none); ``checkpointing``: whether gradients flow
     through the encoder blocks; ``data_loaders``: the --data_loader choices with their help ({name: help}), the
-    reference's 'pil' first (None: 'pil' only, no flag)."""
+    reference's 'pil' first (None: 'pil' only, no flag); ``stats_from``: the flag whose checkpoint gives the
+    normalisation when none is given (``add_normalisation_args``)."""
     parser.add_argument('--batch_size', default=defaults['batch_size'], type=Range(int, 1),
                         help='Batch size per GPU (effective batch size is batch_size * accum_iter * # gpus)')
     parser.add_argument('--epochs', default=defaults['epochs'], type=Range(int, 1))
@@ -170,6 +172,7 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
                         help='epochs to warmup LR')
     parser.add_argument('--data_path', default='/datasets01/imagenet_full_size/061417/', type=str, help=data_help)
     hf_datasets.add_args(parser)  # [new] --hf_image_column, --hf_label_column
+    add_normalisation_args(parser, stats_from)  # [new] --in_chans, --to_grayscale, --mean, --std, --data_stats
     parser.add_argument('--output_dir', default='./output_dir', help='path where to save, empty for no saving')
     parser.add_argument('--log_dir', default=None,
                         help='path where to tensorboard log (default: --output_dir; the reference: ./output_dir)')
@@ -250,6 +253,30 @@ def add_common_args(parser, models, defaults, data_help, save_freq, optimizer='a
                            help='[new] how training images are decoded and augmented: ' + '; '.join(
                                f'{k}: {v}' for k, v in data_loaders.items()) + '. The same crop and flip '
                            'distribution; the pixels differ slightly (resampling)')
+
+
+def add_normalisation_args(parser, checkpoint_flag=None, measure=True):
+    """``--in_chans``, ``--mean``, ``--std`` and (``measure``) ``--data_stats``. ``checkpoint_flag``: the flag
+    naming the checkpoint whose values are the defaults (fine-tuning's --finetune), or None (pre-training:
+    ImageNet's)."""
+    default = f"the {checkpoint_flag} checkpoint's, else " if checkpoint_flag else ''
+    parser.add_argument('--in_chans', default=None, type=Range(int, 1), metavar='N',
+                        help=f'[new] image channels (default: {default}3). 1 keeps grayscale images as one channel; '
+                             'an image of another channel count is a bad file (docs/own-images.md)')
+    parser.add_argument('--to_grayscale', action='store_true',
+                        help="[new] with --in_chans 1: convert colour images to grey (PIL's 'L'; without it an RGB "
+                             "file whose channels are equal is read as one, and one of real colour is a bad file)")
+    parser.add_argument('--mean', default=None, type=Range(float), nargs='+', metavar='M',
+                        help=f'[new] per-channel mean the images are normalised with, in [0, 1] units, one value per '
+                             f'channel (default: {default}ImageNet\'s {" ".join(map(str, data_stats.DEFAULT_MEAN))})')
+    parser.add_argument('--std', default=None, type=Range(float, 0, low_open=True), nargs='+', metavar='S',
+                        help=f'[new] per-channel std, one value per channel (default: {default}ImageNet\'s '
+                             f'{" ".join(map(str, data_stats.DEFAULT_STD))})')
+    if not measure:
+        return
+    parser.add_argument('--data_stats', default=None, choices=['auto'],
+                        help=f'[new] auto: measure --mean/--std on {data_stats.SAMPLE_SIZE} training images (evenly '
+                             f'spaced), print them and cache them in --output_dir/{data_stats.CACHE_NAME}')
 
 
 def add_classifier_args(parser, global_pool, global_pool_help=None):

@@ -3,6 +3,7 @@ with its loss scaler; [new] the stop requests (signals) and the fused AdamW of `
 import contextlib
 import datetime
 import math
+import os
 import signal
 import sys
 import time
@@ -223,6 +224,14 @@ def dist_device():
     if is_dist_avail_and_initialized() and dist.get_backend() == 'nccl':
         return torch.device('cuda', torch.cuda.current_device())
     return torch.device('cpu')
+
+
+def print_first(*values):
+    """``print`` on the launcher's first process only (torchrun's RANK, SLURM's SLURM_PROCID, OpenMPI's rank; one
+    process: itself), also before the process group is joined and ``print`` learns the rank."""
+    rank = next((os.environ[v] for v in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK') if v in os.environ), '0')
+    if rank == '0':
+        print(*values)
 
 
 def shutdown_distributed():

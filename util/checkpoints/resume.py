@@ -33,6 +33,8 @@ CHANGEABLE_ON_RESUME = {
     'job_dir', 'ngpus', 'nodes', 'timeout', 'partition', 'use_volta32', 'comment', 'cluster', 'dependency',
 }
 
+NORMALISATION = ('in_chans', 'mean', 'std')  # how images are read and normalised: when not given, the checkpoint's
+
 
 @dataclass
 class Position:
@@ -67,12 +69,12 @@ def choose_checkpoint(args, script):
     if found and not (args.resume and os.path.realpath(found) == os.path.realpath(args.resume)):
         newest = ckpt_io.load(found, what="the newest checkpoint in --output_dir,")
         if given is not None and ckpt_io.position(given) > ckpt_io.position(newest):
-            print(f"Note: --resume {args.resume} ({ckpt_io.describe_position(given)}) is further along than {found} in "
-                  f"--output_dir: continuing from --resume")
+            misc.print_first(f"Note: --resume {args.resume} ({ckpt_io.describe_position(given)}) is further along "
+                             f"than {found} in --output_dir: continuing from --resume")
             check_resumed(given, args.resume, args, script)
         else:
             check_continues(newest, found, args, output_dir, script)
-            print(f"Auto-resume: continuing from {found}" + (
+            misc.print_first(f"Auto-resume: continuing from {found}" + (
                 f" (further along than --resume {args.resume}, which is not used; pass --no_auto_resume to start "
                 f"from --resume)" if args.resume else ''))
             path, checkpoint = found, newest
@@ -80,9 +82,21 @@ def choose_checkpoint(args, script):
         check_continues(given, found, args, output_dir, script)
     elif given is not None and training:
         check_resumed(given, args.resume, args, script)
+    if training and checkpoint is not None:
+        take_normalisation(args, checkpoint)
     if training:
         check_start(checkpoint, path, args)
     return path, checkpoint
+
+
+def take_normalisation(args, checkpoint):
+    """A continued run reads and normalises its images as its checkpoint's run did: --in_chans, --mean and --std
+    not given are its (pre-training chooses its checkpoint before ``data_stats.resolve``; the given ones were
+    compared with it)."""
+    there = ckpt_io.stored_args(checkpoint)
+    for key in NORMALISATION:
+        if getattr(args, key, None) is None and there.get(key) is not None:
+            setattr(args, key, there[key])
 
 
 def check_continues(checkpoint, path, args, output_dir, script):
@@ -148,8 +162,8 @@ def check_start(checkpoint, path, args):
     if checkpoint is not None and continues(checkpoint, args):
         after = checkpoint['epoch'] + 1
         if args.start_epoch not in (0, after):
-            print(f"Note: --start_epoch {args.start_epoch} is not used: {path} continues at epoch {after}, where it "
-                  f"stopped (its optimizer and schedule are there)")
+            misc.print_first(f"Note: --start_epoch {args.start_epoch} is not used: {path} continues at epoch {after}, "
+                             f"where it stopped (its optimizer and schedule are there)")
     elif args.start_epoch >= args.epochs:
         raise UsageError(f"--start_epoch {args.start_epoch} with --epochs {args.epochs}: nothing to train (epochs "
                          f"are counted from 0; --start_epoch must be below --epochs)")
@@ -162,6 +176,8 @@ def changed_flags(there, args):
     for key, value in there.items():
         if key in CHANGEABLE_ON_RESUME or key not in here or key == 'lr':
             continue
+        if key in NORMALISATION and here[key] is None:
+            continue  # (not given: the checkpoint's, ``take_normalisation``)
         if key == 'model_ema_decay' and not (here.get('model_ema') or there.get('model_ema')):
             continue  # (the decay of an average that neither run keeps)
         if here[key] != value:

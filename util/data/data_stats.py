@@ -29,37 +29,12 @@ from util.checkpoints.checkpoint import load, stored_args
 from util.data.image_decode import BAD_FILE_ERRORS, as_tensor, bad_file_message, bad_file_reason, read_image
 from util.data.image_folder import image_folder
 from util.errors import UsageError
-from util.flags import Range
 
 DEFAULT_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 DEFAULT_STD = tuple(IMAGENET_DEFAULT_STD)
 DEFAULT_IN_CHANS = 3
 SAMPLE_SIZE = 1000
 CACHE_NAME = 'data_stats.json'
-
-
-def add_args(parser, checkpoint_flag=None, measure=True):
-    """``--in_chans``, ``--mean``, ``--std`` and (``measure``) ``--data_stats``. ``checkpoint_flag``: the flag
-    naming the checkpoint whose values are the defaults (fine-tuning's --finetune), or None (pre-training:
-    ImageNet's)."""
-    default = f"the {checkpoint_flag} checkpoint's, else " if checkpoint_flag else ''
-    parser.add_argument('--in_chans', default=None, type=Range(int, 1), metavar='N',
-                        help=f'[new] image channels (default: {default}3). 1 keeps grayscale images as one channel; '
-                             'an image of another channel count is a bad file (docs/own-images.md)')
-    parser.add_argument('--to_grayscale', action='store_true',
-                        help="[new] with --in_chans 1: convert colour images to grey (PIL's 'L'; without it an RGB "
-                             "file whose channels are equal is read as one, and one of real colour is a bad file)")
-    parser.add_argument('--mean', default=None, type=Range(float), nargs='+', metavar='M',
-                        help=f'[new] per-channel mean the images are normalised with, in [0, 1] units, one value per '
-                             f'channel (default: {default}ImageNet\'s {" ".join(map(str, DEFAULT_MEAN))})')
-    parser.add_argument('--std', default=None, type=Range(float, 0, low_open=True), nargs='+', metavar='S',
-                        help=f'[new] per-channel std, one value per channel (default: {default}ImageNet\'s '
-                             f'{" ".join(map(str, DEFAULT_STD))})')
-    if not measure:
-        return
-    parser.add_argument('--data_stats', default=None, choices=['auto'],
-                        help=f'[new] auto: measure --mean/--std on {SAMPLE_SIZE} training images (evenly spaced), '
-                             f'print them and cache them in --output_dir/{CACHE_NAME}')
 
 
 def check_args(args):

@@ -13,6 +13,7 @@ from util.data import image_folder as images
 from util.errors import UsageError
 from util.data.image_decode import ImageReader
 from util.data.image_sources import pretrain_dataset
+from util.data import data_stats
 from util.data.data_stats import normalisation
 from util.data.fast_data import (CropFlip, DaliLoader, OnDevice, augmentation, collate_encoded, collate_pixels,
                              decode_on_device, normalise)
@@ -109,7 +110,12 @@ def train_loader(args, transform, device, pretraining=False):
     read): the same crop and flip drawn by ``CropFlip`` with uint8 batches finished on the device ('fast_cpu',
     'gpu'), or DALI's. ``args.in_chans`` [new]: how images are read. Its sampler is a DistributedSampler also on one
     process (its fixed seed gives the reference's data order), wrapped so that an epoch resumed in the middle skips
-    what was trained on."""
+    what was trained on. With ``pretraining``, ``transform`` is the function that makes the transform from
+    ``(input_size, mean, std)`` (``util.datasets.pretrain_transform``), called once ``data_stats.resolve`` has set
+    ``args.in_chans``/``mean``/``std`` (a continued run's come from its checkpoint: ``util.checkpoints.resume``)."""
+    if pretraining:  # [new] the normalisation first: given, ImageNet's, or measured on the images (--data_stats auto)
+        data_stats.resolve(args, lambda: [path for path, _ in pretrain_dataset(args.data_path, announce=False).samples])
+        transform = transform(args.input_size, args.mean, args.std)
     kind = getattr(args, 'data_loader', 'pil')
     in_chans = normalisation(args)[0]
     crop, mean, std = augmentation(transform, kind) if kind != 'pil' else (None, None, None)

@@ -35,27 +35,9 @@ from util.data.image_decode import ImageReader
 from util.data.image_folder import image_folder, other_source
 from util.evaluation.knn import K, TEMPERATURE, knn_accuracy
 from util.errors import UsageError
-from util.flags import Range
 
 POOLS = ('cls', 'mean')  # the headline (cls) first
 SUBSET_SEED = 0
-
-
-def add_args(parser):
-    parser.add_argument('--knn_every', default=0, type=Range(int, 1, special=(0,), meaning='0 (off)'), metavar='N',
-                        help='[new] every N epochs and after the last, a weighted k-NN classifier (k=20, T=0.07, '
-                             'DINO\'s protocol) on the encoder\'s unmasked features of --knn_data_path: knn_top1/'
-                             'knn_top5 (class token) and knn_mean_top1/5 (mean of patch tokens) in log.txt and '
-                             'TensorBoard; it does not change training (default 0: off)')
-    parser.add_argument('--knn_data_path', default='', metavar='DIR',
-                        help='[new] an ImageFolder tree with train/ and val/ (the same class folders) for '
-                             '--knn_every; may be a small labelled subset')
-    parser.add_argument('--knn_train_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'),
-                        metavar='M',
-                        help='[new] use M images of --knn_data_path/train, drawn once with a fixed seed (default 0: '
-                             'all), to bound the monitor\'s cost')
-    parser.add_argument('--knn_val_subset', default=0, type=Range(int, 1, special=(0,), meaning='0 (all)'), metavar='M',
-                        help='[new] the same for --knn_data_path/val')
 
 
 def check_args(args):

@@ -10,15 +10,17 @@ import tempfile
 from pathlib import Path
 
 import util.misc as misc
-from util.errors import AT_MAIN_EXIT, UsageError
+from util.errors import UsageError
 from util.training import tracking
 
 LOCK = '.run.lock'
+_held = []  # the lock file this process holds open (the lock lasts as long as it is open)
 
 
 def lock_output_dir(path):
-    """Create ``path``, check it is writable, and hold its lock for the life of this process (rank 0; every rank
-    gets the same answer) or until the entry point's ``main`` ends. Returns the open lock file."""
+    """Create ``path``, check it is writable, and hold its lock (rank 0; every rank gets the same answer) until
+    ``release_output_dir`` (the end of the entry point's ``run_main``) or the end of the process. Returns the open lock
+    file."""
     error, handle = None, None
     if misc.is_main_process():
         try:
@@ -41,12 +43,18 @@ def lock_output_dir(path):
                 handle.write(f"process {os.getpid()} on {socket.gethostname()}, started "
                              f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n")
                 handle.flush()
-                AT_MAIN_EXIT.append(handle.close)
+                _held.append(handle)
     if misc.get_world_size() > 1:
         error = misc.all_gather(error)[0]
     if error:
         raise UsageError(error)
     return handle
+
+
+def release_output_dir():
+    """Let go of the --output_dir lock this process holds, if any."""
+    while _held:
+        _held.pop().close()
 
 
 def probe_write(folder):

@@ -1,10 +1,13 @@
-"""A process's start, as the reference's ``main`` begins: join the process group (torchrun, SLURM or OpenMPI; one
-process otherwise), print only on the first process, lock the output folder, print the flags, and seed the random
-streams; and the model the training loop runs (DistributedDataParallel, ``--compile``)."""
+"""A process's life around an entry point's ``main``: ``run_main`` parses the command line, runs ``main`` and reports
+its errors in one line each; ``setup_process`` starts it as the reference's ``main`` begins (join the process group,
+torchrun, SLURM or OpenMPI, or one process; print only on the first process; lock the output folder; print the
+flags; seed the random streams; [new] the stop signals of a training run); and the model the training loop runs
+(DistributedDataParallel, ``--compile``)."""
 import builtins
 import datetime
 import os
 import random
+import sys
 import urllib.parse
 import warnings
 
@@ -13,16 +16,42 @@ import torch
 import torch.distributed as dist
 
 import util.misc as misc
-from util.errors import UsageError
-from util.training.output_dir import lock_output_dir, probe_write
+from util.errors import RunComplete, RunInterrupted, TrainingStopped, UsageError, one_line
+from util.training.output_dir import lock_output_dir, probe_write, release_output_dir
+
+
+def run_main(main, parser, argv=None):
+    """Parse the command line with ``parser`` (plus ``-h/--help``: the parsers are built without it, as the
+    reference's, so that the submitit scripts can extend them) and run the entry point's ``main(args)``. A
+    ``UsageError`` becomes one line on stderr and exit code 2, a ``TrainingStopped`` or ``RunInterrupted`` one line
+    and exit code 1, a ``RunComplete`` one line on stdout and exit code 0, a second Ctrl-C one line and exit code
+    130."""
+    parser.add_argument('-h', '--help', action='help', help='show this help message and exit')
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except RunComplete as e:
+        print(one_line(e))
+    except (UsageError, TrainingStopped, RunInterrupted) as e:
+        if misc.is_main_process() or not isinstance(e, RunInterrupted):  # every rank stops together: say it once
+            sys.stderr.write(f"{'stopped' if isinstance(e, RunInterrupted) else 'error'}: {one_line(e)}\n")
+            sys.stderr.flush()
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first saves and stops at the next optimizer step)
+        sys.stderr.write("stopped: interrupted (Ctrl-C twice), nothing saved since the last checkpoint\n")
+        sys.exit(130)
+    finally:
+        release_output_dir()  # (a process that runs several entry points, e.g. the tests, lets go of each folder)
+        misc.shutdown_distributed()
 
 
 def setup_process(args, script, seed_python=False):
     """Join the process group (``init_distributed_mode``: it fills in ``args.rank``, ``world_size``, ``gpu`` and
     ``distributed``), fill in ``--log_dir`` (default: ``--output_dir``), take ``--output_dir`` for this run when
     training (one run at a time in a folder), print the job dir and the flags, and seed torch and numpy with ``--seed``
-    + rank (also python's ``random`` with ``seed_python``), as the reference does at the top of its ``main``. Returns
-    the device."""
+    + rank (also python's ``random`` with ``seed_python``), as the reference does at the top of its ``main``; [new]
+    when training, SIGUSR1 (SLURM's warning before the time limit), SIGTERM and Ctrl-C ask it to save at the next
+    optimizer step and stop (``misc.install_stop_handlers``). Returns the device."""
     init_distributed_mode(args)
     if args.log_dir is None:  # TensorBoard's events beside the checkpoints
         args.log_dir = args.output_dir
@@ -41,6 +70,8 @@ def setup_process(args, script, seed_python=False):
     if seed_python:
         random.seed(seed)
     torch.backends.cudnn.benchmark = True
+    if not getattr(args, 'eval', False):
+        misc.install_stop_handlers()
     return device
 
 

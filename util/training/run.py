@@ -1,5 +1,6 @@
 """What the training loops call besides the model, the meters and the checkpoints, each one call in the entry point or
-the engine: TensorBoard's writer (``summary_writer``, ``add_points``), where an epoch starts (``epoch_batches``: in
+the engine: the run's records (``open_records``: log.txt cut back to where it starts, args.yaml, TensorBoard's writer;
+``add_points``), where an epoch starts (``epoch_batches``: in
 the middle after a resume) and what a non-finite loss does (``NonFiniteLosses``).
 
 The rules that keep a run's history whole whatever instant it is killed (the entry points' loops follow them):
@@ -24,16 +25,29 @@ from typing import Any
 
 import torch
 
+import util.config_file as config_file
 import util.data.loaders as loaders
 import util.misc as misc
 from util.checkpoints.saver import set_rng_state
 from util.errors import TrainingStopped
+from util.training.output_dir import move_log_rows_after
 from util.training import tracking
 
 LOG_DIR_OWNER = '.output_dir'  # in a --log_dir apart from --output_dir: the run folder whose events it holds
 
 
 # ---------------------------------------------------------------------------------------------------- TensorBoard
+def open_records(args, start):
+    """The run's records from where it starts (``start``: ``util.checkpoints.resume.Start``): [new] the ``log.txt``
+    rows written after its checkpoint (by a run killed before its next one) moved to a side file, [new]
+    ``args.yaml`` (its flags, to repeat it), and the TensorBoard writer (``summary_writer``), which hides the points
+    after the checkpoint. Returns the writer (None on other ranks than 0, or without --log_dir and
+    --wandb_project)."""
+    move_log_rows_after(args.output_dir, start.epoch - 1)
+    config_file.write_args(args, args.output_dir, misc.get_world_size())
+    return summary_writer(args, start.purge_step)
+
+
 def summary_writer(args, purge_step):
     """The reference's ``SummaryWriter(log_dir=args.log_dir)`` on rank 0 (None elsewhere or without --log_dir),
     hiding the points from ``purge_step`` on (those of a run that died after its checkpoint; see ``purge``); with
