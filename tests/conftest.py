@@ -224,8 +224,8 @@ def assert_acc_lines(stdout, reference_lines):
 
 
 def run_in_process(module, capsys, *argv):
-    """An entry point's main() through errors.run_main, as the script runs it; returns (exit code, stderr)."""
-    import util.errors as errors
+    """An entry point's main() through run_main, as the script runs it; returns (exit code, stderr)."""
+    import util.training.process as process
     with pytest.raises(SystemExit) as exc:
-        errors.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
+        process.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
     return exc.value.code, capsys.readouterr().err

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import util.errors as errors  # noqa: E402
+
+import util.training.process as process  # noqa: E402
 import util.misc as misc  # noqa: E402
 from util.checkpoints.saver import CheckpointSaver  # noqa: E402
 
@@ -58,4 +59,4 @@ def faulty_replace(src, dst):
 CheckpointSaver.save_or_stop = faulty_save_or_stop
 os.replace = faulty_replace
 module = importlib.import_module(Path(script).stem)
-errors.run_main(module.main, module.get_args_parser(), argv)
+process.run_main(module.main, module.get_args_parser(), argv)

@@ -17,6 +17,7 @@ import main_pretrain
 import models_mae
 import models_vit
 import util.errors as errors
+import util.training.process as process
 import util.misc as misc
 import util.checkpoints.resume as resume
 from conftest import (TINY, one_line_error, parsed_args, pretrain_argv, read_log, run_in_process, run_script,
@@ -278,8 +279,8 @@ def test_grad_checkpointing_gives_identical_losses_and_gradients():
 
 
 def run_ok(module, *argv):
-    """An entry point's main() through errors.run_main, as the script runs it (a failure raises SystemExit)."""
-    errors.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
+    """An entry point's main() through run_main, as the script runs it (a failure raises SystemExit)."""
+    process.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
 
 
 def test_finetune_fast_flags_give_the_reference_log_in_fp32(tmp_path):
@@ -519,8 +520,8 @@ def test_a_torchvision_without_jpeg_decoding_stops_only_the_fast_loaders(tmp_pat
     """torchvision deprecated torchvision.io's decoders (0.29): once they are gone the scripts still import, and
     --data_loader fast_cpu says what is missing before anything runs."""
     run = ("import sys, torchvision.io, torchvision.transforms.v2; del torchvision.io.decode_jpeg; "
-           "import main_pretrain, util.errors as errors; "
-           "errors.run_main(main_pretrain.main, main_pretrain.get_args_parser(), sys.argv[1:])")
+           "import main_pretrain, util.training.process as process; "
+           "process.run_main(main_pretrain.main, main_pretrain.get_args_parser(), sys.argv[1:])")
     result = run_script('-c', run, *pretrain_argv(tmp_path / 'out', '--data_loader', 'fast_cpu')[1:])
     assert one_line_error(result).startswith(
         'error: --data_loader fast_cpu decodes with torchvision.io.decode_jpeg, which this torchvision (')

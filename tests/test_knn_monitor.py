@@ -9,7 +9,7 @@ import torch
 
 import main_pretrain
 import models_mae
-import util.errors as errors
+import util.training.process as process
 from conftest import TINY, parsed_args, pretrain_argv, read_log, run_in_process, run_script, run_with_fault, tb_scalars
 from util.evaluation import knn_monitor
 from util.checkpoints.from_checkpoint import features
@@ -64,7 +64,7 @@ def test_subsets_are_drawn_by_their_own_generator():
 def test_off_builds_nothing(tmp_path, monkeypatch):
     """--knn_every 0 (the default): no monitor is built, no folder scanned."""
     monkeypatch.setattr(knn_monitor, 'KnnMonitor', lambda *args: pytest.fail('a kNN monitor was built'))
-    errors.run_main(main_pretrain.main, main_pretrain.get_args_parser(),
+    process.run_main(main_pretrain.main, main_pretrain.get_args_parser(),
                     [str(a) for a in pretrain_argv(tmp_path, epochs=1)[1:]])
     assert [row['epoch'] for row in read_log(tmp_path)] == [0]
 

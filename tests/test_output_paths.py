@@ -207,9 +207,9 @@ def test_reproduce_work_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     a_file.write_text('mine')
     for flag in ('--work_dir', '--results_dir'):
         argv = ['--quick', '--study', 'decoder_width', '--work_dir', tmp_path / 'w', flag, a_file]
-        import util.errors as errors
+        import util.training.process as process
         with pytest.raises(SystemExit) as exc:
-            errors.run_main(reproduce.main, reproduce.get_args_parser(), [str(a) for a in argv])
+            process.run_main(reproduce.main, reproduce.get_args_parser(), [str(a) for a in argv])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err == f"error: {flag} {a_file} is a file; give a folder\n", err
     assert a_file.read_text() == 'mine'

@@ -28,7 +28,7 @@ from util.data.fast_data import CropFlip, collate_pixels  # noqa: E402
 from util.data.image_decode import ChannelMismatch, ImageReader, load_rgb, read_image  # noqa: E402
 from util.data.image_folder import ImageFolder  # noqa: E402
 from util.data.image_sources import list_images, pretrain_dataset, pretrain_source, read_list  # noqa: E402
-import util.errors as errors  # noqa: E402
+import util.training.process as process  # noqa: E402
 from util.errors import UsageError  # noqa: E402
 from util.checkpoints.from_checkpoint import adapt_patch_embed, init_from_checkpoint  # noqa: E402
 from versions import exact_numbers_expected, stack_note  # noqa: E402
@@ -358,8 +358,8 @@ def grey_tree(root, n=4, size=20):
 
 
 def run_ok(module, capsys, *argv):
-    """An entry point's main() through errors.run_main, which returns when the run succeeds; returns its stdout."""
-    errors.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
+    """An entry point's main() through run_main, which returns when the run succeeds; returns its stdout."""
+    process.run_main(module.main, module.get_args_parser(), [str(a) for a in argv])
     return capsys.readouterr().out
 
 

@@ -177,9 +177,9 @@ def test_checkpoint_keeps_the_flags_and_loads_for_fine_tuning_and_figures(tmp_pa
 # ---------------------------------------------------------------------------------------------------- the runner
 def run_reproduce(capsys, *argv):
     """reproduce.py in this process; returns (exit code, stdout, stderr)."""
-    import util.errors as errors
+    import util.training.process as process
     with pytest.raises(SystemExit) as exc:
-        errors.run_main(reproduce.main, reproduce.get_args_parser(), [str(a) for a in argv])
+        process.run_main(reproduce.main, reproduce.get_args_parser(), [str(a) for a in argv])
         raise SystemExit(0)
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err

@@ -11,7 +11,7 @@ import torch
 import main_finetune
 import main_pretrain
 import util.checkpoints.checkpoint as ckpt_io
-import util.errors as errors
+import util.training.process as process
 import util.checkpoints.resume as resume
 from conftest import TINY, run_in_process, run_script, run_with_fault
 from conftest import resume_argv as pretrain_args
@@ -127,7 +127,7 @@ def test_nothing_to_train_is_one_line_before_anything_runs(tmp_path, capsys):
     base = ['--model', 'mae_vit_tiny_patch4', '--input_size', '32', '--batch_size', '4', '--data_path', TINY,
             '--device', 'cpu', '--num_workers', '0']
     first = tmp_path / 'first'
-    errors.run_main(main_pretrain.main, main_pretrain.get_args_parser(),  # (returns when the run succeeds)
+    process.run_main(main_pretrain.main, main_pretrain.get_args_parser(),  # (returns when the run succeeds)
                     [str(a) for a in [*base, '--epochs', '1', '--output_dir', first]])
     for extra in (['--start_epoch', '5', '--epochs', '3'], ['--resume', first / 'checkpoint-0.pth', '--epochs', '1']):
         new = tmp_path / 'new'
@@ -137,7 +137,7 @@ def test_nothing_to_train_is_one_line_before_anything_runs(tmp_path, capsys):
         assert not list(new.glob('*.pth')) and not (new / 'log.txt').exists()
     # a finished run in its own folder: one line, exit code 0 (run_main returns), as before
     capsys.readouterr()
-    errors.run_main(main_pretrain.main, main_pretrain.get_args_parser(),
+    process.run_main(main_pretrain.main, main_pretrain.get_args_parser(),
                     [str(a) for a in [*base, '--epochs', '1', '--output_dir', first]])
     assert 'holds this run, complete' in capsys.readouterr().out
     assert len((first / 'log.txt').read_text().splitlines()) == 1

@@ -18,7 +18,7 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import util.checkpoints.checkpoint as ckpt_io
-import util.errors as errors
+import util.training.process as process
 import util.misc as misc
 import util.training.output_dir as output_dir
 import util.checkpoints.resume as resume
@@ -331,7 +331,7 @@ def test_log_dir_naming_a_file_and_missing_data_come_before_the_output_folder(tm
 def test_help_works_on_every_entry_point(capsys):
     for module in (main_pretrain, main_finetune, main_linprobe):
         with pytest.raises(SystemExit) as e:
-            errors.run_main(module.main, module.get_args_parser(), ['--help'])
+            process.run_main(module.main, module.get_args_parser(), ['--help'])
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert '--save_every_iters' in out and '[new]' in out and '-h, --help' in out

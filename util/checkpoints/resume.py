@@ -14,6 +14,7 @@ import torch
 import util.checkpoints.checkpoint as ckpt_io
 import util.checkpoints.saver as saver
 import util.misc as misc
+from util.data.data_stats import DEFAULT_MEAN, fmt
 from util.errors import RunComplete, UsageError
 
 # Flags a continued run may change (docs/long-runs.md). Every other flag stored in the checkpoint must be the same.
@@ -83,20 +84,24 @@ def choose_checkpoint(args, script):
     elif given is not None and training:
         check_resumed(given, args.resume, args, script)
     if training and checkpoint is not None:
-        take_normalisation(args, checkpoint)
+        take_normalisation(args, checkpoint, path)
     if training:
         check_start(checkpoint, path, args)
     return path, checkpoint
 
 
-def take_normalisation(args, checkpoint):
+def take_normalisation(args, checkpoint, path):
     """A continued run reads and normalises its images as its checkpoint's run did: --in_chans, --mean and --std
     not given are its (pre-training chooses its checkpoint before ``data_stats.resolve``; the given ones were
     compared with it)."""
     there = ckpt_io.stored_args(checkpoint)
-    for key in NORMALISATION:
-        if getattr(args, key, None) is None and there.get(key) is not None:
-            setattr(args, key, there[key])
+    taken = [key for key in NORMALISATION if getattr(args, key, None) is None and there.get(key) is not None]
+    for key in taken:
+        setattr(args, key, there[key])
+    if 'mean' in taken and (there.get('data_stats') or list(there['mean']) != list(DEFAULT_MEAN)):
+        what = "Data statistics (--data_stats auto)" if there.get('data_stats') else "Normalisation (--mean/--std)"
+        misc.print_first(f"{what} from {path}, the checkpoint this run continues: mean {fmt(there['mean'])} std "
+                         f"{fmt(there['std'])}")
 
 
 def check_continues(checkpoint, path, args, output_dir, script):
