@@ -67,7 +67,9 @@ def test_a_second_run_into_a_busy_folder_is_refused_until_the_first_dies(tmp_pat
         for line in first.stdout:  # until it trains
             if 'Start training' in line:
                 break
-        second = run_script(*pretrain_args(out))
+        # (the same command, as a requeued duplicate job: with fewer epochs it could find the first run's newest
+        # checkpoint complete for it, and say so, before it reaches the lock)
+        second = run_script(*argv)
         assert second.returncode == 2
         assert second.stderr.strip().splitlines() == [
             f"error: --output_dir {out} is in use by another run (process {first.pid} on {socket.gethostname()}, "
