@@ -28,10 +28,9 @@ from util.flags import Parser, Range, add_classifier_args, add_common_args
 from util.data.image_decode import ImageReader
 from util.data.image_folder import image_folder
 from util.data.image_sources import check_run_outside_data
-from util.lr_sched import set_lr
 from util.training.output_dir import append_log
 from util.checkpoints.from_checkpoint import load_finetune_weights
-from util.training.process import parallel_model, run_main, setup_process
+from util.training.process import run_main, setup_process
 from util.training.run import add_points, open_records, print_epoch_time
 
 
@@ -173,12 +172,23 @@ def main(args):
     print("Model = %s" % str(model))
     print('number of params (M): %.2f' % (n_parameters / 1.e6))
 
-    set_lr(args, misc.get_world_size())
+    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    print("actual lr: %.2e" % args.lr)
+    print("accumulate grad iterations: %d" % args.accum_iter)
+    print("effective batch size: %d" % eff_batch_size)
 
+    model.to(device)
     # [new] --model_ema: the average starts from the initial weights, on the device, before DDP wraps the model
-    model_ema = ModelEmaV3(model.to(device), decay=args.model_ema_decay) if args.model_ema else None
-    # on the device, DistributedDataParallel across processes, --compile [new]
-    model_without_ddp, model = model, parallel_model(model, args, device)
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
+                                                          else None)
+    if args.compile:  # [new] after the DDP wrap, so that its buckets still overlap the backward
+        model = torch.compile(model)
 
     # layer-wise lr decay; frozen parameters (partial fine-tuning) are left out
     param_groups = lrd.param_groups_lrd(model_without_ddp, args.weight_decay,

@@ -26,10 +26,9 @@ from util.data.image_decode import ImageReader
 from util.data.image_folder import image_folder
 from util.data.image_sources import check_run_outside_data
 from util.lars import LARS
-from util.lr_sched import set_lr
 from util.training.output_dir import append_log
 from util.checkpoints.from_checkpoint import load_finetune_weights
-from util.training.process import parallel_model, run_main, setup_process
+from util.training.process import run_main, setup_process
 from util.training.run import add_points, open_records, print_epoch_time
 
 
@@ -110,10 +109,21 @@ def main(args):
     print("Model = %s" % str(model))
     print('number of params (M): %.2f' % (n_parameters / 1.e6))
 
-    set_lr(args, misc.get_world_size())
+    eff_batch_size = args.batch_size * args.accum_iter * misc.get_world_size()
+    if args.lr is None:  # only base_lr is specified
+        args.lr = args.blr * eff_batch_size / 256
+    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
+    print("actual lr: %.2e" % args.lr)
+    print("accumulate grad iterations: %d" % args.accum_iter)
+    print("effective batch size: %d" % eff_batch_size)
 
-    # on the device, DistributedDataParallel across processes, --compile [new]
-    model_without_ddp, model = model, parallel_model(model, args, device)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
+                                                          else None)
+    if args.compile:  # [new] after the DDP wrap, so that its buckets still overlap the backward
+        model = torch.compile(model)
 
     criterion = torch.nn.CrossEntropyLoss()
     print("criterion = %s" % str(criterion))

@@ -147,7 +147,7 @@ def main(args):
     print("accumulate grad iterations: %d" % args.accum_iter)
     print("effective batch size: %d" % eff_batch_size)
 
-    if args.distributed:  # (every parameter takes part in every step: no search for unused ones)
+    if args.distributed:  # (the reference's find_unused_parameters=True searched in vain: every parameter is used)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda'
                                                           else None)
     if args.compile:  # [new] after the DDP wrap, so that its buckets still overlap the backward

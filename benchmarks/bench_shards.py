@@ -70,10 +70,9 @@ def shards_of(folder, per_shard):
 def loader_for(kind, data_path, input_size, batch_size, workers):
     args = argparse.Namespace(data_loader=kind, data_path=str(data_path), input_size=input_size, skip_bad_images=False,
                               batch_size=batch_size, accum_iter=1, num_workers=workers, pin_mem=False, device='cpu',
-                              seed=0, rank=0)
+                              seed=0, rank=0, in_chans=None, mean=None, std=None, data_stats=None, output_dir='')
     with contextlib.redirect_stdout(io.StringIO()):  # (the dataset's description)
-        loader = train_loader(args, pretrain_transform(input_size), dict(scale=(0.2, 1.0)), torch.device('cpu'),
-                              pretraining=True)
+        loader = train_loader(args, pretrain_transform, torch.device('cpu'), pretraining=True)
     # an endless stream of random indices instead of one epoch
     loader.sampler.sampler = torch.utils.data.RandomSampler(loader.dataset, replacement=True, num_samples=10 ** 7)
     return loader

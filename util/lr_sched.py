@@ -13,16 +13,3 @@ def adjust_learning_rate(optimizer, epoch, args):
     for param_group in optimizer.param_groups:
         param_group["lr"] = lr * param_group["lr_scale"] if "lr_scale" in param_group else lr
     return lr
-
-
-def set_lr(args, world_size):
-    """The linear scaling rule: unless ``--lr`` is given, ``lr = blr * effective batch size / 256``."""
-    eff_batch_size = args.batch_size * args.accum_iter * world_size
-    if args.lr is None:  # only base_lr is specified
-        args.lr = args.blr * eff_batch_size / 256
-    if getattr(args, 'eval', False):
-        return
-    print("base lr: %.2e" % (args.lr * 256 / eff_batch_size))
-    print("actual lr: %.2e" % args.lr)
-    print("accumulate grad iterations: %d" % args.accum_iter)
-    print("effective batch size: %d" % eff_batch_size)

@@ -1,8 +1,7 @@
 """A process's life around an entry point's ``main``: ``run_main`` parses the command line, runs ``main`` and reports
 its errors in one line each; ``setup_process`` starts it as the reference's ``main`` begins (join the process group,
 torchrun, SLURM or OpenMPI, or one process; print only on the first process; lock the output folder; print the
-flags; seed the random streams; [new] the stop signals of a training run); and the model the training loop runs
-(DistributedDataParallel, ``--compile``)."""
+flags; seed the random streams; [new] the stop signals of a training run)."""
 import builtins
 import datetime
 import os
@@ -116,21 +115,6 @@ def precision_line(args, device):
     if args.amp == 'fp16':
         return "Precision: fp32 (--amp fp16 applies on CUDA only; --amp bf16 runs bf16 autocast on the CPU)"
     return f"Precision: fp32 (--amp {args.amp})"
-
-
-def parallel_model(model, args, device):
-    """The model the training loop runs: ``model`` moved to ``device``, wrapped in DistributedDataParallel when
-    distributed, then compiled with ``--compile`` [new] (after the DDP wrap, so that DDP's buckets still overlap the
-    backward). The optimizer and the checkpoints keep using ``model`` itself (on the device). (The reference's
-    pre-training passes ``find_unused_parameters=True``; every parameter takes part in every step, so DDP's search for
-    unused ones only costs time and warns on every process: the gradients are the same without it.)"""
-    model.to(device)
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-    if args.compile:
-        model = torch.compile(model)
-    return model
 
 
 def check_dist_url(url):
