@@ -6,6 +6,7 @@ submitit is an optional dependency (``pip install submitit``); nothing here impo
 The job itself, and how it saves and requeues, is ``util/slurm/submitit_trainer.py``.
 """
 import contextlib
+import copy
 import functools
 import getpass
 import os
@@ -133,7 +134,7 @@ def check_before_submitting(args, module):
     gives every task a full batch), made here before anything is queued: a typo then costs a second, not a queue
     wait."""
     trainer = import_trainer(module)
-    trainer.check_args(args)
+    trainer.check_args(copy.deepcopy(args))  # (the checks fill in what the job's own main will: the resume file)
     if not getattr(args, 'eval', False):
         from util.data.loaders import batch_problem
         from util.data.image_folder import image_folder
