@@ -107,23 +107,26 @@ def get_args_parser():
 
 
 def check_args(args):
+    """Refuse what cannot run, in one line, before anything is computed (each flag's range is checked while
+    parsing); [new] returns the checkpoint this run continues (auto-resume, or --resume), checked to be of this
+    script, model and training flags, or None."""
     check_common(args, models_vit.MODELS, 'classification', splits=['val'] if args.eval else ['val', 'train'])
     check_run_outside_data(args, ['val'] if args.eval else ['val', 'train'])  # [new] not written among its images
     check_augmentation(args)
     if args.opt_betas is not None and len(args.opt_betas) != 2:
         raise UsageError(f"--opt_betas takes AdamW's two betas (e.g. 0.9 0.95), got "
                          f"{' '.join(map(str, args.opt_betas))}")
+    args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # [new] the run to continue, if any
+    return checkpoint
 
 
 def main(args):
-    check_args(args)
+    checkpoint = check_args(args)  # (and the checkpoint to continue, if any)
     # [new] seed_python: RandAugment and random erasing draw from python's `random`; the reference leaves it
     # unseeded, so with --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
     device = setup_process(args, __file__, seed_python=True)  # process group, --output_dir locked, flags printed, seeds
-    # [new] --in_chans and the normalisation: given, else --finetune's (said in one line), before the checkpoint to
-    # continue is compared with them
+    # [new] --in_chans and the normalisation: given, a continued run's, else --finetune's (said in one line)
     data_stats.resolve_supervised(args)
-    args.resume, checkpoint = resume.choose_checkpoint(args, __file__)  # the run to continue, if any
 
     # (evaluation only needs val/)
     data_loader_train = None if args.eval else loaders.train_loader(args, build_transform(True, args), device)
