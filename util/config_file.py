@@ -129,9 +129,9 @@ def _one(action, value):
 
 def repeatable(args, world_size=1):
     """The flags of ``args`` that args.yaml keeps (plain values: lists for tuples), in the order parsed. ``lr`` is
-    null where it is --blr's linear scaling (the entry point's ``eff_batch_size`` on ``world_size`` processes), as the flags
-    gave it, so that a repeat with another batch or number of GPUs scales it again; ``mean`` and ``std`` are null
-    where ``--data_stats auto`` measured them (the flags refuse both)."""
+    null where it is --blr's linear scaling (the entry point's ``eff_batch_size``, on ``world_size`` processes), as
+    the flags gave it, so that a repeat with another batch or number of GPUs scales it again; ``mean`` and ``std``
+    are null where ``--data_stats auto`` measured them (the flags refuse both)."""
     flags = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k not in NOT_REPEATED}
     if flags.get('lr') is not None and flags.get('blr') is not None and flags['lr'] == \
             flags['blr'] * flags['batch_size'] * flags['accum_iter'] * world_size / 256:
