@@ -34,7 +34,8 @@ def get_args_parser():
                     dict(batch_size=64, epochs=400, model='mae_vit_large_patch16', weight_decay=0.05, blr=1e-3,
                          min_lr=0., warmup_epochs=40),
                     data_help='dataset path: an ImageFolder tree with a train/ folder (the reference), [new] a '
-                              'folder of images (searched recursively) or a .txt list of image paths', save_freq=20,
+                              'folder of images (searched recursively), a .txt list of image paths, tar shards or a '
+                              'Hugging Face dataset (docs/data-shards.md)', save_freq=20,
                     optimizer='adamw', checkpointing=True, data_loaders=loaders.LOADER_HELP)
 
     # Model parameters

@@ -169,16 +169,11 @@ def ignore_ctrl_c(worker_id):
 def start_epoch(loader, epoch, resume_at=0, skipped=()):
     """Before epoch ``epoch``'s iterator is made: its data order (``ResumableSampler.set_epoch``), starting after
     this rank's first ``resume_at`` samples (an epoch resumed in the middle; 0 otherwise), and the count of bad files
-    skipped afresh, or, resuming, from ``skipped`` (the ``skipped_files`` saved with the position)."""
+    skipped afresh, or, resuming, from ``skipped`` (``image_folder.skipped_indices``, saved with the position)."""
     loader.sampler.set_epoch(epoch)
     loader.sampler.skip = resume_at
     images.reset_skipped(loader.dataset)  # (both only with --skip_bad_images)
     images.restore_skipped(loader.dataset, skipped)
-
-
-def skipped_files(loader):
-    """The indices of the files skipped this epoch on every rank (a collective; [] without --skip_bad_images)."""
-    return images.skipped_indices(loader.dataset)
 
 
 def add_skipped_count(log_stats, loader, epoch):

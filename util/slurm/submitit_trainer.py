@@ -89,6 +89,7 @@ class Trainer:
             sys.path.insert(0, str(REPO))
         trainer = import_trainer(self.module)
         import util.misc as misc
+        from util.training.output_dir import release_output_dir
 
         self._setup_gpu_args()
         previous, submitit_handler, usr_sig = self._take_over_signals()
@@ -105,6 +106,7 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            release_output_dir()  # (as run_main: the debug executor runs the job in the submitting process)
             misc.shutdown_distributed()
 
     def _take_over_signals(self):
