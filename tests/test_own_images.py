@@ -475,3 +475,26 @@ def test_pixel_units_refused_in_every_script(tmp_path, capsys, module, argv):
     assert code == 2 and len(lines) == 1 and 'in 0-1 units: divide by 255 (--mean 0.4863 0.4549 0.4078 --std ' \
         '0.2275 0.2235 0.2235)' in lines[0], lines
     assert not out.exists()
+
+
+def test_a_continued_run_normalises_as_its_checkpoint_without_the_cache(tmp_path, capsys):
+    """The checkpoint a run continues is chosen before the statistics are known: a continued run takes --in_chans,
+    --mean and --std from it (said in one line), even when --output_dir's data_stats.json is gone; given values
+    that differ from it are refused."""
+    out = tmp_path / 'run'
+    base = ['--model', 'mae_vit_tiny_patch4', '--input_size', '16', '--batch_size', '4', '--warmup_epochs', '0',
+            '--data_path', TINY, '--device', 'cpu', '--num_workers', '0', '--output_dir', out, '--data_stats', 'auto']
+    assert 'measured on 16 of 16 images' in run_ok(main_pretrain, capsys, *base, '--epochs', '1')
+    measured = torch.load(out / 'checkpoint-last.pth', weights_only=True)['args']
+    (out / data_stats.CACHE_NAME).unlink()
+    second = run_ok(main_pretrain, capsys, *base, '--epochs', '2')
+    assert 'Measuring' not in second and 'measured on' not in second
+    assert f"Data statistics (--data_stats auto) from {out / 'checkpoint-last.pth'}, the checkpoint this run " \
+           f"continues: mean {data_stats.fmt(measured['mean'])}" in second
+    continued = torch.load(out / 'checkpoint-last.pth', weights_only=True)['args']
+    assert continued['epochs'] == 2
+    assert (continued['mean'], continued['std'], continued['in_chans']) == (
+        measured['mean'], measured['std'], measured['in_chans'])
+    code, err = run_in_process(main_pretrain, capsys, *base[:-2], '--epochs', '3', '--mean', '0.5', '0.5', '0.5',
+                               '--std', '0.2', '0.2', '0.2')
+    assert code == 2 and 'with other training flags (' in err and '--mean [' in err and ', [0.5, 0.5, 0.5] here' in err

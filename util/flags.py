@@ -96,10 +96,14 @@ class Parser(argparse.ArgumentParser):
     flag's default (``ShowDefaults``, with the ``formatter_class`` given, e.g. argparse.RawDescriptionHelpFormatter),
     and ``--config FILE.yaml`` [new] gives flags from a file, the command line overriding it (util/config_file.py)."""
 
-    def _get_formatter(self):  # (argparse's one place that makes the --help formatter)
-        mixed = self.formatter_class if issubclass(self.formatter_class, ShowDefaults) else \
-            type(f"ShowDefaults{self.formatter_class.__name__}", (ShowDefaults, self.formatter_class), {})
-        return mixed(prog=self.prog)
+    @property
+    def formatter_class(self):
+        return self._formatter_class
+
+    @formatter_class.setter
+    def formatter_class(self, cls):  # (argparse's __init__ sets it: the one given, with ShowDefaults mixed in)
+        self._formatter_class = cls if issubclass(cls, ShowDefaults) else \
+            type(f"ShowDefaults{cls.__name__}", (ShowDefaults, cls), {})
 
     def parse_known_args(self, args=None, namespace=None):
         for action in self._actions:
