@@ -124,7 +124,9 @@ def main(args):
     checkpoint = check_args(args)  # (and the checkpoint to continue, if any)
     # [new] seed_python: RandAugment and random erasing draw from python's `random`; the reference leaves it
     # unseeded, so with --num_workers 0 its runs differ from one another (DataLoader workers seed it themselves)
-    device = setup_process(args, __file__, seed_python=True)  # process group, --output_dir locked, flags printed, seeds
+    # process group, --output_dir locked, flags printed, seeds; [new] SIGUSR1, SIGTERM, Ctrl-C: save at the next
+    # optimizer step, then stop
+    device = setup_process(args, __file__, seed_python=True)
     # [new] --in_chans and the normalisation: given, a continued run's, else --finetune's (said in one line)
     data_stats.resolve_supervised(args)
 

@@ -80,7 +80,9 @@ def check_args(args):
 
 def main(args):
     checkpoint = check_args(args)  # (and the checkpoint to continue, if any)
-    device = setup_process(args, __file__)  # process group, --output_dir locked, flags printed, seeds
+    # process group, --output_dir locked, flags printed, seeds; [new] SIGUSR1, SIGTERM, Ctrl-C: save at the next
+    # optimizer step, then stop
+    device = setup_process(args, __file__)
     # [new] --in_chans and the normalisation: given, a continued run's, else --finetune's (said in one line)
     data_stats.resolve_supervised(args)
 
