@@ -13,10 +13,13 @@ MAX_HOPS = 16  # the issue that redesigned the run's life; the reference's path 
 
 
 def production_files():
-    for folder, dirs, files in os.walk(ROOT):
-        rel = os.path.relpath(folder, ROOT)
-        dirs[:] = [d for d in dirs if not d.startswith('.') and not (rel == '.' and d in ('tests', 'demo_output'))]
-        yield from (os.path.relpath(os.path.join(folder, f), ROOT) for f in files if f.endswith('.py'))
+    """The project's .py files outside tests/: the entry points and the folders of its code (not a virtualenv or
+    an output folder a user keeps beside them)."""
+    yield from sorted(f for f in os.listdir(ROOT) if f.endswith('.py'))
+    for top in ('util', 'studies', 'demo', 'benchmarks'):
+        for folder, dirs, files in os.walk(os.path.join(ROOT, top)):
+            dirs[:] = [d for d in dirs if not d.startswith(('.', '__pycache__'))]
+            yield from (os.path.relpath(os.path.join(folder, f), ROOT) for f in files if f.endswith('.py'))
 
 
 def test_the_pre_training_path_stays_short():
