@@ -64,8 +64,8 @@ def trace(argv):
         if stepped or event != 'call' or not path.startswith(ROOT + os.sep):
             return
         key = (os.path.relpath(path, ROOT), frame.f_code.co_name)
-        if key[1].startswith('<') or key[0].startswith(('tests', 'benchmarks')):
-            return
+        if key[1].startswith('<') or key[0].startswith(('tests', 'benchmarks', '.')) or 'site-packages' in key[0]:
+            return  # (nor the libraries of a virtualenv kept in the checkout: the README's .venv, CI's .ci-venv)
         if key not in entered:
             entered.append(key)
         caller = frame.f_back
