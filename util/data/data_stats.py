@@ -12,8 +12,9 @@ percent of a channel's std (~0.25): far below anything that changes training (th
 inputs near zero mean and unit variance); the line printed after measuring gives the standard error of this data
 set. Measuring more only costs start-up time (benchmarks/bench_data.py measures it).
 
-Every value is resolved before ``Run`` starts (the flags a resumed run is compared with include ``mean``, ``std``
-and ``in_chans``), and stored in the run's ``args``, so the checkpoints carry them; fine-tuning, linear probing,
+Every value is resolved before the data are read (pre-training's by ``util.data.loaders.train_loader``; a
+continued run takes those of its checkpoint, ``util.checkpoints.resume.take_normalisation``, and given ones must
+match them), and stored in the run's ``args``, so the checkpoints carry them; fine-tuning, linear probing,
 visualisation and feature extraction read them back with ``stats_from_checkpoint``.
 """
 import json
@@ -128,7 +129,7 @@ def fmt(values):
 
 
 def resolve(args, training_images=None, checkpoint=None, what='--finetune'):
-    """Set ``args.in_chans``, ``args.mean`` and ``args.std`` (lists) to what the run uses, before ``Run`` starts:
+    """Set ``args.in_chans``, ``args.mean`` and ``args.std`` (lists) to what the run uses, before its data are read:
     the flags given; else, with ``checkpoint`` (a loaded checkpoint whose ``what`` flag named it), its values, said
     in one line; else 3 channels and ImageNet's statistics. ``--data_stats auto`` measures (or reads the cache)
     on ``training_images()``, a callable returning the training set's paths (called only when measuring)."""
